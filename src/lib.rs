@@ -1,0 +1,11 @@
+//! archiver: a native PostgreSQL WAL-streaming continuous archiver.
+//!
+//! Module map: `pg` (our replication-protocol client), `wal` (LSNs, segment names, timelines,
+//! page checks), `storage` (the object-store trait and its backends), `repo` (repository layout,
+//! object format, lock), `stream` (the WAL receiver), `commands` (one file per CLI command).
+
+pub mod pg;
+pub mod repo;
+pub mod retry;
+pub mod storage;
+pub mod wal;

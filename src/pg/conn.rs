@@ -1,0 +1,443 @@
+//! One server connection: transport (TCP, Unix socket, TLS), startup and authentication, message
+//! framing, and the simple-query protocol.
+//!
+//! Reads are buffered in one `BytesMut`; [`Connection::try_next_message`] lets the replication
+//! loop drain everything already received before it fsyncs and replies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::{backend::Message, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tracing::{debug, info, warn};
+
+use super::conninfo::{ConnInfo, SslMode, Target};
+use super::error::{PgError, ServerError};
+use super::tls;
+
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// A backend message: `postgres-protocol`'s, plus the replication-only `CopyBothResponse`
+/// (`'W'`), which its decoder does not know.
+pub enum Backend {
+    CopyBothResponse,
+    Msg(Message),
+}
+
+/// One result set of a simple query: column names and rows of text values.
+#[derive(Debug, Default, Clone)]
+pub struct ResultSet {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<Bytes>>>,
+}
+
+impl ResultSet {
+    /// Column `col` of row `row` as UTF-8 text.
+    pub fn text(&self, row: usize, col: usize) -> Option<&str> {
+        self.rows
+            .get(row)?
+            .get(col)?
+            .as_ref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Connection {
+    io: Box<dyn Transport>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    params: HashMap<String, String>,
+    target: Target,
+}
+
+pub(crate) fn parse_error_fields(fields: &mut postgres_protocol::message::backend::ErrorFields<'_>) -> ServerError {
+    let mut e = ServerError {
+        severity: "ERROR".into(),
+        code: "XX000".into(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' => e.severity = v,
+            b'S' if e.severity == "ERROR" => e.severity = v,
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    e
+}
+
+impl Connection {
+    /// Connects to the first reachable target of `ci` and authenticates. `replication`:
+    /// `Some("true")` for a physical walsender, `None` for a normal backend.
+    pub async fn connect(ci: &ConnInfo, replication: Option<&str>, application_name: &str) -> Result<Self, PgError> {
+        let mut last = None;
+        for target in &ci.targets {
+            let timeout = ci.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+            let attempt = tokio::time::timeout(timeout, Self::connect_one(ci, target, replication, application_name)).await;
+            match attempt {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => {
+                    // Only network-level failures move on to the next host, as libpq does.
+                    let next = matches!(e, PgError::Connect { .. });
+                    if !next || ci.targets.len() == 1 {
+                        return Err(e);
+                    }
+                    warn!(%target, error = %e, "trying the next host");
+                    last = Some(e);
+                }
+                Err(_) => last = Some(PgError::ConnectTimeout(target.to_string())),
+            }
+        }
+        Err(last.unwrap_or(PgError::Protocol("no host to connect to".into())))
+    }
+
+    async fn connect_one(
+        ci: &ConnInfo,
+        target: &Target,
+        replication: Option<&str>,
+        application_name: &str,
+    ) -> Result<Self, PgError> {
+        let io: Box<dyn Transport> = match target {
+            Target::Unix { .. } => {
+                let path = target.socket_path().unwrap();
+                let s = UnixStream::connect(&path).await.map_err(|source| PgError::Connect {
+                    target: target.to_string(),
+                    source,
+                })?;
+                if matches!(ci.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
+                    // libpq never uses TLS on Unix sockets; a mode that demands it cannot be met.
+                    return Err(PgError::Tls(format!(
+                        "sslmode={:?} cannot be satisfied over the Unix socket {target}; connect over TCP",
+                        ci.sslmode
+                    )));
+                }
+                Box::new(s)
+            }
+            Target::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|source| PgError::Connect {
+                        target: target.to_string(),
+                        source,
+                    })?;
+                s.set_nodelay(true)?;
+                Self::maybe_tls(ci, host, s).await?
+            }
+        };
+        let mut conn = Connection {
+            io,
+            rbuf: BytesMut::with_capacity(256 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+            params: HashMap::new(),
+            target: target.clone(),
+        };
+        conn.startup(ci, target, replication, application_name).await?;
+        Ok(conn)
+    }
+
+    async fn maybe_tls(ci: &ConnInfo, host: &str, mut s: TcpStream) -> Result<Box<dyn Transport>, PgError> {
+        if matches!(ci.sslmode, SslMode::Disable | SslMode::Allow) {
+            return Ok(Box::new(s));
+        }
+        let config = tls::client_config(ci)?;
+        let mut buf = BytesMut::new();
+        frontend::ssl_request(&mut buf);
+        s.write_all(&buf).await?;
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let tls = connector
+                    .connect(tls::server_name(host)?, s)
+                    .await
+                    .map_err(|e| PgError::Tls(format!("handshake with {host} failed: {e}")))?;
+                debug!(host, "TLS established");
+                Ok(Box::new(tls))
+            }
+            b'N' if ci.sslmode == SslMode::Prefer => Ok(Box::new(s)),
+            b'N' => Err(PgError::Tls(format!(
+                "server {host} does not support SSL, but sslmode={:?} requires it",
+                ci.sslmode
+            ))),
+            other => Err(PgError::Protocol(format!(
+                "unexpected answer {other:#04x} to SSLRequest"
+            ))),
+        }
+    }
+
+    async fn startup(
+        &mut self,
+        ci: &ConnInfo,
+        target: &Target,
+        replication: Option<&str>,
+        application_name: &str,
+    ) -> Result<(), PgError> {
+        let mut params: Vec<(&str, &str)> = vec![("user", &ci.user), ("application_name", application_name)];
+        match replication {
+            Some(r) => params.push(("replication", r)),
+            None => params.push(("database", &ci.dbname)),
+        }
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
+        self.flush().await?;
+
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.next_plain().await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let pw = self.need_password(ci, target)?;
+                    frontend::password_message(pw.expose().as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = self.need_password(ci, target)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        ci.user.as_bytes(),
+                        pw.expose().as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechs = body.mechanisms();
+                    let mut ok = false;
+                    while let Some(m) = mechs.next().map_err(|e| PgError::Protocol(e.to_string()))? {
+                        ok |= m == SCRAM_SHA_256;
+                    }
+                    if !ok {
+                        return Err(PgError::Auth("server offered no supported SASL mechanism (need SCRAM-SHA-256)".into()));
+                    }
+                    let pw = self.need_password(ci, target)?;
+                    let s = ScramSha256::new(pw.expose().as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| PgError::Protocol("SASL continue without SASL start".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| PgError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| PgError::Protocol("SASL final without SASL start".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| PgError::Auth(format!("server's SCRAM signature is invalid: {e}")))?;
+                }
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(PgError::Auth(
+                        "the server asks for an authentication method archiver does not support (GSSAPI/SSPI/Kerberos); use scram-sha-256, md5, password, trust or cert".into(),
+                    ))
+                }
+                Message::BackendKeyData(_) => {}
+                Message::ParameterStatus(p) => {
+                    if let (Ok(n), Ok(v)) = (p.name(), p.value()) {
+                        self.params.insert(n.to_string(), v.to_string());
+                    }
+                }
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => {
+                    let e = parse_error_fields(&mut body.fields());
+                    return Err(match e.code.as_str() {
+                        "28P01" | "28000" => PgError::Auth(e.to_string()),
+                        _ => PgError::Server(e),
+                    });
+                }
+                Message::NoticeResponse(body) => self.log_notice(&mut body.fields()),
+                _ => return Err(PgError::Protocol("unexpected message during startup".into())),
+            }
+        }
+    }
+
+    fn need_password(&self, ci: &ConnInfo, target: &Target) -> Result<super::conninfo::Secret, PgError> {
+        ci.password_for(target).ok_or_else(|| {
+            PgError::Auth(format!(
+                "the server at {target} requested a password for user \"{}\", but none was given (use the conninfo, PGPASSWORD or ~/.pgpass)",
+                ci.user
+            ))
+        })
+    }
+
+    fn log_notice(&self, fields: &mut postgres_protocol::message::backend::ErrorFields<'_>) {
+        let n = parse_error_fields(fields);
+        info!(severity = %n.severity, code = %n.code, "server notice: {}", n.message);
+    }
+
+    /// A server parameter reported at startup (`server_version`, ...).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Queues raw frontend bytes (built with `postgres_protocol::message::frontend`).
+    pub fn write_buf(&mut self) -> &mut BytesMut {
+        &mut self.wbuf
+    }
+
+    /// Sends everything queued.
+    pub async fn flush(&mut self) -> Result<(), PgError> {
+        if !self.wbuf.is_empty() {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Decodes one message from the buffer, if a complete one is there.
+    pub fn try_next_message(&mut self) -> Result<Option<Backend>, PgError> {
+        if self.rbuf.len() >= 5 && self.rbuf[0] == b'W' {
+            let len = u32::from_be_bytes(self.rbuf[1..5].try_into().unwrap()) as usize;
+            if self.rbuf.len() < len + 1 {
+                return Ok(None);
+            }
+            self.rbuf.advance(len + 1);
+            return Ok(Some(Backend::CopyBothResponse));
+        }
+        match Message::parse(&mut self.rbuf) {
+            Ok(Some(m)) => Ok(Some(Backend::Msg(m))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(PgError::Protocol(e.to_string())),
+        }
+    }
+
+    /// Waits for the next message.
+    pub async fn next_message(&mut self) -> Result<Backend, PgError> {
+        loop {
+            if let Some(m) = self.try_next_message()? {
+                return Ok(m);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
+                self.rbuf.reserve(256 * 1024);
+            }
+            let n = self.io.read_buf(&mut self.rbuf).await?;
+            if n == 0 {
+                return Err(PgError::Closed);
+            }
+        }
+    }
+
+    /// The next message that is not a notice or parameter status; `CopyBothResponse` is a protocol error here.
+    async fn next_plain(&mut self) -> Result<Message, PgError> {
+        loop {
+            match self.next_message().await? {
+                Backend::Msg(Message::NoticeResponse(body)) => self.log_notice(&mut body.fields()),
+                Backend::Msg(Message::ParameterStatus(p)) => {
+                    if let (Ok(n), Ok(v)) = (p.name(), p.value()) {
+                        self.params.insert(n.to_string(), v.to_string());
+                    }
+                }
+                Backend::Msg(m) => return Ok(m),
+                Backend::CopyBothResponse => {
+                    return Err(PgError::Protocol("unexpected CopyBothResponse".into()))
+                }
+            }
+        }
+    }
+
+    /// Runs a simple query to completion and returns its result sets. An `ErrorResponse` is
+    /// returned as [`PgError::Server`] after the server is ready again.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<ResultSet>, PgError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        self.read_results().await
+    }
+
+    /// Reads result sets up to `ReadyForQuery`.
+    pub async fn read_results(&mut self) -> Result<Vec<ResultSet>, PgError> {
+        self.read_results_from(None).await
+    }
+
+    /// Like [`Self::read_results`], with the first message already read by the caller.
+    pub async fn read_results_from(&mut self, mut first: Option<Message>) -> Result<Vec<ResultSet>, PgError> {
+        let mut out = Vec::new();
+        let mut cur: Option<ResultSet> = None;
+        let mut err = None;
+        loop {
+            let msg = match first.take() {
+                Some(m) => m,
+                None => self.next_plain().await?,
+            };
+            match msg {
+                Message::RowDescription(rd) => {
+                    let mut cols = Vec::new();
+                    let mut f = rd.fields();
+                    while let Some(field) = f.next().map_err(|e| PgError::Protocol(e.to_string()))? {
+                        cols.push(field.name().to_string());
+                    }
+                    cur = Some(ResultSet {
+                        columns: cols,
+                        rows: Vec::new(),
+                    });
+                }
+                Message::DataRow(row) => {
+                    let rs = cur
+                        .as_mut()
+                        .ok_or_else(|| PgError::Protocol("DataRow without RowDescription".into()))?;
+                    rs.rows.push(decode_row(&row)?);
+                }
+                Message::CommandComplete(_) | Message::EmptyQueryResponse => {
+                    if let Some(rs) = cur.take() {
+                        out.push(rs);
+                    }
+                }
+                Message::ErrorResponse(body) => err = Some(parse_error_fields(&mut body.fields())),
+                Message::ReadyForQuery(_) => {
+                    return match err {
+                        Some(e) => Err(PgError::Server(e)),
+                        None => Ok(out),
+                    }
+                }
+                Message::CopyOutResponse(_) | Message::CopyInResponse(_) => {
+                    return Err(PgError::Protocol("unexpected COPY response to a simple query".into()))
+                }
+                _ => return Err(PgError::Protocol("unexpected message in query result".into())),
+            }
+        }
+    }
+
+    /// Says goodbye politely.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+pub(crate) fn decode_row(row: &postgres_protocol::message::backend::DataRowBody) -> Result<Vec<Option<Bytes>>, PgError> {
+    let buf = row.buffer_bytes();
+    let mut vals = Vec::new();
+    let mut ranges = row.ranges();
+    while let Some(r) = ranges.next().map_err(|e| PgError::Protocol(e.to_string()))? {
+        vals.push(r.map(|r| buf.slice(r)));
+    }
+    Ok(vals)
+}

@@ -1,0 +1,75 @@
+//! Errors of the PostgreSQL client, classified transient (retry may help) or permanent.
+
+use std::fmt;
+
+/// A server `ErrorResponse` / `NoticeResponse`, with its SQLSTATE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {}): {}", self.severity, self.code, self.message)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; DETAIL: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; HINT: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("could not connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(String),
+    #[error("I/O error on the server connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server closed the connection unexpectedly")]
+    Closed,
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("server error: {0}")]
+    Server(ServerError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl PgError {
+    /// True when trying again later may succeed (network trouble, server starting or busy).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Connect { .. } | PgError::ConnectTimeout(_) | PgError::Io(_) | PgError::Closed => true,
+            PgError::Server(e) => {
+                e.code.starts_with("08") // connection exception
+                    || e.code == "53300" // too_many_connections (no free wal senders)
+                    || e.code == "57P01" // admin_shutdown
+                    || e.code == "57P02" // crash_shutdown
+                    || e.code == "57P03" // cannot_connect_now
+            }
+            PgError::Tls(_) | PgError::Auth(_) | PgError::Protocol(_) => false,
+        }
+    }
+
+    /// The SQLSTATE, for server errors.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            PgError::Server(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+}

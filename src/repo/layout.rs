@@ -1,0 +1,91 @@
+//! Object keys of a repository. One key space for every backend; names sort in LSN order within
+//! a timeline, so a listing of `wal/<tli>/` is already the WAL chain.
+//!
+//! ```text
+//! repo.json                                  repository identity (sealed JSON)
+//! wal/<TLI>/<segment>.zst                    a complete WAL segment
+//! wal/<TLI>/<segment>.partial.zst            the received prefix of a timeline's last segment
+//! wal/history/<TLI>.history.zst              timeline history file
+//! ```
+
+use crate::wal::segment::{history_file_name, parse_history_file_name};
+use crate::wal::{SegmentName, TimeLineId};
+
+pub const REPO_META_KEY: &str = "repo.json";
+pub const WAL_PREFIX: &str = "wal/";
+pub const HISTORY_PREFIX: &str = "wal/history/";
+
+pub fn wal_segment_key(seg: &SegmentName) -> String {
+    format!("wal/{:08X}/{seg}.zst", seg.tli)
+}
+
+pub fn partial_segment_key(seg: &SegmentName) -> String {
+    format!("wal/{:08X}/{seg}.partial.zst", seg.tli)
+}
+
+pub fn history_key(tli: TimeLineId) -> String {
+    format!("{HISTORY_PREFIX}{}.zst", history_file_name(tli))
+}
+
+/// What a key under `wal/` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalObject {
+    Segment(SegmentName),
+    Partial(SegmentName),
+    History(TimeLineId),
+}
+
+/// Parses a key under `wal/`; `None` for anything else.
+pub fn parse_wal_key(key: &str, seg_size: u64) -> Option<WalObject> {
+    if let Some(name) = key.strip_prefix(HISTORY_PREFIX) {
+        return parse_history_file_name(name.strip_suffix(".zst")?).map(WalObject::History);
+    }
+    let rest = key.strip_prefix(WAL_PREFIX)?;
+    let (dir, file) = rest.split_once('/')?;
+    let tli = u32::from_str_radix(dir, 16).ok()?;
+    let stem = file.strip_suffix(".zst")?;
+    let (name, partial) = match stem.strip_suffix(".partial") {
+        Some(n) => (n, true),
+        None => (stem, false),
+    };
+    let seg = SegmentName::parse(name, seg_size)?;
+    if seg.tli != tli || dir.len() != 8 {
+        return None;
+    }
+    Some(if partial {
+        WalObject::Partial(seg)
+    } else {
+        WalObject::Segment(seg)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 << 20;
+
+    #[test]
+    fn keys_round_trip() {
+        let s = SegmentName::new(2, 0x1FF, SEG);
+        assert_eq!(wal_segment_key(&s), "wal/00000002/0000000200000001000000FF.zst");
+        assert_eq!(parse_wal_key(&wal_segment_key(&s), SEG), Some(WalObject::Segment(s)));
+        assert_eq!(parse_wal_key(&partial_segment_key(&s), SEG), Some(WalObject::Partial(s)));
+        assert_eq!(history_key(3), "wal/history/00000003.history.zst");
+        assert_eq!(parse_wal_key(&history_key(3), SEG), Some(WalObject::History(3)));
+        assert_eq!(parse_wal_key("wal/00000001/000000020000000000000001.zst", SEG), None);
+        assert_eq!(parse_wal_key("wal/00000001/junk.zst", SEG), None);
+        assert_eq!(parse_wal_key("repo.json", SEG), None);
+    }
+
+    #[test]
+    fn keys_sort_in_lsn_order() {
+        let keys: Vec<String> = [1u64, 2, 255, 256, 4096]
+            .iter()
+            .map(|n| wal_segment_key(&SegmentName::new(1, *n, SEG)))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+}

@@ -1,0 +1,253 @@
+//! A repository: its identity (`repo.json`), its object layout, and verified object I/O on top of
+//! a [`Storage`] backend.
+//!
+//! Invariants: a repository belongs to exactly one cluster (system identifier, major version and
+//! WAL segment size are fixed at initialisation and checked on every connection); every object
+//! read back is verified ([`object::decode`]); objects are published atomically by the backend.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::pg::replication::ServerInfo;
+use crate::storage::{Storage, StorageError};
+use crate::wal::SegmentName;
+
+pub mod layout;
+pub mod lock;
+pub mod object;
+pub mod sealed;
+
+use layout::{parse_wal_key, WalObject};
+use object::{ObjectError, ObjectInfo, ObjectKind};
+
+/// The repository format version written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Key prefix reserved for the local spool of the fs layout (never an object).
+pub const SPOOL_DIR: &str = "spool";
+
+/// `repo.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoMeta {
+    pub format_version: u32,
+    /// Decimal, as a string: JSON numbers lose precision above 2^53 in many readers.
+    pub system_identifier: String,
+    pub pg_version_num: u32,
+    pub pg_major: u32,
+    pub wal_segment_size: u64,
+    pub created_at: String,
+    pub created_by: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{0} is not an archiver repository (no repo.json) and is not empty; refusing to use it")]
+    NotARepository(String),
+    #[error("{0} is not an archiver repository (no repo.json); run `archiver stream` to initialise it")]
+    NotInitialized(String),
+    #[error("repository belongs to another cluster: its {field} is {repo}, the server's is {server}")]
+    OtherCluster {
+        field: &'static str,
+        repo: String,
+        server: String,
+    },
+    #[error("repository format version {0} is newer than this archiver understands ({FORMAT_VERSION}); upgrade archiver")]
+    NewerFormat(u32),
+    #[error("repo.json is damaged: {0}")]
+    BadMeta(String),
+    #[error("object {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl RepoError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RepoError::Storage(e) if e.is_transient())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Repo {
+    storage: Arc<dyn Storage>,
+    meta: RepoMeta,
+    name: String,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Repo {
+    /// Reads `repo.json`, if there is one.
+    pub async fn read_meta(storage: &dyn Storage) -> Result<Option<RepoMeta>, RepoError> {
+        let raw = match storage.get(layout::REPO_META_KEY).await {
+            Ok(b) => b,
+            Err(StorageError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let meta: RepoMeta = sealed::open(&raw).map_err(|e| RepoError::BadMeta(e.to_string()))?;
+        if meta.format_version > FORMAT_VERSION {
+            return Err(RepoError::NewerFormat(meta.format_version));
+        }
+        Ok(Some(meta))
+    }
+
+    /// Opens an initialised repository (readers: wal-fetch, list, restore).
+    pub async fn open(storage: Arc<dyn Storage>, name: &str) -> Result<Repo, RepoError> {
+        let meta = Self::read_meta(storage.as_ref())
+            .await?
+            .ok_or_else(|| RepoError::NotInitialized(name.to_string()))?;
+        Ok(Repo {
+            storage,
+            meta,
+            name: name.to_string(),
+        })
+    }
+
+    /// Refuses a server that is not the repository's cluster.
+    pub fn check_compatible(meta: &RepoMeta, server: &ServerInfo) -> Result<(), RepoError> {
+        let sysid = server.system.system_identifier.to_string();
+        if meta.system_identifier != sysid {
+            return Err(RepoError::OtherCluster {
+                field: "system identifier",
+                repo: meta.system_identifier.clone(),
+                server: sysid,
+            });
+        }
+        if meta.pg_major != server.major() {
+            return Err(RepoError::OtherCluster {
+                field: "PostgreSQL major version",
+                repo: meta.pg_major.to_string(),
+                server: server.major().to_string(),
+            });
+        }
+        if meta.wal_segment_size != server.wal_segment_size {
+            return Err(RepoError::OtherCluster {
+                field: "WAL segment size",
+                repo: meta.wal_segment_size.to_string(),
+                server: server.wal_segment_size.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens the repository for `server`, initialising it if it is new. Refuses another
+    /// cluster's repository, and a non-empty store that is not a repository.
+    pub async fn open_or_init(storage: Arc<dyn Storage>, name: &str, server: &ServerInfo) -> Result<Repo, RepoError> {
+        if let Some(meta) = Self::read_meta(storage.as_ref()).await? {
+            Self::check_compatible(&meta, server)?;
+            return Ok(Repo {
+                storage,
+                meta,
+                name: name.to_string(),
+            });
+        }
+        let foreign = storage
+            .list("")
+            .await?
+            .into_iter()
+            .any(|m| !m.key.starts_with(&format!("{SPOOL_DIR}/")));
+        if foreign {
+            return Err(RepoError::NotARepository(name.to_string()));
+        }
+        let meta = RepoMeta {
+            format_version: FORMAT_VERSION,
+            system_identifier: server.system.system_identifier.to_string(),
+            pg_version_num: server.version_num,
+            pg_major: server.major(),
+            wal_segment_size: server.wal_segment_size,
+            created_at: now_rfc3339(),
+            created_by: format!("archiver {}", env!("CARGO_PKG_VERSION")),
+        };
+        let body = sealed::seal(&meta).map_err(|e| RepoError::BadMeta(e.to_string()))?;
+        storage.put(layout::REPO_META_KEY, Bytes::from(body)).await?;
+        tracing::info!(repo = name, system_identifier = %meta.system_identifier, "initialised repository");
+        Ok(Repo {
+            storage,
+            meta,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn meta(&self) -> &RepoMeta {
+        &self.meta
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn seg_size(&self) -> u64 {
+        self.meta.wal_segment_size
+    }
+
+    pub fn system_identifier(&self) -> u64 {
+        self.meta.system_identifier.parse().unwrap_or(0)
+    }
+
+    /// Stores an already-encoded object.
+    pub async fn put_encoded(&self, key: &str, obj: Vec<u8>) -> Result<(), RepoError> {
+        Ok(self.storage.put(key, Bytes::from(obj)).await?)
+    }
+
+    /// Encodes (zstd + trailer) and stores raw bytes.
+    pub async fn put_raw(&self, key: &str, raw: Bytes, kind: ObjectKind, level: i32) -> Result<ObjectInfo, RepoError> {
+        let (obj, info) = tokio::task::spawn_blocking(move || object::encode_bytes(&raw, kind, level))
+            .await
+            .expect("encode task panicked")
+            .map_err(|e| RepoError::Corrupt {
+                key: "(new object)".into(),
+                reason: e.to_string(),
+            })?;
+        self.put_encoded(key, obj).await?;
+        Ok(info)
+    }
+
+    /// Reads and verifies an object, returning its raw bytes.
+    pub async fn get_verified(&self, key: &str) -> Result<(Vec<u8>, ObjectInfo), RepoError> {
+        let obj = self.storage.get(key).await?;
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || object::decode_bytes(&obj))
+            .await
+            .expect("decode task panicked")
+            .map_err(|e| match e {
+                ObjectError::Corrupt(reason) => RepoError::Corrupt { key: k, reason },
+                ObjectError::Io(e) => RepoError::Corrupt {
+                    key: k,
+                    reason: e.to_string(),
+                },
+            })
+    }
+
+    /// Every WAL object (segments, partials, history files), in key order.
+    pub async fn wal_objects(&self) -> Result<Vec<WalObject>, RepoError> {
+        let seg = self.seg_size();
+        Ok(self
+            .storage
+            .list(layout::WAL_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|m| parse_wal_key(&m.key, seg))
+            .collect())
+    }
+
+    /// The newest complete segment, by position then timeline.
+    pub async fn last_complete_segment(&self) -> Result<Option<SegmentName>, RepoError> {
+        Ok(self
+            .wal_objects()
+            .await?
+            .into_iter()
+            .filter_map(|o| match o {
+                WalObject::Segment(s) => Some(s),
+                _ => None,
+            })
+            .max_by_key(|s| (s.segno, s.tli)))
+    }
+}

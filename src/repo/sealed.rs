@@ -1,0 +1,70 @@
+//! Sealed JSON: a readable JSON document that carries the SHA-256 of its own canonical form in a
+//! `"checksum"` field, so metadata read back is verified like every other object.
+//!
+//! Canonical form: the document without `"checksum"`, serialised compactly with keys sorted
+//! (serde_json's default map is ordered).
+
+use serde::{de::DeserializeOwned, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("checksum missing")]
+    Missing,
+    #[error("checksum mismatch: the document was altered or damaged")]
+    Mismatch,
+}
+
+fn digest(v: &serde_json::Value) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(v.to_string().as_bytes())))
+}
+
+pub fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, SealError> {
+    let mut v = serde_json::to_value(value)?;
+    let sum = digest(&v);
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("checksum".into(), serde_json::Value::String(sum));
+    }
+    let mut out = serde_json::to_vec_pretty(&v)?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+pub fn open<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SealError> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
+    let sum = match &mut v {
+        serde_json::Value::Object(m) => m.remove("checksum"),
+        _ => None,
+    };
+    let Some(serde_json::Value::String(sum)) = sum else {
+        return Err(SealError::Missing);
+    };
+    if sum != digest(&v) {
+        return Err(SealError::Mismatch);
+    }
+    Ok(serde_json::from_value(v)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Doc {
+        name: String,
+        n: u64,
+    }
+
+    #[test]
+    fn seal_and_open() {
+        let d = Doc { name: "x".into(), n: u64::MAX };
+        let b = seal(&d).unwrap();
+        assert_eq!(open::<Doc>(&b).unwrap(), d);
+        let tampered = String::from_utf8(b.clone()).unwrap().replace("\"x\"", "\"y\"");
+        assert!(matches!(open::<Doc>(tampered.as_bytes()), Err(SealError::Mismatch)));
+        assert!(matches!(open::<Doc>(b"{\"name\":\"x\",\"n\":1}"), Err(SealError::Missing)));
+        assert!(open::<Doc>(&b[..b.len() / 2]).is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! The object-storage abstraction: a small async trait over keys like `wal/00000001/…zst`.
+//!
+//! Contract every backend must meet (checked by [`conformance::run`]):
+//! - `put` is atomic and durable: after it returns, a reader sees the whole object or — if it
+//!   failed — the previous state; never a torn object. It overwrites an existing key.
+//! - `get` of a missing key is [`StorageError::NotFound`]; `delete` of a missing key succeeds.
+//! - `list(prefix)` returns every object whose key starts with `prefix`, sorted by key.
+//!
+//! Nothing above this trait may assume objects are local files.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod conformance;
+pub mod fs;
+
+/// A stored object's key and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("storage I/O error on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    /// Permission and space problems are permanent; interrupted or timed-out I/O is transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Stores `data` under `key`, atomically and durably.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
+    /// Reads a whole object.
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+    /// Size of an object, or `None` if it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
+    /// All objects whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError>;
+    /// Removes an object; succeeds if it is already gone.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        Ok(self.head(key).await?.is_some())
+    }
+}
+
+/// Keys are `/`-separated relative paths of non-empty, non-dot components.
+pub fn validate_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && !key.starts_with('/')
+        && key.split('/').all(|c| {
+            !c.is_empty() && c != "." && c != ".." && !c.starts_with(fs::TEMP_PREFIX) && !c.contains('\0')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidKey(key.to_string()))
+    }
+}
