@@ -9,3 +9,5 @@ pub mod repo;
 pub mod retry;
 pub mod storage;
 pub mod wal;
+pub mod stream;
+pub mod commands;

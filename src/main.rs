@@ -1,1 +1,5 @@
-fn main() {}
+//! The `archiver` binary; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    archiver::commands::main()
+}

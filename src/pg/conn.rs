@@ -114,9 +114,9 @@ impl Connection {
         let io: Box<dyn Transport> = match target {
             Target::Unix { .. } => {
                 let path = target.socket_path().unwrap();
-                let s = UnixStream::connect(&path).await.map_err(|source| PgError::Connect {
+                let s = UnixStream::connect(&path).await.map_err(|cause| PgError::Connect {
                     target: target.to_string(),
-                    source,
+                    cause,
                 })?;
                 if matches!(ci.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
                     // libpq never uses TLS on Unix sockets; a mode that demands it cannot be met.
@@ -130,9 +130,9 @@ impl Connection {
             Target::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))
                     .await
-                    .map_err(|source| PgError::Connect {
+                    .map_err(|cause| PgError::Connect {
                         target: target.to_string(),
-                        source,
+                        cause,
                     })?;
                 s.set_nodelay(true)?;
                 Self::maybe_tls(ci, host, s).await?
@@ -425,7 +425,7 @@ impl Connection {
     }
 
     /// Says goodbye politely.
-    pub async fn close(mut self) {
+    pub async fn close(&mut self) {
         frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;
         let _ = self.io.shutdown().await;

@@ -27,11 +27,10 @@ impl fmt::Display for ServerError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("could not connect to {target}: {source}")]
+    #[error("could not connect to {target}: {cause}")]
     Connect {
         target: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("timed out connecting to {0}")]
     ConnectTimeout(String),

@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 pub enum LockError {
     #[error("repository is locked by another archiver process (pid {pid}, lock file {path}); only one `archiver stream` may write to a repository")]
     Busy { path: PathBuf, pid: String },
-    #[error("cannot create lock file {path}: {source}")]
+    #[error("cannot create lock file {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -28,9 +27,9 @@ pub struct RepoLock {
 
 impl RepoLock {
     pub fn acquire(path: &Path) -> Result<RepoLock, LockError> {
-        let io = |source| LockError::Io {
+        let io = |cause| LockError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let mut file = OpenOptions::new()
             .read(true)

@@ -20,9 +20,9 @@ pub struct FsStorage {
 }
 
 fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
+    move |cause| StorageError::Io {
         key: key.to_string(),
-        source,
+        cause,
     }
 }
 

@@ -27,11 +27,10 @@ pub enum StorageError {
     NotFound(String),
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
-    #[error("storage I/O error on {key}: {source}")]
+    #[error("storage I/O error on {key}: {cause}")]
     Io {
         key: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -39,8 +38,8 @@ impl StorageError {
     /// Permission and space problems are permanent; interrupted or timed-out I/O is transient.
     pub fn is_transient(&self) -> bool {
         match self {
-            StorageError::Io { source, .. } => matches!(
-                source.kind(),
+            StorageError::Io { cause, .. } => matches!(
+                cause.kind(),
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
             ),
             _ => false,

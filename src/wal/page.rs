@@ -51,6 +51,9 @@ pub struct PageValidator {
     next_page: Lsn,
     hdr: [u8; LONG_HEADER_LEN],
     hdr_have: usize,
+    /// Segment number in which an all-zero page was seen: the rest of that segment is the zero
+    /// padding that follows an `XLOG_SWITCH` record, and must stay zero.
+    zero_tail_segno: Option<u64>,
 }
 
 impl PageValidator {
@@ -68,6 +71,7 @@ impl PageValidator {
             next_page,
             hdr: [0; LONG_HEADER_LEN],
             hdr_have: 0,
+            zero_tail_segno: None,
         }
     }
 
@@ -119,6 +123,16 @@ impl PageValidator {
 
     fn check(&mut self, page: Lsn, h: &[u8]) -> Result<(), PageError> {
         let fail = |reason: String| Err(PageError { page, reason });
+        let segno = page.0 / self.seg_size;
+        let is_seg_start = page.0 % self.seg_size == 0;
+        if !is_seg_start && h.iter().all(|b| *b == 0) {
+            // Zero padding after a WAL switch (pg_switch_wal, archive_timeout).
+            self.zero_tail_segno = Some(segno);
+            return Ok(());
+        }
+        if self.zero_tail_segno == Some(segno) {
+            return fail("a page header follows zero padding in the same segment".into());
+        }
         let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
@@ -135,7 +149,6 @@ impl PageValidator {
         if info & !XLP_ALL_FLAGS != 0 {
             return fail(format!("invalid xlp_info {info:#06X}"));
         }
-        let is_seg_start = page.0 % self.seg_size == 0;
         if is_seg_start != (info & XLP_LONG_HEADER != 0) {
             return fail(format!(
                 "XLP_LONG_HEADER is {} on a page {} a segment",
@@ -281,6 +294,25 @@ mod tests {
         assert!(corrupt(seg1 + 24, 1).reason.contains("system identifier"));
         assert!(corrupt(seg1 + 34, 1).reason.contains("xlp_seg_size"));
         assert!(corrupt(seg1 + 37, 1).reason.contains("xlp_xlog_blcksz"));
+    }
+
+    #[test]
+    fn zero_padding_after_a_switch() {
+        let mut data = wal(0, 2 * SEG as usize);
+        let pad_from = 5 * XLOG_BLCKSZ as usize;
+        data[pad_from..SEG as usize].fill(0);
+        let mut v = PageValidator::new(SEG, SYSID, Some(0xD110), Lsn(0), 1);
+        v.feed(Lsn(0), &data).unwrap();
+        // A live header after the padding, in the same segment, is damage.
+        let mut bad = data.clone();
+        write_test_page_header(&mut bad[pad_from + 8192..], Lsn((pad_from + 8192) as u64), 1, SYSID, SEG, 0xD110);
+        let mut v = PageValidator::new(SEG, SYSID, Some(0xD110), Lsn(0), 1);
+        assert!(v.feed(Lsn(0), &bad).unwrap_err().reason.contains("zero padding"));
+        // A zeroed segment start is never padding.
+        let mut bad = data;
+        bad[SEG as usize..SEG as usize + 40].fill(0);
+        let mut v = PageValidator::new(SEG, SYSID, Some(0xD110), Lsn(0), 1);
+        assert!(v.feed(Lsn(0), &bad).is_err());
     }
 
     #[test]

@@ -1,0 +1,109 @@
+//! The command-line interface: one file per command, `anyhow` only at this layer, exit codes.
+//!
+//! Exit codes: 0 success; 1 error; 2 usage error; 3 the WAL needed to continue streaming is gone
+//! from the server; `wal-fetch`: 1 the file is not in the archive, 126 the archive holds it but it
+//! cannot be served (corrupt, unreadable) — above 125 so that PostgreSQL aborts recovery instead
+//! of taking the file for missing and ending recovery early.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::storage::fs::FsStorage;
+use crate::storage::Storage;
+
+mod stream;
+mod wal_fetch;
+
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_WAL_GONE: u8 = 3;
+pub const EXIT_NOT_IN_ARCHIVE: u8 = 1;
+pub const EXIT_UNSERVABLE: u8 = 126;
+
+#[derive(Parser, Debug)]
+#[command(name = "archiver", version, about = "Native PostgreSQL WAL-streaming continuous archiver")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    /// Log level filter (also RUST_LOG), e.g. `info`, `debug`, `archiver=debug`.
+    #[arg(long, default_value = "info", global = true, env = "ARCHIVER_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream WAL continuously from PostgreSQL into the repository.
+    Stream(stream::StreamArgs),
+    /// Fetch one WAL segment or history file from the repository (for restore_command: `%f %p`).
+    WalFetch(wal_fetch::WalFetchArgs),
+}
+
+/// `--repo DIR` (env `ARCHIVER_REPO`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RepoArg {
+    /// Repository directory.
+    #[arg(long, env = "ARCHIVER_REPO")]
+    pub repo: PathBuf,
+}
+
+impl RepoArg {
+    pub fn storage(&self) -> anyhow::Result<Arc<dyn Storage>> {
+        if self.repo.exists() && !self.repo.is_dir() {
+            anyhow::bail!("repository path {} exists and is not a directory", self.repo.display());
+        }
+        Ok(Arc::new(FsStorage::new(&self.repo)))
+    }
+
+    pub fn name(&self) -> String {
+        self.repo.display().to_string()
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Parses arguments, runs the command and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("archiver: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let code = rt.block_on(async {
+        match cli.command {
+            Command::Stream(a) => stream::run(a).await,
+            Command::WalFetch(a) => wal_fetch::run(a).await,
+        }
+    });
+    ExitCode::from(code)
+}
+
+/// Prints an error chain the way operators read it and returns `code`.
+pub fn report(err: &anyhow::Error, code: u8) -> u8 {
+    tracing::error!("{err:#}");
+    eprintln!("archiver: error: {err:#}");
+    code
+}

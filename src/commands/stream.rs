@@ -1,0 +1,148 @@
+//! `archiver stream`: continuous WAL streaming into a repository.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tracing::info;
+
+use super::{report, RepoArg, EXIT_ERROR, EXIT_WAL_GONE};
+use crate::pg::conninfo::{ConnInfo, ProcessEnv};
+use crate::pg::replication::{self, validate_slot_name};
+use crate::pg::{Connection, PgError};
+use crate::repo::lock::RepoLock;
+use crate::repo::{Repo, SPOOL_DIR};
+use crate::retry::RetryPolicy;
+use crate::stream::spool::Spool;
+use crate::stream::{StreamConfig, StreamError};
+
+#[derive(clap::Args, Debug)]
+pub struct StreamArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Connection string: a postgresql:// URI or key=value pairs; PG* environment variables and
+    /// ~/.pgpass apply as in libpq.
+    #[arg(short = 'd', long = "dbname", value_name = "CONNINFO")]
+    dbname: Option<String>,
+    /// Physical replication slot to use (created if missing).
+    #[arg(long, default_value = "archiver")]
+    slot: String,
+    /// fsync every received batch before acknowledging it, for use as a synchronous standby
+    /// (synchronous_standby_names = 'archiver' gives RPO 0).
+    #[arg(long)]
+    synchronous: bool,
+    /// application_name reported to the server [default: the conninfo's, else archiver].
+    #[arg(long)]
+    application_name: Option<String>,
+    /// Without --synchronous, fsync at least this often (and at every segment end).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    fsync_interval: Duration,
+    /// Send a status update to the server at least this often.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    status_interval: Duration,
+    /// Log a progress line this often.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    progress_interval: Duration,
+    /// zstd level for archived segments.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compress_level: i32,
+    /// After a lost connection, keep reconnecting for this long before giving up.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    reconnect_timeout: Duration,
+}
+
+pub async fn run(args: StreamArgs) -> u8 {
+    match stream(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = match e.downcast_ref::<StreamError>() {
+                Some(StreamError::WalGone(_)) => EXIT_WAL_GONE,
+                _ => EXIT_ERROR,
+            };
+            report(&e, code)
+        }
+    }
+}
+
+fn explain_connect_error(e: PgError) -> anyhow::Error {
+    let hint = match e.sqlstate() {
+        Some("53300") => Some("no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)"),
+        Some("42501") => Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)"),
+        Some("28000") => Some("check pg_hba.conf: a `host replication` line must allow this user"),
+        _ => None,
+    };
+    let e = anyhow::Error::new(e).context("cannot start a replication connection");
+    match hint {
+        Some(h) => e.context(h),
+        None => e,
+    }
+}
+
+async fn stream(args: StreamArgs) -> anyhow::Result<()> {
+    validate_slot_name(&args.slot).map_err(anyhow::Error::msg)?;
+    let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
+    let storage = args.repo.storage()?;
+    let application_name = args
+        .application_name
+        .clone()
+        .or_else(|| conninfo.application_name.clone())
+        .unwrap_or_else(|| "archiver".to_string());
+
+    info!(server = %conninfo.display_target(), repo = %args.repo.name(), "connecting");
+    let mut conn = Connection::connect(&conninfo, Some("true"), &application_name)
+        .await
+        .map_err(explain_connect_error)?;
+    let server = replication::server_info(&mut conn).await.map_err(explain_connect_error)?;
+    info!(
+        system_identifier = server.system.system_identifier,
+        timeline = server.system.timeline,
+        xlogpos = %server.system.xlogpos,
+        version = server.version_num,
+        wal_segment_size = server.wal_segment_size,
+        "connected"
+    );
+    if server.major() < 15 {
+        anyhow::bail!(
+            "PostgreSQL {} is not supported yet by `archiver stream` (needs 15 or newer)",
+            server.major()
+        );
+    }
+
+    let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
+        .await
+        .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
+    let spool_dir = args.repo.repo.join(SPOOL_DIR);
+    let spool = Spool::open(&spool_dir, repo.seg_size())
+        .with_context(|| format!("cannot create the spool directory {}", spool_dir.display()))?;
+    let _lock = RepoLock::acquire(&spool_dir.join("stream.lock"))?;
+
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => info!("SIGINT received; stopping"),
+            _ = term.recv() => info!("SIGTERM received; stopping"),
+        }
+        let _ = tx.send(true);
+    });
+
+    let cfg = StreamConfig {
+        slot: args.slot.clone(),
+        application_name,
+        synchronous: args.synchronous,
+        fsync_interval: args.fsync_interval,
+        status_interval: args.status_interval,
+        progress_interval: args.progress_interval,
+        compress_level: args.compress_level,
+        retry: RetryPolicy {
+            give_up_after: args.reconnect_timeout,
+            ..RetryPolicy::default()
+        },
+    };
+    crate::stream::run(conn, server, repo, spool, conninfo, cfg, rx).await?;
+    info!("stream stopped cleanly");
+    Ok(())
+}

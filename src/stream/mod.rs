@@ -1,0 +1,324 @@
+//! Continuous WAL streaming into a repository (`archiver stream`).
+//!
+//! Owns: choosing where to (re)start, the replication session loop ([`session`]), the local spool
+//! of the segment being received ([`spool`]) and publication of complete segments
+//! ([`publisher`]).
+//!
+//! Invariants:
+//! - the flush position reported to the server never exceeds what is fsync'd in the spool;
+//! - streaming always (re)starts at a segment boundary, from what the repository and spool
+//!   durably hold, so archived segments are byte-identical to the server's and a restart after a
+//!   crash leaves neither a gap nor a duplicate;
+//! - WAL whose page headers fail validation is never written;
+//! - if the WAL needed to continue is gone from the server, streaming stops with
+//!   [`StreamError::WalGone`] rather than archiving a hole.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::replication::{self, ServerInfo, SystemInfo};
+use crate::pg::{Connection, PgError};
+use crate::repo::{Repo, RepoError};
+use crate::retry::{RetryPolicy, Transient};
+use crate::wal::page::PageError;
+use crate::wal::{Lsn, SegmentName, TimeLineId};
+
+pub mod publisher;
+pub mod session;
+pub mod spool;
+
+use spool::{Spool, SpoolEntry};
+
+/// SQLSTATE `58P01` (undefined_file): "requested WAL segment … has already been removed".
+const SQLSTATE_UNDEFINED_FILE: &str = "58P01";
+
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    pub slot: String,
+    pub application_name: String,
+    /// fsync and reply after every received batch (for synchronous replication).
+    pub synchronous: bool,
+    pub fsync_interval: Duration,
+    pub status_interval: Duration,
+    pub progress_interval: Duration,
+    pub compress_level: i32,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{context}: {cause}")]
+    Io {
+        context: String,
+        cause: std::io::Error,
+    },
+    #[error("the WAL needed to continue is no longer available on the server ({0}); the archive would have a gap. Take a new base backup, and start a new repository (or remove the repository's WAL after the last backup) to resume archiving")]
+    WalGone(String),
+    #[error("refusing to archive invalid WAL")]
+    InvalidWal(#[from] PageError),
+    #[error("the server is not the repository's cluster: {0}")]
+    OtherCluster(String),
+    #[error("internal error: {0}")]
+    Invariant(String),
+}
+
+impl StreamError {
+    pub fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
+        StreamError::Io {
+            context: context.into(),
+            cause,
+        }
+    }
+}
+
+impl Transient for StreamError {
+    fn is_transient(&self) -> bool {
+        match self {
+            StreamError::Pg(e) => e.is_transient(),
+            StreamError::Repo(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+impl Transient for PgError {
+    fn is_transient(&self) -> bool {
+        PgError::is_transient(self)
+    }
+}
+
+/// Where a session starts streaming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartPoint {
+    pub tli: TimeLineId,
+    pub lsn: Lsn,
+}
+
+/// Chooses the start: the spool's partial segment, else the segment after the newest archived
+/// one, else (a new repository) the slot's `restart_lsn`, else the server's current position —
+/// always rounded down to a segment boundary.
+pub fn plan_start(
+    partial: Option<SegmentName>,
+    last_complete: Option<SegmentName>,
+    slot: Option<(Lsn, Option<TimeLineId>)>,
+    server: &SystemInfo,
+    seg_size: u64,
+) -> StartPoint {
+    let next_after = |c: SegmentName| StartPoint {
+        tli: c.tli,
+        lsn: c.end_lsn(),
+    };
+    match (partial, last_complete) {
+        (Some(p), Some(c)) if (c.segno, c.tli) >= (p.segno, p.tli) => next_after(c),
+        (Some(p), _) => StartPoint {
+            tli: p.tli,
+            lsn: p.start_lsn(),
+        },
+        (None, Some(c)) => next_after(c),
+        (None, None) => match slot {
+            Some((lsn, tli)) if lsn.is_valid() => StartPoint {
+                tli: tli.unwrap_or(server.timeline),
+                lsn: lsn.segment_start(seg_size),
+            },
+            _ => StartPoint {
+                tli: server.timeline,
+                lsn: server.xlogpos.segment_start(seg_size),
+            },
+        },
+    }
+}
+
+/// Publishes complete segments left in the spool by an earlier run (before anything else).
+pub async fn recover_spool(repo: &Repo, spool: &Spool, level: i32) -> Result<(), StreamError> {
+    for e in spool.scan().map_err(|e| StreamError::io("scanning the spool", e))? {
+        if let SpoolEntry::Complete(seg) = e {
+            info!(segment = %seg, "publishing a complete segment left in the spool");
+            publisher::publish_segment(repo, spool, seg, level).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the slot exists and decides where to start.
+async fn prepare(conn: &mut Connection, server: &ServerInfo, repo: &Repo, spool: &Spool, cfg: &StreamConfig) -> Result<StartPoint, StreamError> {
+    let seg_size = repo.seg_size();
+    let mut slot = if server.major() >= 15 {
+        replication::read_replication_slot(conn, &cfg.slot).await?
+    } else {
+        None
+    };
+    if slot.is_none() {
+        if replication::create_physical_slot(conn, &cfg.slot).await? {
+            info!(slot = %cfg.slot, "created physical replication slot");
+        }
+        if server.major() >= 15 {
+            slot = replication::read_replication_slot(conn, &cfg.slot).await?;
+        }
+    }
+    if let Some(s) = &slot {
+        if s.slot_type != "physical" {
+            return Err(StreamError::Pg(PgError::Protocol(format!(
+                "replication slot \"{}\" is a {} slot; archiver needs a physical one",
+                cfg.slot, s.slot_type
+            ))));
+        }
+    }
+    let entries = spool.scan().map_err(|e| StreamError::io("scanning the spool", e))?;
+    let partial = entries.iter().rev().find_map(|e| match e {
+        SpoolEntry::Partial(s) => Some(*s),
+        _ => None,
+    });
+    let last = repo.last_complete_segment().await?;
+    let start = plan_start(
+        partial,
+        last,
+        slot.as_ref().and_then(|s| s.restart_lsn.map(|l| (l, s.restart_tli))),
+        &server.system,
+        seg_size,
+    );
+    // Stale partials (below the start, e.g. an old timeline's) are of no further use.
+    for e in entries {
+        if let SpoolEntry::Partial(s) = e {
+            if s.start_lsn() < start.lsn || (s.start_lsn() == start.lsn && s.tli != start.tli) {
+                let _ = spool.remove(&spool.partial_path(&s));
+            }
+        }
+    }
+    if let Some(restart) = slot.as_ref().and_then(|s| s.restart_lsn) {
+        if restart.segment_start(seg_size) > start.lsn {
+            warn!(
+                slot = %cfg.slot,
+                %restart,
+                start = %start.lsn,
+                "the slot's restart_lsn is ahead of the archive; the WAL in between may already be removed"
+            );
+        }
+    }
+    info!(tli = start.tli, start = %start.lsn, resumed = last.is_some() || partial.is_some(), "streaming start point");
+    Ok(start)
+}
+
+/// Connects again after a transient failure and re-checks the server's identity.
+async fn reconnect(conninfo: &ConnInfo, repo: &Repo, cfg: &StreamConfig) -> Result<(Connection, ServerInfo), StreamError> {
+    crate::retry::retry(&cfg.retry, "reconnecting to the server", || async {
+        let mut conn = Connection::connect(conninfo, Some("true"), &cfg.application_name).await?;
+        let server = replication::server_info(&mut conn).await?;
+        Ok::<_, PgError>((conn, server))
+    })
+    .await
+    .map_err(StreamError::from)
+    .and_then(|(conn, server)| {
+        Repo::check_compatible(repo.meta(), &server).map_err(|e| StreamError::OtherCluster(e.to_string()))?;
+        Ok((conn, server))
+    })
+}
+
+/// Streams until `shutdown` is set or a permanent error occurs. `conn` is an established
+/// replication connection to `server`, already checked against the repository.
+pub async fn run(
+    conn: Connection,
+    server: ServerInfo,
+    repo: Repo,
+    spool: Spool,
+    conninfo: ConnInfo,
+    cfg: StreamConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StreamError> {
+    recover_spool(&repo, &spool, cfg.compress_level).await?;
+    let mut publisher = publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level);
+    let mut next = Some((conn, server));
+    let mut failing_since: Option<std::time::Instant> = None;
+    let result = loop {
+        let (mut conn, server) = match next.take() {
+            Some(c) => c,
+            None => match reconnect(&conninfo, &repo, &cfg).await {
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            },
+        };
+        let outcome = async {
+            let start = prepare(&mut conn, &server, &repo, &spool, &cfg).await?;
+            let mut s = session::Session::new(conn, &server, &repo, &spool, &cfg, &mut publisher, start.tli);
+            let r = s.run(start, &mut shutdown).await;
+            Ok::<_, StreamError>((r, s.bytes_received()))
+        }
+        .await;
+        let (r, progressed) = match outcome {
+            Ok((r, n)) => (r, n > 0),
+            Err(e) => (Err(e), false),
+        };
+        match r {
+            Ok(()) => break Ok(()),
+            Err(StreamError::Pg(PgError::Server(e))) if e.code == SQLSTATE_UNDEFINED_FILE => {
+                break Err(StreamError::WalGone(e.message))
+            }
+            Err(e) if e.is_transient() && !*shutdown.borrow() => {
+                if progressed {
+                    failing_since = None;
+                }
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > cfg.retry.give_up_after {
+                    break Err(e);
+                }
+                warn!(error = %e, "replication connection lost; reconnecting");
+                tokio::time::sleep(cfg.retry.delay(0)).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let published = publisher.finish().await;
+    match (result, published) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(_)) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 << 20;
+
+    fn server(tli: TimeLineId, pos: u64) -> SystemInfo {
+        SystemInfo {
+            system_identifier: 1,
+            timeline: tli,
+            xlogpos: Lsn(pos),
+        }
+    }
+
+    fn seg(tli: TimeLineId, n: u64) -> SegmentName {
+        SegmentName::new(tli, n, SEG)
+    }
+
+    #[test]
+    fn start_point_table() {
+        let srv = server(3, 0x0A00_1234);
+        let cases: Vec<(Option<SegmentName>, Option<SegmentName>, Option<(Lsn, Option<TimeLineId>)>, StartPoint)> = vec![
+            // Fresh repository, no slot position: the server's current segment.
+            (None, None, None, StartPoint { tli: 3, lsn: Lsn(0x0A00_0000) }),
+            // Fresh repository, slot: its restart_lsn's segment and timeline.
+            (None, None, Some((Lsn(0x0500_0100), Some(2))), StartPoint { tli: 2, lsn: Lsn(0x0500_0000) }),
+            (None, None, Some((Lsn(0x0500_0100), None)), StartPoint { tli: 3, lsn: Lsn(0x0500_0000) }),
+            // Archived segments only: the next one, same timeline.
+            (None, Some(seg(1, 7)), None, StartPoint { tli: 1, lsn: Lsn(0x0800_0000) }),
+            // A partial in the spool wins: restart it from its beginning.
+            (Some(seg(1, 8)), Some(seg(1, 7)), None, StartPoint { tli: 1, lsn: Lsn(0x0800_0000) }),
+            // A stale partial behind the archive is ignored.
+            (Some(seg(1, 5)), Some(seg(1, 7)), Some((Lsn(1), None)), StartPoint { tli: 1, lsn: Lsn(0x0800_0000) }),
+            // A partial on the new timeline at the switch segment.
+            (Some(seg(2, 7)), Some(seg(1, 6)), None, StartPoint { tli: 2, lsn: Lsn(0x0700_0000) }),
+        ];
+        for (partial, last, slot, want) in cases {
+            assert_eq!(plan_start(partial, last, slot, &srv, SEG), want, "{partial:?} {last:?} {slot:?}");
+        }
+    }
+}
