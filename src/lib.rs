@@ -4,10 +4,10 @@
 //! page checks), `storage` (the object-store trait and its backends), `repo` (repository layout,
 //! object format, lock), `stream` (the WAL receiver), `commands` (one file per CLI command).
 
+pub mod commands;
 pub mod pg;
 pub mod repo;
 pub mod retry;
 pub mod storage;
-pub mod wal;
 pub mod stream;
-pub mod commands;
+pub mod wal;

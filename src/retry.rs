@@ -91,7 +91,13 @@ mod tests {
         let r: Result<u32, E> = retry(&fast(), "op", || {
             n += 1;
             let v = n;
-            async move { if v < 3 { Err(E(true)) } else { Ok(v) } }
+            async move {
+                if v < 3 {
+                    Err(E(true))
+                } else {
+                    Ok(v)
+                }
+            }
         })
         .await;
         assert_eq!(r.unwrap(), 3);

@@ -23,7 +23,11 @@ pub const EXIT_NOT_IN_ARCHIVE: u8 = 1;
 pub const EXIT_UNSERVABLE: u8 = 126;
 
 #[derive(Parser, Debug)]
-#[command(name = "archiver", version, about = "Native PostgreSQL WAL-streaming continuous archiver")]
+#[command(
+    name = "archiver",
+    version,
+    about = "Native PostgreSQL WAL-streaming continuous archiver"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -60,7 +64,10 @@ pub struct RepoArg {
 impl RepoArg {
     pub fn storage(&self) -> anyhow::Result<Arc<dyn Storage>> {
         if self.repo.exists() && !self.repo.is_dir() {
-            anyhow::bail!("repository path {} exists and is not a directory", self.repo.display());
+            anyhow::bail!(
+                "repository path {} exists and is not a directory",
+                self.repo.display()
+            );
         }
         Ok(Arc::new(FsStorage::new(&self.repo)))
     }
@@ -74,7 +81,11 @@ fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -85,7 +96,10 @@ fn init_logging(format: LogFormat, level: &str) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("archiver: cannot start the runtime: {e}");

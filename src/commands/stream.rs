@@ -66,8 +66,12 @@ pub async fn run(args: StreamArgs) -> u8 {
 
 fn explain_connect_error(e: PgError) -> anyhow::Error {
     let hint = match e.sqlstate() {
-        Some("53300") => Some("no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)"),
-        Some("42501") => Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)"),
+        Some("53300") => {
+            Some("no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)")
+        }
+        Some("42501") => {
+            Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)")
+        }
         Some("28000") => Some("check pg_hba.conf: a `host replication` line must allow this user"),
         _ => None,
     };
@@ -92,7 +96,9 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     let mut conn = Connection::connect(&conninfo, Some("true"), &application_name)
         .await
         .map_err(explain_connect_error)?;
-    let server = replication::server_info(&mut conn).await.map_err(explain_connect_error)?;
+    let server = replication::server_info(&mut conn)
+        .await
+        .map_err(explain_connect_error)?;
     info!(
         system_identifier = server.system.system_identifier,
         timeline = server.system.timeline,
@@ -119,7 +125,10 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             return;
         };
         tokio::select! {

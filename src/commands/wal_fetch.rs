@@ -60,9 +60,14 @@ async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
     let obj = match repo.storage().get(&key).await {
         Ok(o) => o,
         Err(StorageError::NotFound(_)) => {
-            return Ok(Some(Outcome::Missing(format!("{} is not in the archive", args.walfile))))
+            return Ok(Some(Outcome::Missing(format!(
+                "{} is not in the archive",
+                args.walfile
+            ))))
         }
-        Err(e) => return Err(anyhow::Error::new(RepoError::from(e)).context(format!("reading {key}"))),
+        Err(e) => {
+            return Err(anyhow::Error::new(RepoError::from(e)).context(format!("reading {key}")))
+        }
     };
     let dest = args.dest.clone();
     let walfile = args.walfile.clone();
@@ -74,19 +79,33 @@ async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
 }
 
 /// Decodes into a temporary file next to `dest`, verifying all checksums, then renames it.
-fn write_verified(obj: &[u8], dest: &Path, walfile: &str, key: &str, seg_size: u64) -> anyhow::Result<()> {
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+fn write_verified(
+    obj: &[u8],
+    dest: &Path,
+    walfile: &str,
+    key: &str,
+    seg_size: u64,
+) -> anyhow::Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
     let tmp = dir.join(format!(".{name}.archiver-tmp-{}", std::process::id()));
     let result = (|| -> anyhow::Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-        let info = object::decode(obj, &mut w)
-            .map_err(|e| anyhow::anyhow!("archived {walfile} ({key}) is corrupt: {e}; refusing to restore it"))?;
+        let info = object::decode(obj, &mut w).map_err(|e| {
+            anyhow::anyhow!("archived {walfile} ({key}) is corrupt: {e}; refusing to restore it")
+        })?;
         w.flush()?;
         drop(w);
         if info.kind == object::ObjectKind::WalSegment && info.raw_size != seg_size {
-            anyhow::bail!("archived {walfile} has {} bytes, expected {seg_size}; refusing to restore it", info.raw_size);
+            anyhow::bail!(
+                "archived {walfile} has {} bytes, expected {seg_size}; refusing to restore it",
+                info.raw_size
+            );
         }
         if info.kind == object::ObjectKind::PartialWalSegment {
             // A partial segment is served full-size, zero-filled after the received prefix, as

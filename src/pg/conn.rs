@@ -57,7 +57,9 @@ pub struct Connection {
     target: Target,
 }
 
-pub(crate) fn parse_error_fields(fields: &mut postgres_protocol::message::backend::ErrorFields<'_>) -> ServerError {
+pub(crate) fn parse_error_fields(
+    fields: &mut postgres_protocol::message::backend::ErrorFields<'_>,
+) -> ServerError {
     let mut e = ServerError {
         severity: "ERROR".into(),
         code: "XX000".into(),
@@ -83,11 +85,19 @@ pub(crate) fn parse_error_fields(fields: &mut postgres_protocol::message::backen
 impl Connection {
     /// Connects to the first reachable target of `ci` and authenticates. `replication`:
     /// `Some("true")` for a physical walsender, `None` for a normal backend.
-    pub async fn connect(ci: &ConnInfo, replication: Option<&str>, application_name: &str) -> Result<Self, PgError> {
+    pub async fn connect(
+        ci: &ConnInfo,
+        replication: Option<&str>,
+        application_name: &str,
+    ) -> Result<Self, PgError> {
         let mut last = None;
         for target in &ci.targets {
             let timeout = ci.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-            let attempt = tokio::time::timeout(timeout, Self::connect_one(ci, target, replication, application_name)).await;
+            let attempt = tokio::time::timeout(
+                timeout,
+                Self::connect_one(ci, target, replication, application_name),
+            )
+            .await;
             match attempt {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e)) => {
@@ -114,11 +124,16 @@ impl Connection {
         let io: Box<dyn Transport> = match target {
             Target::Unix { .. } => {
                 let path = target.socket_path().unwrap();
-                let s = UnixStream::connect(&path).await.map_err(|cause| PgError::Connect {
-                    target: target.to_string(),
-                    cause,
-                })?;
-                if matches!(ci.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
+                let s = UnixStream::connect(&path)
+                    .await
+                    .map_err(|cause| PgError::Connect {
+                        target: target.to_string(),
+                        cause,
+                    })?;
+                if matches!(
+                    ci.sslmode,
+                    SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+                ) {
                     // libpq never uses TLS on Unix sockets; a mode that demands it cannot be met.
                     return Err(PgError::Tls(format!(
                         "sslmode={:?} cannot be satisfied over the Unix socket {target}; connect over TCP",
@@ -145,11 +160,16 @@ impl Connection {
             params: HashMap::new(),
             target: target.clone(),
         };
-        conn.startup(ci, target, replication, application_name).await?;
+        conn.startup(ci, target, replication, application_name)
+            .await?;
         Ok(conn)
     }
 
-    async fn maybe_tls(ci: &ConnInfo, host: &str, mut s: TcpStream) -> Result<Box<dyn Transport>, PgError> {
+    async fn maybe_tls(
+        ci: &ConnInfo,
+        host: &str,
+        mut s: TcpStream,
+    ) -> Result<Box<dyn Transport>, PgError> {
         if matches!(ci.sslmode, SslMode::Disable | SslMode::Allow) {
             return Ok(Box::new(s));
         }
@@ -187,7 +207,8 @@ impl Connection {
         replication: Option<&str>,
         application_name: &str,
     ) -> Result<(), PgError> {
-        let mut params: Vec<(&str, &str)> = vec![("user", &ci.user), ("application_name", application_name)];
+        let mut params: Vec<(&str, &str)> =
+            vec![("user", &ci.user), ("application_name", application_name)];
         match replication {
             Some(r) => params.push(("replication", r)),
             None => params.push(("database", &ci.dbname)),
@@ -274,7 +295,11 @@ impl Connection {
         }
     }
 
-    fn need_password(&self, ci: &ConnInfo, target: &Target) -> Result<super::conninfo::Secret, PgError> {
+    fn need_password(
+        &self,
+        ci: &ConnInfo,
+        target: &Target,
+    ) -> Result<super::conninfo::Secret, PgError> {
         ci.password_for(target).ok_or_else(|| {
             PgError::Auth(format!(
                 "the server at {target} requested a password for user \"{}\", but none was given (use the conninfo, PGPASSWORD or ~/.pgpass)",
@@ -377,7 +402,10 @@ impl Connection {
     }
 
     /// Like [`Self::read_results`], with the first message already read by the caller.
-    pub async fn read_results_from(&mut self, mut first: Option<Message>) -> Result<Vec<ResultSet>, PgError> {
+    pub async fn read_results_from(
+        &mut self,
+        mut first: Option<Message>,
+    ) -> Result<Vec<ResultSet>, PgError> {
         let mut out = Vec::new();
         let mut cur: Option<ResultSet> = None;
         let mut err = None;
@@ -390,7 +418,9 @@ impl Connection {
                 Message::RowDescription(rd) => {
                     let mut cols = Vec::new();
                     let mut f = rd.fields();
-                    while let Some(field) = f.next().map_err(|e| PgError::Protocol(e.to_string()))? {
+                    while let Some(field) =
+                        f.next().map_err(|e| PgError::Protocol(e.to_string()))?
+                    {
                         cols.push(field.name().to_string());
                     }
                     cur = Some(ResultSet {
@@ -399,9 +429,9 @@ impl Connection {
                     });
                 }
                 Message::DataRow(row) => {
-                    let rs = cur
-                        .as_mut()
-                        .ok_or_else(|| PgError::Protocol("DataRow without RowDescription".into()))?;
+                    let rs = cur.as_mut().ok_or_else(|| {
+                        PgError::Protocol("DataRow without RowDescription".into())
+                    })?;
                     rs.rows.push(decode_row(&row)?);
                 }
                 Message::CommandComplete(_) | Message::EmptyQueryResponse => {
@@ -417,9 +447,15 @@ impl Connection {
                     }
                 }
                 Message::CopyOutResponse(_) | Message::CopyInResponse(_) => {
-                    return Err(PgError::Protocol("unexpected COPY response to a simple query".into()))
+                    return Err(PgError::Protocol(
+                        "unexpected COPY response to a simple query".into(),
+                    ))
                 }
-                _ => return Err(PgError::Protocol("unexpected message in query result".into())),
+                _ => {
+                    return Err(PgError::Protocol(
+                        "unexpected message in query result".into(),
+                    ))
+                }
             }
         }
     }
@@ -432,11 +468,16 @@ impl Connection {
     }
 }
 
-pub(crate) fn decode_row(row: &postgres_protocol::message::backend::DataRowBody) -> Result<Vec<Option<Bytes>>, PgError> {
+pub(crate) fn decode_row(
+    row: &postgres_protocol::message::backend::DataRowBody,
+) -> Result<Vec<Option<Bytes>>, PgError> {
     let buf = row.buffer_bytes();
     let mut vals = Vec::new();
     let mut ranges = row.ranges();
-    while let Some(r) = ranges.next().map_err(|e| PgError::Protocol(e.to_string()))? {
+    while let Some(r) = ranges
+        .next()
+        .map_err(|e| PgError::Protocol(e.to_string()))?
+    {
         vals.push(r.map(|r| buf.slice(r)));
     }
     Ok(vals)

@@ -248,7 +248,11 @@ impl ConnInfo {
             .enumerate()
             .map(|(i, h)| {
                 let port = if ports.len() == 1 { ports[0] } else { ports[i] };
-                let h = if h.is_empty() { default_socket_dir() } else { h.clone() };
+                let h = if h.is_empty() {
+                    default_socket_dir()
+                } else {
+                    h.clone()
+                };
                 if h.starts_with('/') || h.starts_with('@') {
                     Target::Unix {
                         dir: PathBuf::from(h),
@@ -273,10 +277,9 @@ impl ConnInfo {
         };
         let connect_timeout = match kv.get("connect_timeout") {
             Some(t) => {
-                let secs: i64 = t
-                    .trim()
-                    .parse()
-                    .map_err(|_| ConnInfoError(format!("invalid connect_timeout value: \"{t}\"")))?;
+                let secs: i64 = t.trim().parse().map_err(|_| {
+                    ConnInfoError(format!("invalid connect_timeout value: \"{t}\""))
+                })?;
                 // libpq: zero or negative means wait forever; 1 is raised to 2.
                 (secs > 0).then(|| Duration::from_secs(secs.max(2) as u64))
             }
@@ -299,9 +302,10 @@ impl ConnInfo {
             dbname,
             passfile,
             sslmode,
-            sslrootcert: kv.get("sslrootcert").cloned().or_else(|| {
-                pg_dir_file("root.crt").map(|p| p.to_string_lossy().into_owned())
-            }),
+            sslrootcert: kv
+                .get("sslrootcert")
+                .cloned()
+                .or_else(|| pg_dir_file("root.crt").map(|p| p.to_string_lossy().into_owned())),
             sslcert: kv
                 .get("sslcert")
                 .map(PathBuf::from)
@@ -331,8 +335,14 @@ impl ConnInfo {
             return Some(p.clone());
         }
         let file = self.passfile.as_ref()?;
-        pgpass_lookup(file, target.host_name(), target.port(), "replication", &self.user)
-            .map(Secret::new)
+        pgpass_lookup(
+            file,
+            target.host_name(),
+            target.port(),
+            "replication",
+            &self.user,
+        )
+        .map(Secret::new)
     }
 }
 
@@ -351,7 +361,11 @@ fn os_user_name() -> Option<String> {
         if pw.is_null() || (*pw).pw_name.is_null() {
             return std::env::var("USER").ok();
         }
-        Some(std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned())
+        Some(
+            std::ffi::CStr::from_ptr((*pw).pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 }
 
@@ -438,9 +452,7 @@ fn percent_decode(s: &str) -> Result<String, ConnInfoError> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ConnInfoError(format!("invalid percent-encoded token: \"{s}\""))
-                })?;
+                .ok_or_else(|| ConnInfoError(format!("invalid percent-encoded token: \"{s}\"")))?;
             if hex == 0 {
                 return Err(ConnInfoError(format!(
                     "forbidden value %00 in percent-encoded value: \"{s}\""
@@ -493,7 +505,9 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
         for part in hostspec.split(',') {
             let (host, port) = if let Some(r) = part.strip_prefix('[') {
                 let (h, after) = r.split_once(']').ok_or_else(|| {
-                    ConnInfoError(format!("missing \"]\" in IPv6 host address in URI: \"{s}\""))
+                    ConnInfoError(format!(
+                        "missing \"]\" in IPv6 host address in URI: \"{s}\""
+                    ))
                 })?;
                 let port = match after.strip_prefix(':') {
                     Some(p) => p,
@@ -525,7 +539,9 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
     if let Some(q) = query {
         for pair in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| {
-                ConnInfoError(format!("missing key/value separator \"=\" in URI query parameter: \"{pair}\""))
+                ConnInfoError(format!(
+                    "missing key/value separator \"=\" in URI query parameter: \"{pair}\""
+                ))
             })?;
             let k = percent_decode(k)?;
             let mut v = percent_decode(v)?;
@@ -619,7 +635,10 @@ mod tests {
         assert_eq!(c.application_name.as_deref(), Some("x"));
         assert_eq!(
             c.targets,
-            vec![Target::Tcp { host: "db.example.com".into(), port: 6543 }]
+            vec![Target::Tcp {
+                host: "db.example.com".into(),
+                port: 6543
+            }]
         );
     }
 
@@ -629,8 +648,14 @@ mod tests {
         assert_eq!(
             c.targets,
             vec![
-                Target::Tcp { host: "::1".into(), port: 5433 },
-                Target::Tcp { host: "h2".into(), port: 5432 }
+                Target::Tcp {
+                    host: "::1".into(),
+                    port: 5433
+                },
+                Target::Tcp {
+                    host: "h2".into(),
+                    port: 5432
+                }
             ]
         );
         assert_eq!(c.targets[0].to_string(), "[::1]:5433");
@@ -646,10 +671,17 @@ mod tests {
 
     #[test]
     fn key_value_quoting() {
-        let c = parse(r"host=localhost port = 5999 user='bob o\'neil' password=a\ b sslmode=disable");
+        let c =
+            parse(r"host=localhost port = 5999 user='bob o\'neil' password=a\ b sslmode=disable");
         assert_eq!(c.user, "bob o'neil");
         assert_eq!(c.password.unwrap().expose(), "a b");
-        assert_eq!(c.targets, vec![Target::Tcp { host: "localhost".into(), port: 5999 }]);
+        assert_eq!(
+            c.targets,
+            vec![Target::Tcp {
+                host: "localhost".into(),
+                port: 5999
+            }]
+        );
         assert_eq!(c.sslmode, SslMode::Disable);
     }
 
@@ -664,7 +696,13 @@ mod tests {
             ("PGAPPNAME", "app"),
         ]);
         let c = ConnInfo::parse(Some("port=7001"), &e).unwrap();
-        assert_eq!(c.targets, vec![Target::Unix { dir: "/sock".into(), port: 7001 }]);
+        assert_eq!(
+            c.targets,
+            vec![Target::Unix {
+                dir: "/sock".into(),
+                port: 7001
+            }]
+        );
         assert_eq!(c.password.unwrap().expose(), "pw");
         assert_eq!(c.sslmode, SslMode::Require);
         assert_eq!(c.application_name.as_deref(), Some("app"));
@@ -686,7 +724,10 @@ mod tests {
             "host=a,b,c port=1,2",
             "connect_timeout=soon",
         ] {
-            assert!(ConnInfo::parse(Some(bad), &e).is_err(), "{bad} should be refused");
+            assert!(
+                ConnInfo::parse(Some(bad), &e).is_err(),
+                "{bad} should be refused"
+            );
         }
     }
 

@@ -14,7 +14,11 @@ pub struct ServerError {
 
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (SQLSTATE {}): {}", self.severity, self.code, self.message)?;
+        write!(
+            f,
+            "{} (SQLSTATE {}): {}",
+            self.severity, self.code, self.message
+        )?;
         if let Some(d) = &self.detail {
             write!(f, "; DETAIL: {d}")?;
         }
@@ -52,7 +56,10 @@ impl PgError {
     /// True when trying again later may succeed (network trouble, server starting or busy).
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect { .. } | PgError::ConnectTimeout(_) | PgError::Io(_) | PgError::Closed => true,
+            PgError::Connect { .. }
+            | PgError::ConnectTimeout(_)
+            | PgError::Io(_)
+            | PgError::Closed => true,
             PgError::Server(e) => {
                 e.code.starts_with("08") // connection exception
                     || e.code == "53300" // too_many_connections (no free wal senders)

@@ -26,7 +26,9 @@ fn proto(msg: impl Into<String>) -> PgError {
 }
 
 fn single_row(mut sets: Vec<ResultSet>, what: &str, cols: usize) -> Result<ResultSet, PgError> {
-    let rs = sets.pop().ok_or_else(|| proto(format!("{what} returned no result")))?;
+    let rs = sets
+        .pop()
+        .ok_or_else(|| proto(format!("{what} returned no result")))?;
     if rs.rows.len() != 1 || rs.rows[0].len() < cols {
         return Err(proto(format!(
             "{what} returned {} rows of {} columns, expected 1 row of {cols}",
@@ -44,7 +46,11 @@ fn text_field<T: std::str::FromStr>(rs: &ResultSet, col: usize, what: &str) -> R
 }
 
 pub async fn identify_system(conn: &mut Connection) -> Result<SystemInfo, PgError> {
-    let rs = single_row(conn.simple_query("IDENTIFY_SYSTEM").await?, "IDENTIFY_SYSTEM", 3)?;
+    let rs = single_row(
+        conn.simple_query("IDENTIFY_SYSTEM").await?,
+        "IDENTIFY_SYSTEM",
+        3,
+    )?;
     Ok(SystemInfo {
         system_identifier: text_field(&rs, 0, "IDENTIFY_SYSTEM systemid")?,
         timeline: text_field(&rs, 1, "IDENTIFY_SYSTEM timeline")?,
@@ -98,8 +104,8 @@ pub async fn server_info(conn: &mut Connection) -> Result<ServerInfo, PgError> {
         .parse()
         .map_err(|_| proto("server_version_num is not a number"))?;
     let seg = show(conn, "wal_segment_size").await?;
-    let wal_segment_size =
-        parse_guc_bytes(&seg).ok_or_else(|| proto(format!("cannot parse wal_segment_size \"{seg}\"")))?;
+    let wal_segment_size = parse_guc_bytes(&seg)
+        .ok_or_else(|| proto(format!("cannot parse wal_segment_size \"{seg}\"")))?;
     Ok(ServerInfo {
         system,
         version_num,
@@ -110,9 +116,14 @@ pub async fn server_info(conn: &mut Connection) -> Result<ServerInfo, PgError> {
 /// Slot names are limited to lower-case letters, digits and underscores (`ReplicationSlotValidateName`).
 pub fn validate_slot_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
-        return Err(format!("replication slot name \"{name}\" must be 1 to 63 characters long"));
+        return Err(format!(
+            "replication slot name \"{name}\" must be 1 to 63 characters long"
+        ));
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         return Err(format!(
             "replication slot name \"{name}\" contains invalid characters (use lower-case letters, digits and underscores)"
         ));
@@ -129,9 +140,13 @@ pub struct SlotInfo {
 }
 
 /// `READ_REPLICATION_SLOT` (PG15+). `Ok(None)` when the slot does not exist.
-pub async fn read_replication_slot(conn: &mut Connection, slot: &str) -> Result<Option<SlotInfo>, PgError> {
+pub async fn read_replication_slot(
+    conn: &mut Connection,
+    slot: &str,
+) -> Result<Option<SlotInfo>, PgError> {
     let rs = single_row(
-        conn.simple_query(&format!("READ_REPLICATION_SLOT {slot}")).await?,
+        conn.simple_query(&format!("READ_REPLICATION_SLOT {slot}"))
+            .await?,
         "READ_REPLICATION_SLOT",
         3,
     )?;
@@ -148,7 +163,9 @@ pub async fn read_replication_slot(conn: &mut Connection, slot: &str) -> Result<
 /// `CREATE_REPLICATION_SLOT slot PHYSICAL RESERVE_WAL`. Returns false if it already existed.
 pub async fn create_physical_slot(conn: &mut Connection, slot: &str) -> Result<bool, PgError> {
     match conn
-        .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL"))
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL"
+        ))
         .await
     {
         Ok(_) => Ok(true),
@@ -158,9 +175,13 @@ pub async fn create_physical_slot(conn: &mut Connection, slot: &str) -> Result<b
 }
 
 /// `TIMELINE_HISTORY tli`: the file name and raw content of `0000000N.history`.
-pub async fn timeline_history(conn: &mut Connection, tli: TimeLineId) -> Result<(String, Bytes), PgError> {
+pub async fn timeline_history(
+    conn: &mut Connection,
+    tli: TimeLineId,
+) -> Result<(String, Bytes), PgError> {
     let rs = single_row(
-        conn.simple_query(&format!("TIMELINE_HISTORY {tli}")).await?,
+        conn.simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await?,
         "TIMELINE_HISTORY",
         2,
     )?;
@@ -168,7 +189,9 @@ pub async fn timeline_history(conn: &mut Connection, tli: TimeLineId) -> Result<
         .text(0, 0)
         .ok_or_else(|| proto("TIMELINE_HISTORY: no file name"))?
         .to_string();
-    let content = rs.rows[0][1].clone().ok_or_else(|| proto("TIMELINE_HISTORY: no content"))?;
+    let content = rs.rows[0][1]
+        .clone()
+        .ok_or_else(|| proto("TIMELINE_HISTORY: no content"))?;
     Ok((name, content))
 }
 
@@ -198,12 +221,16 @@ pub async fn start_replication(
     loop {
         match conn.next_message().await? {
             Backend::CopyBothResponse => return Ok(StartOutcome::Streaming),
-            Backend::Msg(Message::NoticeResponse(_)) | Backend::Msg(Message::ParameterStatus(_)) => {}
-            Backend::Msg(m @ Message::ErrorResponse(_)) | Backend::Msg(m @ Message::RowDescription(_)) => {
+            Backend::Msg(Message::NoticeResponse(_))
+            | Backend::Msg(Message::ParameterStatus(_)) => {}
+            Backend::Msg(m @ Message::ErrorResponse(_))
+            | Backend::Msg(m @ Message::RowDescription(_)) => {
                 let sets = conn.read_results_from(Some(m)).await?;
                 return end_of_timeline(sets);
             }
-            Backend::Msg(_) => return Err(proto("unexpected message in answer to START_REPLICATION")),
+            Backend::Msg(_) => {
+                return Err(proto("unexpected message in answer to START_REPLICATION"))
+            }
         }
     }
 }
@@ -273,7 +300,10 @@ pub fn decode_copy_data(mut b: Bytes) -> Result<ReplicationMessage, PgError> {
                 reply_requested: b.get_u8() != 0,
             })
         }
-        t => Err(proto(format!("unknown replication message type {:?}", t as char))),
+        t => Err(proto(format!(
+            "unknown replication message type {:?}",
+            t as char
+        ))),
     }
 }
 
@@ -294,7 +324,14 @@ pub fn pg_time_to_unix_micros(t: i64) -> i64 {
 }
 
 /// Queues a standby status update (`'r'`) in a CopyData message. Positions are "last byte + 1".
-pub fn encode_status_update(buf: &mut BytesMut, write: Lsn, flush: Lsn, apply: Lsn, now: i64, reply_requested: bool) {
+pub fn encode_status_update(
+    buf: &mut BytesMut,
+    write: Lsn,
+    flush: Lsn,
+    apply: Lsn,
+    now: i64,
+    reply_requested: bool,
+) {
     buf.put_u8(b'd');
     buf.put_u32(4 + 1 + 8 * 4 + 1);
     buf.put_u8(b'r');
@@ -311,7 +348,13 @@ pub fn decode_status_update(b: &[u8]) -> Option<(Lsn, Lsn, Lsn, i64, bool)> {
     if b.len() != 39 || b.get_u8() != b'd' || b.get_u32() != 38 || b.get_u8() != b'r' {
         return None;
     }
-    Some((Lsn(b.get_u64()), Lsn(b.get_u64()), Lsn(b.get_u64()), b.get_i64(), b.get_u8() != 0))
+    Some((
+        Lsn(b.get_u64()),
+        Lsn(b.get_u64()),
+        Lsn(b.get_u64()),
+        b.get_i64(),
+        b.get_u8() != 0,
+    ))
 }
 
 #[cfg(test)]
@@ -363,7 +406,10 @@ mod tests {
         let mut b = BytesMut::new();
         encode_status_update(&mut b, Lsn(3), Lsn(2), Lsn(1), 99, true);
         assert_eq!(b.len(), 39);
-        assert_eq!(decode_status_update(&b), Some((Lsn(3), Lsn(2), Lsn(1), 99, true)));
+        assert_eq!(
+            decode_status_update(&b),
+            Some((Lsn(3), Lsn(2), Lsn(1), 99, true))
+        );
     }
 
     #[test]

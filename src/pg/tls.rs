@@ -8,7 +8,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use super::conninfo::{ConnInfo, SslMode};
 use super::PgError;
@@ -56,9 +58,12 @@ pub(crate) fn client_config(ci: &ConnInfo) -> Result<Arc<ClientConfig>, PgError>
     let builder = match effective_mode(ci) {
         SslMode::VerifyFull => builder.with_root_certificates(load_roots(ci)?),
         SslMode::VerifyCa => {
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(ci)?), provider.clone())
-                .build()
-                .map_err(tls_err)?;
+            let inner = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(load_roots(ci)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(tls_err)?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(ChainOnly { inner }))
@@ -69,12 +74,16 @@ pub(crate) fn client_config(ci: &ConnInfo) -> Result<Arc<ClientConfig>, PgError>
     };
     let config = match (&ci.sslcert, &ci.sslkey) {
         (Some(cert), Some(key)) => {
-            let certs = rustls_pemfile::certs(&mut std::fs::read(cert).map_err(tls_err)?.as_slice())
-                .collect::<Result<Vec<CertificateDer<'static>>, _>>()
-                .map_err(tls_err)?;
-            let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut std::fs::read(key).map_err(tls_err)?.as_slice())
-                .map_err(tls_err)?
-                .ok_or_else(|| PgError::Tls(format!("no private key in \"{}\"", key.display())))?;
+            let certs =
+                rustls_pemfile::certs(&mut std::fs::read(cert).map_err(tls_err)?.as_slice())
+                    .collect::<Result<Vec<CertificateDer<'static>>, _>>()
+                    .map_err(tls_err)?;
+            let key: PrivateKeyDer<'static> =
+                rustls_pemfile::private_key(&mut std::fs::read(key).map_err(tls_err)?.as_slice())
+                    .map_err(tls_err)?
+                    .ok_or_else(|| {
+                        PgError::Tls(format!("no private key in \"{}\"", key.display()))
+                    })?;
             builder.with_client_auth_cert(certs, key).map_err(tls_err)?
         }
         _ => builder.with_no_client_auth(),
@@ -83,7 +92,8 @@ pub(crate) fn client_config(ci: &ConnInfo) -> Result<Arc<ClientConfig>, PgError>
 }
 
 pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, PgError> {
-    ServerName::try_from(host.to_string()).map_err(|e| PgError::Tls(format!("invalid server name \"{host}\": {e}")))
+    ServerName::try_from(host.to_string())
+        .map_err(|e| PgError::Tls(format!("invalid server name \"{host}\": {e}")))
 }
 
 /// `verify-ca`: the chain must lead to a trusted root; the name is not checked.
@@ -101,7 +111,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -150,7 +163,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -158,7 +176,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()

@@ -68,12 +68,27 @@ mod tests {
     #[test]
     fn keys_round_trip() {
         let s = SegmentName::new(2, 0x1FF, SEG);
-        assert_eq!(wal_segment_key(&s), "wal/00000002/0000000200000001000000FF.zst");
-        assert_eq!(parse_wal_key(&wal_segment_key(&s), SEG), Some(WalObject::Segment(s)));
-        assert_eq!(parse_wal_key(&partial_segment_key(&s), SEG), Some(WalObject::Partial(s)));
+        assert_eq!(
+            wal_segment_key(&s),
+            "wal/00000002/0000000200000001000000FF.zst"
+        );
+        assert_eq!(
+            parse_wal_key(&wal_segment_key(&s), SEG),
+            Some(WalObject::Segment(s))
+        );
+        assert_eq!(
+            parse_wal_key(&partial_segment_key(&s), SEG),
+            Some(WalObject::Partial(s))
+        );
         assert_eq!(history_key(3), "wal/history/00000003.history.zst");
-        assert_eq!(parse_wal_key(&history_key(3), SEG), Some(WalObject::History(3)));
-        assert_eq!(parse_wal_key("wal/00000001/000000020000000000000001.zst", SEG), None);
+        assert_eq!(
+            parse_wal_key(&history_key(3), SEG),
+            Some(WalObject::History(3))
+        );
+        assert_eq!(
+            parse_wal_key("wal/00000001/000000020000000000000001.zst", SEG),
+            None
+        );
         assert_eq!(parse_wal_key("wal/00000001/junk.zst", SEG), None);
         assert_eq!(parse_wal_key("repo.json", SEG), None);
     }

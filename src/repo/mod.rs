@@ -43,11 +43,17 @@ pub struct RepoMeta {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("{0} is not an archiver repository (no repo.json) and is not empty; refusing to use it")]
+    #[error(
+        "{0} is not an archiver repository (no repo.json) and is not empty; refusing to use it"
+    )]
     NotARepository(String),
-    #[error("{0} is not an archiver repository (no repo.json); run `archiver stream` to initialise it")]
+    #[error(
+        "{0} is not an archiver repository (no repo.json); run `archiver stream` to initialise it"
+    )]
     NotInitialized(String),
-    #[error("repository belongs to another cluster: its {field} is {repo}, the server's is {server}")]
+    #[error(
+        "repository belongs to another cluster: its {field} is {repo}, the server's is {server}"
+    )]
     OtherCluster {
         field: &'static str,
         repo: String,
@@ -136,7 +142,11 @@ impl Repo {
 
     /// Opens the repository for `server`, initialising it if it is new. Refuses another
     /// cluster's repository, and a non-empty store that is not a repository.
-    pub async fn open_or_init(storage: Arc<dyn Storage>, name: &str, server: &ServerInfo) -> Result<Repo, RepoError> {
+    pub async fn open_or_init(
+        storage: Arc<dyn Storage>,
+        name: &str,
+        server: &ServerInfo,
+    ) -> Result<Repo, RepoError> {
         if let Some(meta) = Self::read_meta(storage.as_ref()).await? {
             Self::check_compatible(&meta, server)?;
             return Ok(Repo {
@@ -163,7 +173,9 @@ impl Repo {
             created_by: format!("archiver {}", env!("CARGO_PKG_VERSION")),
         };
         let body = sealed::seal(&meta).map_err(|e| RepoError::BadMeta(e.to_string()))?;
-        storage.put(layout::REPO_META_KEY, Bytes::from(body)).await?;
+        storage
+            .put(layout::REPO_META_KEY, Bytes::from(body))
+            .await?;
         tracing::info!(repo = name, system_identifier = %meta.system_identifier, "initialised repository");
         Ok(Repo {
             storage,
@@ -198,14 +210,21 @@ impl Repo {
     }
 
     /// Encodes (zstd + trailer) and stores raw bytes.
-    pub async fn put_raw(&self, key: &str, raw: Bytes, kind: ObjectKind, level: i32) -> Result<ObjectInfo, RepoError> {
-        let (obj, info) = tokio::task::spawn_blocking(move || object::encode_bytes(&raw, kind, level))
-            .await
-            .expect("encode task panicked")
-            .map_err(|e| RepoError::Corrupt {
-                key: "(new object)".into(),
-                reason: e.to_string(),
-            })?;
+    pub async fn put_raw(
+        &self,
+        key: &str,
+        raw: Bytes,
+        kind: ObjectKind,
+        level: i32,
+    ) -> Result<ObjectInfo, RepoError> {
+        let (obj, info) =
+            tokio::task::spawn_blocking(move || object::encode_bytes(&raw, kind, level))
+                .await
+                .expect("encode task panicked")
+                .map_err(|e| RepoError::Corrupt {
+                    key: "(new object)".into(),
+                    reason: e.to_string(),
+                })?;
         self.put_encoded(key, obj).await?;
         Ok(info)
     }

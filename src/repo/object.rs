@@ -76,7 +76,9 @@ impl ObjectInfo {
             || u32::from_le_bytes(t[4..8].try_into().unwrap()) != 56
             || &t[8..16] != FORMAT_MAGIC
         {
-            return Err(ObjectError::Corrupt("missing or damaged archiver trailer".into()));
+            return Err(ObjectError::Corrupt(
+                "missing or damaged archiver trailer".into(),
+            ));
         }
         Ok(ObjectInfo {
             kind: ObjectKind::from_u8(t[16])
@@ -122,7 +124,12 @@ impl Hasher {
 
 /// Compresses everything from `raw` into `out` (zstd `level`, frame checksum on) and appends the
 /// trailer. Returns what the trailer records.
-pub fn encode<R: Read, W: Write>(mut raw: R, out: W, kind: ObjectKind, level: i32) -> Result<ObjectInfo, ObjectError> {
+pub fn encode<R: Read, W: Write>(
+    mut raw: R,
+    out: W,
+    kind: ObjectKind,
+    level: i32,
+) -> Result<ObjectInfo, ObjectError> {
     let mut enc = zstd::stream::Encoder::new(out, level)?;
     enc.include_checksum(true)?;
     let mut hasher = Hasher::default();
@@ -142,7 +149,11 @@ pub fn encode<R: Read, W: Write>(mut raw: R, out: W, kind: ObjectKind, level: i3
 }
 
 /// Encodes an in-memory buffer into a new `Vec`.
-pub fn encode_bytes(raw: &[u8], kind: ObjectKind, level: i32) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
+pub fn encode_bytes(
+    raw: &[u8],
+    kind: ObjectKind,
+    level: i32,
+) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
     let mut out = Vec::with_capacity(raw.len() / 4 + TRAILER_LEN);
     let info = encode(raw, &mut out, kind, level)?;
     Ok((out, info))
@@ -151,7 +162,10 @@ pub fn encode_bytes(raw: &[u8], kind: ObjectKind, level: i32) -> Result<(Vec<u8>
 /// Reads the trailer of a whole stored object.
 pub fn read_trailer(obj: &[u8]) -> Result<ObjectInfo, ObjectError> {
     if obj.len() < TRAILER_LEN {
-        return Err(ObjectError::Corrupt(format!("object too short ({} bytes)", obj.len())));
+        return Err(ObjectError::Corrupt(format!(
+            "object too short ({} bytes)",
+            obj.len()
+        )));
     }
     ObjectInfo::parse_trailer(&obj[obj.len() - TRAILER_LEN..])
 }
@@ -176,7 +190,9 @@ pub fn decode<W: Write>(obj: &[u8], mut out: W) -> Result<ObjectInfo, ObjectErro
         }
         hasher.update(&buf[..n]);
         if hasher.size > info.raw_size {
-            return Err(ObjectError::Corrupt("more data than the trailer records".into()));
+            return Err(ObjectError::Corrupt(
+                "more data than the trailer records".into(),
+            ));
         }
         out.write_all(&buf[..n])?;
     }
@@ -229,10 +245,17 @@ mod tests {
         let raw = sample();
         let (obj, _) = encode_bytes(&raw, ObjectKind::History, 3).unwrap();
         // Flip bytes across the body and the trailer; every one must fail to decode.
-        for pos in (0..obj.len()).step_by(obj.len() / 97 + 1).chain([obj.len() - 1, 0, 20]) {
+        for pos in (0..obj.len())
+            .step_by(obj.len() / 97 + 1)
+            .chain([obj.len() - 1, 0, 20])
+        {
             let mut bad = obj.clone();
             bad[pos] ^= 0x10;
-            assert!(decode_bytes(&bad).is_err(), "flip at {pos} of {} went unnoticed", obj.len());
+            assert!(
+                decode_bytes(&bad).is_err(),
+                "flip at {pos} of {} went unnoticed",
+                obj.len()
+            );
         }
         assert!(decode_bytes(&obj[..obj.len() - 1]).is_err());
         assert!(decode_bytes(&obj[10..]).is_err());

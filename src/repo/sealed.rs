@@ -18,7 +18,10 @@ pub enum SealError {
 }
 
 fn digest(v: &serde_json::Value) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(v.to_string().as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(v.to_string().as_bytes()))
+    )
 }
 
 pub fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, SealError> {
@@ -59,12 +62,23 @@ mod tests {
 
     #[test]
     fn seal_and_open() {
-        let d = Doc { name: "x".into(), n: u64::MAX };
+        let d = Doc {
+            name: "x".into(),
+            n: u64::MAX,
+        };
         let b = seal(&d).unwrap();
         assert_eq!(open::<Doc>(&b).unwrap(), d);
-        let tampered = String::from_utf8(b.clone()).unwrap().replace("\"x\"", "\"y\"");
-        assert!(matches!(open::<Doc>(tampered.as_bytes()), Err(SealError::Mismatch)));
-        assert!(matches!(open::<Doc>(b"{\"name\":\"x\",\"n\":1}"), Err(SealError::Missing)));
+        let tampered = String::from_utf8(b.clone())
+            .unwrap()
+            .replace("\"x\"", "\"y\"");
+        assert!(matches!(
+            open::<Doc>(tampered.as_bytes()),
+            Err(SealError::Mismatch)
+        ));
+        assert!(matches!(
+            open::<Doc>(b"{\"name\":\"x\",\"n\":1}"),
+            Err(SealError::Missing)
+        ));
         assert!(open::<Doc>(&b[..b.len() / 2]).is_err());
     }
 }

@@ -7,16 +7,28 @@ use super::{Storage, StorageError};
 /// Runs the conformance checks against an empty store, panicking on the first violation.
 pub async fn run(s: &dyn Storage) {
     // Missing objects.
-    assert!(matches!(s.get("a/missing").await, Err(StorageError::NotFound(_))));
+    assert!(matches!(
+        s.get("a/missing").await,
+        Err(StorageError::NotFound(_))
+    ));
     assert_eq!(s.head("a/missing").await.unwrap(), None);
     assert!(!s.exists("a/missing").await.unwrap());
-    s.delete("a/missing").await.expect("deleting a missing key succeeds");
-    assert!(s.list("").await.unwrap().is_empty(), "store must start empty");
+    s.delete("a/missing")
+        .await
+        .expect("deleting a missing key succeeds");
+    assert!(
+        s.list("").await.unwrap().is_empty(),
+        "store must start empty"
+    );
 
     // Put / get / overwrite.
-    s.put("a/b/one", Bytes::from_static(b"first")).await.unwrap();
+    s.put("a/b/one", Bytes::from_static(b"first"))
+        .await
+        .unwrap();
     assert_eq!(&s.get("a/b/one").await.unwrap()[..], b"first");
-    s.put("a/b/one", Bytes::from_static(b"second!")).await.unwrap();
+    s.put("a/b/one", Bytes::from_static(b"second!"))
+        .await
+        .unwrap();
     assert_eq!(&s.get("a/b/one").await.unwrap()[..], b"second!");
     assert_eq!(s.head("a/b/one").await.unwrap().unwrap().size, 7);
     s.put("a/empty", Bytes::new()).await.unwrap();
@@ -30,9 +42,21 @@ pub async fn run(s: &dyn Storage) {
     // Listing: sorted, prefix-filtered, sizes right.
     s.put("a/b/two", Bytes::from_static(b"2")).await.unwrap();
     s.put("ab", Bytes::from_static(b"x")).await.unwrap();
-    let keys: Vec<String> = s.list("a/").await.unwrap().into_iter().map(|m| m.key).collect();
+    let keys: Vec<String> = s
+        .list("a/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(keys, ["a/b/one", "a/b/two", "a/empty"]);
-    let keys: Vec<String> = s.list("a").await.unwrap().into_iter().map(|m| m.key).collect();
+    let keys: Vec<String> = s
+        .list("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(keys, ["a/b/one", "a/b/two", "a/empty", "ab"]);
     let all = s.list("").await.unwrap();
     assert_eq!(all.len(), 5);
@@ -47,7 +71,10 @@ pub async fn run(s: &dyn Storage) {
     // Bad keys are refused.
     for bad in ["", "/abs", "a/../b", "a//b", "./a"] {
         assert!(
-            matches!(s.put(bad, Bytes::new()).await, Err(StorageError::InvalidKey(_))),
+            matches!(
+                s.put(bad, Bytes::new()).await,
+                Err(StorageError::InvalidKey(_))
+            ),
             "key {bad:?} must be refused"
         );
     }

@@ -53,8 +53,15 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
 /// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
-    let tmp = dir.join(format!("{TEMP_PREFIX}{name}-{}-{:08x}", std::process::id(), fastrand::u32(..)));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    let tmp = dir.join(format!(
+        "{TEMP_PREFIX}{name}-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -125,7 +132,9 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> std
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f).await.expect("storage task panicked")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("storage task panicked")
 }
 
 #[async_trait]

@@ -28,10 +28,7 @@ pub enum StorageError {
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
     #[error("storage I/O error on {key}: {cause}")]
-    Io {
-        key: String,
-        cause: std::io::Error,
-    },
+    Io { key: String, cause: std::io::Error },
 }
 
 impl StorageError {
@@ -40,7 +37,9 @@ impl StorageError {
         match self {
             StorageError::Io { cause, .. } => matches!(
                 cause.kind(),
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
             ),
             _ => false,
         }
@@ -70,7 +69,11 @@ pub fn validate_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && !key.starts_with('/')
         && key.split('/').all(|c| {
-            !c.is_empty() && c != "." && c != ".." && !c.starts_with(fs::TEMP_PREFIX) && !c.contains('\0')
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && !c.starts_with(fs::TEMP_PREFIX)
+                && !c.contains('\0')
         });
     if ok {
         Ok(())

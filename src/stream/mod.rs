@@ -137,7 +137,10 @@ pub fn plan_start(
 
 /// Publishes complete segments left in the spool by an earlier run (before anything else).
 pub async fn recover_spool(repo: &Repo, spool: &Spool, level: i32) -> Result<(), StreamError> {
-    for e in spool.scan().map_err(|e| StreamError::io("scanning the spool", e))? {
+    for e in spool
+        .scan()
+        .map_err(|e| StreamError::io("scanning the spool", e))?
+    {
         if let SpoolEntry::Complete(seg) = e {
             info!(segment = %seg, "publishing a complete segment left in the spool");
             publisher::publish_segment(repo, spool, seg, level).await?;
@@ -147,7 +150,13 @@ pub async fn recover_spool(repo: &Repo, spool: &Spool, level: i32) -> Result<(),
 }
 
 /// Makes sure the slot exists and decides where to start.
-async fn prepare(conn: &mut Connection, server: &ServerInfo, repo: &Repo, spool: &Spool, cfg: &StreamConfig) -> Result<StartPoint, StreamError> {
+async fn prepare(
+    conn: &mut Connection,
+    server: &ServerInfo,
+    repo: &Repo,
+    spool: &Spool,
+    cfg: &StreamConfig,
+) -> Result<StartPoint, StreamError> {
     let seg_size = repo.seg_size();
     let mut slot = if server.major() >= 15 {
         replication::read_replication_slot(conn, &cfg.slot).await?
@@ -170,7 +179,9 @@ async fn prepare(conn: &mut Connection, server: &ServerInfo, repo: &Repo, spool:
             ))));
         }
     }
-    let entries = spool.scan().map_err(|e| StreamError::io("scanning the spool", e))?;
+    let entries = spool
+        .scan()
+        .map_err(|e| StreamError::io("scanning the spool", e))?;
     let partial = entries.iter().rev().find_map(|e| match e {
         SpoolEntry::Partial(s) => Some(*s),
         _ => None,
@@ -179,7 +190,8 @@ async fn prepare(conn: &mut Connection, server: &ServerInfo, repo: &Repo, spool:
     let start = plan_start(
         partial,
         last,
-        slot.as_ref().and_then(|s| s.restart_lsn.map(|l| (l, s.restart_tli))),
+        slot.as_ref()
+            .and_then(|s| s.restart_lsn.map(|l| (l, s.restart_tli))),
         &server.system,
         seg_size,
     );
@@ -206,7 +218,11 @@ async fn prepare(conn: &mut Connection, server: &ServerInfo, repo: &Repo, spool:
 }
 
 /// Connects again after a transient failure and re-checks the server's identity.
-async fn reconnect(conninfo: &ConnInfo, repo: &Repo, cfg: &StreamConfig) -> Result<(Connection, ServerInfo), StreamError> {
+async fn reconnect(
+    conninfo: &ConnInfo,
+    repo: &Repo,
+    cfg: &StreamConfig,
+) -> Result<(Connection, ServerInfo), StreamError> {
     crate::retry::retry(&cfg.retry, "reconnecting to the server", || async {
         let mut conn = Connection::connect(conninfo, Some("true"), &cfg.application_name).await?;
         let server = replication::server_info(&mut conn).await?;
@@ -215,7 +231,8 @@ async fn reconnect(conninfo: &ConnInfo, repo: &Repo, cfg: &StreamConfig) -> Resu
     .await
     .map_err(StreamError::from)
     .and_then(|(conn, server)| {
-        Repo::check_compatible(repo.meta(), &server).map_err(|e| StreamError::OtherCluster(e.to_string()))?;
+        Repo::check_compatible(repo.meta(), &server)
+            .map_err(|e| StreamError::OtherCluster(e.to_string()))?;
         Ok((conn, server))
     })
 }
@@ -232,7 +249,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
     recover_spool(&repo, &spool, cfg.compress_level).await?;
-    let mut publisher = publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level);
+    let mut publisher =
+        publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level);
     let mut next = Some((conn, server));
     let mut failing_since: Option<std::time::Instant> = None;
     let result = loop {
@@ -245,7 +263,15 @@ pub async fn run(
         };
         let outcome = async {
             let start = prepare(&mut conn, &server, &repo, &spool, &cfg).await?;
-            let mut s = session::Session::new(conn, &server, &repo, &spool, &cfg, &mut publisher, start.tli);
+            let mut s = session::Session::new(
+                conn,
+                &server,
+                &repo,
+                &spool,
+                &cfg,
+                &mut publisher,
+                start.tli,
+            );
             let r = s.run(start, &mut shutdown).await;
             Ok::<_, StreamError>((r, s.bytes_received()))
         }
@@ -302,23 +328,89 @@ mod tests {
     #[test]
     fn start_point_table() {
         let srv = server(3, 0x0A00_1234);
-        let cases: Vec<(Option<SegmentName>, Option<SegmentName>, Option<(Lsn, Option<TimeLineId>)>, StartPoint)> = vec![
+        type Case = (
+            Option<SegmentName>,
+            Option<SegmentName>,
+            Option<(Lsn, Option<TimeLineId>)>,
+            StartPoint,
+        );
+        let cases: Vec<Case> = vec![
             // Fresh repository, no slot position: the server's current segment.
-            (None, None, None, StartPoint { tli: 3, lsn: Lsn(0x0A00_0000) }),
+            (
+                None,
+                None,
+                None,
+                StartPoint {
+                    tli: 3,
+                    lsn: Lsn(0x0A00_0000),
+                },
+            ),
             // Fresh repository, slot: its restart_lsn's segment and timeline.
-            (None, None, Some((Lsn(0x0500_0100), Some(2))), StartPoint { tli: 2, lsn: Lsn(0x0500_0000) }),
-            (None, None, Some((Lsn(0x0500_0100), None)), StartPoint { tli: 3, lsn: Lsn(0x0500_0000) }),
+            (
+                None,
+                None,
+                Some((Lsn(0x0500_0100), Some(2))),
+                StartPoint {
+                    tli: 2,
+                    lsn: Lsn(0x0500_0000),
+                },
+            ),
+            (
+                None,
+                None,
+                Some((Lsn(0x0500_0100), None)),
+                StartPoint {
+                    tli: 3,
+                    lsn: Lsn(0x0500_0000),
+                },
+            ),
             // Archived segments only: the next one, same timeline.
-            (None, Some(seg(1, 7)), None, StartPoint { tli: 1, lsn: Lsn(0x0800_0000) }),
+            (
+                None,
+                Some(seg(1, 7)),
+                None,
+                StartPoint {
+                    tli: 1,
+                    lsn: Lsn(0x0800_0000),
+                },
+            ),
             // A partial in the spool wins: restart it from its beginning.
-            (Some(seg(1, 8)), Some(seg(1, 7)), None, StartPoint { tli: 1, lsn: Lsn(0x0800_0000) }),
+            (
+                Some(seg(1, 8)),
+                Some(seg(1, 7)),
+                None,
+                StartPoint {
+                    tli: 1,
+                    lsn: Lsn(0x0800_0000),
+                },
+            ),
             // A stale partial behind the archive is ignored.
-            (Some(seg(1, 5)), Some(seg(1, 7)), Some((Lsn(1), None)), StartPoint { tli: 1, lsn: Lsn(0x0800_0000) }),
+            (
+                Some(seg(1, 5)),
+                Some(seg(1, 7)),
+                Some((Lsn(1), None)),
+                StartPoint {
+                    tli: 1,
+                    lsn: Lsn(0x0800_0000),
+                },
+            ),
             // A partial on the new timeline at the switch segment.
-            (Some(seg(2, 7)), Some(seg(1, 6)), None, StartPoint { tli: 2, lsn: Lsn(0x0700_0000) }),
+            (
+                Some(seg(2, 7)),
+                Some(seg(1, 6)),
+                None,
+                StartPoint {
+                    tli: 2,
+                    lsn: Lsn(0x0700_0000),
+                },
+            ),
         ];
         for (partial, last, slot, want) in cases {
-            assert_eq!(plan_start(partial, last, slot, &srv, SEG), want, "{partial:?} {last:?} {slot:?}");
+            assert_eq!(
+                plan_start(partial, last, slot, &srv, SEG),
+                want,
+                "{partial:?} {last:?} {slot:?}"
+            );
         }
     }
 }

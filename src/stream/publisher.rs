@@ -5,8 +5,6 @@
 //! durable) → remove the spool file. A crash at any point leaves the spool file, and the next
 //! start publishes it again (an identical object).
 
-
-
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
@@ -19,15 +17,25 @@ use crate::repo::Repo;
 use crate::wal::SegmentName;
 
 /// Publishes one complete spool segment.
-pub async fn publish_segment(repo: &Repo, spool: &Spool, seg: SegmentName, level: i32) -> Result<(), StreamError> {
+pub async fn publish_segment(
+    repo: &Repo,
+    spool: &Spool,
+    seg: SegmentName,
+    level: i32,
+) -> Result<(), StreamError> {
     let path = spool.complete_path(&seg);
     let seg_size = repo.seg_size();
     let p = path.clone();
     let (obj, info) = tokio::task::spawn_blocking(move || -> Result<_, StreamError> {
-        let f = std::fs::File::open(&p).map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
+        let f = std::fs::File::open(&p)
+            .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
         let mut out = Vec::with_capacity(seg_size as usize / 4);
-        let info = object::encode(f, &mut out, ObjectKind::WalSegment, level)
-            .map_err(|e| StreamError::io(format!("compressing {}", p.display()), std::io::Error::other(e)))?;
+        let info = object::encode(f, &mut out, ObjectKind::WalSegment, level).map_err(|e| {
+            StreamError::io(
+                format!("compressing {}", p.display()),
+                std::io::Error::other(e),
+            )
+        })?;
         Ok((out, info))
     })
     .await
@@ -64,10 +72,7 @@ impl Publisher {
             }
             Ok(n)
         });
-        Publisher {
-            tx,
-            handle,
-        }
+        Publisher { tx, handle }
     }
 
     /// Queues a complete segment; waits while the queue is full. Fails if the publisher died.
@@ -97,7 +102,8 @@ impl Publisher {
     /// Publishes everything queued and stops. Returns how many segments it published.
     pub async fn finish(self) -> Result<u64, StreamError> {
         drop(self.tx);
-        self.handle.await.map_err(|e| StreamError::Invariant(format!("publisher panicked: {e}")))?
+        self.handle
+            .await
+            .map_err(|e| StreamError::Invariant(format!("publisher panicked: {e}")))?
     }
 }
-

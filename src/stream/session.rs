@@ -102,7 +102,11 @@ impl<'a> Session<'a> {
     }
 
     /// Streams from `start` until shutdown (Ok) or an error.
-    pub async fn run(&mut self, start: StartPoint, shutdown: &mut watch::Receiver<bool>) -> Result<(), StreamError> {
+    pub async fn run(
+        &mut self,
+        start: StartPoint,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), StreamError> {
         self.archive_history(start.tli).await?;
         self.start_streaming(start.lsn).await?;
         loop {
@@ -138,7 +142,8 @@ impl<'a> Session<'a> {
                     info!(tli = self.tli, %start, "streaming started");
                     self.received = start;
                     self.flushed = self.flushed.max(start);
-                    self.validator = PageValidator::new(self.seg_size, self.sysid, self.magic, start, self.tli);
+                    self.validator =
+                        PageValidator::new(self.seg_size, self.sysid, self.magic, start, self.tli);
                     return Ok(());
                 }
                 StartOutcome::TimelineEnded { next_tli, switch } => {
@@ -153,7 +158,14 @@ impl<'a> Session<'a> {
 
     /// Archives `0000000N.history` for `tli` (> 1) unless the repository has it.
     async fn archive_history(&mut self, tli: TimeLineId) -> Result<(), StreamError> {
-        if tli <= 1 || self.repo.storage().exists(&history_key(tli)).await.map_err(crate::repo::RepoError::from)? {
+        if tli <= 1
+            || self
+                .repo
+                .storage()
+                .exists(&history_key(tli))
+                .await
+                .map_err(crate::repo::RepoError::from)?
+        {
             return Ok(());
         }
         let (name, content) = replication::timeline_history(&mut self.conn, tli).await?;
@@ -161,7 +173,12 @@ impl<'a> Session<'a> {
             .map_err(|_| PgError::Protocol(format!("history file {name} is not text")))?;
         parse_history(text).map_err(|e| PgError::Protocol(format!("history file {name}: {e}")))?;
         self.repo
-            .put_raw(&history_key(tli), content, ObjectKind::History, self.cfg.compress_level)
+            .put_raw(
+                &history_key(tli),
+                content,
+                ObjectKind::History,
+                self.cfg.compress_level,
+            )
             .await?;
         info!(tli, file = %name, "archived timeline history");
         Ok(())
@@ -253,26 +270,28 @@ impl<'a> Session<'a> {
 
     async fn handle(&mut self, msg: Backend) -> Result<(), StreamError> {
         match msg {
-            Backend::Msg(Message::CopyData(body)) => match replication::decode_copy_data(body.into_bytes())? {
-                ReplicationMessage::XLogData {
-                    start,
-                    server_end,
-                    data,
-                    ..
-                } => {
-                    self.server_end = self.server_end.max(server_end);
-                    self.on_wal(start, data).await
+            Backend::Msg(Message::CopyData(body)) => {
+                match replication::decode_copy_data(body.into_bytes())? {
+                    ReplicationMessage::XLogData {
+                        start,
+                        server_end,
+                        data,
+                        ..
+                    } => {
+                        self.server_end = self.server_end.max(server_end);
+                        self.on_wal(start, data).await
+                    }
+                    ReplicationMessage::Keepalive {
+                        server_end,
+                        reply_requested,
+                        ..
+                    } => {
+                        self.server_end = self.server_end.max(server_end);
+                        self.reply_due |= reply_requested;
+                        Ok(())
+                    }
                 }
-                ReplicationMessage::Keepalive {
-                    server_end,
-                    reply_requested,
-                    ..
-                } => {
-                    self.server_end = self.server_end.max(server_end);
-                    self.reply_due |= reply_requested;
-                    Ok(())
-                }
-            },
+            }
             Backend::Msg(Message::CopyDone) => self.end_of_timeline().await,
             Backend::Msg(Message::ErrorResponse(body)) => {
                 Err(PgError::Server(parse_error_fields(&mut body.fields())).into())
@@ -282,7 +301,9 @@ impl<'a> Session<'a> {
                 info!(code = %n.code, "server notice: {}", n.message);
                 Ok(())
             }
-            _ => Err(PgError::Protocol("unexpected message in the replication stream".into()).into()),
+            _ => {
+                Err(PgError::Protocol("unexpected message in the replication stream".into()).into())
+            }
         }
     }
 
@@ -302,19 +323,27 @@ impl<'a> Session<'a> {
             let seg_off = pos.segment_offset(self.seg_size);
             if self.cur.is_none() {
                 if seg_off != 0 {
-                    return Err(StreamError::Invariant(format!("segment file opened mid-segment at {pos}")));
+                    return Err(StreamError::Invariant(format!(
+                        "segment file opened mid-segment at {pos}"
+                    )));
                 }
                 let seg = SegmentName::containing(self.tli, pos, self.seg_size);
-                self.cur = Some(self.spool.open_partial(seg).map_err(io("creating the spool segment"))?);
+                self.cur = Some(
+                    self.spool
+                        .open_partial(seg)
+                        .map_err(io("creating the spool segment"))?,
+                );
             }
             let cur = self.cur.as_mut().expect("opened above");
             let n = (data.len() - off).min((self.seg_size - seg_off) as usize);
-            cur.write_at(seg_off, &data[off..off + n]).map_err(io("writing the spool segment"))?;
+            cur.write_at(seg_off, &data[off..off + n])
+                .map_err(io("writing the spool segment"))?;
             off += n;
             if cur.written == self.seg_size {
                 let f = self.cur.take().expect("present");
                 let spool = self.spool;
-                let seg = tokio::task::block_in_place(|| spool.complete(f)).map_err(io("completing a spool segment"))?;
+                let seg = tokio::task::block_in_place(|| spool.complete(f))
+                    .map_err(io("completing a spool segment"))?;
                 self.flushed = self.flushed.max(seg.end_lsn());
                 self.last_sync = Instant::now();
                 self.reply_due = true;
@@ -344,7 +373,10 @@ impl<'a> Session<'a> {
         if let Some(cur) = self.cur.take() {
             let path = self.spool.partial_path(&cur.seg);
             if cur.written > 0 {
-                let raw = self.spool.read_prefix(&path, cur.written).map_err(io("reading the partial segment"))?;
+                let raw = self
+                    .spool
+                    .read_prefix(&path, cur.written)
+                    .map_err(io("reading the partial segment"))?;
                 self.repo
                     .put_raw(
                         &partial_segment_key(&cur.seg),
@@ -356,11 +388,14 @@ impl<'a> Session<'a> {
                 info!(segment = %cur.seg, bytes = cur.written, "archived the old timeline's last segment as partial");
             }
             drop(cur);
-            self.spool.remove(&path).map_err(io("removing the partial segment"))?;
+            self.spool
+                .remove(&path)
+                .map_err(io("removing the partial segment"))?;
         }
         self.archive_history(next_tli).await?;
         self.tli = next_tli;
-        self.start_streaming(switch.segment_start(self.seg_size)).await
+        self.start_streaming(switch.segment_start(self.seg_size))
+            .await
     }
 
     /// Graceful stop: fsync, final status update, close.
@@ -372,4 +407,3 @@ impl<'a> Session<'a> {
         Ok(())
     }
 }
-

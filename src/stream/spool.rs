@@ -126,7 +126,10 @@ impl Spool {
     /// Finishes a full segment: fsync, trim anything beyond the segment, rename to its final
     /// name and fsync the directory.
     pub fn complete(&self, mut f: SegmentFile) -> std::io::Result<SegmentName> {
-        assert_eq!(f.written, self.seg_size, "only a full segment can be completed");
+        assert_eq!(
+            f.written, self.seg_size,
+            "only a full segment can be completed"
+        );
         f.file.set_len(self.seg_size)?;
         f.sync()?;
         f.file.sync_all()?;

@@ -92,7 +92,17 @@ mod tests {
 
     #[test]
     fn parse_rejects_garbage() {
-        for s in ["", "/", "1/", "/1", "1", "G/0", "1/2/3", "123456789/0", "-1/0"] {
+        for s in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "1",
+            "G/0",
+            "1/2/3",
+            "123456789/0",
+            "-1/0",
+        ] {
             assert!(s.parse::<Lsn>().is_err(), "{s} should not parse");
         }
     }

@@ -59,7 +59,13 @@ pub struct PageValidator {
 impl PageValidator {
     /// `magic`: the expected `XLOG_PAGE_MAGIC` (None: learn it from the first page and then
     /// insist on it). `max_tli`: the timeline being streamed; pages may carry older timelines.
-    pub fn new(seg_size: u64, sysid: u64, magic: Option<u16>, start: Lsn, max_tli: TimeLineId) -> Self {
+    pub fn new(
+        seg_size: u64,
+        sysid: u64,
+        magic: Option<u16>,
+        start: Lsn,
+        max_tli: TimeLineId,
+    ) -> Self {
         let next_page = Lsn(start.0.div_ceil(XLOG_BLCKSZ) * XLOG_BLCKSZ);
         PageValidator {
             seg_size,
@@ -161,7 +167,10 @@ impl PageValidator {
             return fail(format!("xlp_tli {tli} is outside 1..={}", self.max_tli));
         }
         if tli < self.last_tli {
-            return fail(format!("xlp_tli went backwards from {} to {tli}", self.last_tli));
+            return fail(format!(
+                "xlp_tli went backwards from {} to {tli}",
+                self.last_tli
+            ));
         }
         self.last_tli = tli;
         let addr = Lsn(u64_at(8));
@@ -191,7 +200,14 @@ impl PageValidator {
 
 /// Writes a valid page header (test helper for this module, the stream tests and benches).
 #[doc(hidden)]
-pub fn write_test_page_header(buf: &mut [u8], page: Lsn, tli: TimeLineId, sysid: u64, seg_size: u64, magic: u16) {
+pub fn write_test_page_header(
+    buf: &mut [u8],
+    page: Lsn,
+    tli: TimeLineId,
+    sysid: u64,
+    seg_size: u64,
+    magic: u16,
+) {
     let long = page.0 % seg_size == 0;
     buf[0..2].copy_from_slice(&magic.to_le_bytes());
     let info: u16 = if long { XLP_LONG_HEADER } else { 0 };
@@ -208,7 +224,13 @@ pub fn write_test_page_header(buf: &mut [u8], page: Lsn, tli: TimeLineId, sysid:
 
 /// Builds `len` bytes of synthetic WAL starting at page-aligned `start` (tests and benches).
 #[doc(hidden)]
-pub fn synthetic_wal(start: Lsn, len: usize, tli: TimeLineId, sysid: u64, seg_size: u64) -> Vec<u8> {
+pub fn synthetic_wal(
+    start: Lsn,
+    len: usize,
+    tli: TimeLineId,
+    sysid: u64,
+    seg_size: u64,
+) -> Vec<u8> {
     let mut out = vec![0u8; len];
     let mut x: u32 = 0x9E37_79B9;
     for (i, b) in out.iter_mut().enumerate() {
@@ -224,9 +246,20 @@ pub fn synthetic_wal(start: Lsn, len: usize, tli: TimeLineId, sysid: u64, seg_si
     while p < len {
         let end = (p + LONG_HEADER_LEN).min(len);
         let mut hdr = [0u8; LONG_HEADER_LEN];
-        write_test_page_header(&mut hdr, Lsn(start.0 + p as u64), tli, sysid, seg_size, 0xD110);
+        write_test_page_header(
+            &mut hdr,
+            Lsn(start.0 + p as u64),
+            tli,
+            sysid,
+            seg_size,
+            0xD110,
+        );
         out[p..end].copy_from_slice(&hdr[..end - p]);
-        let hlen = if (start.0 + p as u64) % seg_size == 0 { LONG_HEADER_LEN } else { SHORT_HEADER_LEN };
+        let hlen = if (start.0 + p as u64) % seg_size == 0 {
+            LONG_HEADER_LEN
+        } else {
+            SHORT_HEADER_LEN
+        };
         if hlen == SHORT_HEADER_LEN && end > p + SHORT_HEADER_LEN {
             // The bytes after a short header are record data; keep the filler there.
             out[p + SHORT_HEADER_LEN..end].fill(7);
@@ -305,9 +338,20 @@ mod tests {
         v.feed(Lsn(0), &data).unwrap();
         // A live header after the padding, in the same segment, is damage.
         let mut bad = data.clone();
-        write_test_page_header(&mut bad[pad_from + 8192..], Lsn((pad_from + 8192) as u64), 1, SYSID, SEG, 0xD110);
+        write_test_page_header(
+            &mut bad[pad_from + 8192..],
+            Lsn((pad_from + 8192) as u64),
+            1,
+            SYSID,
+            SEG,
+            0xD110,
+        );
         let mut v = PageValidator::new(SEG, SYSID, Some(0xD110), Lsn(0), 1);
-        assert!(v.feed(Lsn(0), &bad).unwrap_err().reason.contains("zero padding"));
+        assert!(v
+            .feed(Lsn(0), &bad)
+            .unwrap_err()
+            .reason
+            .contains("zero padding"));
         // A zeroed segment start is never padding.
         let mut bad = data;
         bad[SEG as usize..SEG as usize + 40].fill(0);

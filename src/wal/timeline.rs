@@ -28,7 +28,10 @@ pub fn parse_history(content: &str) -> Result<Vec<HistoryEntry>, HistoryParseErr
             continue;
         }
         let mut fields = line.split_whitespace();
-        let err = |reason| HistoryParseError { line: i + 1, reason };
+        let err = |reason| HistoryParseError {
+            line: i + 1,
+            reason,
+        };
         let tli: TimeLineId = fields
             .next()
             .and_then(|f| f.parse().ok())
@@ -61,8 +64,14 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                HistoryEntry { tli: 1, end: Lsn(0x3000100) },
-                HistoryEntry { tli: 2, end: Lsn(0x5000000) }
+                HistoryEntry {
+                    tli: 1,
+                    end: Lsn(0x3000100)
+                },
+                HistoryEntry {
+                    tli: 2,
+                    end: Lsn(0x5000000)
+                }
             ]
         );
     }

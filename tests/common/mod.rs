@@ -1,0 +1,527 @@
+//! Test harness: throwaway PostgreSQL clusters (initdb'd once per run into a template under
+//! cargo's target tmp dir, then copied), archiver processes, and helpers. Everything a test starts
+//! it stops by its own PID or data directory; everything it writes lives in its own temp dir.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The postgres user's uid/gid when running as root.
+pub fn pg_ids() -> Option<(u32, u32)> {
+    if !is_root() {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").unwrap();
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "running as root needs a `postgres` user to run PostgreSQL"
+    );
+    unsafe { Some(((*pw).pw_uid, (*pw).pw_gid)) }
+}
+
+/// PostgreSQL server binaries: $ARCHIVER_TEST_PG_BIN, else the newest /usr/lib/postgresql/*/bin.
+pub fn pg_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ARCHIVER_TEST_PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (run scripts/test.sh)")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .expect("no PostgreSQL server binaries under /usr/lib/postgresql")
+        .1
+}
+
+/// A command run as the postgres user when we are root.
+pub fn pg_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    if let Some((uid, gid)) = pg_ids() {
+        c.uid(uid).gid(gid);
+        c.env("HOME", "/tmp");
+    }
+    c
+}
+
+pub fn chown_pg(p: &Path) {
+    if let Some((uid, gid)) = pg_ids() {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+    }
+}
+
+pub fn must(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A temp directory every user can traverse (PostgreSQL runs as `postgres`).
+pub struct TestDir {
+    dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix("archiver-test-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        TestDir { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+}
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One initdb per test run; clusters are copies of it.
+fn template() -> &'static PathBuf {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = base.join(format!("pg-template-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        chown_pg(&dir);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let out = pg_command(pg_bin().join("initdb"))
+            .args([
+                "--no-sync",
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-D",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        must(out, "initdb");
+        // Remove stale templates of earlier runs (ours are named by PID; only dead PIDs).
+        if let Ok(rd) = std::fs::read_dir(&base) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name
+                    .strip_prefix("pg-template-")
+                    .and_then(|p| p.parse::<i32>().ok())
+                {
+                    if pid != std::process::id() as i32 && unsafe { libc::kill(pid, 0) } != 0 {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        dir
+    })
+}
+
+/// A throwaway PostgreSQL cluster on a free port.
+pub struct Pg {
+    pub data: PathBuf,
+    pub port: u16,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+    running: bool,
+}
+
+pub const BASE_CONF: &str = "
+listen_addresses = '127.0.0.1'
+fsync = off
+dynamic_shared_memory_type = mmap
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+wal_keep_size = '2GB'
+shared_buffers = '32MB'
+checkpoint_timeout = '30min'
+max_wal_size = '2GB'
+log_min_messages = info
+";
+
+impl Pg {
+    /// A new cluster in `root/name` (not started). `conf` is appended to postgresql.conf;
+    /// `hba` lines go before the template's trust lines (pg_hba is first-match).
+    pub fn create(root: &TestDir, name: &str, conf: &str, hba: &str) -> Pg {
+        let data = root.join(name);
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(template())
+            .arg(&data)
+            .output()
+            .unwrap();
+        must(out, "copying the template cluster");
+        let sock = root.join(&format!("{name}-sock"));
+        std::fs::create_dir_all(&sock).unwrap();
+        chown_pg(&sock);
+        let port = free_port();
+        let mut c = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        c.push_str(BASE_CONF);
+        c.push_str(&format!(
+            "port = {port}\nunix_socket_directories = '{}'\n",
+            sock.display()
+        ));
+        c.push_str(conf);
+        std::fs::write(data.join("postgresql.conf"), c).unwrap();
+        let old = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        std::fs::write(data.join("pg_hba.conf"), format!("{hba}\n{old}")).unwrap();
+        let log = root.join(&format!("{name}.log"));
+        Pg {
+            data,
+            port,
+            sock,
+            log,
+            running: false,
+        }
+    }
+
+    /// Adopts a data directory made by pg_basebackup (a standby), on a new port.
+    pub fn adopt(root: &TestDir, name: &str, data: PathBuf) -> Pg {
+        let sock = root.join(&format!("{name}-sock"));
+        std::fs::create_dir_all(&sock).unwrap();
+        chown_pg(&sock);
+        let port = free_port();
+        let mut c = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        c.push_str(&format!(
+            "\nport = {port}\nunix_socket_directories = '{}'\n",
+            sock.display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), c).unwrap();
+        Pg {
+            data,
+            port,
+            sock,
+            log: root.join(&format!("{name}.log")),
+            running: false,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        chown_pg(&self.log);
+        drop(log);
+        let out = pg_command(pg_bin().join("pg_ctl"))
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .arg("start")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!(
+                "pg_ctl start failed: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let _ = pg_command(pg_bin().join("pg_ctl"))
+                .args(["-w", "-t", "60", "-m", "fast", "-D"])
+                .arg(&self.data)
+                .arg("stop")
+                .output();
+            self.running = false;
+        }
+    }
+
+    pub fn conninfo(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Runs SQL as postgres and returns unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-p",
+            ])
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .unwrap();
+        must(out, &format!("psql {sql}")).trim().to_string()
+    }
+
+    pub fn pgbench(&self, args: &[&str]) {
+        let out = Command::new("pgbench")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .args(args)
+            .arg("postgres")
+            .output()
+            .unwrap();
+        must(out, "pgbench");
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data.join("pg_wal")
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = pg_command(pg_bin().join("pg_ctl"))
+                .args(["-w", "-t", "30", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop")
+                .output();
+        }
+    }
+}
+
+pub fn archiver_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_archiver")
+}
+
+/// Runs archiver to completion.
+pub fn archiver(args: &[&str]) -> Output {
+    Command::new(archiver_bin())
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
+/// A background `archiver` process with its stderr in a file.
+pub struct Archiver {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Archiver {
+    pub fn spawn(dir: &TestDir, name: &str, args: &[&str]) -> Archiver {
+        Self::spawn_env(dir, name, args, &[])
+    }
+
+    pub fn spawn_env(dir: &TestDir, name: &str, args: &[&str], env: &[(&str, &str)]) -> Archiver {
+        let log = dir.join(&format!("{name}.log"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(archiver_bin())
+            .args(args)
+            .env_remove("PGPASSWORD")
+            .env("HOME", "/nonexistent")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Archiver {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits until the log contains `needle`; panics (with the log) if the process exits first.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "archiver exited ({st}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn term(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(30))
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.as_mut().unwrap().wait();
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "archiver did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Archiver {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Archived complete segments of timeline `tli`, in order: (name, raw bytes, verified).
+pub fn archived_segments(repo: &Path, tli: u32) -> Vec<(String, Vec<u8>)> {
+    let dir = repo.join(format!("wal/{tli:08X}"));
+    let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| n.ends_with(".zst") && !n.contains(".partial") && !n.starts_with('.'))
+            .collect(),
+        Err(_) => vec![],
+    };
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let obj = std::fs::read(dir.join(&n)).unwrap();
+            let (raw, _) =
+                archiver::repo::object::decode_bytes(&obj).expect("archived object verifies");
+            (n.trim_end_matches(".zst").to_string(), raw)
+        })
+        .collect()
+}
+
+/// Asserts the archived segments of `tli` are consecutive and byte-identical to the server's
+/// copies still in `wal_dir`; returns how many were compared.
+pub fn assert_segments_match(repo: &Path, tli: u32, wal_dir: &Path) -> usize {
+    let segs = archived_segments(repo, tli);
+    assert!(!segs.is_empty(), "no archived segments on timeline {tli}");
+    let segno = |n: &str| {
+        u64::from_str_radix(&n[8..16], 16).unwrap() * 256
+            + u64::from_str_radix(&n[16..24], 16).unwrap()
+    };
+    for w in segs.windows(2) {
+        assert_eq!(
+            segno(&w[1].0),
+            segno(&w[0].0) + 1,
+            "gap between {} and {}",
+            w[0].0,
+            w[1].0
+        );
+    }
+    let mut compared = 0;
+    for (name, raw) in &segs {
+        assert_eq!(raw.len(), 16 << 20, "{name} has the wrong size");
+        if let Ok(server) = std::fs::read(wal_dir.join(name)) {
+            assert!(server == *raw, "archived {name} differs from the server's");
+            compared += 1;
+        }
+    }
+    compared
+}
+
+/// Current WAL insert position's segment file name.
+pub fn current_walfile(pg: &Pg) -> String {
+    pg.psql("select pg_walfile_name(pg_current_wal_lsn())")
+}
+
+/// Waits until `repo` holds a complete segment named `name` (on its timeline).
+pub fn wait_archived(repo: &Path, name: &str, timeout: Duration) {
+    let tli = &name[0..8];
+    let p = repo.join(format!("wal/{tli}/{name}.zst"));
+    wait_until(&format!("{name} archived"), timeout, || p.exists());
+}

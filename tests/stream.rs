@@ -1,0 +1,289 @@
+//! `archiver stream` against real PostgreSQL clusters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn stream_args<'a>(repo: &'a str, conninfo: &'a str) -> Vec<&'a str> {
+    vec![
+        "stream",
+        "--repo",
+        repo,
+        "-d",
+        conninfo,
+        "--progress-interval",
+        "1s",
+    ]
+}
+
+/// Writes some WAL, switches segment, and waits until the repository holds the finished segment.
+fn switch_and_wait(pg: &Pg, repo: &std::path::Path) -> String {
+    pg.psql("create table if not exists filler(x int); insert into filler select generate_series(1,1000)");
+    let name = current_walfile(pg);
+    pg.psql("select pg_switch_wal()");
+    wait_archived(repo, &name, T);
+    name
+}
+
+#[test]
+fn segments_are_byte_identical_after_pgbench() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &stream_args(&repo_s, &ci));
+    a.wait_log("streaming started", T);
+
+    pg.pgbench(&["-i", "-s", "3", "-q"]);
+    pg.pgbench(&["-c", "2", "-j", "2", "-T", "3"]);
+    switch_and_wait(&pg, &repo);
+
+    let compared = assert_segments_match(&repo, 1, &pg.wal_dir());
+    assert!(compared >= 3, "only {compared} segments compared");
+    // The repository records its cluster.
+    let meta = std::fs::read_to_string(repo.join("repo.json")).unwrap();
+    let sysid = pg.psql("select system_identifier from pg_control_system()");
+    assert!(
+        meta.contains(&format!("\"system_identifier\": \"{sysid}\"")),
+        "{meta}"
+    );
+    // Progress lines are logged; the slot is ours and physical.
+    a.wait_log("progress", T);
+    assert_eq!(
+        pg.psql("select slot_type from pg_replication_slots where slot_name = 'archiver'"),
+        "physical"
+    );
+    assert_eq!(
+        pg.psql("select application_name from pg_stat_replication"),
+        "archiver"
+    );
+
+    // SIGTERM: clean exit, lock released, final flush reported.
+    let st = a.term();
+    assert!(st.success(), "exit {st}:\n{}", a.log_text());
+    assert!(a.log_text().contains("final status sent"));
+    let slot_lsn =
+        pg.psql("select restart_lsn from pg_replication_slots where slot_name='archiver'");
+    assert!(!slot_lsn.is_empty());
+}
+
+#[test]
+fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+
+    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
+    a.wait_log("streaming started", T);
+    // Load in the background while we kill the archiver twice.
+    let port = pg.port.to_string();
+    let load = std::process::Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &port,
+            "-c",
+            "2",
+            "-T",
+            "6",
+            "postgres",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut load = load;
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        a.kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        a = Archiver::spawn(
+            &dir,
+            &format!("stream{}", round + 2),
+            &stream_args(&repo_s, &ci),
+        );
+        a.wait_log("streaming started", T);
+        assert!(a.log_text().contains("resumed=true"), "{}", a.log_text());
+    }
+    assert!(load.wait().unwrap().success());
+    switch_and_wait(&pg, &repo);
+    let compared = assert_segments_match(&repo, 1, &pg.wal_dir());
+    assert!(compared >= 2, "only {compared} compared");
+    // No leftovers: the spool holds at most the one segment being received.
+    let spool: Vec<_> = std::fs::read_dir(repo.join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "stream.lock")
+        .collect();
+    assert!(
+        spool.len() <= 1 && spool.iter().all(|n| n.ends_with(".partial")),
+        "{spool:?}"
+    );
+    assert!(a.term().success());
+}
+
+#[test]
+fn synchronous_standby_commits_complete_and_are_durable() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "synchronous_standby_names = 'archiver'\n", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut args = stream_args(&repo_s, &ci);
+    args.push("--synchronous");
+    let mut a = Archiver::spawn(&dir, "stream", &args);
+    a.wait_log("streaming started", T);
+    wait_until("archiver to be the sync standby", T, || {
+        pg.psql("select sync_state from pg_stat_replication where application_name='archiver'")
+            == "sync"
+    });
+    // Commits complete (they would hang if the archiver never confirmed the flush).
+    pg.psql("set statement_timeout = '20s'; create table t(x int); insert into t select generate_series(1, 10000)");
+    let lsn = pg.psql("select pg_current_wal_lsn() - '0/0'::pg_lsn");
+    let flush: u64 = pg
+        .psql("select flush_lsn - '0/0'::pg_lsn from pg_stat_replication where application_name='archiver'")
+        .parse()
+        .unwrap();
+    let lsn: u64 = lsn.parse().unwrap();
+    assert!(
+        flush >= lsn - 200,
+        "flush {flush} well behind the commit {lsn}"
+    );
+    // Everything acknowledged is on disk in the repository, even after kill -9.
+    a.kill9();
+    let seg = (flush - 1) / (16 << 20);
+    let name = format!("00000001{:08X}{:08X}", seg / 256, seg % 256);
+    let partial = repo.join("spool").join(format!("{name}.partial"));
+    let raw = match std::fs::read(&partial) {
+        Ok(r) => r,
+        Err(_) => {
+            archived_segments(&repo, 1)
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .expect("segment held")
+                .1
+        }
+    };
+    let upto = (flush % (16 << 20)) as usize;
+    let server = std::fs::read(pg.wal_dir().join(&name)).unwrap();
+    assert!(
+        raw.len() >= upto,
+        "spool holds {} bytes, flush reported {upto}",
+        raw.len()
+    );
+    assert!(
+        raw[..upto] == server[..upto],
+        "acknowledged WAL differs from the server's"
+    );
+}
+
+#[test]
+fn promotion_archives_new_timeline_and_history() {
+    let dir = TestDir::new();
+    let mut primary = Pg::create(&dir, "primary", "", "");
+    primary.start();
+    primary.psql("create table before_promo as select generate_series(1,1000) x");
+    // A standby made with pg_basebackup -R, streaming from the primary.
+    let sdata = dir.join("standby");
+    std::fs::create_dir(&sdata).unwrap();
+    chown_pg(&sdata);
+    std::fs::set_permissions(&sdata, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = pg_command(pg_bin().join("pg_basebackup"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+            "-R",
+            "-c",
+            "fast",
+            "-p",
+        ])
+        .arg(primary.port.to_string())
+        .arg("-D")
+        .arg(&sdata)
+        .output()
+        .unwrap();
+    must(out, "pg_basebackup");
+    let mut standby = Pg::adopt(&dir, "standby", sdata);
+    standby.start();
+
+    let repo = dir.join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let ci = standby.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &stream_args(&repo_s, &ci));
+    a.wait_log("streaming started", T);
+    primary.psql("insert into before_promo select generate_series(1,50000)");
+    let name = current_walfile(&primary);
+    primary.psql("select pg_switch_wal()");
+    wait_archived(&repo, &name, T);
+
+    primary.stop();
+    let out = pg_command(pg_bin().join("pg_ctl"))
+        .args(["-w", "-D"])
+        .arg(&standby.data)
+        .arg("promote")
+        .output()
+        .unwrap();
+    must(out, "pg_ctl promote");
+    wait_until("promotion", T, || {
+        standby.psql("select pg_is_in_recovery()") == "f"
+    });
+    standby.psql("create table after_promo as select generate_series(1,1000) x");
+    let name2 = current_walfile(&standby);
+    assert!(name2.starts_with("00000002"), "{name2}");
+    standby.psql("select pg_switch_wal()");
+    wait_archived(&repo, &name2, T);
+    a.wait_log("end of timeline", T);
+
+    // The history file is archived and matches the server's.
+    let hist =
+        std::fs::read(repo.join("wal/history/00000002.history.zst")).expect("history archived");
+    let (raw, _) = archiver::repo::object::decode_bytes(&hist).unwrap();
+    assert_eq!(
+        raw,
+        std::fs::read(standby.wal_dir().join("00000002.history")).unwrap()
+    );
+    // New-timeline segments are identical to the new primary's.
+    assert!(assert_segments_match(&repo, 2, &standby.wal_dir()) >= 1);
+    assert!(assert_segments_match(&repo, 1, &standby.wal_dir()) >= 1);
+    // The old timeline's last segment is kept as a partial: exactly the WAL up to the switch
+    // point, identical to the prefix of the server's own `.partial` file.
+    let hist_text = String::from_utf8(raw).unwrap();
+    let switch: archiver::wal::Lsn = hist_text
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let seg = archiver::wal::SegmentName::containing(1, switch, 16 << 20);
+    let obj = std::fs::read(repo.join(format!("wal/00000001/{seg}.partial.zst")))
+        .expect("old timeline partial archived");
+    let (partial, _) = archiver::repo::object::decode_bytes(&obj).unwrap();
+    assert_eq!(partial.len() as u64, switch.segment_offset(16 << 20));
+    let server = std::fs::read(standby.wal_dir().join(format!("{seg}.partial")))
+        .or_else(|_| std::fs::read(standby.wal_dir().join(seg.to_string())))
+        .expect("the server still has the old timeline's last segment");
+    assert!(
+        server[..partial.len()] == partial[..],
+        "partial differs from the server's"
+    );
+    assert!(a.term().success());
+}
