@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -123,19 +124,16 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     let _lock = RepoLock::acquire(&spool_dir.join("stream.lock"))?;
 
     let (tx, rx) = watch::channel(false);
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
         tokio::select! {
             _ = int.recv() => info!("SIGINT received; stopping"),
             _ = term.recv() => info!("SIGTERM received; stopping"),
         }
         let _ = tx.send(true);
+        // Keep the sender alive: the receivers must see the request, not a closed channel.
+        std::future::pending::<()>().await;
     });
 
     let cfg = StreamConfig {

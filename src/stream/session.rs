@@ -53,6 +53,18 @@ pub struct Session<'a> {
     bytes_received: u64,
 }
 
+/// Resolves once shutdown is requested; never, if the sender is gone without requesting it.
+async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 fn io(context: &str) -> impl FnOnce(std::io::Error) -> StreamError + '_ {
     move |e| StreamError::io(context, e)
 }
@@ -116,7 +128,7 @@ impl<'a> Session<'a> {
             let deadline = TokioInstant::from_std(self.next_deadline());
             let msg = tokio::select! {
                 biased;
-                _ = shutdown.changed() => continue,
+                _ = shutdown_requested(shutdown) => continue,
                 m = self.conn.next_message() => m?,
                 _ = tokio::time::sleep_until(deadline) => {
                     self.on_timer().await?;

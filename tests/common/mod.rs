@@ -114,7 +114,26 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// One initdb per test run; clusters are copies of it.
+fn initdb(dir: &Path) {
+    let out = pg_command(pg_bin().join("initdb"))
+        .args([
+            "--no-sync",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-D",
+        ])
+        .arg(dir)
+        .output()
+        .unwrap();
+    must(out, "initdb");
+}
+
+/// One initdb per test run; clusters are copies of it (and so share a system identifier).
 fn template() -> &'static PathBuf {
     static T: OnceLock<PathBuf> = OnceLock::new();
     T.get_or_init(|| {
@@ -186,14 +205,30 @@ impl Pg {
     /// A new cluster in `root/name` (not started). `conf` is appended to postgresql.conf;
     /// `hba` lines go before the template's trust lines (pg_hba is first-match).
     pub fn create(root: &TestDir, name: &str, conf: &str, hba: &str) -> Pg {
+        Self::create_from(root, name, conf, hba, false)
+    }
+
+    /// Like `create`, but a fresh initdb: a cluster with its own system identifier.
+    pub fn create_fresh(root: &TestDir, name: &str, conf: &str) -> Pg {
+        Self::create_from(root, name, conf, "", true)
+    }
+
+    fn create_from(root: &TestDir, name: &str, conf: &str, hba: &str, fresh: bool) -> Pg {
         let data = root.join(name);
-        let out = Command::new("cp")
-            .arg("-a")
-            .arg(template())
-            .arg(&data)
-            .output()
-            .unwrap();
-        must(out, "copying the template cluster");
+        if fresh {
+            std::fs::create_dir(&data).unwrap();
+            chown_pg(&data);
+            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+            initdb(&data);
+        } else {
+            let out = Command::new("cp")
+                .arg("-a")
+                .arg(template())
+                .arg(&data)
+                .output()
+                .unwrap();
+            must(out, "copying the template cluster");
+        }
         let sock = root.join(&format!("{name}-sock"));
         std::fs::create_dir_all(&sock).unwrap();
         chown_pg(&sock);
@@ -341,14 +376,52 @@ pub fn archiver_bin() -> &'static str {
     env!("CARGO_BIN_EXE_archiver")
 }
 
-/// Runs archiver to completion.
+/// Runs archiver to completion (killed, and the test failed, after 60 s).
 pub fn archiver(args: &[&str]) -> Output {
-    Command::new(archiver_bin())
-        .args(args)
+    archiver_cmd(Command::new(archiver_bin()).args(args))
+}
+
+/// Runs a prepared archiver command to completion with the harness's timeout.
+pub fn archiver_cmd(cmd: &mut Command) -> Output {
+    let mut child = cmd
         .env_remove("PGPASSWORD")
         .env("HOME", "/nonexistent")
-        .output()
-        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the pipes in threads so a chatty child never blocks on a full pipe.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&t2.join().unwrap()).into_owned();
+            panic!("archiver {cmd:?} did not finish within 60 s:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
 }
 
 /// A background `archiver` process with its stderr in a file.
