@@ -261,6 +261,21 @@ fn promotion_archives_new_timeline_and_history() {
         raw,
         std::fs::read(standby.wal_dir().join("00000002.history")).unwrap()
     );
+    // wal-fetch serves it as restore_command would ask for it.
+    let dest = dir.join("fetched.history");
+    let out = archiver(&[
+        "wal-fetch",
+        "--repo",
+        &repo_s,
+        "00000002.history",
+        dest.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), raw);
     // New-timeline segments are identical to the new primary's.
     assert!(assert_segments_match(&repo, 2, &standby.wal_dir()) >= 1);
     assert!(assert_segments_match(&repo, 1, &standby.wal_dir()) >= 1);

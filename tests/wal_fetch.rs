@@ -1,0 +1,119 @@
+//! `archiver wal-fetch`: verified, atomic, and refusing damaged or absent files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let mut a = Archiver::spawn(
+        &dir,
+        "stream",
+        &["stream", "--repo", &r, "-d", &pg.conninfo("postgres")],
+    );
+    a.wait_log("streaming started", T);
+    pg.psql("create table t as select generate_series(1, 100000) x");
+    let name = current_walfile(&pg);
+    pg.psql("select pg_switch_wal()");
+    wait_archived(&repo, &name, T);
+    assert!(a.term().success());
+
+    // A good fetch: byte-identical to the server's segment, no temp files left behind.
+    let out_dir = dir.join("restore");
+    std::fs::create_dir(&out_dir).unwrap();
+    let dest = out_dir.join("RECOVERYXLOG");
+    let out = archiver(&["wal-fetch", "--repo", &r, &name, dest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(pg.wal_dir().join(&name)).unwrap());
+    assert_eq!(
+        std::fs::read_dir(&out_dir).unwrap().count(),
+        1,
+        "only the fetched file"
+    );
+    // ARCHIVER_REPO works in place of --repo.
+    let dest_env = out_dir.join("via-env");
+    let out = archiver_cmd(
+        std::process::Command::new(archiver_bin())
+            .args(["wal-fetch", &name, dest_env.to_str().unwrap()])
+            .env("ARCHIVER_REPO", &r),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Missing: exit 1 (PostgreSQL reads "not in the archive"), nothing written.
+    let missing = out_dir.join("missing");
+    let out = archiver(&[
+        "wal-fetch",
+        "--repo",
+        &r,
+        "0000000100000000000000FF",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the archive"));
+    assert!(!missing.exists());
+    let out = archiver(&[
+        "wal-fetch",
+        "--repo",
+        &r,
+        "00000009.history",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!missing.exists());
+
+    // Corrupt: one flipped byte in the middle of the object, or a truncated object: exit 126
+    // (PostgreSQL aborts recovery instead of ending it early), named, nothing written.
+    let obj = repo.join(format!("wal/00000001/{name}.zst"));
+    let good = std::fs::read(&obj).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    for (what, bytes) in [
+        ("flipped", bad),
+        ("truncated", good[..good.len() - 100].to_vec()),
+    ] {
+        std::fs::write(&obj, &bytes).unwrap();
+        let dest = out_dir.join(format!("corrupt-{what}"));
+        let out = archiver(&["wal-fetch", "--repo", &r, &name, dest.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(126), "{what}: {err}");
+        assert!(
+            err.contains("corrupt") && err.contains(&name),
+            "{what}: {err}"
+        );
+        assert!(!dest.exists(), "{what}: nothing may be written");
+    }
+    assert_eq!(
+        std::fs::read_dir(&out_dir).unwrap().count(),
+        2,
+        "no temp files left behind"
+    );
+
+    // Not a repository: refused, exit 126.
+    let out = archiver(&[
+        "wal-fetch",
+        "--repo",
+        dir.join("nope").to_str().unwrap(),
+        &name,
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an archiver repository"));
+}
