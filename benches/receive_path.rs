@@ -49,7 +49,10 @@ fn receive_path(c: &mut Criterion) {
             let mut cur = None;
             let mut stored = 0usize;
             for m in &msgs {
-                let ReplicationMessage::XLogData { start: at, data, .. } = decode_copy_data(m.clone()).unwrap() else {
+                let ReplicationMessage::XLogData {
+                    start: at, data, ..
+                } = decode_copy_data(m.clone()).unwrap()
+                else {
                     unreachable!()
                 };
                 v.feed(at, &data).unwrap();

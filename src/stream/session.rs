@@ -51,6 +51,8 @@ pub struct Session<'a> {
     progress_bytes: u64,
     reply_due: bool,
     bytes_received: u64,
+    /// Background preparation of the next segment file.
+    prealloc: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// Resolves once shutdown is requested; never, if the sender is gone without requesting it.
@@ -106,6 +108,7 @@ impl<'a> Session<'a> {
             progress_bytes: 0,
             reply_due: false,
             bytes_received: 0,
+            prealloc: None,
         }
     }
 
@@ -340,11 +343,11 @@ impl<'a> Session<'a> {
                     )));
                 }
                 let seg = SegmentName::containing(self.tli, pos, self.seg_size);
-                self.cur = Some(
-                    self.spool
-                        .open_partial(seg)
-                        .map_err(io("creating the spool segment"))?,
-                );
+                let spool = self.spool;
+                let f = tokio::task::block_in_place(|| spool.open_partial(seg))
+                    .map_err(io("creating the spool segment"))?;
+                self.cur = Some(f);
+                self.prepare_next_segment().await?;
             }
             let cur = self.cur.as_mut().expect("opened above");
             let n = (data.len() - off).min((self.seg_size - seg_off) as usize);
@@ -366,6 +369,22 @@ impl<'a> Session<'a> {
         self.received = Lsn(start.0 + data.len() as u64);
         self.bytes_received += data.len() as u64;
         self.progress_bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Starts zero-filling the next segment's file in the background, if not already under way.
+    async fn prepare_next_segment(&mut self) -> Result<(), StreamError> {
+        if let Some(h) = self.prealloc.take() {
+            if !h.is_finished() {
+                self.prealloc = Some(h);
+                return Ok(());
+            }
+            h.await
+                .expect("preallocation task panicked")
+                .map_err(io("preparing the next spool segment"))?;
+        }
+        let spool = self.spool.clone();
+        self.prealloc = Some(tokio::task::spawn_blocking(move || spool.prepare_next()));
         Ok(())
     }
 

@@ -21,6 +21,9 @@ pub enum SpoolEntry {
     Complete(SegmentName),
 }
 
+/// A zero-filled, fsync'd segment-sized file waiting to become the next `.partial`.
+const PREALLOC_NAME: &str = ".next-segment.prealloc";
+
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
@@ -106,21 +109,47 @@ impl Spool {
     pub fn open_partial(&self, seg: SegmentName) -> std::io::Result<SegmentFile> {
         let path = self.partial_path(&seg);
         let existed = path.exists();
+        if !existed {
+            let prealloc = self.dir.join(PREALLOC_NAME);
+            let ready = std::fs::metadata(&prealloc).is_ok_and(|m| m.len() == self.seg_size);
+            if ready {
+                std::fs::rename(&prealloc, &path)?;
+            }
+        }
         let file = OpenOptions::new()
             .write(true)
             .read(true)
             .create(true)
             .truncate(false)
             .open(&path)?;
-        if !existed {
-            fsync_dir(&self.dir)?;
+        let len = file.metadata()?.len();
+        if len < self.seg_size {
+            zero_fill(&file, len, self.seg_size)?;
+            file.sync_all()?;
         }
+        fsync_dir(&self.dir)?;
         Ok(SegmentFile {
             file,
             seg,
             written: 0,
             synced: 0,
         })
+    }
+
+    /// Prepares the next segment's file (zero-filled, fsync'd) unless one is ready. Blocking;
+    /// run it off the receive path.
+    pub fn prepare_next(&self) -> std::io::Result<()> {
+        let prealloc = self.dir.join(PREALLOC_NAME);
+        if std::fs::metadata(&prealloc).is_ok_and(|m| m.len() == self.seg_size) {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!("{PREALLOC_NAME}.tmp"));
+        let f = File::create(&tmp)?;
+        zero_fill(&f, 0, self.seg_size)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &prealloc)?;
+        fsync_dir(&self.dir)
     }
 
     /// Finishes a full segment: fsync, trim anything beyond the segment, rename to its final
@@ -153,4 +182,16 @@ impl Spool {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Writes zeros over `[from, to)` (real blocks, not a hole: later fdatasyncs must not allocate).
+fn zero_fill(f: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = from;
+    while pos < to {
+        let n = ((to - pos) as usize).min(zeros.len());
+        f.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Side-by-side WAL streaming benchmark: the same pgbench load with nothing attached, with
+# `pg_receivewal --synchronous` and with `archiver stream --synchronous`, each also as the
+# synchronous standby (RPO 0). Reports TPS, pg_stat_replication.flush_lag (median / max, sampled
+# every 0.2 s) and the client's peak RSS and CPU seconds. ROUNDS=n repeats the set, alternating
+# and ends with the median TPS of each configuration.
+# Usage: [ROUNDS=3] scripts/bench-stream.sh [SECONDS] [SCALE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR=${1:-20}
+SCALE=${2:-20}
+CLIENTS=${CLIENTS:-4}
+ROUNDS=${ROUNDS:-1}
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+cargo build --release --locked -q
+ARCHIVER=$PWD/target/release/archiver
+W=$(mktemp -d /tmp/archiver-bench-XXXXXX)
+chmod 755 "$W"
+AS=()
+if [ "$(id -u)" -eq 0 ]; then AS=(runuser -u postgres --); chown postgres "$W"; fi
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"${AS[@]}" "$BIN/initdb" -D "$W/data" -A trust -U postgres >/dev/null
+cat >> "$W/data/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$W'
+shared_buffers = '256MB'
+max_wal_size = '4GB'
+wal_level = replica
+max_wal_senders = 5
+dynamic_shared_memory_type = mmap
+CONF
+cleanup() {
+    [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null || true
+    "${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+"${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w start >/dev/null
+PSQL=(psql -X -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
+pgbench -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+echo "pgbench scale $SCALE, $CLIENTS clients, ${DUR}s per run, PostgreSQL $("${PSQL[@]}" -c 'show server_version')"
+printf '%-42s %8s %14s %14s %10s %8s\n' "attached" "TPS" "flush_lag_med" "flush_lag_max" "peak_RSS" "CPU_s"
+
+run() { # name sync_name command...
+    local name=$1 sync=$2; shift 2
+    "${PSQL[@]}" -c "alter system set synchronous_standby_names = '$sync'" -c "select pg_reload_conf()" >/dev/null
+    PID=""
+    if [ "$#" -gt 0 ]; then
+        "$@" >"$W/client.log" 2>&1 &
+        PID=$!
+        for _ in $(seq 100); do
+            [ "$("${PSQL[@]}" -c 'select count(*) from pg_stat_replication')" = 1 ] && break
+            sleep 0.1
+        done
+    fi
+    ( while sleep 0.2; do
+        "${PSQL[@]}" -c "select coalesce(extract(epoch from flush_lag)*1000, 0) from pg_stat_replication" 2>/dev/null || true
+      done ) >"$W/lag" &
+    local SAMPLER=$!
+    local tps
+    tps=$(pgbench -h 127.0.0.1 -p "$PORT" -U postgres -c "$CLIENTS" -j 2 -T "$DUR" postgres 2>/dev/null | awk '/^tps/ {print int($3); exit}')
+    kill "$SAMPLER" 2>/dev/null || true
+    local rss="-" cpu="-"
+    if [ -n "$PID" ]; then
+        rss=$(awk '/VmHWM/ {printf "%dMB", $2/1024}' "/proc/$PID/status" 2>/dev/null || echo "-")
+        cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14+$15)/hz}' "/proc/$PID/stat" 2>/dev/null || echo "-")
+        kill -INT "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+        PID=""
+    fi
+    local med max
+    med=$(sort -n "$W/lag" | awk '{a[NR]=$1} END {if (NR) printf "%.2f ms", a[int((NR+1)/2)]; else print "-"}')
+    max=$(sort -n "$W/lag" | awk '{m=$1} END {if (NR) printf "%.2f ms", m; else print "-"}')
+    printf '%-42s %8s %14s %14s %10s %8s\n' "$name" "$tps" "$med" "$max" "$rss" "$cpu"
+    echo "$name|$tps" >>"$W/results"
+    "${PSQL[@]}" -c "select pg_drop_replication_slot(slot_name) from pg_replication_slots where not active" >/dev/null
+}
+
+round() {
+    run "none" ""
+    receivewal_slot() { mkdir -p "$W/$1"; "${PSQL[@]}" -c "select pg_create_physical_replication_slot('$1', true)" >/dev/null; }
+    receivewal_slot rw1
+    run "pg_receivewal --synchronous" "" pg_receivewal -h 127.0.0.1 -p "$PORT" -U postgres -D "$W/rw1" --synchronous --slot rw1 -n
+    run "archiver --synchronous" "" "$ARCHIVER" stream --repo "$W/a1-$R" -d "host=127.0.0.1 port=$PORT user=postgres" --synchronous --slot a1
+    receivewal_slot rw2
+    run "pg_receivewal --synchronous, sync standby" "pg_receivewal" pg_receivewal -h 127.0.0.1 -p "$PORT" -U postgres -D "$W/rw2" --synchronous --slot rw2 -n
+    run "archiver --synchronous, sync standby" "archiver" "$ARCHIVER" stream --repo "$W/a2-$R" -d "host=127.0.0.1 port=$PORT user=postgres" --synchronous --slot a2
+}
+for R in $(seq "$ROUNDS"); do
+    echo "-- round $R"
+    round
+done
+if [ "$ROUNDS" -gt 1 ]; then
+    echo "-- median TPS over $ROUNDS rounds"
+    for name in $(cut -d'|' -f1 "$W/results" | awk '!seen[$0]++' | tr ' ' '~'); do
+        n=${name//\~/ }
+        med=$(grep -F "$n|" "$W/results" | cut -d'|' -f2 | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+        printf '%-42s %8s\n' "$n" "$med"
+    done
+fi
