@@ -93,7 +93,7 @@ fn make_certs(dir: &TestDir) -> (std::path::PathBuf, std::path::PathBuf, std::pa
 fn cluster(dir: &TestDir) -> (Pg, std::path::PathBuf) {
     let (ca, crt, key) = make_certs(dir);
     let conf = format!(
-        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+        "max_replication_slots = 30\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
         crt.display(),
         key.display()
     );
@@ -206,11 +206,45 @@ fn auth_methods_and_tls_modes() {
         &[("PGPASSFILE", passfile.to_str().unwrap())],
     );
 
-    // TLS: require (no verification), verify-ca by IP, verify-full by name.
+    // TLS: prefer (the default) and require encrypt without verification, verify-ca checks the
+    // chain (connecting by IP), verify-full also the name. The server confirms TLS is in use.
+    let ssl_in_use = |slot: &str| {
+        pg.psql(&format!(
+            "select s.ssl from pg_stat_ssl s join pg_replication_slots r on r.active_pid = s.pid where r.slot_name = '{slot}'"
+        ))
+    };
+    for (name, mode) in [("tls_prefer", ""), ("tls_require", "sslmode=require")] {
+        let repo = dir.join(&format!("repo-{name}"));
+        let ci = format!("host=127.0.0.1 port={p} user=tls_user password=tls-pw {mode}");
+        let mut a = Archiver::spawn(
+            &dir,
+            name,
+            &[
+                "stream",
+                "--repo",
+                repo.to_str().unwrap(),
+                "-d",
+                &ci,
+                "--slot",
+                name,
+            ],
+        );
+        a.wait_log("streaming started", T);
+        assert_eq!(
+            ssl_in_use(name),
+            "t",
+            "{name}: the walsender connection must use TLS"
+        );
+        assert!(a.term().success());
+    }
+    // Over the Unix socket libpq never uses TLS; neither do we (even with sslmode=require).
     streams_ok(
         &dir,
-        "tls_require",
-        &format!("host=127.0.0.1 port={p} user=tls_user password=tls-pw sslmode=require"),
+        "unix_socket",
+        &format!(
+            "host={} port={p} user=postgres sslmode=require",
+            pg.sock.display()
+        ),
         &[],
     );
     streams_ok(&dir, "tls_verify_ca", &format!("host=127.0.0.1 port={p} user=tls_user password=tls-pw sslmode=verify-ca sslrootcert={ca}"), &[]);

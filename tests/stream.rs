@@ -302,3 +302,45 @@ fn promotion_archives_new_timeline_and_history() {
     );
     assert!(a.term().success());
 }
+
+#[test]
+fn wal_gone_from_the_server_stops_with_exit_3() {
+    let dir = TestDir::new();
+    // Keep as little WAL as the server allows, so removed segments are really gone.
+    let mut pg = Pg::create(
+        &dir,
+        "pg",
+        "wal_keep_size = 0\nmax_wal_size = '32MB'\nmin_wal_size = '32MB'\n",
+        "",
+    );
+    pg.start();
+    let repo = dir.join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
+    a.wait_log("streaming started", T);
+    switch_and_wait(&pg, &repo);
+    assert!(a.term().success());
+
+    // While archiver is down, its slot is dropped and the server recycles the WAL it would need.
+    pg.psql("select pg_drop_replication_slot('archiver')");
+    for _ in 0..4 {
+        pg.psql("insert into filler select generate_series(1, 20000); select pg_switch_wal()");
+        pg.psql("checkpoint");
+    }
+    let before = std::fs::read_dir(repo.join("wal/00000001"))
+        .unwrap()
+        .count();
+    let mut a = Archiver::spawn(&dir, "stream2", &stream_args(&repo_s, &ci));
+    let st = a.wait(T);
+    let log = a.log_text();
+    assert_eq!(st.code(), Some(3), "{log}");
+    assert!(log.contains("no longer available on the server"), "{log}");
+    // Nothing was archived past the hole.
+    assert_eq!(
+        std::fs::read_dir(repo.join("wal/00000001"))
+            .unwrap()
+            .count(),
+        before
+    );
+}

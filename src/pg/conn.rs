@@ -130,16 +130,8 @@ impl Connection {
                         target: target.to_string(),
                         cause,
                     })?;
-                if matches!(
-                    ci.sslmode,
-                    SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-                ) {
-                    // libpq never uses TLS on Unix sockets; a mode that demands it cannot be met.
-                    return Err(PgError::Tls(format!(
-                        "sslmode={:?} cannot be satisfied over the Unix socket {target}; connect over TCP",
-                        ci.sslmode
-                    )));
-                }
+                // Like libpq: no TLS over Unix-domain sockets, whatever sslmode says.
+                debug!(socket = %path.display(), "Unix socket: TLS not used");
                 Box::new(s)
             }
             Target::Tcp { host, port } => {
