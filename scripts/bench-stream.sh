@@ -52,10 +52,16 @@ run() { # name sync_name command...
     if [ "$#" -gt 0 ]; then
         "$@" >"$W/client.log" 2>&1 &
         PID=$!
+        local ok=""
         for _ in $(seq 100); do
-            [ "$("${PSQL[@]}" -c 'select count(*) from pg_stat_replication')" = 1 ] && break
+            [ "$("${PSQL[@]}" -c 'select count(*) from pg_stat_replication')" = 1 ] && ok=1 && break
             sleep 0.1
         done
+        if [ -z "$ok" ]; then
+            echo "$name: the client did not connect:" >&2
+            cat "$W/client.log" >&2
+            exit 1
+        fi
     fi
     ( while sleep 0.2; do
         "${PSQL[@]}" -c "select coalesce(extract(epoch from flush_lag)*1000, 0) from pg_stat_replication" 2>/dev/null || true
@@ -82,13 +88,13 @@ run() { # name sync_name command...
 
 round() {
     run "none" ""
-    receivewal_slot() { mkdir -p "$W/$1"; "${PSQL[@]}" -c "select pg_create_physical_replication_slot('$1', true)" >/dev/null; }
-    receivewal_slot rw1
-    run "pg_receivewal --synchronous" "" pg_receivewal -h 127.0.0.1 -p "$PORT" -U postgres -D "$W/rw1" --synchronous --slot rw1 -n
-    run "archiver --synchronous" "" "$ARCHIVER" stream --repo "$W/a1-$R" -d "host=127.0.0.1 port=$PORT user=postgres" --synchronous --slot a1
-    receivewal_slot rw2
-    run "pg_receivewal --synchronous, sync standby" "pg_receivewal" pg_receivewal -h 127.0.0.1 -p "$PORT" -U postgres -D "$W/rw2" --synchronous --slot rw2 -n
-    run "archiver --synchronous, sync standby" "archiver" "$ARCHIVER" stream --repo "$W/a2-$R" -d "host=127.0.0.1 port=$PORT user=postgres" --synchronous --slot a2
+    receivewal_slot() { mkdir -p "$W/$1"; "${PSQL[@]}" -c "select pg_create_physical_replication_slot('${1//-/_}', true)" >/dev/null; }
+    receivewal_slot rw1-$R
+    run "pg_receivewal --synchronous" "" pg_receivewal -h 127.0.0.1 -p "$PORT" -U postgres -D "$W/rw1-$R" --synchronous --slot "rw1_$R" -n
+    run "archiver --synchronous" "" "$ARCHIVER" stream --repo "$W/a1-$R" -d "host=127.0.0.1 port=$PORT user=postgres" --synchronous --slot "a1_$R"
+    receivewal_slot rw2-$R
+    run "pg_receivewal --synchronous, sync standby" "pg_receivewal" pg_receivewal -h 127.0.0.1 -p "$PORT" -U postgres -D "$W/rw2-$R" --synchronous --slot "rw2_$R" -n
+    run "archiver --synchronous, sync standby" "archiver" "$ARCHIVER" stream --repo "$W/a2-$R" -d "host=127.0.0.1 port=$PORT user=postgres" --synchronous --slot "a2_$R"
 }
 for R in $(seq "$ROUNDS"); do
     echo "-- round $R"

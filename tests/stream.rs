@@ -29,18 +29,52 @@ fn switch_and_wait(pg: &Pg, repo: &std::path::Path) -> String {
     name
 }
 
-#[test]
-fn segments_are_byte_identical_after_pgbench() {
+/// A started cluster (with `conf` appended) and where its repository goes.
+struct Setup {
+    // Destructure with `dir` first: locals drop in reverse, so the cluster stops before its
+    // directory is removed.
+    pg: Pg,
+    repo: std::path::PathBuf,
+    repo_s: String,
+    ci: String,
+    dir: TestDir,
+}
+
+fn setup(conf: &str) -> Setup {
     let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "", "");
+    let mut pg = Pg::create(&dir, "pg", conf, "");
     pg.start();
     let repo = dir.join("repo");
     let repo_s = repo.to_str().unwrap().to_string();
     let ci = pg.conninfo("postgres");
+    Setup {
+        pg,
+        repo,
+        repo_s,
+        ci,
+        dir,
+    }
+}
+
+#[test]
+fn segments_are_byte_identical_after_pgbench() {
+    let Setup {
+        dir,
+        pg,
+        repo,
+        repo_s,
+        ci,
+    } = setup("");
     let mut a = Archiver::spawn(&dir, "stream", &stream_args(&repo_s, &ci));
     a.wait_log("streaming started", T);
 
     pg.pgbench(&["-i", "-s", "3", "-q"]);
+    // A lost connection (the walsender terminated) is retried, and streaming resumes.
+    pg.psql("select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = 'archiver'");
+    a.wait_log("reconnecting", T);
+    wait_until("a second streaming start", T, || {
+        a.log_text().matches("streaming started").count() >= 2
+    });
     pg.pgbench(&["-c", "2", "-j", "2", "-T", "3"]);
     switch_and_wait(&pg, &repo);
 
@@ -75,12 +109,13 @@ fn segments_are_byte_identical_after_pgbench() {
 
 #[test]
 fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
-    let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "", "");
-    pg.start();
-    let repo = dir.join("repo");
-    let repo_s = repo.to_str().unwrap().to_string();
-    let ci = pg.conninfo("postgres");
+    let Setup {
+        dir,
+        pg,
+        repo,
+        repo_s,
+        ci,
+    } = setup("");
     pg.pgbench(&["-i", "-s", "1", "-q"]);
 
     let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
@@ -138,12 +173,13 @@ fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
 
 #[test]
 fn synchronous_standby_commits_complete_and_are_durable() {
-    let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "synchronous_standby_names = 'archiver'\n", "");
-    pg.start();
-    let repo = dir.join("repo");
-    let repo_s = repo.to_str().unwrap().to_string();
-    let ci = pg.conninfo("postgres");
+    let Setup {
+        dir,
+        pg,
+        repo,
+        repo_s,
+        ci,
+    } = setup("synchronous_standby_names = 'archiver'\n");
     let mut args = stream_args(&repo_s, &ci);
     args.push("--synchronous");
     let mut a = Archiver::spawn(&dir, "stream", &args);

@@ -144,22 +144,7 @@ fn template() -> &'static PathBuf {
         std::fs::create_dir_all(&dir).unwrap();
         chown_pg(&dir);
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let out = pg_command(pg_bin().join("initdb"))
-            .args([
-                "--no-sync",
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "-D",
-            ])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        must(out, "initdb");
+        initdb(&dir);
         // Remove stale templates of earlier runs (ours are named by PID; only dead PIDs).
         if let Ok(rd) = std::fs::read_dir(&base) {
             for e in rd.flatten() {
