@@ -44,6 +44,8 @@ printf '%-42s %8s %14s %14s %10s %8s\n' "attached" "TPS" "flush_lag_med" "flush_
 
 run() { # name sync_name command...
     local name=$1 sync=$2; shift 2
+    # ONLY=pattern restricts the set to matching configurations.
+    if [ -n "${ONLY:-}" ] && [[ "$name" != *"$ONLY"* ]]; then return; fi
     "${PSQL[@]}" -c "alter system set synchronous_standby_names = '$sync'" -c "select pg_reload_conf()" >/dev/null
     # A checkpoint first, so a new slot's restart_lsn is recent and every client starts without
     # a backlog: the runs measure steady-state streaming.
