@@ -152,9 +152,11 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     // On a runtime worker (not the block_on thread) the task is polled by the thread that
     // drives the I/O reactor, saving a thread hop on every WAL batch: lower commit latency as a
     // synchronous standby.
-    tokio::spawn(crate::stream::run(conn, server, repo, spool, conninfo, cfg, rx))
-        .await
-        .context("the streaming task panicked")??;
+    tokio::spawn(crate::stream::run(
+        conn, server, repo, spool, conninfo, cfg, rx,
+    ))
+    .await
+    .context("the streaming task panicked")??;
     info!("stream stopped cleanly");
     Ok(())
 }
