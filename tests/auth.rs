@@ -111,6 +111,17 @@ fn cluster(dir: &TestDir) -> (Pg, std::path::PathBuf) {
 
 /// Starts a streamer, waits until it streams, stops it; returns its log.
 fn streams_ok(dir: &TestDir, name: &str, conninfo: &str, env: &[(&str, &str)]) -> String {
+    streams_ok_then(dir, name, conninfo, env, &|| {})
+}
+
+/// Like `streams_ok`, running `check` while the streamer is connected.
+fn streams_ok_then(
+    dir: &TestDir,
+    name: &str,
+    conninfo: &str,
+    env: &[(&str, &str)],
+    check: &dyn Fn(),
+) -> String {
     let repo = dir.join(&format!("repo-{name}"));
     let mut a = Archiver::spawn_env(
         dir,
@@ -127,6 +138,7 @@ fn streams_ok(dir: &TestDir, name: &str, conninfo: &str, env: &[(&str, &str)]) -
         env,
     );
     a.wait_log("streaming started", T);
+    check();
     let st = a.term();
     assert!(st.success(), "{name}: exit {st}\n{}", a.log_text());
     a.log_text()
@@ -214,28 +226,14 @@ fn auth_methods_and_tls_modes() {
         ))
     };
     for (name, mode) in [("tls_prefer", ""), ("tls_require", "sslmode=require")] {
-        let repo = dir.join(&format!("repo-{name}"));
         let ci = format!("host=127.0.0.1 port={p} user=tls_user password=tls-pw {mode}");
-        let mut a = Archiver::spawn(
-            &dir,
-            name,
-            &[
-                "stream",
-                "--repo",
-                repo.to_str().unwrap(),
-                "-d",
-                &ci,
-                "--slot",
-                name,
-            ],
-        );
-        a.wait_log("streaming started", T);
-        assert_eq!(
-            ssl_in_use(name),
-            "t",
-            "{name}: the walsender connection must use TLS"
-        );
-        assert!(a.term().success());
+        streams_ok_then(&dir, name, &ci, &[], &|| {
+            assert_eq!(
+                ssl_in_use(name),
+                "t",
+                "{name}: the walsender connection must use TLS"
+            )
+        });
     }
     // Over the Unix socket libpq never uses TLS; neither do we (even with sslmode=require).
     streams_ok(
