@@ -134,10 +134,20 @@ fn initdb(dir: &Path) {
 }
 
 /// One initdb per test run; clusters are copies of it (and so share a system identifier).
-fn template() -> &'static PathBuf {
-    static T: OnceLock<PathBuf> = OnceLock::new();
+/// `None` when the postgres user cannot reach cargo's target directory (a checkout under a
+/// private home, say): then every cluster gets its own initdb.
+fn template() -> Option<&'static PathBuf> {
+    static T: OnceLock<Option<PathBuf>> = OnceLock::new();
     T.get_or_init(|| {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let reachable = pg_command("test")
+            .arg("-x")
+            .arg(&base)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !reachable {
+            return None;
+        }
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
         let dir = base.join(format!("pg-template-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -159,8 +169,9 @@ fn template() -> &'static PathBuf {
                 }
             }
         }
-        dir
+        Some(dir)
     })
+    .as_ref()
 }
 
 /// A throwaway PostgreSQL cluster on a free port.
@@ -200,19 +211,22 @@ impl Pg {
 
     fn create_from(root: &TestDir, name: &str, conf: &str, hba: &str, fresh: bool) -> Pg {
         let data = root.join(name);
-        if fresh {
-            std::fs::create_dir(&data).unwrap();
-            chown_pg(&data);
-            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
-            initdb(&data);
-        } else {
-            let out = Command::new("cp")
-                .arg("-a")
-                .arg(template())
-                .arg(&data)
-                .output()
-                .unwrap();
-            must(out, "copying the template cluster");
+        match template().filter(|_| !fresh) {
+            Some(t) => {
+                let out = Command::new("cp")
+                    .arg("-a")
+                    .arg(t)
+                    .arg(&data)
+                    .output()
+                    .unwrap();
+                must(out, "copying the template cluster");
+            }
+            None => {
+                std::fs::create_dir(&data).unwrap();
+                chown_pg(&data);
+                std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+                initdb(&data);
+            }
         }
         let sock = root.join(&format!("{name}-sock"));
         std::fs::create_dir_all(&sock).unwrap();
