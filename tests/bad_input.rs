@@ -228,7 +228,10 @@ fn unwritable_repository_directory() {
     let ro = dir.join("readonly");
     std::fs::create_dir(&ro).unwrap();
     let repo = ro.join("repo");
-    let mut cmd = std::process::Command::new(archiver_bin());
+    // A copy of the binary the postgres user can execute wherever the checkout lives.
+    let bin = dir.join("archiver-bin");
+    std::fs::copy(archiver_bin(), &bin).unwrap();
+    let mut cmd = std::process::Command::new(&bin);
     cmd.args([
         "stream",
         "--repo",
