@@ -116,4 +116,29 @@ fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
     ]);
     assert_eq!(out.status.code(), Some(126));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an archiver repository"));
+
+    // With --log-format json every stderr line is a JSON event, the error included.
+    let out = archiver(&[
+        "--log-format",
+        "json",
+        "wal-fetch",
+        "--repo",
+        dir.join("nope").to_str().unwrap(),
+        &name,
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(126));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["level"] == "ERROR"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("not an archiver repository")),
+        "{err}"
+    );
 }

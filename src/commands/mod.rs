@@ -77,7 +77,11 @@ impl RepoArg {
     }
 }
 
+/// Set once at start: JSON logging reports the final error as a log event, human logging as a line.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn init_logging(format: LogFormat, level: &str) {
+    let _ = JSON_LOGS.set(matches!(format, LogFormat::Json));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -117,7 +121,10 @@ pub fn main() -> ExitCode {
 
 /// Prints an error chain the way operators read it and returns `code`.
 pub fn report(err: &anyhow::Error, code: u8) -> u8 {
-    tracing::error!("{err:#}");
-    eprintln!("archiver: error: {err:#}");
+    if JSON_LOGS.get().copied().unwrap_or(false) {
+        tracing::error!(exit_code = code, "{err:#}");
+    } else {
+        eprintln!("archiver: error: {err:#}");
+    }
     code
 }
