@@ -380,3 +380,41 @@ fn wal_gone_from_the_server_stops_with_exit_3() {
         before
     );
 }
+
+#[test]
+fn damaged_wal_from_the_server_is_refused() {
+    let Setup {
+        dir,
+        pg,
+        repo,
+        repo_s,
+        ci,
+    } = setup("");
+    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
+    a.wait_log("streaming started", T);
+    switch_and_wait(&pg, &repo);
+    assert!(a.term().success());
+
+    // While archiver is down, a segment completes on the server and is then damaged in pg_wal
+    // (the walsender sends what the file holds): a page address that does not match.
+    pg.psql("insert into filler select generate_series(1, 20000)");
+    let name = current_walfile(&pg);
+    pg.psql("select pg_switch_wal()");
+    let path = pg.wal_dir().join(&name);
+    let mut wal = std::fs::read(&path).unwrap();
+    wal[2 * 8192 + 9] ^= 0x40; // xlp_pageaddr of the third page
+    std::fs::write(&path, &wal).unwrap();
+
+    let mut a = Archiver::spawn(&dir, "stream2", &stream_args(&repo_s, &ci));
+    let st = a.wait(T);
+    let log = a.log_text();
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(
+        log.contains("refusing to archive invalid WAL") && log.contains("xlp_pageaddr"),
+        "{log}"
+    );
+    assert!(
+        !repo.join(format!("wal/00000001/{name}.zst")).exists(),
+        "the damaged segment must not be archived"
+    );
+}
