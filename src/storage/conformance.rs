@@ -68,6 +68,51 @@ pub async fn run(s: &dyn Storage) {
     assert!(!s.exists("a/b/one").await.unwrap());
     assert_eq!(s.list("a/b/").await.unwrap().len(), 1);
 
+    // Streaming writes: invisible until finished, then whole; aborted or dropped writers leave
+    // nothing; finishing replaces an existing object.
+    let mut w = s.writer("c/streamed").await.unwrap();
+    let mut expect = Vec::new();
+    for i in 0..40u32 {
+        let chunk: Vec<u8> = (0..100_000u32)
+            .map(|j| ((i * 31 + j) % 253) as u8)
+            .collect();
+        expect.extend_from_slice(&chunk);
+        w.write(Bytes::from(chunk)).await.unwrap();
+        if i == 20 {
+            assert!(
+                !s.exists("c/streamed").await.unwrap(),
+                "visible before finish"
+            );
+        }
+    }
+    assert_eq!(w.finish().await.unwrap(), expect.len() as u64);
+    assert_eq!(s.get("c/streamed").await.unwrap(), Bytes::from(expect));
+    let mut w = s.writer("c/aborted").await.unwrap();
+    w.write(Bytes::from_static(b"partial")).await.unwrap();
+    w.abort().await;
+    let mut w = s.writer("c/dropped").await.unwrap();
+    w.write(Bytes::from_static(b"partial")).await.unwrap();
+    drop(w);
+    let mut w = s.writer("c/streamed").await.unwrap();
+    w.write(Bytes::from_static(b"replaced")).await.unwrap();
+    w.finish().await.unwrap();
+    assert_eq!(&s.get("c/streamed").await.unwrap()[..], b"replaced");
+    let keys: Vec<String> = s
+        .list("c/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(
+        keys,
+        ["c/streamed"],
+        "aborted and dropped writers leave nothing"
+    );
+    for i in ["c/streamed"] {
+        s.delete(i).await.unwrap();
+    }
+
     // Bad keys are refused.
     for bad in ["", "/abs", "a/../b", "a//b", "./a"] {
         assert!(

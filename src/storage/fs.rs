@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{validate_key, ObjectMeta, Storage, StorageError};
+use super::{validate_key, ObjectMeta, ObjectWriter, Storage, StorageError};
 
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
@@ -50,18 +50,24 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+/// A temporary name next to `path`, never a valid key.
+fn temp_path(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("object");
-    let tmp = dir.join(format!(
+    dir.join(format!(
         "{TEMP_PREFIX}{name}-{}-{:08x}",
         std::process::id(),
         fastrand::u32(..)
-    ));
+    ))
+}
+
+/// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = temp_path(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -137,8 +143,86 @@ async fn blocking<T: Send + 'static>(
         .expect("storage task panicked")
 }
 
+/// Streams into a temporary file; `finish` fsyncs and renames it into place.
+struct FsWriter {
+    key: String,
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<std::fs::File>,
+    done: bool,
+}
+
+#[async_trait]
+impl ObjectWriter for FsWriter {
+    async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
+        let mut f = self.file.take().expect("writer used after an I/O error");
+        let (f, r) = tokio::task::spawn_blocking(move || {
+            let r = f.write_all(&data);
+            (f, r)
+        })
+        .await
+        .expect("storage task panicked");
+        self.file = Some(f);
+        r.map_err(io_err(&self.key))?;
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
+        let f = self.file.take().expect("writer used after an I/O error");
+        let (tmp, path) = (self.tmp.clone(), self.path.clone());
+        let key = self.key.clone();
+        let size = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            f.sync_all()?;
+            let size = f.metadata()?.len();
+            drop(f);
+            std::fs::rename(&tmp, &path)?;
+            fsync_dir(path.parent().expect("key has a parent"))?;
+            Ok(size)
+        })
+        .await
+        .expect("storage task panicked")
+        .map_err(io_err(&key))?;
+        self.done = true;
+        Ok(size)
+    }
+
+    async fn abort(self: Box<Self>) {
+        drop(self);
+    }
+}
+
+impl Drop for FsWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 #[async_trait]
 impl Storage for FsStorage {
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let path = self.path(key)?;
+        let key = key.to_string();
+        let k = key.clone();
+        let (tmp, file) = blocking(move || {
+            let dir = path.parent().expect("key has a parent: the root");
+            create_dir_all_durable(dir).map_err(io_err(&k))?;
+            let tmp = temp_path(&path);
+            let file = std::fs::File::create(&tmp).map_err(io_err(&k))?;
+            Ok((tmp, file))
+        })
+        .await?;
+        let path = self.path(&key)?;
+        Ok(Box::new(FsWriter {
+            key,
+            path,
+            tmp,
+            file: Some(file),
+            done: false,
+        }))
+    }
+
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         let path = self.path(key)?;
         let key = key.to_string();

@@ -5,6 +5,9 @@
 //!   failed — the previous state; never a torn object. It overwrites an existing key.
 //! - `get` of a missing key is [`StorageError::NotFound`]; `delete` of a missing key succeeds.
 //! - `list(prefix)` returns every object whose key starts with `prefix`, sorted by key.
+//! - a [`ObjectWriter`] from `writer` streams an object of any size with bounded memory; nothing
+//!   is visible under the key until `finish` returns, and an aborted or dropped writer leaves
+//!   nothing behind.
 //!
 //! Nothing above this trait may assume objects are local files.
 
@@ -46,8 +49,21 @@ impl StorageError {
     }
 }
 
+/// Streams one object into storage.
+#[async_trait]
+pub trait ObjectWriter: Send {
+    /// Appends a chunk.
+    async fn write(&mut self, data: Bytes) -> Result<(), StorageError>;
+    /// Publishes the object atomically and durably; returns its size.
+    async fn finish(self: Box<Self>) -> Result<u64, StorageError>;
+    /// Discards everything written (dropping the writer does the same).
+    async fn abort(self: Box<Self>);
+}
+
 #[async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Starts streaming a new object under `key` (replacing any existing one on `finish`).
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError>;
     /// Stores `data` under `key`, atomically and durably.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
     /// Reads a whole object.
