@@ -6,6 +6,8 @@
 //! wal/<TLI>/<segment>.zst                    a complete WAL segment
 //! wal/<TLI>/<segment>.partial.zst            the received prefix of a timeline's last segment
 //! wal/history/<TLI>.history.zst              timeline history file
+//! catalog/<id>.json                          one backup's record (sealed JSON)
+//! backups/<id>/<name>.zst                    a backup's objects (tablespace archives, manifest)
 //! ```
 
 use crate::wal::segment::{history_file_name, parse_history_file_name};
@@ -14,6 +16,15 @@ use crate::wal::{SegmentName, TimeLineId};
 pub const REPO_META_KEY: &str = "repo.json";
 pub const WAL_PREFIX: &str = "wal/";
 pub const HISTORY_PREFIX: &str = "wal/history/";
+pub const CATALOG_PREFIX: &str = "catalog/";
+
+pub fn catalog_key(backup_id: &str) -> String {
+    format!("{CATALOG_PREFIX}{backup_id}.json")
+}
+
+pub fn backup_object_key(backup_id: &str, name: &str) -> String {
+    format!("backups/{backup_id}/{name}.zst")
+}
 
 pub fn wal_segment_key(seg: &SegmentName) -> String {
     format!("wal/{:08X}/{seg}.zst", seg.tli)

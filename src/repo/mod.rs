@@ -14,6 +14,7 @@ use crate::pg::replication::ServerInfo;
 use crate::storage::{Storage, StorageError};
 use crate::wal::SegmentName;
 
+pub mod catalog;
 pub mod layout;
 pub mod lock;
 pub mod object;
@@ -65,6 +66,8 @@ pub enum RepoError {
     BadMeta(String),
     #[error("object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("no backup with id {0} in the repository")]
+    UnknownBackup(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -1,0 +1,213 @@
+//! The backup catalog: one small sealed-JSON record per backup at `catalog/<id>.json`.
+//!
+//! Invariants: a record is written atomically (the storage `put`), read back verified (sealed
+//! checksum), and is marked `complete` only by the final write after every object it lists is
+//! durable (publish, then record); a crash leaves `running` or `failed`, never a false `complete`.
+
+use serde::{Deserialize, Serialize};
+
+use super::layout::{catalog_key, CATALOG_PREFIX};
+use super::{sealed, Repo, RepoError};
+use crate::storage::StorageError;
+use crate::wal::{Lsn, TimeLineId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupStatus {
+    Running,
+    Complete,
+    Failed,
+}
+
+/// One stored object of a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupObject {
+    pub key: String,
+    /// Bytes before compression.
+    pub size_bytes: u64,
+    /// Bytes stored.
+    pub stored_bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub location: String,
+}
+
+/// A backup's record, as `list --json` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    pub id: String,
+    pub label: String,
+    pub status: BackupStatus,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Option<Lsn>,
+    pub timeline: TimeLineId,
+    /// Server time, RFC 3339.
+    pub start_time: String,
+    pub stop_time: Option<String>,
+    pub pg_version: u32,
+    pub system_identifier: String,
+    /// Uncompressed bytes of all objects.
+    pub size_bytes: u64,
+    pub stored_bytes: u64,
+    pub objects: Vec<BackupObject>,
+    pub tablespaces: Vec<Tablespace>,
+    /// The server's `backup_label` content.
+    pub backup_label: Option<String>,
+    pub archiver_version: String,
+    /// Why a failed backup failed.
+    pub error: Option<String>,
+}
+
+/// A sortable backup id from a Unix time: `20261122T223000Z`.
+pub fn backup_id(t: std::time::SystemTime) -> String {
+    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-22T22:30:00Z
+    s.replace(['-', ':'], "")
+}
+
+impl Repo {
+    /// Writes (or replaces) a backup's record.
+    pub async fn put_backup(&self, rec: &BackupRecord) -> Result<(), RepoError> {
+        let body = sealed::seal(rec).map_err(|e| RepoError::BadMeta(e.to_string()))?;
+        Ok(self
+            .storage()
+            .put(&catalog_key(&rec.id), body.into())
+            .await?)
+    }
+
+    /// Reads one record, verified.
+    pub async fn get_backup(&self, id: &str) -> Result<BackupRecord, RepoError> {
+        let key = catalog_key(id);
+        let raw = match self.storage().get(&key).await {
+            Ok(b) => b,
+            Err(StorageError::NotFound(_)) => return Err(RepoError::UnknownBackup(id.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        sealed::open(&raw).map_err(|e| RepoError::Corrupt {
+            key,
+            reason: e.to_string(),
+        })
+    }
+
+    /// All records, oldest first.
+    pub async fn list_backups(&self) -> Result<Vec<BackupRecord>, RepoError> {
+        let mut out = Vec::new();
+        for m in self.storage().list(CATALOG_PREFIX).await? {
+            let Some(id) = m
+                .key
+                .strip_prefix(CATALOG_PREFIX)
+                .and_then(|k| k.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            out.push(self.get_backup(id).await?);
+        }
+        out.sort_by(|a, b| (&a.start_time, &a.id).cmp(&(&b.start_time, &b.id)));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::pg::replication::{ServerInfo, SystemInfo};
+    use crate::storage::fs::FsStorage;
+
+    fn record(id: &str, start: &str) -> BackupRecord {
+        BackupRecord {
+            id: id.into(),
+            label: "nightly".into(),
+            status: BackupStatus::Running,
+            start_lsn: Lsn(0x0300_0028),
+            stop_lsn: None,
+            timeline: 1,
+            start_time: start.into(),
+            stop_time: None,
+            pg_version: 150018,
+            system_identifier: "7".into(),
+            size_bytes: 0,
+            stored_bytes: 0,
+            objects: vec![],
+            tablespaces: vec![Tablespace {
+                oid: 16384,
+                location: "/srv/ts".into(),
+            }],
+            backup_label: None,
+            archiver_version: "test".into(),
+            error: None,
+        }
+    }
+
+    async fn repo(dir: &std::path::Path) -> Repo {
+        let server = ServerInfo {
+            system: SystemInfo {
+                system_identifier: 7,
+                timeline: 1,
+                xlogpos: Lsn(0),
+            },
+            version_num: 150018,
+            wal_segment_size: 16 << 20,
+        };
+        Repo::open_or_init(Arc::new(FsStorage::new(dir)), "test", &server)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn records_round_trip_sorted_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path()).await;
+        assert!(repo.list_backups().await.unwrap().is_empty());
+        let mut b = record("20261122T100000Z", "2026-11-22T10:00:00Z");
+        let a = record("20261121T100000Z", "2026-11-21T10:00:00Z");
+        repo.put_backup(&b).await.unwrap();
+        repo.put_backup(&a).await.unwrap();
+        b.status = BackupStatus::Complete;
+        b.stop_lsn = Some(Lsn(0x0400_0000));
+        repo.put_backup(&b).await.unwrap();
+        let all = repo.list_backups().await.unwrap();
+        assert_eq!(all, vec![a.clone(), b.clone()]);
+        assert_eq!(
+            repo.get_backup(&b.id).await.unwrap().status,
+            BackupStatus::Complete
+        );
+        assert!(matches!(
+            repo.get_backup("nope").await,
+            Err(RepoError::UnknownBackup(_))
+        ));
+        // JSON field names and values as documented.
+        let json =
+            std::fs::read_to_string(dir.path().join("catalog/20261122T100000Z.json")).unwrap();
+        for needle in [
+            "\"status\": \"complete\"",
+            "\"stop_lsn\": \"0/4000000\"",
+            "\"start_lsn\": \"0/3000028\"",
+        ] {
+            assert!(json.contains(needle), "{needle} in {json}");
+        }
+        // A tampered record is refused, not believed.
+        std::fs::write(
+            dir.path().join("catalog/20261122T100000Z.json"),
+            json.replace("complete", "failed"),
+        )
+        .unwrap();
+        assert!(matches!(
+            repo.get_backup(&b.id).await,
+            Err(RepoError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_300_000);
+        let id = backup_id(t);
+        assert_eq!(id.len(), 16);
+        assert!(id.ends_with('Z') && id.contains('T'));
+        assert!(backup_id(t + std::time::Duration::from_secs(1)) > id);
+    }
+}
