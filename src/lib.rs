@@ -4,6 +4,7 @@
 //! page checks), `storage` (the object-store trait and its backends), `repo` (repository layout,
 //! object format, lock), `stream` (the WAL receiver), `commands` (one file per CLI command).
 
+pub mod basebackup;
 pub mod commands;
 pub mod pg;
 pub mod repo;
