@@ -5,3 +5,4 @@
 //! yields chunks as they arrive.
 
 pub mod protocol;
+pub mod run;

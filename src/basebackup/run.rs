@@ -1,0 +1,169 @@
+//! Runs `BASE_BACKUP` on a replication connection and feeds the archives to a [`BackupSink`]
+//! as they stream in: bounded memory whatever the database size.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+
+use super::protocol::{decode, BaseBackupOptions, CopyMessage};
+use crate::pg::conn::{decode_row, parse_error_fields, Backend};
+use crate::pg::{Connection, PgError};
+use crate::wal::{Lsn, TimeLineId};
+
+/// Where the streamed archives go.
+#[async_trait]
+pub trait BackupSink: Send {
+    /// A new tablespace archive starts (`base.tar` for the main data directory).
+    async fn new_archive(&mut self, name: &str, tablespace_path: &str) -> Result<(), PgError>;
+    /// The manifest starts; later data belongs to it.
+    async fn manifest(&mut self) -> Result<(), PgError>;
+    /// Bytes of the current archive or manifest.
+    async fn data(&mut self, data: Bytes) -> Result<(), PgError>;
+    /// Total bytes sent so far.
+    fn progress(&mut self, _done: u64) {}
+}
+
+/// A tablespace as the server announces it (`spcoid`, `spclocation`, `size` in kB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TablespaceInfo {
+    pub oid: Option<u32>,
+    pub location: Option<String>,
+    pub size_kb: Option<u64>,
+}
+
+/// What the server reported around the archives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupResult {
+    pub start_lsn: Lsn,
+    pub start_tli: TimeLineId,
+    pub stop_lsn: Lsn,
+    pub stop_tli: TimeLineId,
+    pub tablespaces: Vec<TablespaceInfo>,
+}
+
+fn proto(m: impl Into<String>) -> PgError {
+    PgError::Protocol(m.into())
+}
+
+fn text(row: &[Option<Bytes>], i: usize) -> Option<String> {
+    row.get(i)?
+        .as_ref()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// Runs the backup to the end (PostgreSQL 15+ protocol).
+pub async fn base_backup(
+    conn: &mut Connection,
+    opts: &BaseBackupOptions,
+    sink: &mut dyn BackupSink,
+) -> Result<BackupResult, PgError> {
+    frontend::query(&opts.command(), conn.write_buf())?;
+    conn.flush().await?;
+    // Result sets in order: start position, tablespaces, (COPY), stop position.
+    let mut sets: Vec<Vec<Vec<Option<Bytes>>>> = Vec::new();
+    let mut cur: Option<Vec<Vec<Option<Bytes>>>> = None;
+    let mut err = None;
+    let mut copied = false;
+    loop {
+        let msg = match conn.next_message().await? {
+            Backend::Msg(m) => m,
+            Backend::CopyBothResponse => {
+                return Err(proto("unexpected CopyBothResponse in BASE_BACKUP"))
+            }
+        };
+        match msg {
+            Message::RowDescription(_) => cur = Some(Vec::new()),
+            Message::DataRow(row) => cur
+                .as_mut()
+                .ok_or_else(|| proto("DataRow without RowDescription"))?
+                .push(decode_row(&row)?),
+            Message::CommandComplete(_) => {
+                if let Some(rows) = cur.take() {
+                    sets.push(rows);
+                }
+            }
+            Message::CopyOutResponse(_) => {
+                copied = true;
+                copy_out(conn, sink).await?;
+            }
+            Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+            Message::ErrorResponse(body) => err = Some(parse_error_fields(&mut body.fields())),
+            Message::ReadyForQuery(_) => break,
+            _ => return Err(proto("unexpected message in BASE_BACKUP response")),
+        }
+    }
+    if let Some(e) = err {
+        return Err(PgError::Server(e));
+    }
+    if !copied || sets.len() < 3 {
+        return Err(proto(format!(
+            "incomplete BASE_BACKUP response ({} result sets)",
+            sets.len()
+        )));
+    }
+    let pos = |set: &Vec<Vec<Option<Bytes>>>, what: &str| -> Result<(Lsn, TimeLineId), PgError> {
+        let row = set
+            .first()
+            .ok_or_else(|| proto(format!("{what}: no row")))?;
+        let lsn = text(row, 0)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| proto(format!("{what}: bad LSN")))?;
+        let tli = text(row, 1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| proto(format!("{what}: bad timeline")))?;
+        Ok((lsn, tli))
+    };
+    let (start_lsn, start_tli) = pos(&sets[0], "start position")?;
+    let (stop_lsn, stop_tli) = pos(&sets[sets.len() - 1], "stop position")?;
+    let tablespaces = sets[1]
+        .iter()
+        .map(|r| TablespaceInfo {
+            oid: text(r, 0).and_then(|s| s.parse().ok()),
+            location: text(r, 1),
+            size_kb: text(r, 2).and_then(|s| s.parse().ok()),
+        })
+        .collect();
+    Ok(BackupResult {
+        start_lsn,
+        start_tli,
+        stop_lsn,
+        stop_tli,
+        tablespaces,
+    })
+}
+
+/// The CopyOut phase: every CopyData to the sink until CopyDone.
+async fn copy_out(conn: &mut Connection, sink: &mut dyn BackupSink) -> Result<(), PgError> {
+    let mut started = false;
+    loop {
+        match conn.next_message().await? {
+            Backend::Msg(Message::CopyData(body)) => {
+                match decode(body.into_bytes()).map_err(|e| proto(e.to_string()))? {
+                    CopyMessage::NewArchive {
+                        name,
+                        tablespace_path,
+                    } => {
+                        started = true;
+                        sink.new_archive(&name, &tablespace_path).await?
+                    }
+                    CopyMessage::Manifest => {
+                        started = true;
+                        sink.manifest().await?
+                    }
+                    CopyMessage::Data(d) if started => sink.data(d).await?,
+                    CopyMessage::Data(_) => {
+                        return Err(proto("archive data before any archive began"))
+                    }
+                    CopyMessage::Progress(n) => sink.progress(n),
+                }
+            }
+            Backend::Msg(Message::CopyDone) => return Ok(()),
+            Backend::Msg(Message::ErrorResponse(body)) => {
+                return Err(PgError::Server(parse_error_fields(&mut body.fields())))
+            }
+            Backend::Msg(Message::NoticeResponse(_)) => {}
+            _ => return Err(proto("unexpected message in the BASE_BACKUP COPY stream")),
+        }
+    }
+}
