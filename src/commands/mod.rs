@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::storage::fs::FsStorage;
 use crate::storage::Storage;
 
+mod list;
 mod stream;
 mod wal_fetch;
 
@@ -51,6 +52,10 @@ enum Command {
     Stream(stream::StreamArgs),
     /// Fetch one WAL segment or history file from the repository (for restore_command: `%f %p`).
     WalFetch(wal_fetch::WalFetchArgs),
+    /// List the backups in the repository, oldest first.
+    List(list::ListArgs),
+    /// Show one backup in full.
+    Info(list::InfoArgs),
 }
 
 /// `--repo DIR` (env `ARCHIVER_REPO`).
@@ -114,6 +119,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Stream(a) => stream::run(a).await,
             Command::WalFetch(a) => wal_fetch::run(a).await,
+            Command::List(a) => list::list(a).await,
+            Command::Info(a) => list::info(a).await,
         }
     });
     ExitCode::from(code)

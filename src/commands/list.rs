@@ -1,0 +1,162 @@
+//! `archiver list` and `archiver info`: the backup catalog, as a table or JSON.
+
+use super::{report, RepoArg, EXIT_ERROR};
+use crate::repo::catalog::BackupRecord;
+use crate::repo::Repo;
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Print a JSON array of the backup records, oldest first.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// The backup id (as `archiver list` shows it).
+    id: String,
+    /// Print the record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The readable table `list` prints.
+pub fn table(records: &[BackupRecord]) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "STATUS".into(),
+        "LABEL".into(),
+        "TLI".into(),
+        "START LSN".into(),
+        "STOP LSN".into(),
+        "START TIME".into(),
+        "SIZE".into(),
+        "STORED".into(),
+    ]];
+    for r in records {
+        rows.push([
+            r.id.clone(),
+            serde_json::to_value(r.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            r.label.clone(),
+            r.timeline.to_string(),
+            r.start_lsn.to_string(),
+            r.stop_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.start_time.clone(),
+            human_bytes(r.size_bytes),
+            human_bytes(r.stored_bytes),
+        ]);
+    }
+    let widths: Vec<usize> = (0..9)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub async fn list(args: ListArgs) -> u8 {
+    let run = async {
+        let repo = Repo::open(args.repo.storage()?, &args.repo.name()).await?;
+        let records = repo.list_backups().await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&records)?);
+        } else if records.is_empty() {
+            println!("no backups in {}", args.repo.name());
+        } else {
+            println!("{}", table(&records));
+        }
+        anyhow::Ok(())
+    };
+    match run.await {
+        Ok(()) => 0,
+        Err(e) => report(&e, EXIT_ERROR),
+    }
+}
+
+pub async fn info(args: InfoArgs) -> u8 {
+    let run = async {
+        let repo = Repo::open(args.repo.storage()?, &args.repo.name()).await?;
+        let r = repo.get_backup(&args.id).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!("{}", table(std::slice::from_ref(&r)));
+            println!();
+            println!(
+                "stop time:         {}",
+                r.stop_time.as_deref().unwrap_or("-")
+            );
+            println!("system identifier: {}", r.system_identifier);
+            println!("pg version:        {}", r.pg_version);
+            println!("archiver version:  {}", r.archiver_version);
+            for t in &r.tablespaces {
+                println!("tablespace:        {} at {}", t.oid, t.location);
+            }
+            for o in &r.objects {
+                println!(
+                    "object:            {} ({} → {}, sha256 {})",
+                    o.key,
+                    human_bytes(o.size_bytes),
+                    human_bytes(o.stored_bytes),
+                    o.sha256
+                );
+            }
+            if let Some(e) = &r.error {
+                println!("error:             {e}");
+            }
+            if let Some(l) = &r.backup_label {
+                println!("backup_label:\n{l}");
+            }
+        }
+        anyhow::Ok(())
+    };
+    match run.await {
+        Ok(()) => 0,
+        Err(e) => report(&e, EXIT_ERROR),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 kB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GB");
+    }
+}
