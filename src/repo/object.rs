@@ -173,11 +173,22 @@ pub fn read_trailer(obj: &[u8]) -> Result<ObjectInfo, ObjectError> {
 /// Decompresses `obj` into `out`, verifying the zstd frame checksum, the raw size, the CRC-32 and
 /// the SHA-256 recorded in the trailer. On error `out` may hold a prefix: callers write to a
 /// temporary location and publish only on success.
-pub fn decode<W: Write>(obj: &[u8], mut out: W) -> Result<ObjectInfo, ObjectError> {
+pub fn decode<W: Write>(obj: &[u8], out: W) -> Result<ObjectInfo, ObjectError> {
     let info = read_trailer(obj)?;
-    let body = &obj[..obj.len() - TRAILER_LEN];
-    let mut dec = zstd::stream::Decoder::with_buffer(body)
-        .map_err(|e| ObjectError::Corrupt(format!("zstd: {e}")))?;
+    decode_body(&obj[..obj.len() - TRAILER_LEN], &info, out)?;
+    Ok(info)
+}
+
+/// Decompresses an object's body (everything before the trailer) from a reader, verifying it
+/// against `info` (read separately, e.g. with a ranged read of the last [`TRAILER_LEN`] bytes).
+/// Memory stays bounded whatever the object's size.
+pub fn decode_body<R: Read, W: Write>(
+    body: R,
+    info: &ObjectInfo,
+    mut out: W,
+) -> Result<(), ObjectError> {
+    let mut dec =
+        zstd::stream::Decoder::new(body).map_err(|e| ObjectError::Corrupt(format!("zstd: {e}")))?;
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -210,7 +221,51 @@ pub fn decode<W: Write>(obj: &[u8], mut out: W) -> Result<ObjectInfo, ObjectErro
             got.sha256_hex()
         )));
     }
-    Ok(info)
+    Ok(())
+}
+
+/// Incremental encoder for objects too large to hold: push raw chunks, store what comes out.
+/// With `workers > 0` zstd compresses on its own threads, so the caller (a receive loop) mostly
+/// copies bytes and never waits on compression.
+pub struct StreamEncoder {
+    enc: zstd::stream::Encoder<'static, Vec<u8>>,
+    hasher: Hasher,
+    kind: ObjectKind,
+}
+
+impl StreamEncoder {
+    pub fn new(kind: ObjectKind, level: i32, workers: u32) -> Result<Self, ObjectError> {
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), level)?;
+        enc.include_checksum(true)?;
+        if workers > 0 {
+            enc.multithread(workers)?;
+        }
+        Ok(StreamEncoder {
+            enc,
+            hasher: Hasher::default(),
+            kind,
+        })
+    }
+
+    /// Feeds raw bytes; returns the compressed bytes ready so far (often empty).
+    pub fn push(&mut self, raw: &[u8]) -> Result<Vec<u8>, ObjectError> {
+        self.hasher.update(raw);
+        self.enc.write_all(raw)?;
+        Ok(std::mem::take(self.enc.get_mut()))
+    }
+
+    /// Raw bytes pushed so far.
+    pub fn raw_size(&self) -> u64 {
+        self.hasher.size
+    }
+
+    /// Ends the frame; returns the last compressed bytes (trailer included) and the object info.
+    pub fn finish(self) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
+        let mut tail = self.enc.finish()?;
+        let info = self.hasher.finish(self.kind);
+        tail.extend_from_slice(&info.trailer());
+        Ok((tail, info))
+    }
 }
 
 /// Decodes into a new `Vec`.
@@ -260,6 +315,32 @@ mod tests {
         assert!(decode_bytes(&obj[..obj.len() - 1]).is_err());
         assert!(decode_bytes(&obj[10..]).is_err());
         assert!(decode_bytes(b"short").is_err());
+    }
+
+    #[test]
+    fn stream_encoder_matches_and_verifies() {
+        let raw: Vec<u8> = (0..3_000_000u32).map(|i| ((i / 13) % 251) as u8).collect();
+        for workers in [0, 2] {
+            let mut e = StreamEncoder::new(ObjectKind::Other, 3, workers).unwrap();
+            let mut obj = Vec::new();
+            for chunk in raw.chunks(77_777) {
+                obj.extend(e.push(chunk).unwrap());
+            }
+            assert_eq!(e.raw_size(), raw.len() as u64);
+            let (tail, info) = e.finish().unwrap();
+            obj.extend(tail);
+            let (back, info2) = decode_bytes(&obj).unwrap();
+            assert!(back == raw, "workers={workers}");
+            assert_eq!(info, info2);
+            // Streaming decode of the body with a separately read trailer.
+            let t = read_trailer(&obj).unwrap();
+            let mut out = Vec::new();
+            decode_body(&obj[..obj.len() - TRAILER_LEN], &t, &mut out).unwrap();
+            assert!(out == raw);
+            let mut bad = obj.clone();
+            bad[obj.len() / 3] ^= 4;
+            assert!(decode_bytes(&bad).is_err());
+        }
     }
 
     #[test]
