@@ -2,12 +2,12 @@
 //! `Manifest-Checksum`, and per-file verification of a streamed archive against it — the checks
 //! `pg_verifybackup` makes, done while the bytes arrive.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::tar::{EntryKind, TarError, TarEvent};
+use super::tar::{EntryKind, TarEvent};
 use crate::wal::Lsn;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -149,22 +149,18 @@ impl Manifest {
     }
 }
 
-/// Checks the files of streamed archives against the manifest as tar events arrive.
-pub struct ArchiveVerifier<'m> {
-    manifest: &'m Manifest,
-    seen: HashSet<String>,
+/// Size and SHA-256 of every regular file of the streamed archives, collected as tar events
+/// arrive (the manifest comes last), then checked with [`Manifest::verify`].
+#[derive(Debug, Default)]
+pub struct FileDigests {
+    files: HashMap<String, (u64, String)>,
     cur: Option<(String, Sha256, u64)>,
     prefix: String,
 }
 
-impl<'m> ArchiveVerifier<'m> {
-    pub fn new(manifest: &'m Manifest) -> Self {
-        ArchiveVerifier {
-            manifest,
-            seen: HashSet::new(),
-            cur: None,
-            prefix: String::new(),
-        }
+impl FileDigests {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// A new archive: `base.tar` holds paths as they are; a tablespace archive `<oid>.tar` holds
@@ -175,31 +171,13 @@ impl<'m> ArchiveVerifier<'m> {
             .unwrap_or_default();
     }
 
-    pub fn event(&mut self, e: TarEvent<'_>) -> Result<(), ManifestError> {
+    pub fn event(&mut self, e: &TarEvent<'_>) {
         match e {
             TarEvent::Entry {
                 path,
                 kind: EntryKind::File,
-                size,
                 ..
-            } => {
-                let path = format!("{}{path}", self.prefix);
-                let entry =
-                    self.manifest
-                        .files
-                        .get(&path)
-                        .ok_or_else(|| ManifestError::FileMismatch {
-                            path: path.clone(),
-                            reason: "not listed in the manifest".into(),
-                        })?;
-                if entry.size != size {
-                    return Err(ManifestError::FileMismatch {
-                        path,
-                        reason: format!("{size} bytes, the manifest says {}", entry.size),
-                    });
-                }
-                self.cur = Some((path, Sha256::new(), 0));
-            }
+            } => self.cur = Some((format!("{}{path}", self.prefix), Sha256::new(), 0)),
             TarEvent::Entry { .. } => self.cur = None,
             TarEvent::Data(d) => {
                 if let Some((_, h, n)) = self.cur.as_mut() {
@@ -208,42 +186,51 @@ impl<'m> ArchiveVerifier<'m> {
                 }
             }
             TarEvent::EntryEnd => {
-                if let Some((path, h, _)) = self.cur.take() {
-                    let entry = &self.manifest.files[&path];
-                    if let Some(want) = &entry.sha256 {
-                        let got = hex::encode(h.finalize());
-                        if &got != want {
-                            return Err(ManifestError::FileMismatch {
-                                path,
-                                reason: format!("sha256 {got}, the manifest says {want}"),
-                            });
-                        }
-                    }
-                    self.seen.insert(path);
+                if let Some((path, h, n)) = self.cur.take() {
+                    self.files.insert(path, (n, hex::encode(h.finalize())));
                 }
             }
         }
-        Ok(())
     }
+}
 
-    /// After all archives: every file of the manifest must have been seen.
-    pub fn finish(self) -> Result<usize, ManifestError> {
+impl Manifest {
+    /// Every file received matches the manifest (size, SHA-256) and none is missing. Returns the
+    /// number of files checked.
+    pub fn verify(&self, got: &FileDigests) -> Result<usize, ManifestError> {
+        for (path, (size, sha)) in &got.files {
+            let entry = self
+                .files
+                .get(path)
+                .ok_or_else(|| ManifestError::FileMismatch {
+                    path: path.clone(),
+                    reason: "not listed in the manifest".into(),
+                })?;
+            if entry.size != *size {
+                return Err(ManifestError::FileMismatch {
+                    path: path.clone(),
+                    reason: format!("{size} bytes, the manifest says {}", entry.size),
+                });
+            }
+            if let Some(want) = &entry.sha256 {
+                if want != sha {
+                    return Err(ManifestError::FileMismatch {
+                        path: path.clone(),
+                        reason: format!("sha256 {sha}, the manifest says {want}"),
+                    });
+                }
+            }
+        }
         let mut missing: Vec<String> = self
-            .manifest
             .files
             .keys()
-            .filter(|p| !self.seen.contains(*p))
+            .filter(|p| !got.files.contains_key(*p))
             .cloned()
             .collect();
         if !missing.is_empty() {
             missing.sort();
             return Err(ManifestError::Missing(missing));
         }
-        Ok(self.seen.len())
+        Ok(got.files.len())
     }
-}
-
-/// Adapts tar errors into the verifier's callback type.
-pub fn tar_error(e: ManifestError) -> TarError {
-    TarError(e.to_string())
 }
