@@ -7,4 +7,5 @@
 pub mod manifest;
 pub mod protocol;
 pub mod run;
+pub mod store;
 pub mod tar;

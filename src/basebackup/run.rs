@@ -11,17 +11,34 @@ use crate::pg::conn::{decode_row, parse_error_fields, Backend};
 use crate::pg::{Connection, PgError};
 use crate::wal::{Lsn, TimeLineId};
 
+/// A base backup failed: on the server side, or where the archives were going.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Sink(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BackupError {
+    pub fn sink(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BackupError::Sink(Box::new(e))
+    }
+}
+
 /// Where the streamed archives go.
 #[async_trait]
 pub trait BackupSink: Send {
     /// A new tablespace archive starts (`base.tar` for the main data directory).
-    async fn new_archive(&mut self, name: &str, tablespace_path: &str) -> Result<(), PgError>;
+    async fn new_archive(&mut self, name: &str, tablespace_path: &str) -> Result<(), BackupError>;
     /// The manifest starts; later data belongs to it.
-    async fn manifest(&mut self) -> Result<(), PgError>;
+    async fn manifest(&mut self) -> Result<(), BackupError>;
     /// Bytes of the current archive or manifest.
-    async fn data(&mut self, data: Bytes) -> Result<(), PgError>;
+    async fn data(&mut self, data: Bytes) -> Result<(), BackupError>;
     /// Total bytes sent so far.
     fn progress(&mut self, _done: u64) {}
+    /// The tablespaces the server is about to send (sizes in kB, with PROGRESS).
+    fn tablespaces(&mut self, _ts: &[TablespaceInfo]) {}
 }
 
 /// A tablespace as the server announces it (`spcoid`, `spclocation`, `size` in kB).
@@ -42,8 +59,8 @@ pub struct BackupResult {
     pub tablespaces: Vec<TablespaceInfo>,
 }
 
-fn proto(m: impl Into<String>) -> PgError {
-    PgError::Protocol(m.into())
+fn proto(m: impl Into<String>) -> BackupError {
+    BackupError::Pg(PgError::Protocol(m.into()))
 }
 
 fn text(row: &[Option<Bytes>], i: usize) -> Option<String> {
@@ -57,8 +74,8 @@ pub async fn base_backup(
     conn: &mut Connection,
     opts: &BaseBackupOptions,
     sink: &mut dyn BackupSink,
-) -> Result<BackupResult, PgError> {
-    frontend::query(&opts.command(), conn.write_buf())?;
+) -> Result<BackupResult, BackupError> {
+    frontend::query(&opts.command(), conn.write_buf()).map_err(PgError::from)?;
     conn.flush().await?;
     // Result sets in order: start position, tablespaces, (COPY), stop position.
     let mut sets: Vec<Vec<Vec<Option<Bytes>>>> = Vec::new();
@@ -81,6 +98,9 @@ pub async fn base_backup(
             Message::CommandComplete(_) => {
                 if let Some(rows) = cur.take() {
                     sets.push(rows);
+                    if sets.len() == 2 {
+                        sink.tablespaces(&tablespace_rows(&sets[1]));
+                    }
                 }
             }
             Message::CopyOutResponse(_) => {
@@ -94,7 +114,7 @@ pub async fn base_backup(
         }
     }
     if let Some(e) = err {
-        return Err(PgError::Server(e));
+        return Err(PgError::Server(e).into());
     }
     if !copied || sets.len() < 3 {
         return Err(proto(format!(
@@ -102,28 +122,22 @@ pub async fn base_backup(
             sets.len()
         )));
     }
-    let pos = |set: &Vec<Vec<Option<Bytes>>>, what: &str| -> Result<(Lsn, TimeLineId), PgError> {
-        let row = set
-            .first()
-            .ok_or_else(|| proto(format!("{what}: no row")))?;
-        let lsn = text(row, 0)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| proto(format!("{what}: bad LSN")))?;
-        let tli = text(row, 1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| proto(format!("{what}: bad timeline")))?;
-        Ok((lsn, tli))
-    };
+    let pos =
+        |set: &Vec<Vec<Option<Bytes>>>, what: &str| -> Result<(Lsn, TimeLineId), BackupError> {
+            let row = set
+                .first()
+                .ok_or_else(|| proto(format!("{what}: no row")))?;
+            let lsn = text(row, 0)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| proto(format!("{what}: bad LSN")))?;
+            let tli = text(row, 1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| proto(format!("{what}: bad timeline")))?;
+            Ok((lsn, tli))
+        };
     let (start_lsn, start_tli) = pos(&sets[0], "start position")?;
     let (stop_lsn, stop_tli) = pos(&sets[sets.len() - 1], "stop position")?;
-    let tablespaces = sets[1]
-        .iter()
-        .map(|r| TablespaceInfo {
-            oid: text(r, 0).and_then(|s| s.parse().ok()),
-            location: text(r, 1),
-            size_kb: text(r, 2).and_then(|s| s.parse().ok()),
-        })
-        .collect();
+    let tablespaces = tablespace_rows(&sets[1]);
     Ok(BackupResult {
         start_lsn,
         start_tli,
@@ -133,8 +147,18 @@ pub async fn base_backup(
     })
 }
 
+fn tablespace_rows(rows: &[Vec<Option<Bytes>>]) -> Vec<TablespaceInfo> {
+    rows.iter()
+        .map(|r| TablespaceInfo {
+            oid: text(r, 0).and_then(|s| s.parse().ok()),
+            location: text(r, 1),
+            size_kb: text(r, 2).and_then(|s| s.parse().ok()),
+        })
+        .collect()
+}
+
 /// The CopyOut phase: every CopyData to the sink until CopyDone.
-async fn copy_out(conn: &mut Connection, sink: &mut dyn BackupSink) -> Result<(), PgError> {
+async fn copy_out(conn: &mut Connection, sink: &mut dyn BackupSink) -> Result<(), BackupError> {
     let mut started = false;
     loop {
         match conn.next_message().await? {
@@ -160,7 +184,7 @@ async fn copy_out(conn: &mut Connection, sink: &mut dyn BackupSink) -> Result<()
             }
             Backend::Msg(Message::CopyDone) => return Ok(()),
             Backend::Msg(Message::ErrorResponse(body)) => {
-                return Err(PgError::Server(parse_error_fields(&mut body.fields())))
+                return Err(PgError::Server(parse_error_fields(&mut body.fields())).into())
             }
             Backend::Msg(Message::NoticeResponse(_)) => {}
             _ => return Err(proto("unexpected message in the BASE_BACKUP COPY stream")),

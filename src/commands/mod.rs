@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::storage::fs::FsStorage;
 use crate::storage::Storage;
 
+mod backup;
 mod list;
 mod stream;
 mod wal_fetch;
@@ -52,6 +53,8 @@ enum Command {
     Stream(stream::StreamArgs),
     /// Fetch one WAL segment or history file from the repository (for restore_command: `%f %p`).
     WalFetch(wal_fetch::WalFetchArgs),
+    /// Take a base backup into the repository.
+    Backup(backup::BackupArgs),
     /// List the backups in the repository, oldest first.
     List(list::ListArgs),
     /// Show one backup in full.
@@ -119,11 +122,44 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Stream(a) => stream::run(a).await,
             Command::WalFetch(a) => wal_fetch::run(a).await,
+            Command::Backup(a) => backup::run(a).await,
             Command::List(a) => list::list(a).await,
             Command::Info(a) => list::info(a).await,
         }
     });
     ExitCode::from(code)
+}
+
+fn explain_connect_error(e: crate::pg::PgError) -> anyhow::Error {
+    let hint = match e.sqlstate() {
+        Some("53300") => {
+            Some("no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)")
+        }
+        Some("42501") => {
+            Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)")
+        }
+        Some("28000") => Some("check pg_hba.conf: a `host replication` line must allow this user"),
+        _ => None,
+    };
+    let e = anyhow::Error::new(e).context("cannot start a replication connection");
+    match hint {
+        Some(h) => e.context(h),
+        None => e,
+    }
+}
+
+/// Opens a replication connection and reads the server's identity, explaining failures.
+pub(crate) async fn connect_replication(
+    conninfo: &crate::pg::ConnInfo,
+    application_name: &str,
+) -> anyhow::Result<(crate::pg::Connection, crate::pg::replication::ServerInfo)> {
+    let mut conn = crate::pg::Connection::connect(conninfo, Some("true"), application_name)
+        .await
+        .map_err(explain_connect_error)?;
+    let server = crate::pg::replication::server_info(&mut conn)
+        .await
+        .map_err(explain_connect_error)?;
+    Ok((conn, server))
 }
 
 /// Prints an error chain the way operators read it and returns `code`.

@@ -7,10 +7,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{report, RepoArg, EXIT_ERROR, EXIT_WAL_GONE};
+use super::{connect_replication, report, RepoArg, EXIT_ERROR, EXIT_WAL_GONE};
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
-use crate::pg::replication::{self, validate_slot_name};
-use crate::pg::{Connection, PgError};
+use crate::pg::replication::validate_slot_name;
 use crate::repo::lock::RepoLock;
 use crate::repo::{Repo, SPOOL_DIR};
 use crate::retry::RetryPolicy;
@@ -65,24 +64,6 @@ pub async fn run(args: StreamArgs) -> u8 {
     }
 }
 
-fn explain_connect_error(e: PgError) -> anyhow::Error {
-    let hint = match e.sqlstate() {
-        Some("53300") => {
-            Some("no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)")
-        }
-        Some("42501") => {
-            Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)")
-        }
-        Some("28000") => Some("check pg_hba.conf: a `host replication` line must allow this user"),
-        _ => None,
-    };
-    let e = anyhow::Error::new(e).context("cannot start a replication connection");
-    match hint {
-        Some(h) => e.context(h),
-        None => e,
-    }
-}
-
 async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     validate_slot_name(&args.slot).map_err(anyhow::Error::msg)?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
@@ -94,12 +75,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "archiver".to_string());
 
     info!(server = %conninfo.display_target(), repo = %args.repo.name(), "connecting");
-    let mut conn = Connection::connect(&conninfo, Some("true"), &application_name)
-        .await
-        .map_err(explain_connect_error)?;
-    let server = replication::server_info(&mut conn)
-        .await
-        .map_err(explain_connect_error)?;
+    let (conn, server) = connect_replication(&conninfo, &application_name).await?;
     info!(
         system_identifier = server.system.system_identifier,
         timeline = server.system.timeline,

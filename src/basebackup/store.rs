@@ -1,0 +1,203 @@
+//! A [`BackupSink`] that stores each archive and the manifest as repository objects while they
+//! stream: zstd on zstd's own worker threads (off the receive loop), SHA-256 + CRC-32 of the raw
+//! bytes, chunks handed to a streaming [`ObjectWriter`]. Memory stays bounded by the chunk size
+//! and zstd's windows, whatever the database size. It also collects each file's digest for the
+//! manifest check and the server's `backup_label`.
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tracing::info;
+
+use super::manifest::FileDigests;
+use super::run::{BackupError, BackupSink, TablespaceInfo};
+use super::tar::{TarEvent, TarReader};
+use crate::repo::catalog::BackupObject;
+use crate::repo::layout::backup_object_key;
+use crate::repo::object::{ObjectKind, StreamEncoder};
+use crate::repo::Repo;
+use crate::storage::ObjectWriter;
+
+/// Compressed bytes are handed to storage in chunks of at least this size.
+const WRITE_CHUNK: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SinkError(String);
+
+struct Current {
+    key: String,
+    writer: Box<dyn ObjectWriter>,
+    enc: StreamEncoder,
+    pending: Vec<u8>,
+    tar: Option<TarReader>,
+}
+
+pub struct StoreSink {
+    repo: Repo,
+    id: String,
+    level: i32,
+    workers: u32,
+    cur: Option<Current>,
+    pub objects: Vec<BackupObject>,
+    pub digests: FileDigests,
+    pub manifest: Vec<u8>,
+    pub backup_label: Vec<u8>,
+    capturing_label: bool,
+    in_manifest: bool,
+    /// Expected total bytes (from the tablespace sizes), for progress.
+    pub total: u64,
+    done: u64,
+    last_log: Instant,
+}
+
+impl StoreSink {
+    pub fn new(repo: Repo, id: &str, level: i32) -> Self {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        StoreSink {
+            repo,
+            id: id.to_string(),
+            level,
+            workers,
+            cur: None,
+            objects: Vec::new(),
+            digests: FileDigests::new(),
+            manifest: Vec::new(),
+            backup_label: Vec::new(),
+            capturing_label: false,
+            in_manifest: false,
+            total: 0,
+            done: 0,
+            last_log: Instant::now(),
+        }
+    }
+
+    async fn open(&mut self, name: &str, tar: bool) -> Result<(), BackupError> {
+        self.close().await?;
+        let key = backup_object_key(&self.id, name);
+        let writer = self
+            .repo
+            .storage()
+            .writer(&key)
+            .await
+            .map_err(BackupError::sink)?;
+        let enc = StreamEncoder::new(ObjectKind::Other, self.level, self.workers)
+            .map_err(BackupError::sink)?;
+        self.cur = Some(Current {
+            key,
+            writer,
+            enc,
+            pending: Vec::with_capacity(WRITE_CHUNK * 2),
+            tar: tar.then(TarReader::new),
+        });
+        Ok(())
+    }
+
+    /// Finishes the current object: flush, trailer, publish, record.
+    pub async fn close(&mut self) -> Result<(), BackupError> {
+        let Some(mut c) = self.cur.take() else {
+            return Ok(());
+        };
+        if let Some(t) = &c.tar {
+            if !(t.ended() || t.at_boundary()) {
+                return Err(BackupError::sink(SinkError(format!(
+                    "archive {} ended mid-entry",
+                    c.key
+                ))));
+            }
+        }
+        let (tail, info) = c.enc.finish().map_err(BackupError::sink)?;
+        c.pending.extend_from_slice(&tail);
+        c.writer
+            .write(Bytes::from(c.pending))
+            .await
+            .map_err(BackupError::sink)?;
+        let stored = c.writer.finish().await.map_err(BackupError::sink)?;
+        self.objects.push(BackupObject {
+            key: c.key,
+            size_bytes: info.raw_size,
+            stored_bytes: stored,
+            sha256: info.sha256_hex(),
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackupSink for StoreSink {
+    async fn new_archive(&mut self, name: &str, _tablespace_path: &str) -> Result<(), BackupError> {
+        self.open(name, true).await?;
+        let oid = name
+            .strip_suffix(".tar")
+            .and_then(|n| n.parse::<u32>().ok());
+        self.digests.start_archive(oid);
+        Ok(())
+    }
+
+    async fn manifest(&mut self) -> Result<(), BackupError> {
+        self.open("backup_manifest", false).await?;
+        self.in_manifest = true;
+        Ok(())
+    }
+
+    async fn data(&mut self, data: Bytes) -> Result<(), BackupError> {
+        let c = self
+            .cur
+            .as_mut()
+            .expect("data only after an archive started");
+        if let Some(t) = c.tar.as_mut() {
+            let digests = &mut self.digests;
+            let label = &mut self.backup_label;
+            let capturing = &mut self.capturing_label;
+            t.feed(&data, &mut |e| {
+                match &e {
+                    TarEvent::Entry { path, .. } => *capturing = path == "backup_label",
+                    TarEvent::Data(d) if *capturing => label.extend_from_slice(d),
+                    TarEvent::EntryEnd => *capturing = false,
+                    _ => {}
+                }
+                digests.event(&e);
+                Ok(())
+            })
+            .map_err(BackupError::sink)?;
+        }
+        if self.in_manifest {
+            self.manifest.extend_from_slice(&data);
+        }
+        let out = c.enc.push(&data).map_err(BackupError::sink)?;
+        c.pending.extend_from_slice(&out);
+        if c.pending.len() >= WRITE_CHUNK {
+            let chunk = std::mem::replace(&mut c.pending, Vec::with_capacity(WRITE_CHUNK * 2));
+            c.writer
+                .write(Bytes::from(chunk))
+                .await
+                .map_err(BackupError::sink)?;
+        }
+        Ok(())
+    }
+
+    fn tablespaces(&mut self, ts: &[TablespaceInfo]) {
+        self.total = ts.iter().filter_map(|t| t.size_kb).sum::<u64>() * 1024;
+    }
+
+    fn progress(&mut self, done: u64) {
+        self.done = done;
+        if self.last_log.elapsed().as_secs() >= 5 {
+            self.last_log = Instant::now();
+            let pct = if self.total > 0 {
+                self.done as f64 * 100.0 / self.total as f64
+            } else {
+                0.0
+            };
+            info!(
+                done_bytes = self.done,
+                total_bytes = self.total,
+                percent = format!("{pct:.1}"),
+                "backup progress"
+            );
+        }
+    }
+}

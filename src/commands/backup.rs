@@ -1,0 +1,252 @@
+//! `archiver backup`: a full base backup over the replication protocol into the repository,
+//! recorded in the catalog. The record says `running` while it runs, `failed` (with the reason)
+//! if anything goes wrong, and `complete` only once every object is durable, the manifest's
+//! per-file checksums match the bytes received, and the repository holds the WAL from the
+//! backup's start to its stop.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::ValueEnum;
+use tracing::info;
+
+use super::{connect_replication, report, RepoArg, EXIT_ERROR};
+use crate::basebackup::manifest::Manifest;
+use crate::basebackup::protocol::{BaseBackupOptions, Checkpoint};
+use crate::basebackup::run::base_backup;
+use crate::basebackup::store::StoreSink;
+use crate::pg::conninfo::{ConnInfo, ProcessEnv};
+use crate::repo::catalog::{backup_id, BackupRecord, BackupStatus, Tablespace};
+use crate::repo::layout::{backup_object_key, wal_segment_key};
+use crate::repo::lock::{LockError, RepoLock};
+use crate::repo::{now_rfc3339, Repo, SPOOL_DIR};
+use crate::wal::{Lsn, SegmentName, TimeLineId};
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum CheckpointArg {
+    Fast,
+    Spread,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Connection string (as for `stream`).
+    #[arg(short = 'd', long = "dbname", value_name = "CONNINFO")]
+    dbname: Option<String>,
+    /// Backup label [default: archiver backup <id>].
+    #[arg(long)]
+    label: Option<String>,
+    /// Checkpoint the server starts the backup with.
+    #[arg(long, value_enum, default_value_t = CheckpointArg::Spread)]
+    checkpoint: CheckpointArg,
+    /// Limit the server's send rate, in kB/s (32 to 1048576).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(32..=1_048_576))]
+    max_rate: Option<u32>,
+    /// zstd level for the stored archives.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compress: i32,
+    /// How long to wait for the repository to hold the backup's WAL.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    wal_timeout: Duration,
+    /// Print the backup's record as JSON instead of its id.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: BackupArgs) -> u8 {
+    match backup(args).await {
+        Ok(()) => 0,
+        Err(e) => report(&e, EXIT_ERROR),
+    }
+}
+
+/// Converts backup_label's `START TIME: 2026-11-22 22:40:00 UTC` to RFC 3339 when it is UTC.
+fn label_time(label: &str) -> Option<String> {
+    let v = label.lines().find_map(|l| l.strip_prefix("START TIME: "))?;
+    let (dt, zone) = v.rsplit_once(' ')?;
+    (zone == "UTC" || zone == "GMT").then(|| format!("{}Z", dt.replace(' ', "T")))
+}
+
+async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
+    let storage = args.repo.storage()?;
+    let app = conninfo
+        .application_name
+        .clone()
+        .unwrap_or_else(|| "archiver backup".into());
+    let (mut conn, server) = connect_replication(&conninfo, &app).await?;
+    if server.major() < 15 {
+        anyhow::bail!(
+            "PostgreSQL {} is not supported yet by `archiver backup` (needs 15 or newer)",
+            server.major()
+        );
+    }
+    let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
+        .await
+        .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
+
+    let id = backup_id(std::time::SystemTime::now());
+    let mut rec = BackupRecord {
+        id: id.clone(),
+        label: args
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("archiver backup {id}")),
+        status: BackupStatus::Running,
+        start_lsn: Lsn::INVALID,
+        stop_lsn: None,
+        timeline: server.system.timeline,
+        start_time: now_rfc3339(),
+        stop_time: None,
+        pg_version: server.version_num,
+        system_identifier: server.system.system_identifier.to_string(),
+        size_bytes: 0,
+        stored_bytes: 0,
+        objects: vec![],
+        tablespaces: vec![],
+        backup_label: None,
+        archiver_version: env!("CARGO_PKG_VERSION").to_string(),
+        error: None,
+    };
+    repo.put_backup(&rec).await?;
+    info!(id = %id, "backup started");
+    let result = take(&args, &repo, &mut conn, &mut rec).await;
+    conn.close().await;
+    match result {
+        Ok(()) => {
+            rec.status = BackupStatus::Complete;
+            rec.stop_time = Some(now_rfc3339());
+            repo.put_backup(&rec).await?;
+            info!(id = %id, stop_lsn = %rec.stop_lsn.unwrap_or_default(), "backup complete");
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rec)?);
+            } else {
+                println!("{id}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            rec.status = BackupStatus::Failed;
+            rec.error = Some(format!("{e:#}"));
+            rec.stop_time = Some(now_rfc3339());
+            if let Err(e2) = repo.put_backup(&rec).await {
+                tracing::warn!(error = %e2, "could not record the failure");
+            }
+            Err(e.context(format!("backup {id} failed")))
+        }
+    }
+}
+
+async fn take(
+    args: &BackupArgs,
+    repo: &Repo,
+    conn: &mut crate::pg::Connection,
+    rec: &mut BackupRecord,
+) -> anyhow::Result<()> {
+    let opts = BaseBackupOptions {
+        label: rec.label.clone(),
+        checkpoint: match args.checkpoint {
+            CheckpointArg::Fast => Checkpoint::Fast,
+            CheckpointArg::Spread => Checkpoint::Spread,
+        },
+        max_rate_kb: args.max_rate,
+        server_zstd_level: None,
+    };
+    let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress);
+    let r = base_backup(conn, &opts, &mut sink)
+        .await
+        .context("BASE_BACKUP")?;
+    sink.close().await?;
+    rec.start_lsn = r.start_lsn;
+    rec.stop_lsn = Some(r.stop_lsn);
+    rec.timeline = r.start_tli;
+    rec.tablespaces = r
+        .tablespaces
+        .iter()
+        .filter_map(|t| {
+            Some(Tablespace {
+                oid: t.oid?,
+                location: t.location.clone()?,
+            })
+        })
+        .collect();
+    let label = String::from_utf8_lossy(&sink.backup_label).into_owned();
+    if let Some(t) = label_time(&label) {
+        rec.start_time = t;
+    }
+    rec.backup_label = Some(label);
+    rec.objects = std::mem::take(&mut sink.objects);
+    rec.size_bytes = rec.objects.iter().map(|o| o.size_bytes).sum();
+    rec.stored_bytes = rec.objects.iter().map(|o| o.stored_bytes).sum();
+    repo.put_backup(rec).await?;
+
+    let manifest = Manifest::parse(&sink.manifest).context("the server's backup manifest")?;
+    let n = manifest
+        .verify(&sink.digests)
+        .context("verifying the archives against the backup manifest")?;
+    info!(files = n, "all files match the backup manifest");
+    debug_assert!(rec
+        .objects
+        .iter()
+        .any(|o| o.key == backup_object_key(&rec.id, "backup_manifest")));
+
+    wait_for_wal(args, repo, r.start_tli, r.start_lsn, r.stop_lsn).await
+}
+
+/// The backup is usable only with the WAL from its start to its stop. `archiver stream` into the
+/// same repository puts it there; wait for it.
+async fn wait_for_wal(
+    args: &BackupArgs,
+    repo: &Repo,
+    tli: TimeLineId,
+    start: Lsn,
+    stop: Lsn,
+) -> anyhow::Result<()> {
+    let seg = repo.seg_size();
+    let first = SegmentName::containing(tli, start, seg);
+    let last = SegmentName::containing(tli, Lsn(stop.0.saturating_sub(1)), seg);
+    let deadline = Instant::now() + args.wal_timeout;
+    let lock_path = args.repo.repo.join(SPOOL_DIR).join("stream.lock");
+    let mut next = first;
+    loop {
+        while next.segno <= last.segno && repo.storage().exists(&wal_segment_key(&next)).await? {
+            next = next.next();
+        }
+        if next.segno > last.segno {
+            info!(from = %first, to = %last, "the repository holds the backup's WAL");
+            return Ok(());
+        }
+        // Nobody streams into this repository: the WAL will never arrive.
+        let streaming = matches!(RepoLock::acquire(&lock_path), Err(LockError::Busy { .. }));
+        if !streaming {
+            anyhow::bail!(
+                "the repository lacks WAL segment {next} (needed from {first} to {last}) and no `archiver stream` is running into it; start one and take the backup again"
+            );
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "timed out after {:?} waiting for WAL segment {next} to be archived",
+                args.wal_timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_times() {
+        let l = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIME: 2026-11-22 22:40:00 UTC\nLABEL: x\n";
+        assert_eq!(
+            super::label_time(l).as_deref(),
+            Some("2026-11-22T22:40:00Z")
+        );
+        assert_eq!(
+            super::label_time("START TIME: 2026-11-22 22:40:00 CET\n"),
+            None
+        );
+    }
+}

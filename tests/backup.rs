@@ -1,0 +1,173 @@
+//! `archiver backup` against a real server, restored by hand with tar + zstd and checked by
+//! pg_verifybackup.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn zstd_d(src: &std::path::Path, dst: &std::path::Path) {
+    let out = Command::new("zstd")
+        .args(["-q", "-d", "-f", "-o"])
+        .arg(dst)
+        .arg(src)
+        .output()
+        .unwrap();
+    must(out, "zstd -d");
+}
+
+#[test]
+fn backup_under_load_verifies_and_is_listed() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
+    a.wait_log("streaming started", T);
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+    let port = pg.port.to_string();
+    let mut load = Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &port,
+            "-c",
+            "2",
+            "-T",
+            "4",
+            "postgres",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        &r,
+        "-d",
+        &ci,
+        "--checkpoint",
+        "fast",
+        "--label",
+        "under load",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(load.wait().unwrap().success());
+    assert_eq!(rec["status"], "complete");
+    assert_eq!(rec["label"], "under load");
+    assert!(rec["backup_label"]
+        .as_str()
+        .unwrap()
+        .contains("LABEL: under load"));
+    let id = rec["id"].as_str().unwrap().to_string();
+    let keys: Vec<&str> = rec["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            format!("backups/{id}/base.tar.zst"),
+            format!("backups/{id}/backup_manifest.zst")
+        ]
+    );
+    assert!(rec["size_bytes"].as_u64().unwrap() > 20 << 20);
+    assert!(rec["stored_bytes"].as_u64().unwrap() < rec["size_bytes"].as_u64().unwrap());
+
+    // Listed as complete.
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["status"], "complete");
+
+    // By hand, with only zstd and tar: the data directory, its manifest, and the WAL.
+    let restore = dir.join("restore");
+    std::fs::create_dir(&restore).unwrap();
+    let tar = dir.join("base.tar");
+    zstd_d(&repo.join(format!("backups/{id}/base.tar.zst")), &tar);
+    must(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&restore)
+            .output()
+            .unwrap(),
+        "tar -x",
+    );
+    zstd_d(
+        &repo.join(format!("backups/{id}/backup_manifest.zst")),
+        &restore.join("backup_manifest"),
+    );
+    let waldir = dir.join("wal");
+    std::fs::create_dir(&waldir).unwrap();
+    for e in std::fs::read_dir(repo.join("wal/00000001"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(seg) = name.strip_suffix(".zst").filter(|n| !n.contains("partial")) {
+            zstd_d(&e.path(), &waldir.join(seg));
+        }
+    }
+    let out = Command::new(pg_bin().join("pg_verifybackup"))
+        .arg("-w")
+        .arg(&waldir)
+        .arg(&restore)
+        .output()
+        .unwrap();
+    must(out, "pg_verifybackup");
+    assert!(a.term().success());
+}
+
+#[test]
+fn backup_without_wal_is_recorded_failed() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    // No streamer: the backup's WAL never reaches the repository.
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        &r,
+        "-d",
+        &pg.conninfo("postgres"),
+        "--checkpoint",
+        "fast",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no `archiver stream` is running"), "{err}");
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["status"], "failed");
+    assert!(list[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("no `archiver stream`"));
+    // An unknown id for info is refused.
+    let out = archiver(&["info", "--repo", &r, "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+}
