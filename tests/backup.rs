@@ -171,3 +171,57 @@ fn backup_without_wal_is_recorded_failed() {
     let out = archiver(&["info", "--repo", &r, "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn backup_interrupted_by_a_terminated_walsender_is_failed() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
+    a.wait_log("streaming started", T);
+    pg.pgbench(&["-i", "-s", "3", "-q"]);
+    // Slow the backup down (1 MB/s) so it is surely still running when its walsender dies.
+    let mut b = Archiver::spawn(
+        &dir,
+        "backup",
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "-d",
+            &ci,
+            "--checkpoint",
+            "fast",
+            "--max-rate",
+            "1024",
+        ],
+    );
+    wait_until("the backup's walsender", T, || {
+        pg.psql(
+            "select count(*) from pg_stat_replication where application_name = 'archiver backup'",
+        ) == "1"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    pg.psql("select pg_terminate_backend(pid) from pg_stat_replication where application_name = 'archiver backup'");
+    let st = b.wait(T);
+    assert_eq!(st.code(), Some(1), "{}", b.log_text());
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["status"], "failed", "{list}");
+    assert!(!list[0]["error"].as_str().unwrap().is_empty());
+    // The next backup is unaffected.
+    let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[1]["status"], "complete");
+    assert!(a.term().success());
+}

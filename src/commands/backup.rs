@@ -16,7 +16,7 @@ use crate::basebackup::protocol::{BaseBackupOptions, Checkpoint};
 use crate::basebackup::run::base_backup;
 use crate::basebackup::store::StoreSink;
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
-use crate::repo::catalog::{backup_id, BackupRecord, BackupStatus, Tablespace};
+use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
 use crate::repo::layout::{backup_object_key, wal_segment_key};
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{now_rfc3339, Repo, SPOOL_DIR};
@@ -87,7 +87,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
 
-    let id = backup_id(std::time::SystemTime::now());
+    let id = repo.new_backup_id(std::time::SystemTime::now()).await?;
     let mut rec = BackupRecord {
         id: id.clone(),
         label: args

@@ -69,6 +69,24 @@ pub fn backup_id(t: std::time::SystemTime) -> String {
 }
 
 impl Repo {
+    /// A backup id for `t` not used yet in this repository: `backup_id(t)`, or with `-2`, `-3`…
+    /// appended when backups start within the same second (still sorting in start order).
+    pub async fn new_backup_id(&self, t: std::time::SystemTime) -> Result<String, RepoError> {
+        let base = backup_id(t);
+        let mut n = 1;
+        loop {
+            let id = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            if !self.storage().exists(&catalog_key(&id)).await? {
+                return Ok(id);
+            }
+            n += 1;
+        }
+    }
+
     /// Writes (or replaces) a backup's record.
     pub async fn put_backup(&self, rec: &BackupRecord) -> Result<(), RepoError> {
         let body = sealed::seal(rec).map_err(|e| RepoError::BadMeta(e.to_string()))?;
