@@ -225,3 +225,101 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     assert_eq!(list[1]["status"], "complete");
     assert!(a.term().success());
 }
+
+#[test]
+fn backup_with_a_tablespace_and_several_databases() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let ts = dir.join("ts");
+    std::fs::create_dir(&ts).unwrap();
+    chown_pg(&ts);
+    pg.psql(&format!("create tablespace ts location '{}'", ts.display()));
+    pg.psql("create database db1");
+    pg.psql("create database db2 tablespace ts");
+    pg.psql("create table in_ts tablespace ts as select generate_series(1, 50000) x");
+    let oid = pg.psql("select oid from pg_tablespace where spcname = 'ts'");
+
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
+    a.wait_log("streaming started", T);
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        &r,
+        "-d",
+        &ci,
+        "--checkpoint",
+        "fast",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = rec["id"].as_str().unwrap().to_string();
+    assert_eq!(rec["tablespaces"][0]["oid"].to_string(), oid);
+    assert_eq!(rec["tablespaces"][0]["location"], ts.to_str().unwrap());
+    let keys: Vec<&str> = rec["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        keys.contains(&format!("backups/{id}/{oid}.tar.zst").as_str()),
+        "{keys:?}"
+    );
+
+    // Restored by hand: the tablespace archive goes below pg_tblspc/<oid>; pg_verifybackup agrees.
+    let restore = dir.join("restore");
+    let ts_dir = restore.join(format!("pg_tblspc/{oid}"));
+    std::fs::create_dir_all(&ts_dir).unwrap();
+    for (obj, into) in [
+        ("base.tar", &restore),
+        (&format!("{oid}.tar") as &str, &ts_dir),
+    ] {
+        let tar = dir.join(obj);
+        zstd_d(&repo.join(format!("backups/{id}/{obj}.zst")), &tar);
+        must(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(into)
+                .output()
+                .unwrap(),
+            "tar -x",
+        );
+    }
+    zstd_d(
+        &repo.join(format!("backups/{id}/backup_manifest.zst")),
+        &restore.join("backup_manifest"),
+    );
+    let waldir = dir.join("wal");
+    std::fs::create_dir(&waldir).unwrap();
+    for e in std::fs::read_dir(repo.join("wal/00000001"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(seg) = name.strip_suffix(".zst").filter(|n| !n.contains("partial")) {
+            zstd_d(&e.path(), &waldir.join(seg));
+        }
+    }
+    let out = Command::new(pg_bin().join("pg_verifybackup"))
+        .arg("-w")
+        .arg(&waldir)
+        .arg(&restore)
+        .output()
+        .unwrap();
+    must(out, "pg_verifybackup");
+    assert!(std::fs::read_to_string(restore.join("tablespace_map"))
+        .unwrap()
+        .contains(ts.to_str().unwrap()));
+    assert!(a.term().success());
+}
