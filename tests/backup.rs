@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,6 +21,49 @@ fn zstd_d(src: &std::path::Path, dst: &std::path::Path) {
     must(out, "zstd -d");
 }
 
+/// Unpacks one backup object (`<name>.zst`, a tar) into `into` with only zstd and tar.
+fn extract(dir: &TestDir, repo: &Path, id: &str, name: &str, into: &Path) {
+    let tar = dir.join(name);
+    zstd_d(&repo.join(format!("backups/{id}/{name}.zst")), &tar);
+    must(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(into)
+            .output()
+            .unwrap(),
+        "tar -x",
+    );
+}
+
+/// Adds the manifest to an unpacked backup, unpacks the archived WAL of timeline 1, and runs
+/// pg_verifybackup on the result.
+fn verify_by_hand(dir: &TestDir, repo: &Path, id: &str, restore: &Path) {
+    zstd_d(
+        &repo.join(format!("backups/{id}/backup_manifest.zst")),
+        &restore.join("backup_manifest"),
+    );
+    let waldir = dir.join("wal");
+    std::fs::create_dir(&waldir).unwrap();
+    for e in std::fs::read_dir(repo.join("wal/00000001"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(seg) = name.strip_suffix(".zst").filter(|n| !n.contains("partial")) {
+            zstd_d(&e.path(), &waldir.join(seg));
+        }
+    }
+    let out = Command::new(pg_bin().join("pg_verifybackup"))
+        .arg("-w")
+        .arg(&waldir)
+        .arg(restore)
+        .output()
+        .unwrap();
+    must(out, "pg_verifybackup");
+}
+
 #[test]
 fn backup_under_load_verifies_and_is_listed() {
     let dir = TestDir::new();
@@ -31,25 +75,7 @@ fn backup_under_load_verifies_and_is_listed() {
     let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
     a.wait_log("streaming started", T);
     pg.pgbench(&["-i", "-s", "2", "-q"]);
-    let port = pg.port.to_string();
-    let mut load = Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &port,
-            "-c",
-            "2",
-            "-T",
-            "4",
-            "postgres",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut load = pg.pgbench_background(&["-c", "2", "-T", "4"]);
 
     let out = archiver(&[
         "backup",
@@ -102,40 +128,8 @@ fn backup_under_load_verifies_and_is_listed() {
     // By hand, with only zstd and tar: the data directory, its manifest, and the WAL.
     let restore = dir.join("restore");
     std::fs::create_dir(&restore).unwrap();
-    let tar = dir.join("base.tar");
-    zstd_d(&repo.join(format!("backups/{id}/base.tar.zst")), &tar);
-    must(
-        Command::new("tar")
-            .arg("-xf")
-            .arg(&tar)
-            .arg("-C")
-            .arg(&restore)
-            .output()
-            .unwrap(),
-        "tar -x",
-    );
-    zstd_d(
-        &repo.join(format!("backups/{id}/backup_manifest.zst")),
-        &restore.join("backup_manifest"),
-    );
-    let waldir = dir.join("wal");
-    std::fs::create_dir(&waldir).unwrap();
-    for e in std::fs::read_dir(repo.join("wal/00000001"))
-        .unwrap()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(seg) = name.strip_suffix(".zst").filter(|n| !n.contains("partial")) {
-            zstd_d(&e.path(), &waldir.join(seg));
-        }
-    }
-    let out = Command::new(pg_bin().join("pg_verifybackup"))
-        .arg("-w")
-        .arg(&waldir)
-        .arg(&restore)
-        .output()
-        .unwrap();
-    must(out, "pg_verifybackup");
+    extract(&dir, &repo, &id, "base.tar", &restore);
+    verify_by_hand(&dir, &repo, &id, &restore);
     assert!(a.term().success());
 }
 
@@ -279,45 +273,9 @@ fn backup_with_a_tablespace_and_several_databases() {
     let restore = dir.join("restore");
     let ts_dir = restore.join(format!("pg_tblspc/{oid}"));
     std::fs::create_dir_all(&ts_dir).unwrap();
-    for (obj, into) in [
-        ("base.tar", &restore),
-        (&format!("{oid}.tar") as &str, &ts_dir),
-    ] {
-        let tar = dir.join(obj);
-        zstd_d(&repo.join(format!("backups/{id}/{obj}.zst")), &tar);
-        must(
-            Command::new("tar")
-                .arg("-xf")
-                .arg(&tar)
-                .arg("-C")
-                .arg(into)
-                .output()
-                .unwrap(),
-            "tar -x",
-        );
-    }
-    zstd_d(
-        &repo.join(format!("backups/{id}/backup_manifest.zst")),
-        &restore.join("backup_manifest"),
-    );
-    let waldir = dir.join("wal");
-    std::fs::create_dir(&waldir).unwrap();
-    for e in std::fs::read_dir(repo.join("wal/00000001"))
-        .unwrap()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(seg) = name.strip_suffix(".zst").filter(|n| !n.contains("partial")) {
-            zstd_d(&e.path(), &waldir.join(seg));
-        }
-    }
-    let out = Command::new(pg_bin().join("pg_verifybackup"))
-        .arg("-w")
-        .arg(&waldir)
-        .arg(&restore)
-        .output()
-        .unwrap();
-    must(out, "pg_verifybackup");
+    extract(&dir, &repo, &id, "base.tar", &restore);
+    extract(&dir, &repo, &id, &format!("{oid}.tar"), &ts_dir);
+    verify_by_hand(&dir, &repo, &id, &restore);
     assert!(std::fs::read_to_string(restore.join("tablespace_map"))
         .unwrap()
         .contains(ts.to_str().unwrap()));

@@ -121,26 +121,7 @@ fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
     let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
     a.wait_log("streaming started", T);
     // Load in the background while we kill the archiver twice.
-    let port = pg.port.to_string();
-    let load = std::process::Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &port,
-            "-c",
-            "2",
-            "-T",
-            "6",
-            "postgres",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut load = load;
+    let mut load = pg.pgbench_background(&["-c", "2", "-T", "6"]);
     for round in 0..2 {
         std::thread::sleep(Duration::from_millis(1500));
         a.kill9();

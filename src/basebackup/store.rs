@@ -167,8 +167,9 @@ impl BackupSink for StoreSink {
         if self.in_manifest {
             self.manifest.extend_from_slice(&data);
         }
-        let out = c.enc.push(&data).map_err(BackupError::sink)?;
-        c.pending.extend_from_slice(&out);
+        c.enc
+            .push(&data, &mut c.pending)
+            .map_err(BackupError::sink)?;
         if c.pending.len() >= WRITE_CHUNK {
             let chunk = std::mem::replace(&mut c.pending, Vec::with_capacity(WRITE_CHUNK * 2));
             c.writer

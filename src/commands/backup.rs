@@ -17,7 +17,7 @@ use crate::basebackup::run::base_backup;
 use crate::basebackup::store::StoreSink;
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
 use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
-use crate::repo::layout::{backup_object_key, wal_segment_key};
+use crate::repo::layout::wal_segment_key;
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{now_rfc3339, Repo, SPOOL_DIR};
 use crate::wal::{Lsn, SegmentName, TimeLineId};
@@ -187,10 +187,6 @@ async fn take(
         .verify(&sink.digests)
         .context("verifying the archives against the backup manifest")?;
     info!(files = n, "all files match the backup manifest");
-    debug_assert!(rec
-        .objects
-        .iter()
-        .any(|o| o.key == backup_object_key(&rec.id, "backup_manifest")));
 
     wait_for_wal(args, repo, r.start_tli, r.start_lsn, r.stop_lsn).await
 }

@@ -247,11 +247,13 @@ impl StreamEncoder {
         })
     }
 
-    /// Feeds raw bytes; returns the compressed bytes ready so far (often empty).
-    pub fn push(&mut self, raw: &[u8]) -> Result<Vec<u8>, ObjectError> {
+    /// Feeds raw bytes and appends the compressed bytes ready so far (often none) to `out`.
+    /// The encoder's own output buffer keeps its capacity: no allocation per call.
+    pub fn push(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), ObjectError> {
         self.hasher.update(raw);
         self.enc.write_all(raw)?;
-        Ok(std::mem::take(self.enc.get_mut()))
+        out.append(self.enc.get_mut());
+        Ok(())
     }
 
     /// Raw bytes pushed so far.
@@ -324,7 +326,7 @@ mod tests {
             let mut e = StreamEncoder::new(ObjectKind::Other, 3, workers).unwrap();
             let mut obj = Vec::new();
             for chunk in raw.chunks(77_777) {
-                obj.extend(e.push(chunk).unwrap());
+                e.push(chunk, &mut obj).unwrap();
             }
             assert_eq!(e.raw_size(), raw.len() as u64);
             let (tail, info) = e.finish().unwrap();

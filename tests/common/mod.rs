@@ -343,15 +343,26 @@ impl Pg {
         must(out, &format!("psql {sql}")).trim().to_string()
     }
 
-    pub fn pgbench(&self, args: &[&str]) {
-        let out = Command::new("pgbench")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+    fn pgbench_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("pgbench");
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
             .arg(self.port.to_string())
             .args(args)
-            .arg("postgres")
-            .output()
-            .unwrap();
-        must(out, "pgbench");
+            .arg("postgres");
+        c
+    }
+
+    pub fn pgbench(&self, args: &[&str]) {
+        must(self.pgbench_cmd(args).output().unwrap(), "pgbench");
+    }
+
+    /// pgbench in the background (output discarded); wait on the child for its result.
+    pub fn pgbench_background(&self, args: &[&str]) -> Child {
+        self.pgbench_cmd(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     pub fn wal_dir(&self) -> PathBuf {
