@@ -133,14 +133,61 @@ fn backup_under_load_verifies_and_is_listed() {
     assert!(a.term().success());
 }
 
+/// Starts an extracted backup as a cluster on a free port, recovering with `archiver wal-fetch`
+/// to the end of the backup (`recovery_target = 'immediate'`) and promoting.
+fn start_restored(dir: &TestDir, repo: &Path, restore: &Path) -> Pg {
+    // The server runs as the postgres user: give it a copy of the binary it can execute.
+    let bin = dir.join("archiver-bin");
+    std::fs::copy(archiver_bin(), &bin).unwrap();
+    std::fs::write(restore.join("recovery.signal"), "").unwrap();
+    let mut auto =
+        std::fs::read_to_string(restore.join("postgresql.auto.conf")).unwrap_or_default();
+    auto.push_str(&format!(
+        "restore_command = '{} wal-fetch --repo {} %f %p'\nrecovery_target = 'immediate'\nrecovery_target_action = 'promote'\n",
+        bin.display(),
+        repo.display()
+    ));
+    std::fs::write(restore.join("postgresql.auto.conf"), auto).unwrap();
+    let _ = std::fs::remove_file(restore.join("backup_manifest"));
+    must(
+        Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(restore)
+            .output()
+            .unwrap(),
+        "chown",
+    );
+    std::fs::set_permissions(restore, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut pg = Pg::adopt(dir, "restored", restore.to_path_buf());
+    pg.start();
+    wait_until("the restored cluster is promoted", T, || {
+        pg.psql("select pg_is_in_recovery()") == "f"
+    });
+    pg
+}
+
+/// pgbench's invariant: every committed transaction moved the same delta in all four tables.
+fn pgbench_consistent(pg: &Pg) {
+    let sums = pg.psql(
+        "select (select sum(abalance) from pgbench_accounts) = (select coalesce(sum(delta), 0) from pgbench_history) \
+         and (select sum(tbalance) from pgbench_tellers) = (select coalesce(sum(delta), 0) from pgbench_history) \
+         and (select sum(bbalance) from pgbench_branches) = (select coalesce(sum(delta), 0) from pgbench_history)",
+    );
+    assert_eq!(sums, "t", "pgbench tables are inconsistent");
+}
+
 #[test]
-fn backup_without_wal_is_recorded_failed() {
+fn backup_without_streamer_fetches_its_wal_and_restores_as_a_cluster() {
     let dir = TestDir::new();
     let mut pg = Pg::create(&dir, "pg", "", "");
     pg.start();
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.psql("create table marker(t text); insert into marker values ('before')");
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
-    // No streamer: the backup's WAL never reaches the repository.
+    // No `archiver stream`: the backup fetches its own WAL over its connection.
+    let mut load = pg.pgbench_background(&["-c", "2", "-T", "3"]);
     let out = archiver(&[
         "backup",
         "--repo",
@@ -149,21 +196,83 @@ fn backup_without_wal_is_recorded_failed() {
         &pg.conninfo("postgres"),
         "--checkpoint",
         "fast",
+        "--json",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("no `archiver stream` is running"), "{err}");
-    let out = archiver(&["list", "--repo", &r, "--json"]);
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1);
-    assert_eq!(list[0]["status"], "failed");
-    assert!(list[0]["error"]
-        .as_str()
-        .unwrap()
-        .contains("no `archiver stream`"));
-    // An unknown id for info is refused.
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("fetching the backup's WAL"), "{err}");
+    assert!(load.wait().unwrap().success());
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["status"], "complete");
+    let id = rec["id"].as_str().unwrap().to_string();
+    pg.psql("insert into marker values ('after')");
+    // The temporary slot went with the backup's connection.
+    assert_eq!(pg.psql("select count(*) from pg_replication_slots"), "0");
+    // Every segment from start to stop is archived and identical to the server's.
+    let start: String = rec["start_lsn"].as_str().unwrap().into();
+    let first = pg.psql(&format!("select pg_walfile_name('{start}'::pg_lsn)"));
+    let segs = archived_segments(&repo, 1);
+    assert_eq!(
+        segs[0].0,
+        first,
+        "{:?}",
+        segs.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+    assert!(assert_segments_match(&repo, 1, &pg.wal_dir()) >= 1);
+
+    let restore = dir.join("restore");
+    std::fs::create_dir(&restore).unwrap();
+    extract(&dir, &repo, &id, "base.tar", &restore);
+    verify_by_hand(&dir, &repo, &id, &restore);
+    let restored = start_restored(&dir, &repo, &restore);
+    pgbench_consistent(&restored);
+    assert_eq!(
+        restored.psql("select string_agg(t, ',') from marker"),
+        "before"
+    );
+    let accounts = restored.psql("select count(*) from pgbench_accounts");
+    assert_eq!(accounts, "100000");
+
+    // info for an unknown id is refused.
     let out = archiver(&["info", "--repo", &r, "nope"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn streamer_resumes_behind_wal_a_backup_archived_ahead_of_it() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let args = ["stream", "--repo", &r, "-d", &ci];
+    let mut a = Archiver::spawn(&dir, "stream", &args);
+    a.wait_log("streaming started", T);
+    pg.psql("create table t as select generate_series(1, 10000) x");
+    let name = current_walfile(&pg);
+    pg.psql("select pg_switch_wal()");
+    wait_archived(&repo, &name, T);
+    assert!(a.term().success());
+    // While no streamer runs, WAL moves on, and a backup archives its own segments ahead.
+    for _ in 0..3 {
+        pg.psql("insert into t select generate_series(1, 10000); select pg_switch_wal()");
+    }
+    let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The streamer restarts from where it stopped, not after the backup's WAL: no gap.
+    let mut a = Archiver::spawn(&dir, "stream2", &args);
+    a.wait_log("streaming started", T);
+    pg.psql("insert into t select generate_series(1, 10000)");
+    let name = current_walfile(&pg);
+    pg.psql("select pg_switch_wal()");
+    wait_archived(&repo, &name, T);
+    assert!(a.term().success());
+    assert!(assert_segments_match(&repo, 1, &pg.wal_dir()) >= 6);
 }
 
 #[test]
@@ -178,21 +287,18 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     a.wait_log("streaming started", T);
     pg.pgbench(&["-i", "-s", "3", "-q"]);
     // Slow the backup down (1 MB/s) so it is surely still running when its walsender dies.
-    let mut b = Archiver::spawn(
-        &dir,
+    let slow = [
         "backup",
-        &[
-            "backup",
-            "--repo",
-            &r,
-            "-d",
-            &ci,
-            "--checkpoint",
-            "fast",
-            "--max-rate",
-            "1024",
-        ],
-    );
+        "--repo",
+        &r,
+        "-d",
+        &ci,
+        "--checkpoint",
+        "fast",
+        "--max-rate",
+        "1024",
+    ];
+    let mut b = Archiver::spawn(&dir, "backup", &slow);
     wait_until("the backup's walsender", T, || {
         pg.psql(
             "select count(*) from pg_stat_replication where application_name = 'archiver backup'",
@@ -207,7 +313,18 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["status"], "failed", "{list}");
     assert!(!list[0]["error"].as_str().unwrap().is_empty());
-    // The next backup is unaffected.
+    // A backup killed outright stays `running` until the next one finds its process gone.
+    let mut k = Archiver::spawn(&dir, "backup-killed", &slow);
+    wait_until("the second backup's walsender", T, || {
+        pg.psql(
+            "select count(*) from pg_stat_replication where application_name = 'archiver backup'",
+        ) == "1"
+    });
+    k.kill9();
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[1]["status"], "running", "{list}");
+    // The next backup is unaffected, and records the killed one as failed.
     let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     assert!(
         out.status.success(),
@@ -216,7 +333,16 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     );
     let out = archiver(&["list", "--repo", &r, "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list[1]["status"], "complete");
+    assert_eq!(list[1]["status"], "failed", "{list}");
+    assert!(list[1]["error"].as_str().unwrap().contains("interrupted"));
+    assert_eq!(list[2]["status"], "complete");
+    let leftovers: Vec<_> = std::fs::read_dir(repo.join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("backup-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(a.term().success());
 }
 
@@ -280,4 +406,49 @@ fn backup_with_a_tablespace_and_several_databases() {
         .unwrap()
         .contains(ts.to_str().unwrap()));
     assert!(a.term().success());
+}
+
+#[test]
+fn backup_from_a_standby_restores_as_a_cluster() {
+    let dir = TestDir::new();
+    let mut primary = Pg::create(&dir, "primary", "", "");
+    primary.start();
+    primary.pgbench(&["-i", "-s", "1", "-q"]);
+    let standby = Pg::standby_of(&dir, "standby", &primary);
+    primary.psql("create table marker as select 'on the standby' t");
+    wait_until("the standby replays the marker", T, || {
+        standby.psql("select count(*) from pg_class where relname = 'marker'") == "1"
+    });
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    // No streamer, idle primary: the backup's stop segment is unfinished on the standby, and the
+    // backup archives it partial after its grace period.
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        &r,
+        "-d",
+        &standby.conninfo("postgres"),
+        "--checkpoint",
+        "fast",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("archived the stop segment as partial"),
+        "{err}"
+    );
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["status"], "complete");
+    let id = rec["id"].as_str().unwrap().to_string();
+
+    let restore = dir.join("restore");
+    std::fs::create_dir(&restore).unwrap();
+    extract(&dir, &repo, &id, "base.tar", &restore);
+    // A standby's data directory carries its standby.signal; this restore is a new primary.
+    let _ = std::fs::remove_file(restore.join("standby.signal"));
+    let restored = start_restored(&dir, &repo, &restore);
+    assert_eq!(restored.psql("select t from marker"), "on the standby");
+    pgbench_consistent(&restored);
 }

@@ -143,7 +143,9 @@ fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "stream.lock" && !n.starts_with(".next-segment.prealloc"))
+        .filter(|n| {
+            n != "stream.lock" && n != "stream.next" && !n.starts_with(".next-segment.prealloc")
+        })
         .collect();
     assert!(
         spool.len() <= 1 && spool.iter().all(|n| n.ends_with(".partial")),
@@ -215,32 +217,7 @@ fn promotion_archives_new_timeline_and_history() {
     let mut primary = Pg::create(&dir, "primary", "", "");
     primary.start();
     primary.psql("create table before_promo as select generate_series(1,1000) x");
-    // A standby made with pg_basebackup -R, streaming from the primary.
-    let sdata = dir.join("standby");
-    std::fs::create_dir(&sdata).unwrap();
-    chown_pg(&sdata);
-    std::fs::set_permissions(&sdata, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let out = pg_command(pg_bin().join("pg_basebackup"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-X",
-            "stream",
-            "-R",
-            "-c",
-            "fast",
-            "-p",
-        ])
-        .arg(primary.port.to_string())
-        .arg("-D")
-        .arg(&sdata)
-        .output()
-        .unwrap();
-    must(out, "pg_basebackup");
-    let mut standby = Pg::adopt(&dir, "standby", sdata);
-    standby.start();
+    let standby = Pg::standby_of(&dir, "standby", &primary);
 
     let repo = dir.join("repo");
     let repo_s = repo.to_str().unwrap().to_string();

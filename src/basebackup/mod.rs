@@ -9,3 +9,4 @@ pub mod protocol;
 pub mod run;
 pub mod store;
 pub mod tar;
+pub mod wal;

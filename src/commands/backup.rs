@@ -4,23 +4,27 @@
 //! per-file checksums match the bytes received, and the repository holds the WAL from the
 //! backup's start to its stop.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::ValueEnum;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{connect_replication, report, RepoArg, EXIT_ERROR};
 use crate::basebackup::manifest::Manifest;
 use crate::basebackup::protocol::{BaseBackupOptions, Checkpoint};
 use crate::basebackup::run::base_backup;
 use crate::basebackup::store::StoreSink;
+use crate::basebackup::wal::{create_temporary_slot, fetch_wal, WalFetch};
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
+use crate::pg::replication::ServerInfo;
+use crate::pg::PgError;
 use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
 use crate::repo::layout::wal_segment_key;
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{now_rfc3339, Repo, SPOOL_DIR};
-use crate::wal::{Lsn, SegmentName, TimeLineId};
+use crate::wal::{Lsn, SegmentName};
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum CheckpointArg {
@@ -87,7 +91,9 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
 
-    let id = repo.new_backup_id(std::time::SystemTime::now()).await?;
+    let spool = args.repo.repo.join(SPOOL_DIR);
+    mark_interrupted(&repo, &spool).await;
+    let (id, _claim) = claim_backup_id(&repo, &spool).await?;
     let mut rec = BackupRecord {
         id: id.clone(),
         label: args
@@ -112,8 +118,9 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     };
     repo.put_backup(&rec).await?;
     info!(id = %id, "backup started");
-    let result = take(&args, &repo, &mut conn, &mut rec).await;
+    let result = take(&args, &repo, &mut conn, &server, &mut rec).await;
     conn.close().await;
+    let _ = std::fs::remove_dir_all(backup_spool(&spool, &id));
     match result {
         Ok(()) => {
             rec.status = BackupStatus::Complete;
@@ -139,12 +146,75 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The private spool directory of a running backup; it holds the `lock` that says the backup's
+/// process is alive, and the WAL the backup fetches itself.
+fn backup_spool(spool: &Path, id: &str) -> PathBuf {
+    spool.join(format!("backup-{id}"))
+}
+
+/// Picks an unused id and locks it for this process (two backups starting in the same second
+/// never share one).
+async fn claim_backup_id(repo: &Repo, spool: &Path) -> anyhow::Result<(String, RepoLock)> {
+    loop {
+        let id = repo
+            .new_backup_id(std::time::SystemTime::now(), |id| {
+                RepoLock::is_held(&backup_spool(spool, id).join("lock"))
+            })
+            .await?;
+        let dir = backup_spool(spool, &id);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        match RepoLock::acquire(&dir.join("lock")) {
+            Ok(lock) => return Ok((id, lock)),
+            Err(LockError::Busy { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Records marked `running` whose process is gone (killed, host crash) become `failed`; their
+/// spool directories are removed.
+async fn mark_interrupted(repo: &Repo, spool: &Path) {
+    let Ok(backups) = repo.list_backups().await else {
+        return;
+    };
+    for mut rec in backups {
+        let dir = backup_spool(spool, &rec.id);
+        if rec.status != BackupStatus::Running || RepoLock::is_held(&dir.join("lock")) {
+            continue;
+        }
+        rec.status = BackupStatus::Failed;
+        rec.error = Some("interrupted: the backup's process ended before it finished".into());
+        match repo.put_backup(&rec).await {
+            Ok(()) => {
+                tracing::warn!(id = %rec.id, "an earlier backup was interrupted; recorded as failed")
+            }
+            Err(e) => {
+                tracing::warn!(id = %rec.id, error = %e, "could not record an interrupted backup")
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 async fn take(
     args: &BackupArgs,
     repo: &Repo,
     conn: &mut crate::pg::Connection,
+    server: &ServerInfo,
     rec: &mut BackupRecord,
 ) -> anyhow::Result<()> {
+    // Keeps the server's WAL from before the backup's checkpoint until we hold it, in case no
+    // streamer archives it.
+    let slot = format!("archiver_backup_{}", std::process::id());
+    let slot = match create_temporary_slot(conn, &slot, server.major()).await {
+        Ok(()) => Some(slot),
+        Err(e @ PgError::Server(_)) => {
+            warn!(error = %e, "could not create a temporary replication slot; the backup's WAL is not reserved on the server");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let opts = BaseBackupOptions {
         label: rec.label.clone(),
         checkpoint: match args.checkpoint {
@@ -188,24 +258,36 @@ async fn take(
         .context("verifying the archives against the backup manifest")?;
     info!(files = n, "all files match the backup manifest");
 
-    wait_for_wal(args, repo, r.start_tli, r.start_lsn, r.stop_lsn).await
+    let fetch = WalFetch {
+        tli: r.start_tli,
+        start: r.start_lsn,
+        stop: r.stop_lsn,
+        slot: slot.as_deref(),
+        sysid: server.system.system_identifier,
+        major: server.major(),
+        compress_level: args.compress,
+        partial_grace: Duration::from_secs(10),
+    };
+    wait_for_wal(args, repo, conn, &fetch, &rec.id).await
 }
 
-/// The backup is usable only with the WAL from its start to its stop. `archiver stream` into the
-/// same repository puts it there; wait for it.
+/// The backup is usable only with the WAL from its start to its stop. If `archiver stream` runs
+/// into the repository, wait for it to archive that WAL; otherwise fetch it over `conn`.
 async fn wait_for_wal(
     args: &BackupArgs,
     repo: &Repo,
-    tli: TimeLineId,
-    start: Lsn,
-    stop: Lsn,
+    conn: &mut crate::pg::Connection,
+    f: &WalFetch<'_>,
+    id: &str,
 ) -> anyhow::Result<()> {
     let seg = repo.seg_size();
-    let first = SegmentName::containing(tli, start, seg);
-    let last = SegmentName::containing(tli, Lsn(stop.0.saturating_sub(1)), seg);
+    let first = SegmentName::containing(f.tli, f.start, seg);
+    let last = SegmentName::containing(f.tli, Lsn(f.stop.0.saturating_sub(1)), seg);
     let deadline = Instant::now() + args.wal_timeout;
-    let lock_path = args.repo.repo.join(SPOOL_DIR).join("stream.lock");
+    let spool = args.repo.repo.join(SPOOL_DIR);
+    let lock_path = spool.join("stream.lock");
     let mut next = first;
+    let mut fetched_once = false;
     loop {
         while next.segno <= last.segno && repo.storage().exists(&wal_segment_key(&next)).await? {
             next = next.next();
@@ -214,12 +296,32 @@ async fn wait_for_wal(
             info!(from = %first, to = %last, "the repository holds the backup's WAL");
             return Ok(());
         }
-        // Nobody streams into this repository: the WAL will never arrive.
-        let streaming = matches!(RepoLock::acquire(&lock_path), Err(LockError::Busy { .. }));
-        if !streaming {
-            anyhow::bail!(
-                "the repository lacks WAL segment {next} (needed from {first} to {last}) and no `archiver stream` is running into it; start one and take the backup again"
-            );
+        if !RepoLock::is_held(&lock_path) {
+            if fetched_once {
+                anyhow::bail!(
+                    "WAL segment {next} is still missing after fetching the backup's WAL"
+                );
+            }
+            fetched_once = true;
+            info!(missing = %next, "no `archiver stream` runs into this repository; fetching the backup's WAL");
+            let fetched = tokio::time::timeout(
+                args.wal_timeout,
+                fetch_wal(conn, repo, &backup_spool(&spool, id), f),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "timed out after {:?} fetching the backup's WAL (up to {})",
+                    args.wal_timeout,
+                    f.stop
+                )
+            })?
+            .context("fetching the backup's WAL")?;
+            if fetched.partial == Some(last) {
+                info!(from = %first, to = %last, "the repository holds the backup's WAL (the last segment partial)");
+                return Ok(());
+            }
+            continue;
         }
         if Instant::now() > deadline {
             anyhow::bail!(

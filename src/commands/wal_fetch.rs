@@ -51,13 +51,27 @@ fn key_for(walfile: &str, seg_size: u64) -> Option<String> {
 async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
     let storage = args.repo.storage()?;
     let repo = Repo::open(storage, &args.repo.name()).await?;
-    let Some(key) = key_for(&args.walfile, repo.seg_size()) else {
+    let Some(mut key) = key_for(&args.walfile, repo.seg_size()) else {
         return Ok(Some(Outcome::Missing(format!(
             "{} is not a WAL segment or history file name; nothing fetched",
             args.walfile
         ))));
     };
-    let obj = match repo.storage().get(&key).await {
+    let mut obj = repo.storage().get(&key).await;
+    if matches!(obj, Err(StorageError::NotFound(_))) {
+        // Only the first part of the segment is archived (a timeline's or a standby backup's
+        // last segment): serve it zero-filled, as PostgreSQL's own `.partial` files are. Recovery
+        // replays up to where the WAL ends and no further.
+        if let Some(seg) = SegmentName::parse(&args.walfile, repo.seg_size()) {
+            let pkey = partial_segment_key(&seg);
+            if let Ok(o) = repo.storage().get(&pkey).await {
+                tracing::info!(walfile = %args.walfile, "serving the archived partial segment");
+                obj = Ok(o);
+                key = pkey;
+            }
+        }
+    }
+    let obj = match obj {
         Ok(o) => o,
         Err(StorageError::NotFound(_)) => {
             return Ok(Some(Outcome::Missing(format!(

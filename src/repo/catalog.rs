@@ -71,7 +71,12 @@ pub fn backup_id(t: std::time::SystemTime) -> String {
 impl Repo {
     /// A backup id for `t` not used yet in this repository: `backup_id(t)`, or with `-2`, `-3`…
     /// appended when backups start within the same second (still sorting in start order).
-    pub async fn new_backup_id(&self, t: std::time::SystemTime) -> Result<String, RepoError> {
+    /// `reserved(id)` says an id is being claimed by another process that has no record yet.
+    pub async fn new_backup_id(
+        &self,
+        t: std::time::SystemTime,
+        reserved: impl Fn(&str) -> bool,
+    ) -> Result<String, RepoError> {
         let base = backup_id(t);
         let mut n = 1;
         loop {
@@ -80,7 +85,7 @@ impl Repo {
             } else {
                 format!("{base}-{n}")
             };
-            if !self.storage().exists(&catalog_key(&id)).await? {
+            if !reserved(&id) && !self.storage().exists(&catalog_key(&id)).await? {
                 return Ok(id);
             }
             n += 1;

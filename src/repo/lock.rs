@@ -61,6 +61,17 @@ impl RepoLock {
         })
     }
 
+    /// Whether some process holds the lock at `path` (a probe that never writes the file, and
+    /// holds nothing after it returns).
+    pub fn is_held(path: &Path) -> bool {
+        let Ok(file) = File::open(path) else {
+            return false;
+        };
+        // SAFETY: flock on a file descriptor we own; released when `file` closes.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -79,7 +90,10 @@ mod tests {
             Err(LockError::Busy { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
             other => panic!("expected Busy, got {other:?}"),
         }
+        assert!(RepoLock::is_held(&p));
         drop(a);
+        assert!(!RepoLock::is_held(&p));
+        assert!(!RepoLock::is_held(&dir.path().join("absent")));
         RepoLock::acquire(&p).unwrap();
     }
 }

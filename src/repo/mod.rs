@@ -260,6 +260,35 @@ impl Repo {
             .collect())
     }
 
+    /// The last segment of the unbroken run of complete segments that starts at `from` (None if
+    /// `from` itself is not archived). Segments archived out of order — a backup fetching its own
+    /// WAL while no streamer runs — must not make the streamer skip what lies before them.
+    pub async fn contiguous_end(
+        &self,
+        from: SegmentName,
+    ) -> Result<Option<SegmentName>, RepoError> {
+        let mut segs: Vec<SegmentName> = self
+            .wal_objects()
+            .await?
+            .into_iter()
+            .filter_map(|o| match o {
+                WalObject::Segment(s) if s.segno >= from.segno && s.tli >= from.tli => Some(s),
+                _ => None,
+            })
+            .collect();
+        segs.sort_by_key(|s| (s.segno, s.tli));
+        let mut end: Option<SegmentName> = None;
+        for s in segs {
+            let want = end.map_or(from.segno, |e| e.segno + 1);
+            if s.segno == want || end.is_some_and(|e| e.segno == s.segno) {
+                end = Some(s);
+            } else if s.segno > want {
+                break;
+            }
+        }
+        Ok(end)
+    }
+
     /// The newest complete segment, by position then timeline.
     pub async fn last_complete_segment(&self) -> Result<Option<SegmentName>, RepoError> {
         Ok(self

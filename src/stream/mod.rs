@@ -101,11 +101,13 @@ pub struct StartPoint {
     pub lsn: Lsn,
 }
 
-/// Chooses the start: the spool's partial segment, else the segment after the newest archived
-/// one, else (a new repository) the slot's `restart_lsn`, else the server's current position —
-/// always rounded down to a segment boundary.
+/// Chooses the start. `resume`: the segment this streamer continues with (its spool partial, or
+/// the segment it recorded as next); `last_complete`: the end of the unbroken run of archived
+/// segments from `resume` (without `resume`: the newest archived segment). Start at `resume`,
+/// or after `last_complete` when that covers it, else (a new repository) at the slot's
+/// `restart_lsn`, else at the server's current position — always at a segment boundary.
 pub fn plan_start(
-    partial: Option<SegmentName>,
+    resume: Option<SegmentName>,
     last_complete: Option<SegmentName>,
     slot: Option<(Lsn, Option<TimeLineId>)>,
     server: &SystemInfo,
@@ -115,7 +117,7 @@ pub fn plan_start(
         tli: c.tli,
         lsn: c.end_lsn(),
     };
-    match (partial, last_complete) {
+    match (resume, last_complete) {
         (Some(p), Some(c)) if (c.segno, c.tli) >= (p.segno, p.tli) => next_after(c),
         (Some(p), _) => StartPoint {
             tli: p.tli,
@@ -144,6 +146,7 @@ pub async fn recover_spool(repo: &Repo, spool: &Spool, level: i32) -> Result<(),
         if let SpoolEntry::Complete(seg) = e {
             info!(segment = %seg, "publishing a complete segment left in the spool");
             publisher::publish_segment(repo, spool, seg, level).await?;
+            publisher::record_next(spool, seg).await?;
         }
     }
     Ok(())
@@ -186,9 +189,19 @@ async fn prepare(
         SpoolEntry::Partial(s) => Some(*s),
         _ => None,
     });
-    let last = repo.last_complete_segment().await?;
+    // Resume where this streamer stopped (its partial, or the segment it recorded as next),
+    // after whatever unbroken run of archived segments follows: segments a backup archived
+    // further ahead must not hide a gap.
+    let resume = [partial, spool.recorded_next()]
+        .into_iter()
+        .flatten()
+        .max_by_key(|s| (s.segno, s.tli));
+    let last = match resume {
+        Some(r) => repo.contiguous_end(r).await?,
+        None => repo.last_complete_segment().await?,
+    };
     let start = plan_start(
-        partial,
+        resume,
         last,
         slot.as_ref()
             .and_then(|s| s.restart_lsn.map(|l| (l, s.restart_tli))),
@@ -213,7 +226,7 @@ async fn prepare(
             );
         }
     }
-    info!(tli = start.tli, start = %start.lsn, resumed = last.is_some() || partial.is_some(), "streaming start point");
+    info!(tli = start.tli, start = %start.lsn, resumed = last.is_some() || resume.is_some(), "streaming start point");
     Ok(start)
 }
 

@@ -55,6 +55,15 @@ pub async fn publish_segment(
     Ok(())
 }
 
+/// Records (durably) that the streamer's next segment follows `seg`.
+pub async fn record_next(spool: &Spool, seg: SegmentName) -> Result<(), StreamError> {
+    let s = spool.clone();
+    tokio::task::spawn_blocking(move || s.record_next(seg.next()))
+        .await
+        .expect("spool task panicked")
+        .map_err(|e| StreamError::io("recording the stream position", e))
+}
+
 /// A background publisher fed through a bounded channel.
 pub struct Publisher {
     tx: mpsc::Sender<SegmentName>,
@@ -68,6 +77,7 @@ impl Publisher {
             let mut n = 0;
             while let Some(seg) = rx.recv().await {
                 publish_segment(&repo, &spool, seg, level).await?;
+                record_next(&spool, seg).await?;
                 n += 1;
             }
             Ok(n)

@@ -24,6 +24,11 @@ pub enum SpoolEntry {
 /// A zero-filled, fsync'd segment-sized file waiting to become the next `.partial`.
 const PREALLOC_NAME: &str = ".next-segment.prealloc";
 
+/// The segment the streamer needs next, recorded each time it publishes one: where it resumes
+/// even when the stop fell on a segment boundary (no `.partial`) and segments further ahead were
+/// archived by someone else (a backup fetching its own WAL).
+const NEXT_NAME: &str = "stream.next";
+
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
@@ -165,6 +170,17 @@ impl Spool {
         std::fs::rename(self.partial_path(&f.seg), self.complete_path(&f.seg))?;
         fsync_dir(&self.dir)?;
         Ok(f.seg)
+    }
+
+    /// Durably records that everything before `seg` is archived by this streamer.
+    pub fn record_next(&self, seg: SegmentName) -> std::io::Result<()> {
+        crate::storage::fs::write_atomic(&self.dir.join(NEXT_NAME), format!("{seg}\n").as_bytes())
+    }
+
+    /// The segment recorded by [`Spool::record_next`], if any.
+    pub fn recorded_next(&self) -> Option<SegmentName> {
+        let s = std::fs::read_to_string(self.dir.join(NEXT_NAME)).ok()?;
+        SegmentName::parse(s.trim(), self.seg_size)
     }
 
     /// Reads the first `len` bytes of a spool file.

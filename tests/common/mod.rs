@@ -273,6 +273,36 @@ impl Pg {
         }
     }
 
+    /// A started standby of `primary`, made with `pg_basebackup -R`.
+    pub fn standby_of(root: &TestDir, name: &str, primary: &Pg) -> Pg {
+        let sdata = root.join(name);
+        std::fs::create_dir(&sdata).unwrap();
+        chown_pg(&sdata);
+        std::fs::set_permissions(&sdata, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let out = pg_command(pg_bin().join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-c",
+                "fast",
+                "-p",
+            ])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&sdata)
+            .output()
+            .unwrap();
+        must(out, "pg_basebackup");
+        let mut standby = Pg::adopt(root, name, sdata);
+        standby.start();
+        standby
+    }
+
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
