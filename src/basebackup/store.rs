@@ -15,7 +15,7 @@ use super::run::{BackupError, BackupSink, TablespaceInfo};
 use super::tar::{TarEvent, TarReader};
 use crate::repo::catalog::BackupObject;
 use crate::repo::layout::backup_object_key;
-use crate::repo::object::{ObjectKind, StreamEncoder};
+use crate::repo::object::{ObjectKind, PassthroughEncoder, StreamEncoder};
 use crate::repo::Repo;
 use crate::storage::ObjectWriter;
 
@@ -26,10 +26,18 @@ const WRITE_CHUNK: usize = 4 << 20;
 #[error("{0}")]
 struct SinkError(String);
 
+/// How an object's stored bytes are made.
+enum Coder {
+    /// Raw bytes arrive; we compress.
+    Compress(StreamEncoder),
+    /// The server compressed (`--server-compress`); stored as they come, decoded to verify.
+    Pass(PassthroughEncoder),
+}
+
 struct Current {
     key: String,
     writer: Box<dyn ObjectWriter>,
-    enc: StreamEncoder,
+    enc: Coder,
     pending: Vec<u8>,
     tar: Option<TarReader>,
 }
@@ -39,6 +47,8 @@ pub struct StoreSink {
     id: String,
     level: i32,
     workers: u32,
+    /// Archives arrive zstd-compressed by the server.
+    server_compressed: bool,
     cur: Option<Current>,
     pub objects: Vec<BackupObject>,
     pub digests: FileDigests,
@@ -53,7 +63,7 @@ pub struct StoreSink {
 }
 
 impl StoreSink {
-    pub fn new(repo: Repo, id: &str, level: i32) -> Self {
+    pub fn new(repo: Repo, id: &str, level: i32, server_compressed: bool) -> Self {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1);
@@ -62,6 +72,7 @@ impl StoreSink {
             id: id.to_string(),
             level,
             workers,
+            server_compressed,
             cur: None,
             objects: Vec::new(),
             digests: FileDigests::new(),
@@ -84,8 +95,15 @@ impl StoreSink {
             .writer(&key)
             .await
             .map_err(BackupError::sink)?;
-        let enc = StreamEncoder::new(ObjectKind::Other, self.level, self.workers)
-            .map_err(BackupError::sink)?;
+        // The manifest always comes uncompressed.
+        let enc = if tar && self.server_compressed {
+            Coder::Pass(PassthroughEncoder::new(ObjectKind::Other).map_err(BackupError::sink)?)
+        } else {
+            Coder::Compress(
+                StreamEncoder::new(ObjectKind::Other, self.level, self.workers)
+                    .map_err(BackupError::sink)?,
+            )
+        };
         self.cur = Some(Current {
             key,
             writer,
@@ -109,7 +127,11 @@ impl StoreSink {
                 ))));
             }
         }
-        let (tail, info) = c.enc.finish().map_err(BackupError::sink)?;
+        let (tail, info) = match c.enc {
+            Coder::Compress(e) => e.finish(),
+            Coder::Pass(p) => p.finish(),
+        }
+        .map_err(BackupError::sink)?;
         c.pending.extend_from_slice(&tail);
         c.writer
             .write(Bytes::from(c.pending))
@@ -129,6 +151,9 @@ impl StoreSink {
 #[async_trait]
 impl BackupSink for StoreSink {
     async fn new_archive(&mut self, name: &str, _tablespace_path: &str) -> Result<(), BackupError> {
+        // A server-compressed archive is announced as `base.tar.zst`; the object is
+        // `base.tar.zst` either way.
+        let name = name.strip_suffix(".zst").unwrap_or(name);
         self.open(name, true).await?;
         let oid = name
             .strip_suffix(".tar")
@@ -148,11 +173,18 @@ impl BackupSink for StoreSink {
             .cur
             .as_mut()
             .expect("data only after an archive started");
+        let raw: &[u8] = match &mut c.enc {
+            Coder::Compress(e) => {
+                e.push(&data, &mut c.pending).map_err(BackupError::sink)?;
+                &data
+            }
+            Coder::Pass(p) => p.push(&data, &mut c.pending).map_err(BackupError::sink)?,
+        };
         if let Some(t) = c.tar.as_mut() {
             let digests = &mut self.digests;
             let label = &mut self.backup_label;
             let capturing = &mut self.capturing_label;
-            t.feed(&data, &mut |e| {
+            t.feed(raw, &mut |e| {
                 match &e {
                     TarEvent::Entry { path, .. } => *capturing = path == "backup_label",
                     TarEvent::Data(d) if *capturing => label.extend_from_slice(d),
@@ -165,11 +197,8 @@ impl BackupSink for StoreSink {
             .map_err(BackupError::sink)?;
         }
         if self.in_manifest {
-            self.manifest.extend_from_slice(&data);
+            self.manifest.extend_from_slice(raw);
         }
-        c.enc
-            .push(&data, &mut c.pending)
-            .map_err(BackupError::sink)?;
         if c.pending.len() >= WRITE_CHUNK {
             let chunk = std::mem::replace(&mut c.pending, Vec::with_capacity(WRITE_CHUNK * 2));
             c.writer

@@ -51,6 +51,11 @@ pub struct BackupArgs {
     /// zstd level for the stored archives.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     compress: i32,
+    /// Have the server compress the archives with zstd (at `--compress`'s level) and store its
+    /// output as it comes: less network traffic, the compression on the server's CPUs. archiver
+    /// still decompresses on the side to check every file against the manifest.
+    #[arg(long)]
+    server_compress: bool,
     /// How long to wait for the repository to hold the backup's WAL.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     wal_timeout: Duration,
@@ -222,9 +227,9 @@ async fn take(
             CheckpointArg::Spread => Checkpoint::Spread,
         },
         max_rate_kb: args.max_rate,
-        server_zstd_level: None,
+        server_zstd_level: args.server_compress.then_some(args.compress),
     };
-    let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress);
+    let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress, args.server_compress);
     let r = base_backup(conn, &opts, &mut sink)
         .await
         .context("BASE_BACKUP")?;

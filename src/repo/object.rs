@@ -270,6 +270,66 @@ impl StreamEncoder {
     }
 }
 
+/// For content that arrives already zstd-compressed (a server-compressed base backup): the
+/// compressed bytes are stored as they come, and decompressed on the side only to hash the raw
+/// content (and hand it to the caller, e.g. to check files against a manifest). The object is
+/// the sender's zstd frames followed by the usual trailer.
+pub struct PassthroughEncoder {
+    dec: zstd::stream::raw::Decoder<'static>,
+    hasher: Hasher,
+    kind: ObjectKind,
+    raw: Vec<u8>,
+    ended_frame: bool,
+}
+
+impl PassthroughEncoder {
+    pub fn new(kind: ObjectKind) -> Result<Self, ObjectError> {
+        Ok(PassthroughEncoder {
+            dec: zstd::stream::raw::Decoder::new()?,
+            hasher: Hasher::default(),
+            kind,
+            raw: Vec::with_capacity(1 << 20),
+            ended_frame: true,
+        })
+    }
+
+    /// Appends `compressed` to `out` unchanged and returns the raw bytes it decodes to (valid
+    /// until the next call). Damaged input is an error.
+    pub fn push(&mut self, compressed: &[u8], out: &mut Vec<u8>) -> Result<&[u8], ObjectError> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        out.extend_from_slice(compressed);
+        self.raw.clear();
+        let mut input = InBuffer::around(compressed);
+        let mut chunk = [0u8; 128 * 1024];
+        loop {
+            let mut output = OutBuffer::around(&mut chunk[..]);
+            let hint = self
+                .dec
+                .run(&mut input, &mut output)
+                .map_err(|e| ObjectError::Corrupt(format!("zstd from the server: {e}")))?;
+            let n = output.pos();
+            self.raw.extend_from_slice(&chunk[..n]);
+            self.ended_frame = hint == 0;
+            if input.pos() == compressed.len() && n < chunk.len() {
+                break;
+            }
+        }
+        self.hasher.update(&self.raw);
+        Ok(&self.raw)
+    }
+
+    /// Ends the object: the trailer (the sender's frames must be complete) and the info.
+    pub fn finish(self) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
+        if !self.ended_frame {
+            return Err(ObjectError::Corrupt(
+                "the compressed stream ended inside a zstd frame".into(),
+            ));
+        }
+        let info = self.hasher.finish(self.kind);
+        Ok((info.trailer().to_vec(), info))
+    }
+}
+
 /// Decodes into a new `Vec`.
 pub fn decode_bytes(obj: &[u8]) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
     let mut out = Vec::new();
@@ -283,6 +343,42 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         (0..200_000u32).map(|i| ((i / 7) % 256) as u8).collect()
+    }
+
+    #[test]
+    fn passthrough_stores_the_senders_frames_and_hashes_the_raw_bytes() {
+        let raw = sample();
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 5).unwrap();
+        enc.include_checksum(true).unwrap();
+        enc.write_all(&raw).unwrap();
+        let compressed = enc.finish().unwrap();
+        let mut p = PassthroughEncoder::new(ObjectKind::Other).unwrap();
+        let mut obj = Vec::new();
+        let mut seen = Vec::new();
+        for c in compressed.chunks(1000) {
+            seen.extend_from_slice(p.push(c, &mut obj).unwrap());
+        }
+        assert_eq!(seen, raw);
+        assert_eq!(obj, compressed);
+        let (tail, info) = p.finish().unwrap();
+        obj.extend_from_slice(&tail);
+        let (back, info2) = decode_bytes(&obj).unwrap();
+        assert_eq!(back, raw);
+        assert_eq!(info, info2);
+
+        // Truncated mid-frame, or damaged (the frame checksum catches it): refused.
+        let mut p = PassthroughEncoder::new(ObjectKind::Other).unwrap();
+        p.push(&compressed[..compressed.len() / 2], &mut Vec::new())
+            .unwrap();
+        assert!(p.finish().is_err());
+        let mut bad = compressed.clone();
+        bad[compressed.len() / 2] ^= 0xff;
+        let mut p = PassthroughEncoder::new(ObjectKind::Other).unwrap();
+        let r = p
+            .push(&bad, &mut Vec::new())
+            .map(|_| ())
+            .and_then(|_| p.finish().map(|_| ()));
+        assert!(r.is_err());
     }
 
     #[test]
