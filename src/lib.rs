@@ -2,11 +2,12 @@
 //!
 //! Module map: `pg` (our replication-protocol client), `wal` (LSNs, segment names, timelines,
 //! page checks), `storage` (the object-store trait and its backends), `repo` (repository layout,
-//! object format, lock), `stream` (the WAL receiver), `commands` (one file per CLI command).
+//! object format, lock), `stream` (the WAL receiver), `basebackup`, `progress` (bars and progress lines), `commands` (one file per CLI command).
 
 pub mod basebackup;
 pub mod commands;
 pub mod pg;
+pub mod progress;
 pub mod repo;
 pub mod retry;
 pub mod storage;

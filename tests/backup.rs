@@ -456,3 +456,82 @@ fn backup_from_a_standby_restores_as_a_cluster() {
     assert_eq!(restored.psql("select t from marker"), "on the standby");
     pgbench_consistent(&restored);
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    /// None when this process may not mount (not root, or no CAP_SYS_ADMIN in a container).
+    fn mount(at: &Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| SmallFs(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// How a full disk is tested: the repository lives on a 24 MB tmpfs mounted for the test, and the
+/// database holds ~40 MB of incompressible data, so the backup's first object cannot fit.
+#[test]
+fn backup_into_a_full_disk_fails_cleanly() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = TestDir::new();
+    let Some(fs) = SmallFs::mount(&dir.join("small"), "24m") else {
+        eprintln!("skipped: this environment does not allow mounting a tmpfs");
+        return;
+    };
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    pg.psql(
+        "create extension pgcrypto; create table r (b bytea); \
+         insert into r select gen_random_bytes(1000) from generate_series(1, 40000)",
+    );
+    let repo = fs.0.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        &r,
+        "-d",
+        &pg.conninfo("postgres"),
+        "--checkpoint",
+        "fast",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("base.tar"),
+        "the error names the object: {err}"
+    );
+    // Recorded failed, never complete; the half-written object is gone and the space free again.
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["status"], "failed", "{list}");
+    let id = list[0]["id"].as_str().unwrap();
+    let left: Vec<_> = std::fs::read_dir(repo.join("backups").join(id))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(pg.psql("select count(*) from pg_replication_slots") == "0");
+    drop(fs);
+}

@@ -56,11 +56,38 @@ struct RawManifest {
     wal_ranges: Vec<RawRange>,
 }
 
+/// The per-file checksums archiver asks the server for and checks (`MANIFEST_CHECKSUMS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChecksumAlgorithm {
+    /// CRC-32C, PostgreSQL's default: hardware-accelerated on both sides, enough to catch
+    /// damage (each archive object also carries its own SHA-256).
+    Crc32c,
+    Sha256,
+}
+
+impl ChecksumAlgorithm {
+    /// The manifest's and the command's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChecksumAlgorithm::Crc32c => "CRC32C",
+            ChecksumAlgorithm::Sha256 => "SHA256",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "CRC32C" => Some(ChecksumAlgorithm::Crc32c),
+            "SHA256" => Some(ChecksumAlgorithm::Sha256),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEntry {
     pub size: u64,
-    /// SHA-256 in hex, when the manifest uses SHA256 checksums.
-    pub sha256: Option<String>,
+    /// The file's checksum in lowercase hex, when the manifest has one we can check.
+    pub checksum: Option<(ChecksumAlgorithm, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,15 +143,16 @@ impl Manifest {
                 }
                 (None, None) => return Err(invalid("a file without a path".into())),
             };
-            let sha256 = match f.algorithm.as_deref() {
-                Some("SHA256") => f.checksum.map(|c| c.to_ascii_lowercase()),
-                _ => None,
-            };
+            let checksum = f
+                .algorithm
+                .as_deref()
+                .and_then(ChecksumAlgorithm::parse)
+                .zip(f.checksum.map(|c| c.to_ascii_lowercase()));
             files.insert(
                 path,
                 FileEntry {
                     size: f.size,
-                    sha256,
+                    checksum,
                 },
             );
         }
@@ -149,18 +177,55 @@ impl Manifest {
     }
 }
 
-/// Size and SHA-256 of every regular file of the streamed archives, collected as tar events
+/// A running checksum of one file.
+enum FileHasher {
+    Crc32c(u32),
+    Sha256(Box<Sha256>),
+}
+
+impl FileHasher {
+    fn new(algo: ChecksumAlgorithm) -> Self {
+        match algo {
+            ChecksumAlgorithm::Crc32c => FileHasher::Crc32c(0),
+            ChecksumAlgorithm::Sha256 => FileHasher::Sha256(Box::default()),
+        }
+    }
+
+    fn update(&mut self, d: &[u8]) {
+        match self {
+            FileHasher::Crc32c(c) => *c = crc32c::crc32c_append(*c, d),
+            FileHasher::Sha256(h) => h.update(d),
+        }
+    }
+
+    /// Hex as PostgreSQL writes it: a CRC-32C is its four bytes in memory order
+    /// (`pg_checksum_final` copies the `uint32`), i.e. little-endian on every supported platform
+    /// we run on.
+    fn finish(self) -> String {
+        match self {
+            FileHasher::Crc32c(c) => hex::encode(c.to_le_bytes()),
+            FileHasher::Sha256(h) => hex::encode(h.finalize()),
+        }
+    }
+}
+
+/// Size and checksum of every regular file of the streamed archives, collected as tar events
 /// arrive (the manifest comes last), then checked with [`Manifest::verify`].
-#[derive(Debug, Default)]
 pub struct FileDigests {
+    algo: ChecksumAlgorithm,
     files: HashMap<String, (u64, String)>,
-    cur: Option<(String, Sha256, u64)>,
+    cur: Option<(String, FileHasher, u64)>,
     prefix: String,
 }
 
 impl FileDigests {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(algo: ChecksumAlgorithm) -> Self {
+        FileDigests {
+            algo,
+            files: HashMap::new(),
+            cur: None,
+            prefix: String::new(),
+        }
     }
 
     /// A new archive: `base.tar` holds paths as they are; a tablespace archive `<oid>.tar` holds
@@ -177,7 +242,13 @@ impl FileDigests {
                 path,
                 kind: EntryKind::File,
                 ..
-            } => self.cur = Some((format!("{}{path}", self.prefix), Sha256::new(), 0)),
+            } => {
+                self.cur = Some((
+                    format!("{}{path}", self.prefix),
+                    FileHasher::new(self.algo),
+                    0,
+                ))
+            }
             TarEvent::Entry { .. } => self.cur = None,
             TarEvent::Data(d) => {
                 if let Some((_, h, n)) = self.cur.as_mut() {
@@ -187,7 +258,7 @@ impl FileDigests {
             }
             TarEvent::EntryEnd => {
                 if let Some((path, h, n)) = self.cur.take() {
-                    self.files.insert(path, (n, hex::encode(h.finalize())));
+                    self.files.insert(path, (n, h.finish()));
                 }
             }
         }
@@ -195,10 +266,11 @@ impl FileDigests {
 }
 
 impl Manifest {
-    /// Every file received matches the manifest (size, SHA-256) and none is missing. Returns the
-    /// number of files checked.
+    /// Every file received matches the manifest (size, checksum) and none is missing. Returns
+    /// the number of files checked. A manifest checksum of another algorithm than the one
+    /// computed is an error (the server was asked for that one).
     pub fn verify(&self, got: &FileDigests) -> Result<usize, ManifestError> {
-        for (path, (size, sha)) in &got.files {
+        for (path, (size, sum)) in &got.files {
             let entry = self
                 .files
                 .get(path)
@@ -212,12 +284,27 @@ impl Manifest {
                     reason: format!("{size} bytes, the manifest says {}", entry.size),
                 });
             }
-            if let Some(want) = &entry.sha256 {
-                if want != sha {
+            match &entry.checksum {
+                Some((algo, want)) if *algo == got.algo => {
+                    if want != sum {
+                        return Err(ManifestError::FileMismatch {
+                            path: path.clone(),
+                            reason: format!(
+                                "{} {sum}, the manifest says {want}",
+                                algo.name().to_ascii_lowercase()
+                            ),
+                        });
+                    }
+                }
+                other => {
                     return Err(ManifestError::FileMismatch {
                         path: path.clone(),
-                        reason: format!("sha256 {sha}, the manifest says {want}"),
-                    });
+                        reason: format!(
+                            "the manifest has no {} checksum for it ({:?})",
+                            got.algo.name(),
+                            other.as_ref().map(|(a, _)| a.name())
+                        ),
+                    })
                 }
             }
         }

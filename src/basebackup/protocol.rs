@@ -4,6 +4,8 @@
 
 use bytes::{Buf, Bytes};
 
+use super::manifest::ChecksumAlgorithm;
+
 /// `CHECKPOINT 'fast' | 'spread'`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Checkpoint {
@@ -20,6 +22,8 @@ pub struct BaseBackupOptions {
     pub max_rate_kb: Option<u32>,
     /// Ask the server to compress with zstd at this level.
     pub server_zstd_level: Option<i32>,
+    /// The manifest's per-file checksums.
+    pub manifest_checksums: ChecksumAlgorithm,
 }
 
 /// Quotes a string literal for a replication command (`'` doubled; no backslash escapes, as
@@ -45,7 +49,7 @@ impl BaseBackupOptions {
             "WAL false".to_string(),
             "WAIT false".to_string(),
             "MANIFEST 'yes'".to_string(),
-            "MANIFEST_CHECKSUMS 'SHA256'".to_string(),
+            format!("MANIFEST_CHECKSUMS '{}'", self.manifest_checksums.name()),
             "TABLESPACE_MAP".to_string(),
         ];
         if let Some(r) = self.max_rate_kb {
@@ -139,6 +143,7 @@ mod tests {
             checkpoint: Checkpoint::Fast,
             max_rate_kb: Some(1024),
             server_zstd_level: Some(3),
+            manifest_checksums: ChecksumAlgorithm::Sha256,
         };
         assert_eq!(
             o.command(),
@@ -151,8 +156,10 @@ mod tests {
             checkpoint: Checkpoint::Spread,
             max_rate_kb: None,
             server_zstd_level: None,
+            manifest_checksums: ChecksumAlgorithm::Crc32c,
         };
         assert!(o.command().contains("CHECKPOINT 'spread'") && !o.command().contains("MAX_RATE"));
+        assert!(o.command().contains("MANIFEST_CHECKSUMS 'CRC32C'"));
     }
 
     #[test]

@@ -4,20 +4,21 @@
 //! and zstd's windows, whatever the database size. It also collects each file's digest for the
 //! manifest check and the server's `backup_label`.
 
-use std::time::Instant;
-
 use async_trait::async_trait;
 use bytes::Bytes;
-use tracing::info;
 
-use super::manifest::FileDigests;
+use super::manifest::{ChecksumAlgorithm, FileDigests};
 use super::run::{BackupError, BackupSink, TablespaceInfo};
 use super::tar::{TarEvent, TarReader};
+use crate::progress::Progress;
 use crate::repo::catalog::BackupObject;
 use crate::repo::layout::backup_object_key;
 use crate::repo::object::{ObjectKind, PassthroughEncoder, StreamEncoder};
 use crate::repo::Repo;
 use crate::storage::ObjectWriter;
+
+/// The per-file checksums asked of the server and checked here.
+pub const MANIFEST_CHECKSUMS: ChecksumAlgorithm = ChecksumAlgorithm::Crc32c;
 
 /// Compressed bytes are handed to storage in chunks of at least this size.
 const WRITE_CHUNK: usize = 4 << 20;
@@ -56,10 +57,7 @@ pub struct StoreSink {
     pub backup_label: Vec<u8>,
     capturing_label: bool,
     in_manifest: bool,
-    /// Expected total bytes (from the tablespace sizes), for progress.
-    pub total: u64,
-    done: u64,
-    last_log: Instant,
+    progress: Progress,
 }
 
 impl StoreSink {
@@ -75,14 +73,12 @@ impl StoreSink {
             server_compressed,
             cur: None,
             objects: Vec::new(),
-            digests: FileDigests::new(),
+            digests: FileDigests::new(MANIFEST_CHECKSUMS),
             manifest: Vec::new(),
             backup_label: Vec::new(),
             capturing_label: false,
             in_manifest: false,
-            total: 0,
-            done: 0,
-            last_log: Instant::now(),
+            progress: Progress::new("backup"),
         }
     }
 
@@ -116,6 +112,9 @@ impl StoreSink {
 
     /// Finishes the current object: flush, trailer, publish, record.
     pub async fn close(&mut self) -> Result<(), BackupError> {
+        if self.in_manifest {
+            self.progress.finish();
+        }
         let Some(mut c) = self.cur.take() else {
             return Ok(());
         };
@@ -210,24 +209,11 @@ impl BackupSink for StoreSink {
     }
 
     fn tablespaces(&mut self, ts: &[TablespaceInfo]) {
-        self.total = ts.iter().filter_map(|t| t.size_kb).sum::<u64>() * 1024;
+        self.progress
+            .set_total(ts.iter().filter_map(|t| t.size_kb).sum::<u64>() * 1024);
     }
 
     fn progress(&mut self, done: u64) {
-        self.done = done;
-        if self.last_log.elapsed().as_secs() >= 5 {
-            self.last_log = Instant::now();
-            let pct = if self.total > 0 {
-                self.done as f64 * 100.0 / self.total as f64
-            } else {
-                0.0
-            };
-            info!(
-                done_bytes = self.done,
-                total_bytes = self.total,
-                percent = format!("{pct:.1}"),
-                "backup progress"
-            );
-        }
+        self.progress.set(done);
     }
 }

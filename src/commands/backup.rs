@@ -228,6 +228,7 @@ async fn take(
         },
         max_rate_kb: args.max_rate,
         server_zstd_level: args.server_compress.then_some(args.compress),
+        manifest_checksums: crate::basebackup::store::MANIFEST_CHECKSUMS,
     };
     let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress, args.server_compress);
     let r = base_backup(conn, &opts, &mut sink)

@@ -90,6 +90,9 @@ static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 fn init_logging(format: LogFormat, level: &str) {
     let _ = JSON_LOGS.set(matches!(format, LogFormat::Json));
+    if matches!(format, LogFormat::Json) {
+        crate::progress::disable_bars();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

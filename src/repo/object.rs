@@ -1,7 +1,13 @@
 //! The self-describing object format: a standard zstd frame (with its content checksum), then a
 //! 64-byte zstd *skippable frame* carrying archiver's trailer. `zstd -d` skips the trailer, so
-//! `zstd -d < obj > file` recovers the raw bytes without archiver; archiver checks the zstd frame
-//! checksum, the raw size, the CRC-32 (IEEE) and the SHA-256 on every read.
+//! `zstd -d < obj > file` recovers the raw bytes without archiver; archiver checks the SHA-256 of
+//! the stored body, the zstd frame checksum, the raw size and the CRC-32 (IEEE) on every read.
+//!
+//! The SHA-256 covers the stored body (every byte before the trailer), not the raw content: an
+//! object can be checked without decompressing it (`head -c -64 obj | sha256sum`), and hashing
+//! the compressed bytes costs a fraction of hashing the raw ones (a base backup of pgbench data
+//! is ~20x smaller stored). The raw content is covered by the CRC-32, the raw size and zstd's own
+//! content checksum.
 //!
 //! Trailer layout (little-endian, as zstd frames are):
 //! ```text
@@ -12,7 +18,7 @@
 //! 17  [3]  0
 //! 20  u32  crc32 of the raw bytes (IEEE, as crc32fast / zlib compute it)
 //! 24  u64  raw size in bytes
-//! 32  [32] sha256 of the raw bytes
+//! 32  [32] sha256 of the stored body (all bytes before the trailer)
 //! ```
 
 use std::io::{Read, Write};
@@ -98,7 +104,7 @@ pub enum ObjectError {
     Io(#[from] std::io::Error),
 }
 
-/// Running CRC-32 + SHA-256 + size over raw bytes.
+/// Running CRC-32 + size over the raw bytes, SHA-256 over the stored body.
 #[derive(Default)]
 pub struct Hasher {
     crc: crc32fast::Hasher,
@@ -107,10 +113,14 @@ pub struct Hasher {
 }
 
 impl Hasher {
+    /// Raw content.
     pub fn update(&mut self, b: &[u8]) {
         self.crc.update(b);
-        self.sha.update(b);
         self.size += b.len() as u64;
+    }
+    /// Stored (compressed) bytes.
+    pub fn update_stored(&mut self, b: &[u8]) {
+        self.sha.update(b);
     }
     pub fn finish(self, kind: ObjectKind) -> ObjectInfo {
         ObjectInfo {
@@ -122,6 +132,37 @@ impl Hasher {
     }
 }
 
+/// A writer that hashes what passes through it.
+struct HashingWriter<'a, W> {
+    inner: W,
+    sha: &'a mut Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.sha.update(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<'a, R> {
+    inner: R,
+    sha: &'a mut Sha256,
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(b)?;
+        self.sha.update(&b[..n]);
+        Ok(n)
+    }
+}
+
 /// Compresses everything from `raw` into `out` (zstd `level`, frame checksum on) and appends the
 /// trailer. Returns what the trailer records.
 pub fn encode<R: Read, W: Write>(
@@ -130,9 +171,16 @@ pub fn encode<R: Read, W: Write>(
     kind: ObjectKind,
     level: i32,
 ) -> Result<ObjectInfo, ObjectError> {
-    let mut enc = zstd::stream::Encoder::new(out, level)?;
-    enc.include_checksum(true)?;
     let mut hasher = Hasher::default();
+    let mut sha = Sha256::new();
+    let mut enc = zstd::stream::Encoder::new(
+        HashingWriter {
+            inner: out,
+            sha: &mut sha,
+        },
+        level,
+    )?;
+    enc.include_checksum(true)?;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = raw.read(&mut buf)?;
@@ -142,7 +190,8 @@ pub fn encode<R: Read, W: Write>(
         hasher.update(&buf[..n]);
         enc.write_all(&buf[..n])?;
     }
-    let mut out = enc.finish()?;
+    let mut out = enc.finish()?.inner;
+    hasher.sha = sha;
     let info = hasher.finish(kind);
     out.write_all(&info.trailer())?;
     Ok(info)
@@ -187,38 +236,54 @@ pub fn decode_body<R: Read, W: Write>(
     info: &ObjectInfo,
     mut out: W,
 ) -> Result<(), ObjectError> {
-    let mut dec =
-        zstd::stream::Decoder::new(body).map_err(|e| ObjectError::Corrupt(format!("zstd: {e}")))?;
+    let mut sha = Sha256::new();
     let mut hasher = Hasher::default();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match dec.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) => return Err(ObjectError::Corrupt(format!("zstd: {e}"))),
+    {
+        let reader = HashingReader {
+            inner: body,
+            sha: &mut sha,
         };
-        if n == 0 {
-            break;
+        let mut dec = zstd::stream::Decoder::new(reader)
+            .map_err(|e| ObjectError::Corrupt(format!("zstd: {e}")))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match dec.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => return Err(ObjectError::Corrupt(format!("zstd: {e}"))),
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if hasher.size > info.raw_size {
+                return Err(ObjectError::Corrupt(
+                    "more data than the trailer records".into(),
+                ));
+            }
+            out.write_all(&buf[..n])?;
         }
-        hasher.update(&buf[..n]);
-        if hasher.size > info.raw_size {
-            return Err(ObjectError::Corrupt(
-                "more data than the trailer records".into(),
-            ));
-        }
-        out.write_all(&buf[..n])?;
+        // Whatever the decoder left unread still belongs to the body's hash.
+        std::io::copy(&mut dec.finish(), &mut std::io::sink())?;
     }
+    hasher.sha = sha;
     let got = hasher.finish(info.kind);
+    if got.sha256 != info.sha256 {
+        return Err(ObjectError::Corrupt(format!(
+            "checksum mismatch: the stored bytes hash to sha256 {}, the trailer records {}",
+            got.sha256_hex(),
+            info.sha256_hex()
+        )));
+    }
     if got.raw_size != info.raw_size {
         return Err(ObjectError::Corrupt(format!(
             "size {} does not match the recorded {}",
             got.raw_size, info.raw_size
         )));
     }
-    if got.crc32 != info.crc32 || got.sha256 != info.sha256 {
+    if got.crc32 != info.crc32 {
         return Err(ObjectError::Corrupt(format!(
-            "checksum mismatch: sha256 {} recorded, {} computed",
-            info.sha256_hex(),
-            got.sha256_hex()
+            "checksum mismatch: the content's crc32 is {:08x}, the trailer records {:08x}",
+            got.crc32, info.crc32
         )));
     }
     Ok(())
@@ -252,6 +317,7 @@ impl StreamEncoder {
     pub fn push(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), ObjectError> {
         self.hasher.update(raw);
         self.enc.write_all(raw)?;
+        self.hasher.update_stored(self.enc.get_ref());
         out.append(self.enc.get_mut());
         Ok(())
     }
@@ -264,7 +330,9 @@ impl StreamEncoder {
     /// Ends the frame; returns the last compressed bytes (trailer included) and the object info.
     pub fn finish(self) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
         let mut tail = self.enc.finish()?;
-        let info = self.hasher.finish(self.kind);
+        let mut hasher = self.hasher;
+        hasher.update_stored(&tail);
+        let info = hasher.finish(self.kind);
         tail.extend_from_slice(&info.trailer());
         Ok((tail, info))
     }
@@ -298,6 +366,7 @@ impl PassthroughEncoder {
     pub fn push(&mut self, compressed: &[u8], out: &mut Vec<u8>) -> Result<&[u8], ObjectError> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         out.extend_from_slice(compressed);
+        self.hasher.update_stored(compressed);
         self.raw.clear();
         let mut input = InBuffer::around(compressed);
         let mut chunk = [0u8; 128 * 1024];
@@ -388,6 +457,10 @@ mod tests {
         assert!(obj.len() < raw.len() / 10);
         assert_eq!(info.raw_size, raw.len() as u64);
         assert_eq!(read_trailer(&obj).unwrap(), info);
+        // The SHA-256 is of the stored body, checkable without decompressing.
+        let body_sha: [u8; 32] = Sha256::digest(&obj[..obj.len() - TRAILER_LEN]).into();
+        assert_eq!(info.sha256, body_sha);
+        assert_eq!(info.crc32, crc32fast::hash(&raw));
         let (back, info2) = decode_bytes(&obj).unwrap();
         assert_eq!(back, raw);
         assert_eq!(info2, info);

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Side-by-side base backup benchmark on one database, in one run: `archiver backup` (client zstd
+# on all cores, and with --server-compress), `pg_basebackup -Ft -X none --compress=client-zstd`
+# and pgBackRest (compress-type=zst, process-max=2). All at zstd level 3, checkpoint fast.
+# Reports wall time, stored bytes and peak RSS of each; ROUNDS=n repeats the set (alternating).
+# Usage: [ROUNDS=1] scripts/bench-backup.sh [SCALE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCALE=${1:-50}
+ROUNDS=${ROUNDS:-1}
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+cargo build --release --locked -q
+W=$(mktemp -d /tmp/archiver-bench-XXXXXX)
+chmod 755 "$W"
+cp target/release/archiver "$W/archiver"
+AS=()
+if [ "$(id -u)" -eq 0 ]; then AS=(runuser -u postgres --); chown postgres "$W"; fi
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"${AS[@]}" "$BIN/initdb" -D "$W/data" -A trust -U postgres >/dev/null
+cat >> "$W/data/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$W'
+shared_buffers = '256MB'
+max_wal_size = '4GB'
+wal_level = replica
+max_wal_senders = 5
+dynamic_shared_memory_type = mmap
+CONF
+cleanup() {
+    "${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+"${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w start >/dev/null
+pgbench -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+PSQL=(psql -X -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
+"${PSQL[@]}" -c checkpoint
+DBSIZE=$("${PSQL[@]}" -c "select sum(pg_database_size(oid)) from pg_database")
+echo "pgbench scale $SCALE, databases $((DBSIZE / 1000000)) MB, PostgreSQL $("${PSQL[@]}" -c 'show server_version'), $(nproc) cores"
+
+mkdir -p "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock"
+[ "$(id -u)" -eq 0 ] && chown postgres "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock"
+cat > "$W/pgbackrest.conf" <<CONF
+[global]
+repo1-path=$W/pgbr
+compress-type=zst
+compress-level=3
+process-max=2
+start-fast=y
+archive-check=n
+log-level-console=warn
+log-level-file=off
+log-path=$W/pgbrlog
+lock-path=$W/pgbrlock
+[bench]
+pg1-path=$W/data
+pg1-port=$PORT
+pg1-socket-path=$W
+pg1-user=postgres
+CONF
+PGBR=("${AS[@]}" pgbackrest --config="$W/pgbackrest.conf" --stanza=bench)
+"${PGBR[@]}" stanza-create >/dev/null
+
+printf '%-34s %9s %12s %10s\n' "tool" "wall_s" "stored_MB" "peak_RSS"
+run() { # name outdir command...  (outdir: where the tool stores; its growth is the stored size)
+    local name=$1 out=$2; shift 2
+    mkdir -p "$out"; [ "$(id -u)" -eq 0 ] && chown postgres "$out"
+    local before
+    before=$(du -sb "$out" | cut -f1)
+    "${PSQL[@]}" -c checkpoint
+    sync
+    /usr/bin/time -f "%e %M" -o "$W/time" "$@" >"$W/out.log" 2>&1 || { cat "$W/out.log"; exit 1; }
+    read -r wall rss < "$W/time"
+    local size
+    size=$(( $(du -sb "$out" | cut -f1) - before ))
+    printf '%-34s %9s %12s %7s MB\n' "$name" "$wall" "$((size / 1000000))" "$((rss / 1024))"
+}
+CI="host=127.0.0.1 port=$PORT user=postgres"
+for r in $(seq "$ROUNDS"); do
+    # archiver fetches the backup's WAL itself here (no streamer): a few MB more than the others.
+    run "archiver backup" "$W/repo" "$W/archiver" backup --repo "$W/repo" -d "$CI" \
+        --checkpoint fast
+    run "archiver backup --server-compress" "$W/repo" "$W/archiver" backup --repo "$W/repo" \
+        -d "$CI" --checkpoint fast --server-compress
+    rm -rf "$W/pgbb"
+    run "pg_basebackup client-zstd" "$W/pgbb" "${AS[@]}" "$BIN/pg_basebackup" -h 127.0.0.1 \
+        -p "$PORT" -U postgres -Ft -X none --compress=client-zstd -c fast -D "$W/pgbb/b"
+    run "pgbackrest zst process-max=2" "$W/pgbr" "${PGBR[@]}" backup --type=full
+done
