@@ -24,6 +24,8 @@ pub struct BaseBackupOptions {
     pub server_zstd_level: Option<i32>,
     /// The manifest's per-file checksums.
     pub manifest_checksums: ChecksumAlgorithm,
+    /// PostgreSQL 13 and 14: the unparenthesised command and one COPY per archive.
+    pub legacy: bool,
 }
 
 /// Quotes a string literal for a replication command (`'` doubled; no backslash escapes, as
@@ -36,6 +38,9 @@ impl BaseBackupOptions {
     /// The PG15+ parenthesised command: no WAL (the archive holds it), no wait for archiving
     /// (archiver waits for its own repository), a SHA-256 manifest, tablespace map and progress.
     pub fn command(&self) -> String {
+        if self.legacy {
+            return self.legacy_command();
+        }
         let mut opts = vec![
             format!("LABEL {}", quote_literal(&self.label)),
             "PROGRESS".to_string(),
@@ -60,6 +65,31 @@ impl BaseBackupOptions {
             opts.push(format!("COMPRESSION_DETAIL 'level={level}'"));
         }
         format!("BASE_BACKUP ({})", opts.join(", "))
+    }
+}
+
+impl BaseBackupOptions {
+    /// PostgreSQL 13 and 14 (`repl_gram.y` before 15): the same choices, unparenthesised;
+    /// `NOWAIT` for `WAIT false`, `FAST` for a fast checkpoint. No server-side compression.
+    fn legacy_command(&self) -> String {
+        let mut opts = vec![
+            format!("LABEL {}", quote_literal(&self.label)),
+            "PROGRESS".to_string(),
+        ];
+        if self.checkpoint == Checkpoint::Fast {
+            opts.push("FAST".into());
+        }
+        opts.push("NOWAIT".into());
+        if let Some(r) = self.max_rate_kb {
+            opts.push(format!("MAX_RATE {r}"));
+        }
+        opts.push("TABLESPACE_MAP".into());
+        opts.push("MANIFEST 'yes'".into());
+        opts.push(format!(
+            "MANIFEST_CHECKSUMS '{}'",
+            self.manifest_checksums.name()
+        ));
+        format!("BASE_BACKUP {}", opts.join(" "))
     }
 }
 
@@ -144,6 +174,7 @@ mod tests {
             max_rate_kb: Some(1024),
             server_zstd_level: Some(3),
             manifest_checksums: ChecksumAlgorithm::Sha256,
+            legacy: false,
         };
         assert_eq!(
             o.command(),
@@ -157,9 +188,23 @@ mod tests {
             max_rate_kb: None,
             server_zstd_level: None,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
+            legacy: false,
         };
         assert!(o.command().contains("CHECKPOINT 'spread'") && !o.command().contains("MAX_RATE"));
         assert!(o.command().contains("MANIFEST_CHECKSUMS 'CRC32C'"));
+        let o = BaseBackupOptions {
+            label: "it's old".into(),
+            checkpoint: Checkpoint::Fast,
+            max_rate_kb: Some(64),
+            server_zstd_level: None,
+            manifest_checksums: ChecksumAlgorithm::Crc32c,
+            legacy: true,
+        };
+        assert_eq!(
+            o.command(),
+            "BASE_BACKUP LABEL 'it''s old' PROGRESS FAST NOWAIT MAX_RATE 64 TABLESPACE_MAP \
+             MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'"
+        );
     }
 
     #[test]

@@ -69,7 +69,7 @@ fn text(row: &[Option<Bytes>], i: usize) -> Option<String> {
         .map(|b| String::from_utf8_lossy(b).into_owned())
 }
 
-/// Runs the backup to the end (PostgreSQL 15+ protocol).
+/// Runs the backup to the end: the PostgreSQL 15+ protocol, or with `opts.legacy` the 13/14 one.
 pub async fn base_backup(
     conn: &mut Connection,
     opts: &BaseBackupOptions,
@@ -82,6 +82,8 @@ pub async fn base_backup(
     let mut cur: Option<Vec<Vec<Option<Bytes>>>> = None;
     let mut err = None;
     let mut copied = false;
+    let mut legacy_copies = 0usize;
+    let mut received = 0u64;
     loop {
         let msg = match conn.next_message().await? {
             Backend::Msg(m) => m,
@@ -102,6 +104,24 @@ pub async fn base_backup(
                         sink.tablespaces(&tablespace_rows(&sets[1]));
                     }
                 }
+            }
+            Message::CopyOutResponse(_) if opts.legacy => {
+                // One COPY per tablespace, in the order of the tablespace result set, then one
+                // for the manifest.
+                let ts = sets.get(1).map(|s| tablespace_rows(s)).unwrap_or_default();
+                let k = legacy_copies;
+                legacy_copies += 1;
+                match ts.get(k) {
+                    Some(t) => {
+                        let name = t.oid.map_or("base.tar".to_string(), |o| format!("{o}.tar"));
+                        sink.new_archive(&name, t.location.as_deref().unwrap_or(""))
+                            .await?
+                    }
+                    None if k == ts.len() => sink.manifest().await?,
+                    None => return Err(proto("more COPY results than tablespaces and a manifest")),
+                }
+                copied = true;
+                received = legacy_copy_out(conn, sink, received).await?;
             }
             Message::CopyOutResponse(_) => {
                 copied = true;
@@ -155,6 +175,34 @@ fn tablespace_rows(rows: &[Vec<Option<Bytes>>]) -> Vec<TablespaceInfo> {
             size_kb: text(r, 2).and_then(|s| s.parse().ok()),
         })
         .collect()
+}
+
+/// One COPY of the PostgreSQL 13/14 protocol: raw bytes of one archive (or the manifest) until
+/// CopyDone. Progress is what has arrived (these servers send no progress messages).
+async fn legacy_copy_out(
+    conn: &mut Connection,
+    sink: &mut dyn BackupSink,
+    mut received: u64,
+) -> Result<u64, BackupError> {
+    loop {
+        match conn.next_message().await? {
+            Backend::Msg(Message::CopyData(body)) => {
+                let d = body.into_bytes();
+                if d.is_empty() {
+                    continue;
+                }
+                received += d.len() as u64;
+                sink.data(d).await?;
+                sink.progress(received);
+            }
+            Backend::Msg(Message::CopyDone) => return Ok(received),
+            Backend::Msg(Message::ErrorResponse(body)) => {
+                return Err(PgError::Server(parse_error_fields(&mut body.fields())).into())
+            }
+            Backend::Msg(Message::NoticeResponse(_)) => {}
+            _ => return Err(proto("unexpected message in the BASE_BACKUP COPY stream")),
+        }
+    }
 }
 
 /// The CopyOut phase: every CopyData to the sink until CopyDone.

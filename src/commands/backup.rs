@@ -86,9 +86,15 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| "archiver backup".into());
     let (mut conn, server) = connect_replication(&conninfo, &app).await?;
-    if server.major() < 15 {
+    if server.major() < 13 {
         anyhow::bail!(
-            "PostgreSQL {} is not supported yet by `archiver backup` (needs 15 or newer)",
+            "PostgreSQL {} is not supported by `archiver backup` (needs 13 or newer: backup manifests)",
+            server.major()
+        );
+    }
+    if args.server_compress && server.major() < 15 {
+        anyhow::bail!(
+            "--server-compress needs PostgreSQL 15 or newer (the server is {})",
             server.major()
         );
     }
@@ -229,6 +235,7 @@ async fn take(
         max_rate_kb: args.max_rate,
         server_zstd_level: args.server_compress.then_some(args.compress),
         manifest_checksums: crate::basebackup::store::MANIFEST_CHECKSUMS,
+        legacy: server.major() < 15,
     };
     let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress, args.server_compress);
     let r = base_backup(conn, &opts, &mut sink)
