@@ -296,6 +296,19 @@ fn auth_methods_and_tls_modes() {
     fails(&dir, "tls_name", &format!("host=127.0.0.1 port={p} user=tls_user password=tls-pw sslmode=verify-full sslrootcert={ca}"), "TLS");
     let other_ca = dir.join("certs/server.crt");
     fails(&dir, "tls_ca", &format!("host=localhost port={p} user=tls_user password=tls-pw sslmode=verify-full sslrootcert={}", other_ca.display()), "TLS");
+    // `archiver backup` refuses a user without REPLICATION the same way, creating nothing.
+    let repo = dir.join("repo-norepl-backup");
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "-d",
+        &format!("host=127.0.0.1 port={p} user=norepl sslmode=disable"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("REPLICATION"), "{err}");
+    assert!(!repo.exists());
     // The password never appears in errors.
     let out = archiver(&[
         "stream",

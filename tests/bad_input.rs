@@ -140,6 +140,18 @@ fn server_side_refusals() {
         "max_wal_senders",
     );
     assert!(!repo_b.exists());
+    // A backup finds no free WAL sender either, and records nothing.
+    refused(
+        &[
+            "backup",
+            "--repo",
+            repo_b.to_str().unwrap(),
+            "-d",
+            &one.conninfo("postgres"),
+        ],
+        "max_wal_senders",
+    );
+    assert!(!repo_b.exists());
     assert!(a.term().success());
 }
 
@@ -187,6 +199,12 @@ fn repository_refusals() {
         "0",
         "no slot may be created on the wrong server"
     );
+    // A backup of another cluster is refused too: nothing recorded, nothing stored.
+    refused(
+        &["backup", "--repo", &r, "-d", &pg2.conninfo("postgres")],
+        "another cluster",
+    );
+    assert_eq!(snapshot(&repo), before);
 
     // A non-empty directory that is not a repository is refused.
     let foreign = dir.join("foreign");

@@ -302,3 +302,64 @@ impl Repo {
             .max_by_key(|s| (s.segno, s.tli)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::replication::SystemInfo;
+    use crate::repo::object::ObjectKind;
+    use crate::storage::fs::FsStorage;
+    use crate::wal::Lsn;
+
+    fn server(sysid: u64, version_num: u32, seg: u64) -> ServerInfo {
+        ServerInfo {
+            system: SystemInfo {
+                system_identifier: sysid,
+                timeline: 1,
+                xlogpos: Lsn(0x0300_0000),
+            },
+            version_num,
+            wal_segment_size: seg,
+        }
+    }
+
+    #[tokio::test]
+    async fn compatibility_and_contiguous_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(42, 150_004, 16 << 20);
+        let repo = Repo::open_or_init(Arc::new(FsStorage::new(dir.path())), "t", &srv)
+            .await
+            .unwrap();
+        // Same cluster, a newer minor: fine. Other sysid, major or segment size: refused.
+        let meta = repo.meta();
+        Repo::check_compatible(meta, &server(42, 150_009, 16 << 20)).unwrap();
+        for (other, field) in [
+            (server(43, 150_004, 16 << 20), "system identifier"),
+            (server(42, 160_001, 16 << 20), "PostgreSQL major version"),
+            (server(42, 150_004, 64 << 20), "WAL segment size"),
+        ] {
+            match Repo::check_compatible(meta, &other) {
+                Err(RepoError::OtherCluster { field: f, .. }) => assert_eq!(f, field),
+                r => panic!("{field}: {r:?}"),
+            }
+        }
+
+        // Segments 3, 4, 5 then (a gap) 8, 9 on timeline 1.
+        let seg = |n| SegmentName::containing(1, Lsn(n << 24), 16 << 20);
+        for n in [3u64, 4, 5, 8, 9] {
+            repo.put_raw(
+                &layout::wal_segment_key(&seg(n)),
+                Bytes::from(vec![0u8; 16]),
+                ObjectKind::Other,
+                1,
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(repo.contiguous_end(seg(3)).await.unwrap(), Some(seg(5)));
+        assert_eq!(repo.contiguous_end(seg(4)).await.unwrap(), Some(seg(5)));
+        assert_eq!(repo.contiguous_end(seg(6)).await.unwrap(), None);
+        assert_eq!(repo.contiguous_end(seg(8)).await.unwrap(), Some(seg(9)));
+        assert_eq!(repo.last_complete_segment().await.unwrap(), Some(seg(9)));
+    }
+}
