@@ -75,6 +75,7 @@ run() { # name outdir command...  (outdir: where the tool stores; its growth is 
     local size
     size=$(( $(du -sb "$out" | cut -f1) - before ))
     printf '%-34s %9s %12s %7s MB\n' "$name" "$wall" "$((size / 1000000))" "$((rss / 1024))"
+    echo "$name|$wall" >> "$W/walls"
 }
 CI="host=127.0.0.1 port=$PORT user=postgres"
 for r in $(seq "$ROUNDS"); do
@@ -88,3 +89,16 @@ for r in $(seq "$ROUNDS"); do
         -p "$PORT" -U postgres -Ft -X none --compress=client-zstd -c fast -D "$W/pgbb/b"
     run "pgbackrest zst process-max=2" "$W/pgbr" "${PGBR[@]}" backup --type=full
 done
+echo
+echo "median wall time over $ROUNDS round(s):"
+python3 - "$W/walls" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    name, wall = line.rstrip("\n").split("|")
+    runs.setdefault(name, []).append(float(wall))
+base = statistics.median(runs["pg_basebackup client-zstd"])
+for name, walls in runs.items():
+    m = statistics.median(walls)
+    print(f"  {name:<34} {m:6.2f} s  ({m / base:.2f}x pg_basebackup)")
+PY
