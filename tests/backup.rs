@@ -425,24 +425,35 @@ fn backup_from_a_standby_restores_as_a_cluster() {
     });
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
-    // No streamer, idle primary: the backup's stop segment is unfinished on the standby, and the
-    // backup archives it partial after its grace period.
+    let ci = standby.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
+    a.wait_log("streaming started", T);
+    // Idle primary: the backup's stop segment stays unfinished on the standby, so the streamer
+    // cannot archive it. After its grace period (half of --wal-timeout) the backup fetches the
+    // WAL itself and archives the stop segment partial.
     let out = archiver(&[
         "backup",
         "--repo",
         &r,
         "-d",
-        &standby.conninfo("postgres"),
+        &ci,
         "--checkpoint",
         "fast",
+        "--wal-timeout",
+        "12s",
         "--json",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
+        err.contains("`archiver stream` has not archived the backup's WAL yet"),
+        "{err}"
+    );
+    assert!(
         err.contains("archived the stop segment as partial"),
         "{err}"
     );
+    assert!(a.term().success());
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rec["status"], "complete");
     let id = rec["id"].as_str().unwrap().to_string();

@@ -279,13 +279,17 @@ async fn take(
         sysid: server.system.system_identifier,
         major: server.major(),
         compress_level: args.compress,
-        partial_grace: Duration::from_secs(10),
+        partial_grace: Duration::from_secs(10).min(args.wal_timeout / 3),
     };
     wait_for_wal(args, repo, conn, &fetch, &rec.id).await
 }
 
+/// How long a running streamer gets to archive the backup's WAL before the backup fetches it.
+const STREAMER_GRACE: Duration = Duration::from_secs(30);
+
 /// The backup is usable only with the WAL from its start to its stop. If `archiver stream` runs
-/// into the repository, wait for it to archive that WAL; otherwise fetch it over `conn`.
+/// into the repository, wait for it to archive that WAL (for [`STREAMER_GRACE`]); otherwise, or
+/// then, fetch it over `conn`.
 async fn wait_for_wal(
     args: &BackupArgs,
     repo: &Repo,
@@ -301,6 +305,7 @@ async fn wait_for_wal(
     let lock_path = spool.join("stream.lock");
     let mut next = first;
     let mut fetched_once = false;
+    let waiting_since = Instant::now();
     loop {
         while next.segno <= last.segno && repo.storage().exists(&wal_segment_key(&next)).await? {
             next = next.next();
@@ -309,14 +314,19 @@ async fn wait_for_wal(
             info!(from = %first, to = %last, "the repository holds the backup's WAL");
             return Ok(());
         }
-        if !RepoLock::is_held(&lock_path) {
-            if fetched_once {
-                anyhow::bail!(
-                    "WAL segment {next} is still missing after fetching the backup's WAL"
-                );
-            }
+        let streaming = RepoLock::is_held(&lock_path);
+        // A streamer that has not delivered within the grace period (lagging, reconnecting, or
+        // on a standby whose primary has not finished the stop segment) gets help: the fetch
+        // publishes the same objects, and the temporary slot still holds the WAL.
+        let grace = STREAMER_GRACE.min(args.wal_timeout / 2);
+        let streamer_slow = streaming && waiting_since.elapsed() > grace;
+        if !fetched_once && (!streaming || streamer_slow) {
             fetched_once = true;
-            info!(missing = %next, "no `archiver stream` runs into this repository; fetching the backup's WAL");
+            if streaming {
+                info!(missing = %next, waited = ?grace, "`archiver stream` has not archived the backup's WAL yet; fetching it");
+            } else {
+                info!(missing = %next, "no `archiver stream` runs into this repository; fetching the backup's WAL");
+            }
             let fetched = tokio::time::timeout(
                 args.wal_timeout,
                 fetch_wal(conn, repo, &backup_spool(&spool, id), f),
@@ -335,6 +345,9 @@ async fn wait_for_wal(
                 return Ok(());
             }
             continue;
+        }
+        if !streaming {
+            anyhow::bail!("WAL segment {next} is still missing after fetching the backup's WAL");
         }
         if Instant::now() > deadline {
             anyhow::bail!(
