@@ -8,33 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-50}
 ROUNDS=${ROUNDS:-1}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 cargo build --release --locked -q
-W=$(mktemp -d /tmp/archiver-bench-XXXXXX)
-chmod 755 "$W"
+. scripts/bench-cluster.sh
 cp target/release/archiver "$W/archiver"
-AS=()
-if [ "$(id -u)" -eq 0 ]; then AS=(runuser -u postgres --); chown postgres "$W"; fi
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"${AS[@]}" "$BIN/initdb" -D "$W/data" -A trust -U postgres >/dev/null
-cat >> "$W/data/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$W'
-shared_buffers = '256MB'
-max_wal_size = '4GB'
-wal_level = replica
-max_wal_senders = 5
-dynamic_shared_memory_type = mmap
-CONF
-cleanup() {
-    "${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-"${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w start >/dev/null
-pgbench -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-PSQL=(psql -X -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
 "${PSQL[@]}" -c checkpoint
 DBSIZE=$("${PSQL[@]}" -c "select sum(pg_database_size(oid)) from pg_database")
 echo "pgbench scale $SCALE, databases $((DBSIZE / 1000000)) MB, PostgreSQL $("${PSQL[@]}" -c 'show server_version'), $(nproc) cores"

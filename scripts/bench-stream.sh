@@ -11,34 +11,10 @@ DUR=${1:-20}
 SCALE=${2:-20}
 CLIENTS=${CLIENTS:-4}
 ROUNDS=${ROUNDS:-1}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 cargo build --release --locked -q
 ARCHIVER=$PWD/target/release/archiver
-W=$(mktemp -d /tmp/archiver-bench-XXXXXX)
-chmod 755 "$W"
-AS=()
-if [ "$(id -u)" -eq 0 ]; then AS=(runuser -u postgres --); chown postgres "$W"; fi
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"${AS[@]}" "$BIN/initdb" -D "$W/data" -A trust -U postgres >/dev/null
-cat >> "$W/data/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$W'
-shared_buffers = '256MB'
-max_wal_size = '4GB'
-wal_level = replica
-max_wal_senders = 5
-dynamic_shared_memory_type = mmap
-CONF
-cleanup() {
-    [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null || true
-    "${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-"${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w start >/dev/null
-PSQL=(psql -X -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
-pgbench -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+bench_cleanup() { [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null || true; }
+. scripts/bench-cluster.sh
 echo "pgbench scale $SCALE, $CLIENTS clients, ${DUR}s per run, PostgreSQL $("${PSQL[@]}" -c 'show server_version')"
 printf '%-42s %8s %14s %14s %10s %8s\n' "attached" "TPS" "flush_lag_med" "flush_lag_max" "peak_RSS" "CPU_s"
 
