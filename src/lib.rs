@@ -9,6 +9,7 @@ pub mod commands;
 pub mod pg;
 pub mod progress;
 pub mod repo;
+pub mod restore;
 pub mod retry;
 pub mod storage;
 pub mod stream;

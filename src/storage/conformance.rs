@@ -37,7 +37,22 @@ pub async fn run(s: &dyn Storage) {
     // A larger object round-trips byte for byte.
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     s.put("b/big", Bytes::from(big.clone())).await.unwrap();
-    assert_eq!(s.get("b/big").await.unwrap(), Bytes::from(big));
+    assert_eq!(s.get("b/big").await.unwrap(), Bytes::from(big.clone()));
+    // Ranged reads: inside, across the end, past the end; a missing object.
+    assert_eq!(
+        s.get_range("b/big", 1000, 5000).await.unwrap(),
+        big[1000..6000]
+    );
+    let n = big.len() as u64;
+    assert_eq!(
+        s.get_range("b/big", n - 10, 100).await.unwrap(),
+        big[big.len() - 10..]
+    );
+    assert!(s.get_range("b/big", n + 5, 10).await.unwrap().is_empty());
+    assert!(matches!(
+        s.get_range("a/missing", 0, 10).await,
+        Err(StorageError::NotFound(_))
+    ));
 
     // Listing: sorted, prefix-filtered, sizes right.
     s.put("a/b/two", Bytes::from_static(b"2")).await.unwrap();

@@ -245,6 +245,27 @@ impl Storage for FsStorage {
         .await
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StorageError> {
+        let path = self.path(key)?;
+        let key = key.to_string();
+        blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StorageError::NotFound(key))
+                }
+                Err(e) => return Err(io_err(&key)(e)),
+            };
+            let size = f.metadata().map_err(io_err(&key))?.len();
+            let n = len.min(size.saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; n];
+            f.read_exact_at(&mut buf, offset).map_err(io_err(&key))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
         let path = self.path(key)?;
         let key = key.to_string();

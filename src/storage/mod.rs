@@ -68,6 +68,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
     /// Reads a whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+    /// Reads up to `len` bytes from `offset` (fewer at the object's end; none past it).
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StorageError>;
     /// Size of an object, or `None` if it does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
     /// All objects whose key starts with `prefix`, sorted by key.

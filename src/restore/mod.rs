@@ -1,0 +1,12 @@
+//! Point-in-time restore: from the repository to a PostgreSQL data directory that recovers to
+//! exactly the requested point.
+//!
+//! `target` parses what the operator asks for, `plan` decides (a pure function of the catalog
+//! and the WAL inventory) which backup and WAL serve it or why nothing can, `extract` writes the
+//! backup's archives verifying every byte, and `recovery` writes the settings PostgreSQL needs.
+//! Invariants: nothing is written before the plan holds and the destination is checked empty;
+//! every object is checked against its checksums and every file against the backup manifest;
+//! a failed restore removes what it wrote.
+
+pub mod plan;
+pub mod target;

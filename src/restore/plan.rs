@@ -1,0 +1,578 @@
+//! The restore plan as a pure function of the catalog, the WAL inventory and the request: which
+//! backup, which timeline path, which WAL segments and history files, and how far the archive can
+//! take recovery — or why it cannot reach the target, with the earliest and latest points it can.
+//!
+//! Timelines follow PostgreSQL (`XLogFileReadAnyTLI`): segment `s` is read from the newest
+//! timeline on the path whose beginning lies in a segment `<= s`; the segment where a timeline
+//! branches is read from the child's file.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::target::{catalog_time, format_rfc3339, Target, TimelineChoice};
+use crate::repo::catalog::{BackupRecord, BackupStatus};
+use crate::repo::layout::WalObject;
+use crate::wal::timeline::HistoryEntry;
+use crate::wal::{Lsn, SegmentName, TimeLineId};
+
+/// What the repository holds of the WAL.
+#[derive(Clone, Debug, Default)]
+pub struct WalInventory {
+    pub segments: BTreeSet<(u64, TimeLineId)>,
+    pub partials: BTreeSet<(u64, TimeLineId)>,
+    /// Parsed history files, by the timeline they describe.
+    pub histories: BTreeMap<TimeLineId, Vec<HistoryEntry>>,
+}
+
+impl WalInventory {
+    /// From the repository's WAL objects; `histories` are the parsed history files.
+    pub fn new(objects: &[WalObject], histories: BTreeMap<TimeLineId, Vec<HistoryEntry>>) -> Self {
+        let mut inv = WalInventory {
+            histories,
+            ..Default::default()
+        };
+        for o in objects {
+            match o {
+                WalObject::Segment(s) => {
+                    inv.segments.insert((s.segno, s.tli));
+                }
+                WalObject::Partial(s) => {
+                    inv.partials.insert((s.segno, s.tli));
+                }
+                WalObject::History(_) => {}
+            }
+        }
+        inv
+    }
+
+    fn newest_timeline(&self) -> TimeLineId {
+        let seg_max = self.segments.iter().map(|(_, t)| *t).max().unwrap_or(1);
+        let hist_max = self.histories.keys().copied().max().unwrap_or(1);
+        seg_max.max(hist_max)
+    }
+}
+
+/// One timeline of the path to the target: WAL positions `[begin, end)` are read on `tli`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PathStep {
+    pub tli: TimeLineId,
+    pub begin: Lsn,
+    /// `None`: open-ended (the target timeline).
+    pub end: Option<Lsn>,
+}
+
+/// The timelines from 1 to `tli` (its history file's ancestors, then itself).
+fn timeline_path(inv: &WalInventory, tli: TimeLineId) -> Result<Vec<PathStep>, PlanError> {
+    let entries: &[HistoryEntry] = match inv.histories.get(&tli) {
+        Some(e) => e,
+        None if tli == 1 => &[],
+        None => return Err(PlanError::from((tli, inv))),
+    };
+    let mut path = Vec::new();
+    let mut begin = Lsn(0);
+    for e in entries {
+        path.push(PathStep {
+            tli: e.tli,
+            begin,
+            end: Some(e.end),
+        });
+        begin = e.end;
+    }
+    path.push(PathStep {
+        tli,
+        begin,
+        end: None,
+    });
+    Ok(path)
+}
+
+/// What the operator asked for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub target: Target,
+    pub timeline: TimelineChoice,
+    /// Force this backup.
+    pub backup: Option<String>,
+}
+
+/// A segment the restore needs; `partial`: only its archived prefix exists (the archive's end).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NeededSegment {
+    pub name: String,
+    pub partial: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub backup_id: String,
+    pub backup_stop_lsn: Lsn,
+    pub timeline: TimeLineId,
+    pub path: Vec<PathStep>,
+    pub segments: Vec<NeededSegment>,
+    pub history_files: Vec<TimeLineId>,
+    /// How far the archived WAL reaches along the path (the end of its last complete segment,
+    /// or the start of a final partial one).
+    pub wal_end: Lsn,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("the repository has no complete backup")]
+    NoBackups,
+    #[error("no backup with id {0}")]
+    UnknownBackup(String),
+    #[error("backup {0} is not complete ({1})")]
+    BackupNotComplete(String, String),
+    #[error("timeline {0} has no history file in the archive; archived timelines: {1}")]
+    NoHistory(TimeLineId, String),
+    #[error(
+        "{target} lies before the first point any backup can reach: the earliest is {earliest}"
+    )]
+    BeforeFirstBackup { target: String, earliest: String },
+    #[error("backup {backup} cannot reach {target}: {reason}")]
+    BackupCannotReach {
+        backup: String,
+        target: String,
+        reason: String,
+    },
+    #[error("{target} lies beyond the archive: the WAL reachable from backup {backup} ends at {latest}{gap}")]
+    BeyondArchive {
+        target: String,
+        backup: String,
+        latest: Lsn,
+        gap: String,
+    },
+    #[error("no backup lies on the history of timeline {tli}: {reason}")]
+    TimelineUnreachable { tli: TimeLineId, reason: String },
+    #[error("the WAL of backup {backup} is incomplete: segment {missing} is missing from the archive (needed up to the backup's end, {stop})")]
+    BackupWalMissing {
+        backup: String,
+        missing: String,
+        stop: Lsn,
+    },
+}
+
+impl From<(TimeLineId, &WalInventory)> for PlanError {
+    fn from((tli, inv): (TimeLineId, &WalInventory)) -> Self {
+        let mut known: Vec<String> = inv.histories.keys().map(|t| t.to_string()).collect();
+        known.insert(0, "1".into());
+        PlanError::NoHistory(tli, known.join(", "))
+    }
+}
+
+/// The timeline a segment is read from along `path`.
+fn tli_for_segment(path: &[PathStep], segno: u64, seg_size: u64) -> TimeLineId {
+    path.iter()
+        .rev()
+        .find(|s| s.begin.0 / seg_size <= segno)
+        .map_or(1, |s| s.tli)
+}
+
+/// Whether the backup's WAL range lies on the path (its timeline is on it, and the path leaves
+/// that timeline no earlier than the backup's end).
+fn on_path(path: &[PathStep], b: &BackupRecord) -> Result<(), String> {
+    let stop = b.stop_lsn.unwrap_or(b.start_lsn);
+    match path.iter().find(|s| s.tli == b.timeline) {
+        None => Err(format!(
+            "its timeline {} is not an ancestor of timeline {}",
+            b.timeline,
+            path.last().map_or(1, |s| s.tli)
+        )),
+        Some(s) if s.end.is_some_and(|e| e < stop) => Err(format!(
+            "timeline {} branched off at {} before the backup's end {stop}",
+            path.last().map_or(1, |s| s.tli),
+            s.end.unwrap()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn stop_time(b: &BackupRecord) -> Option<i64> {
+    b.stop_time.as_deref().and_then(catalog_time)
+}
+
+/// Whether backup `b` can serve `target` (its consistent point lies at or before the target).
+fn serves(b: &BackupRecord, target: &Target) -> Result<(), String> {
+    let stop = b.stop_lsn.unwrap_or(b.start_lsn);
+    match target {
+        Target::Lsn(l) if *l < stop => Err(format!("it is consistent only from {stop}")),
+        Target::Time(t) => match stop_time(b) {
+            Some(s) if s > *t => Err(format!(
+                "it finished at {}, after the target",
+                format_rfc3339(s)
+            )),
+            None => Err("its end time is unknown".into()),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Builds the plan. `backups` may be in any order and include failed ones (ignored).
+pub fn plan(
+    backups: &[BackupRecord],
+    inv: &WalInventory,
+    req: &Request,
+    seg_size: u64,
+) -> Result<Plan, PlanError> {
+    let mut complete: Vec<&BackupRecord> = backups
+        .iter()
+        .filter(|b| b.status == BackupStatus::Complete && b.stop_lsn.is_some())
+        .collect();
+    complete.sort_by_key(|b| (b.stop_lsn, b.id.clone()));
+    let target_desc = req.target.describe();
+
+    // The backup: forced, or the newest one on the path that serves the target.
+    let forced = match &req.backup {
+        Some(id) => {
+            let b = backups
+                .iter()
+                .find(|b| &b.id == id)
+                .ok_or_else(|| PlanError::UnknownBackup(id.clone()))?;
+            if b.status != BackupStatus::Complete || b.stop_lsn.is_none() {
+                return Err(PlanError::BackupNotComplete(
+                    id.clone(),
+                    format!("{:?}", b.status).to_lowercase(),
+                ));
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    if complete.is_empty() && forced.is_none() {
+        return Err(PlanError::NoBackups);
+    }
+    let tli = match req.timeline {
+        TimelineChoice::Latest => inv.newest_timeline(),
+        TimelineChoice::Id(t) => t,
+        TimelineChoice::Current => forced
+            .or_else(|| complete.last().copied())
+            .map_or(1, |b| b.timeline),
+    };
+    let path = timeline_path(inv, tli)?;
+
+    let backup = match forced {
+        Some(b) => {
+            on_path(&path, b).map_err(|reason| PlanError::BackupCannotReach {
+                backup: b.id.clone(),
+                target: target_desc.clone(),
+                reason,
+            })?;
+            serves(b, &req.target).map_err(|reason| PlanError::BackupCannotReach {
+                backup: b.id.clone(),
+                target: target_desc.clone(),
+                reason,
+            })?;
+            b
+        }
+        None => {
+            let on: Vec<&BackupRecord> = complete
+                .iter()
+                .copied()
+                .filter(|b| on_path(&path, b).is_ok())
+                .collect();
+            if on.is_empty() {
+                let reason = complete
+                    .iter()
+                    .map(|b| format!("{}: {}", b.id, on_path(&path, b).unwrap_err()))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(PlanError::TimelineUnreachable { tli, reason });
+            }
+            match on.iter().rev().find(|b| serves(b, &req.target).is_ok()) {
+                Some(b) => *b,
+                None => {
+                    let first = on[0];
+                    let earliest = match &req.target {
+                        Target::Time(_) => {
+                            stop_time(first).map_or_else(|| "unknown".into(), format_rfc3339)
+                        }
+                        _ => first.stop_lsn.unwrap_or_default().to_string(),
+                    };
+                    return Err(PlanError::BeforeFirstBackup {
+                        target: target_desc,
+                        earliest: format!("{earliest} (the end of backup {})", first.id),
+                    });
+                }
+            }
+        }
+    };
+
+    // Walk the WAL from the backup's start along the path.
+    let stop = backup.stop_lsn.expect("complete backups have a stop LSN");
+    let first_seg = backup.start_lsn.0 / seg_size;
+    let stop_seg = stop.0.saturating_sub(1) / seg_size;
+    let mut segments = Vec::new();
+    let mut s = first_seg;
+    let mut partial_end = false;
+    loop {
+        let t = tli_for_segment(&path, s, seg_size);
+        if inv.segments.contains(&(s, t)) {
+            segments.push(NeededSegment {
+                name: SegmentName::new(t, s, seg_size).to_string(),
+                partial: false,
+            });
+            s += 1;
+            continue;
+        }
+        if inv.partials.contains(&(s, t)) {
+            segments.push(NeededSegment {
+                name: SegmentName::new(t, s, seg_size).to_string(),
+                partial: true,
+            });
+            partial_end = true;
+        }
+        break;
+    }
+    // `s` is now the first segment not (completely) archived.
+    let wal_end = Lsn(s * seg_size);
+    let missing_name = SegmentName::new(tli_for_segment(&path, s, seg_size), s, seg_size);
+    let covers_stop = s > stop_seg || (partial_end && s == stop_seg);
+    if !covers_stop {
+        return Err(PlanError::BackupWalMissing {
+            backup: backup.id.clone(),
+            missing: missing_name.to_string(),
+            stop,
+        });
+    }
+    let later_exists = inv.segments.range((s + 1, 0)..).next().is_some();
+    let gap = if later_exists && !partial_end {
+        format!(" (segment {missing_name} is missing; WAL archived after it is unreachable)")
+    } else {
+        String::new()
+    };
+    if let Target::Lsn(l) = req.target {
+        let need = l.0 / seg_size;
+        let reachable = need < s || (partial_end && need == s);
+        if !reachable {
+            return Err(PlanError::BeyondArchive {
+                target: target_desc,
+                backup: backup.id.clone(),
+                latest: wal_end,
+                gap,
+            });
+        }
+        // Only the segments up to the target are needed.
+        segments.truncate((need - first_seg + 1) as usize);
+    }
+    if matches!(req.target, Target::Immediate) {
+        segments.truncate((stop_seg - first_seg + 1) as usize);
+    }
+    let history_files = path.iter().filter(|p| p.tli > 1).map(|p| p.tli).collect();
+    Ok(Plan {
+        backup_id: backup.id.clone(),
+        backup_stop_lsn: stop,
+        timeline: tli,
+        path,
+        segments,
+        history_files,
+        wal_end,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 << 20;
+
+    fn backup(
+        id: &str,
+        tli: TimeLineId,
+        start_seg: u64,
+        stop: u64,
+        stop_time: &str,
+    ) -> BackupRecord {
+        BackupRecord {
+            id: id.into(),
+            label: id.into(),
+            status: BackupStatus::Complete,
+            start_lsn: Lsn(start_seg * SEG + 0x28),
+            stop_lsn: Some(Lsn(stop)),
+            timeline: tli,
+            start_time: stop_time.into(),
+            stop_time: Some(stop_time.into()),
+            pg_version: 150_000,
+            system_identifier: "1".into(),
+            size_bytes: 100,
+            stored_bytes: 10,
+            objects: vec![],
+            tablespaces: vec![],
+            backup_label: None,
+            archiver_version: "0".into(),
+            error: None,
+        }
+    }
+
+    fn inv(
+        segs: &[(u64, TimeLineId)],
+        partials: &[(u64, TimeLineId)],
+        hist: &[(TimeLineId, &[(TimeLineId, u64)])],
+    ) -> WalInventory {
+        WalInventory {
+            segments: segs.iter().copied().collect(),
+            partials: partials.iter().copied().collect(),
+            histories: hist
+                .iter()
+                .map(|(t, e)| {
+                    (
+                        *t,
+                        e.iter()
+                            .map(|(tli, end)| HistoryEntry {
+                                tli: *tli,
+                                end: Lsn(*end),
+                            })
+                            .collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn req(target: Target) -> Request {
+        Request {
+            target,
+            timeline: TimelineChoice::Latest,
+            backup: None,
+        }
+    }
+
+    fn names(p: &Plan) -> Vec<String> {
+        p.segments
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}{}",
+                    &s.name[..8].trim_start_matches('0'),
+                    &s.name[16..24].trim_start_matches('0')
+                ) + if s.partial { "p" } else { "" }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn picks_the_newest_backup_that_serves_the_target() {
+        // Backups A (segs 2-3) and B (segs 6-7); WAL 2..=9 on timeline 1.
+        let bs = [
+            backup("A", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z"),
+            backup("B", 1, 6, 7 * SEG + 0x100, "2026-11-23T02:00:00Z"),
+        ];
+        let i = inv(&(2..=9).map(|s| (s, 1)).collect::<Vec<_>>(), &[], &[]);
+        let t = |s: &str| super::super::target::parse_time(s).unwrap();
+        let cases: Vec<(Target, &str, usize)> = vec![
+            (Target::Latest, "B", 4),
+            (Target::Time(t("2026-11-23 01:30:00")), "A", 8),
+            (Target::Time(t("2026-11-23 02:00:00")), "B", 4),
+            (Target::Lsn(Lsn(5 * SEG)), "A", 4),
+            (Target::Lsn(Lsn(7 * SEG + 0x200)), "B", 2),
+            (Target::Immediate, "B", 2),
+            (Target::Xid(1234), "B", 4),
+            (Target::Name("before".into()), "B", 4),
+        ];
+        for (target, want, n) in cases {
+            let p = plan(&bs, &i, &req(target.clone()), SEG).unwrap();
+            assert_eq!(
+                (p.backup_id.as_str(), p.segments.len()),
+                (want, n),
+                "{target:?}: {:?}",
+                names(&p)
+            );
+            assert_eq!(p.wal_end, Lsn(10 * SEG));
+        }
+        // Forcing A for a late target works; forcing B for an early one is refused.
+        let mut r = req(Target::Latest);
+        r.backup = Some("A".into());
+        assert_eq!(plan(&bs, &i, &r, SEG).unwrap().segments.len(), 8);
+        let mut r = req(Target::Lsn(Lsn(4 * SEG)));
+        r.backup = Some("B".into());
+        assert!(matches!(
+            plan(&bs, &i, &r, SEG),
+            Err(PlanError::BackupCannotReach { .. })
+        ));
+        r.backup = Some("nope".into());
+        assert_eq!(
+            plan(&bs, &i, &r, SEG).unwrap_err(),
+            PlanError::UnknownBackup("nope".into())
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_reachable_range() {
+        let bs = [backup("A", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z")];
+        // A gap at segment 6: WAL reaches 6/0 only.
+        let i = inv(&[(2, 1), (3, 1), (4, 1), (5, 1), (7, 1)], &[], &[]);
+        let t = super::super::target::parse_time("2026-11-23 00:30:00Z").unwrap();
+        match plan(&bs, &i, &req(Target::Time(t)), SEG).unwrap_err() {
+            PlanError::BeforeFirstBackup { earliest, .. } => {
+                assert!(earliest.contains("2026-11-23T01:00:00"), "{earliest}")
+            }
+            e => panic!("{e}"),
+        }
+        let e = plan(&bs, &i, &req(Target::Lsn(Lsn(7 * SEG))), SEG).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::BeyondArchive { latest, gap, .. } if *latest == Lsn(6 * SEG) && gap.contains("000000010000000000000006")),
+            "{e}"
+        );
+        assert!(plan(&bs, &i, &req(Target::Lsn(Lsn(6 * SEG - 1))), SEG).is_ok());
+        // The backup's own WAL incomplete.
+        let i = inv(&[(2, 1)], &[], &[]);
+        assert!(matches!(
+            plan(&bs, &i, &req(Target::Latest), SEG),
+            Err(PlanError::BackupWalMissing { .. })
+        ));
+        // Its stop segment archived only as a partial (a standby backup): fine.
+        let i = inv(&[(2, 1)], &[(3, 1)], &[]);
+        let p = plan(&bs, &i, &req(Target::Immediate), SEG).unwrap();
+        assert_eq!(names(&p), ["12", "13p"]);
+        assert!(matches!(
+            plan(&[], &i, &req(Target::Latest), SEG),
+            Err(PlanError::NoBackups)
+        ));
+    }
+
+    #[test]
+    fn follows_timelines() {
+        // Timeline 2 branched from 1 at 5/0x3000 (inside segment 5); tli 1 continued to 7 elsewhere.
+        let switch = 5 * SEG + 0x3000;
+        let hist: &[(TimeLineId, &[(TimeLineId, u64)])] = &[(2, &[(1, switch)])];
+        let i = inv(
+            &[
+                (2, 1),
+                (3, 1),
+                (4, 1),
+                (6, 1),
+                (7, 1),
+                (5, 2),
+                (6, 2),
+                (7, 2),
+            ],
+            &[(5, 1)],
+            hist,
+        );
+        let bs = [backup("A", 1, 2, 2 * SEG + 0x100, "2026-11-23T01:00:00Z")];
+        // Latest: timeline 2, its file for the switch segment.
+        let p = plan(&bs, &i, &req(Target::Latest), SEG).unwrap();
+        assert_eq!(p.timeline, 2);
+        assert_eq!(names(&p), ["12", "13", "14", "25", "26", "27"]);
+        assert_eq!(p.history_files, [2]);
+        // Timeline 1 (before the promotion): its partial segment 5 ends the WAL.
+        let mut r = req(Target::Lsn(Lsn(5 * SEG + 0x1000)));
+        r.timeline = TimelineChoice::Id(1);
+        let p = plan(&bs, &i, &r, SEG).unwrap();
+        assert_eq!(names(&p), ["12", "13", "14", "15p"]);
+        // A backup taken on timeline 2 cannot serve timeline 1.
+        let b2 = [backup("B", 2, 6, 6 * SEG + 0x100, "2026-11-23T02:00:00Z")];
+        assert!(matches!(
+            plan(&b2, &i, &r, SEG),
+            Err(PlanError::TimelineUnreachable { .. })
+        ));
+        // A timeline with no history file.
+        let mut r = req(Target::Latest);
+        r.timeline = TimelineChoice::Id(3);
+        assert!(matches!(
+            plan(&bs, &i, &r, SEG),
+            Err(PlanError::NoHistory(3, _))
+        ));
+    }
+}
