@@ -236,6 +236,11 @@ impl FileDigests {
             .unwrap_or_default();
     }
 
+    /// Takes in the files another collector saw (another archive of the same backup).
+    pub fn merge(&mut self, other: FileDigests) {
+        self.files.extend(other.files);
+    }
+
     pub fn event(&mut self, e: &TarEvent<'_>) {
         match e {
             TarEvent::Entry {
@@ -266,6 +271,13 @@ impl FileDigests {
 }
 
 impl Manifest {
+    /// The checksum algorithm of the manifest's files (the first file that has one).
+    pub fn algorithm(&self) -> Option<ChecksumAlgorithm> {
+        self.files
+            .values()
+            .find_map(|f| f.checksum.as_ref().map(|(a, _)| *a))
+    }
+
     /// Every file received matches the manifest (size, checksum) and none is missing. Returns
     /// the number of files checked. A manifest checksum of another algorithm than the one
     /// computed is an error (the server was asked for that one).

@@ -17,6 +17,8 @@ pub enum TarEvent<'a> {
         size: u64,
         kind: EntryKind,
         link: String,
+        /// Permission bits (`mode` field).
+        mode: u32,
     },
     Data(&'a [u8]),
     EntryEnd,
@@ -209,6 +211,7 @@ impl TarReader {
             size,
             kind,
             link: cstr(&h[157..257]),
+            mode: (octal_or_base256(&h[100..108])? & 0o7777) as u32,
         })
     }
 }

@@ -135,7 +135,10 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     match result {
         Ok(()) => {
             rec.status = BackupStatus::Complete;
-            rec.stop_time = Some(now_rfc3339());
+            // Microseconds: restore compares target times with it, and a truncated time could
+            // make a backup look finished before a target it cannot reach.
+            rec.stop_time =
+                Some(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string());
             repo.put_backup(&rec).await?;
             info!(id = %id, stop_lsn = %rec.stop_lsn.unwrap_or_default(), "backup complete");
             if args.json {

@@ -16,6 +16,7 @@ use crate::storage::Storage;
 
 mod backup;
 mod list;
+mod restore;
 mod stream;
 mod wal_fetch;
 
@@ -59,6 +60,8 @@ enum Command {
     List(list::ListArgs),
     /// Show one backup in full.
     Info(list::InfoArgs),
+    /// Restore a data directory that recovers to a point in time (or plan it: --dry-run).
+    Restore(restore::RestoreArgs),
 }
 
 /// `--repo DIR` (env `ARCHIVER_REPO`).
@@ -128,6 +131,7 @@ pub fn main() -> ExitCode {
             Command::Backup(a) => backup::run(a).await,
             Command::List(a) => list::list(a).await,
             Command::Info(a) => list::info(a).await,
+            Command::Restore(a) => restore::run(a).await,
         }
     });
     ExitCode::from(code)

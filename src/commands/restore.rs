@@ -1,0 +1,575 @@
+//! `archiver restore`: plan, check, then write a data directory that recovers to the target.
+//! `--dry-run` builds the same plan and verifies every object it needs, writing nothing.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::Serialize;
+use tracing::info;
+
+use super::{report, RepoArg, EXIT_ERROR};
+use crate::basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest};
+use crate::basebackup::tar::TarReader;
+use crate::repo::catalog::BackupRecord;
+use crate::repo::layout::{
+    backup_object_key, history_key, partial_segment_key, wal_segment_key, WalObject,
+};
+use crate::repo::Repo;
+use crate::restore::extract::{extract_all, Archive, Owner};
+use crate::restore::plan::{plan, Plan, Request, WalInventory};
+use crate::restore::recovery::{self, TargetAction};
+use crate::restore::target::{parse_time, Target, TimelineChoice};
+use crate::wal::timeline::parse_history;
+use crate::wal::{Lsn, SegmentName};
+
+/// Rough rates for the time estimate of a plan (this machine class: docs/benchmarks.md).
+const EST_EXTRACT_BYTES_PER_S: f64 = 400e6;
+const EST_REPLAY_BYTES_PER_S: f64 = 150e6;
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("target").multiple(false)))]
+pub struct TargetArgs {
+    /// Recover up to this time: RFC 3339; a time without a zone is UTC.
+    #[arg(long, group = "target", value_parser = parse_time, value_name = "TIME")]
+    target_time: Option<i64>,
+    /// Recover up to this WAL position (X/X).
+    #[arg(long, group = "target", value_name = "LSN")]
+    target_lsn: Option<Lsn>,
+    /// Recover up to the commit of this transaction.
+    #[arg(long, group = "target", value_name = "XID")]
+    target_xid: Option<u64>,
+    /// Recover up to this restore point (pg_create_restore_point).
+    #[arg(long, group = "target", value_name = "NAME")]
+    target_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long, group = "target")]
+    target_immediate: bool,
+    /// Timeline to recover along: `latest` (default), `current` or a number.
+    #[arg(long, default_value = "latest")]
+    target_timeline: TimelineChoice,
+    /// What the server does at the target.
+    #[arg(long, value_enum, default_value_t = TargetAction::Promote)]
+    target_action: TargetAction,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    exclusive: bool,
+    /// Restore this backup instead of the newest one that can reach the target.
+    #[arg(long, value_name = "ID")]
+    backup: Option<String>,
+}
+
+impl TargetArgs {
+    pub fn target(&self) -> Target {
+        if let Some(t) = self.target_time {
+            Target::Time(t)
+        } else if let Some(l) = self.target_lsn {
+            Target::Lsn(l)
+        } else if let Some(x) = self.target_xid {
+            Target::Xid(x)
+        } else if let Some(n) = &self.target_name {
+            Target::Name(n.clone())
+        } else if self.target_immediate {
+            Target::Immediate
+        } else {
+            Target::Latest
+        }
+    }
+}
+
+fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (old, new) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected OLDDIR=NEWDIR"))?;
+    let (old, new) = (PathBuf::from(old), PathBuf::from(new));
+    if !old.is_absolute() || !new.is_absolute() {
+        return Err(format!("{s:?}: both directories must be absolute paths"));
+    }
+    Ok((old, new))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// The data directory to create (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    pgdata: PathBuf,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Put a tablespace elsewhere (repeatable), like pg_basebackup -T.
+    #[arg(long = "tablespace-mapping", value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
+    tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+    /// When run as root: the user to own the files [default: the owner of --pgdata's parent].
+    #[arg(long)]
+    owner: Option<String>,
+    /// Build and verify the plan (every object it needs is read and checked); write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the plan / result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: RestoreArgs) -> u8 {
+    match restore(args).await {
+        Ok(()) => 0,
+        Err(e) => report(&e, EXIT_ERROR),
+    }
+}
+
+/// The repository's WAL as the planner sees it (history files read and verified).
+pub(crate) async fn inventory(repo: &Repo) -> anyhow::Result<WalInventory> {
+    let objects = repo.wal_objects().await?;
+    let mut histories = BTreeMap::new();
+    for o in &objects {
+        if let WalObject::History(tli) = o {
+            let (raw, _) = repo.get_verified(&history_key(*tli)).await?;
+            let text = String::from_utf8_lossy(&raw);
+            histories.insert(
+                *tli,
+                parse_history(&text).with_context(|| format!("history file of timeline {tli}"))?,
+            );
+        }
+    }
+    Ok(WalInventory::new(&objects, histories))
+}
+
+/// Builds the plan for `target` against the repository.
+pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Plan, BackupRecord)> {
+    let backups = repo.list_backups().await?;
+    let inv = inventory(repo).await?;
+    let req = Request {
+        target: t.target(),
+        timeline: t.target_timeline,
+        backup: t.backup.clone(),
+    };
+    let p =
+        plan(&backups, &inv, &req, repo.seg_size()).context("no restore can reach the target")?;
+    let rec = backups
+        .into_iter()
+        .find(|b| b.id == p.backup_id)
+        .expect("the plan's backup is in the catalog");
+    Ok((p, rec))
+}
+
+/// A directory we may write into: absent (its parent must exist) or empty.
+fn check_empty_dir(dir: &Path, what: &str) -> anyhow::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                anyhow::bail!(
+                    "{what} {} exists and is not empty; refusing to touch it",
+                    dir.display()
+                );
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = dir.parent().unwrap_or(Path::new("/"));
+            if !parent.is_dir() {
+                anyhow::bail!(
+                    "{what} {}: its parent directory does not exist",
+                    dir.display()
+                );
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            anyhow::bail!("{what} {} exists and is not a directory", dir.display())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", dir.display()))),
+    }
+}
+
+/// Where each archive of `rec` goes.
+fn archives(
+    rec: &BackupRecord,
+    pgdata: &Path,
+    mapping: &[(PathBuf, PathBuf)],
+) -> anyhow::Result<Vec<Archive>> {
+    for (old, _) in mapping {
+        if !rec
+            .tablespaces
+            .iter()
+            .any(|t| Path::new(&t.location) == old)
+        {
+            anyhow::bail!(
+                "--tablespace-mapping: backup {} has no tablespace at {} (it has: {})",
+                rec.id,
+                old.display(),
+                rec.tablespaces
+                    .iter()
+                    .map(|t| t.location.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let size_of = |key: &str| {
+        rec.objects
+            .iter()
+            .find(|o| o.key == key)
+            .map_or(0, |o| o.size_bytes)
+    };
+    let key = backup_object_key(&rec.id, "base.tar");
+    let mut out = vec![Archive {
+        size: size_of(&key),
+        key,
+        dest: pgdata.to_path_buf(),
+        tablespace: None,
+    }];
+    for t in &rec.tablespaces {
+        let dest = mapping
+            .iter()
+            .find(|(old, _)| Path::new(&t.location) == old)
+            .map_or_else(|| PathBuf::from(&t.location), |(_, new)| new.clone());
+        let key = backup_object_key(&rec.id, &format!("{}.tar", t.oid));
+        out.push(Archive {
+            size: size_of(&key),
+            key,
+            dest,
+            tablespace: Some(t.oid),
+        });
+    }
+    Ok(out)
+}
+
+fn owner_for(args: &RestoreArgs) -> anyhow::Result<Owner> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if args.owner.is_some() {
+            anyhow::bail!("--owner needs root");
+        }
+        return Ok(None);
+    }
+    if let Some(user) = &args.owner {
+        let name = std::ffi::CString::new(user.as_str()).context("--owner")?;
+        // SAFETY: getpwnam with a valid C string; the result is copied out at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            anyhow::bail!("--owner: no user {user:?}");
+        }
+        // SAFETY: non-null result of getpwnam.
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        return Ok(Some((uid, gid)));
+    }
+    let parent = args
+        .pgdata
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let m =
+        std::fs::metadata(parent).with_context(|| format!("cannot read {}", parent.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    Ok(Some((m.uid(), m.gid())))
+}
+
+#[derive(Serialize)]
+struct DryRun<'a> {
+    dry_run: bool,
+    target: String,
+    #[serde(flatten)]
+    plan: &'a Plan,
+    backup_start_lsn: Lsn,
+    backup_bytes: u64,
+    wal_bytes: u64,
+    bytes_to_restore: u64,
+    estimated_seconds: f64,
+    objects_verified: usize,
+}
+
+#[derive(Serialize)]
+struct Done<'a> {
+    pgdata: &'a Path,
+    backup_id: &'a str,
+    target: String,
+    timeline: u32,
+    segments: usize,
+    bytes_written: u64,
+    files: usize,
+    seconds: f64,
+    recovery_settings: Vec<String>,
+}
+
+async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let storage = args.repo.storage()?;
+    let repo = Repo::open(storage, &args.repo.name()).await?;
+    let (p, rec) = make_plan(&repo, &args.target).await?;
+    let target = args.target.target();
+    info!(backup = %p.backup_id, timeline = p.timeline, segments = p.segments.len(), wal_end = %p.wal_end, "plan: {}", target.describe());
+
+    // Bad input changes nothing: every check before the first write.
+    let pgdata = std::path::absolute(&args.pgdata).context("--pgdata")?;
+    let archives = archives(&rec, &pgdata, &args.tablespace_mapping)?;
+    let mut existed = Vec::new();
+    for a in &archives {
+        let what = if a.tablespace.is_some() {
+            "tablespace directory"
+        } else {
+            "--pgdata"
+        };
+        existed.push(check_empty_dir(&a.dest, what)?);
+    }
+    let owner = owner_for(&args)?;
+
+    if args.dry_run {
+        return dry_run(&args, &repo, &p, &rec, &target).await;
+    }
+    let started = Instant::now();
+    let result = write_restore(&args, &repo, &p, &rec, &target, &archives, owner).await;
+    match result {
+        Ok((files, bytes, lines)) => {
+            let done = Done {
+                pgdata: &pgdata,
+                backup_id: &p.backup_id,
+                target: target.describe(),
+                timeline: p.timeline,
+                segments: p.segments.len(),
+                bytes_written: bytes,
+                files,
+                seconds: started.elapsed().as_secs_f64(),
+                recovery_settings: lines,
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!(
+                    "restored backup {} into {} ({} files, {:.1} MB in {:.1} s); recovery will replay {} WAL segment(s) to {}. Start it with: pg_ctl -D {} start",
+                    p.backup_id,
+                    pgdata.display(),
+                    files,
+                    bytes as f64 / 1e6,
+                    done.seconds,
+                    p.segments.len(),
+                    target.describe(),
+                    pgdata.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Remove what we wrote: directories we created go, ones that were empty are emptied.
+            for (a, was) in archives.iter().zip(&existed) {
+                if *was {
+                    if let Ok(rd) = std::fs::read_dir(&a.dest) {
+                        for e in rd.flatten() {
+                            let p = e.path();
+                            let _ = if p.is_dir() && !p.is_symlink() {
+                                std::fs::remove_dir_all(&p)
+                            } else {
+                                std::fs::remove_file(&p)
+                            };
+                        }
+                    }
+                } else {
+                    let _ = std::fs::remove_dir_all(&a.dest);
+                }
+            }
+            Err(e.context("restore failed; what it had written is removed"))
+        }
+    }
+}
+
+async fn write_restore(
+    args: &RestoreArgs,
+    repo: &Repo,
+    p: &Plan,
+    rec: &BackupRecord,
+    target: &Target,
+    archives: &[Archive],
+    owner: Owner,
+) -> anyhow::Result<(usize, u64, Vec<String>)> {
+    for a in archives {
+        std::fs::create_dir_all(&a.dest)
+            .with_context(|| format!("cannot create {}", a.dest.display()))?;
+        std::fs::set_permissions(&a.dest, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&a.dest, Some(uid), Some(gid))?;
+        }
+    }
+    let pgdata = &archives[0].dest;
+    let (manifest_raw, _) = repo
+        .get_verified(&backup_object_key(&rec.id, "backup_manifest"))
+        .await?;
+    let manifest = Manifest::parse(&manifest_raw).context("the backup's manifest")?;
+    let algo = manifest.algorithm().unwrap_or(ChecksumAlgorithm::Crc32c);
+    let digests = extract_all(repo, archives, owner, algo).await?;
+    let files = manifest
+        .verify(&digests)
+        .context("the restored files do not match the backup manifest")?;
+    info!(files, "every restored file matches the backup manifest");
+    let bytes: u64 = archives.iter().map(|a| a.size).sum();
+
+    std::fs::write(pgdata.join("backup_manifest"), &manifest_raw)?;
+    // Tablespaces moved with --tablespace-mapping: PostgreSQL makes its pg_tblspc links from
+    // tablespace_map at startup, so point it at the new places.
+    if !args.tablespace_mapping.is_empty() {
+        let map = pgdata.join("tablespace_map");
+        let text = std::fs::read_to_string(&map).context("reading tablespace_map")?;
+        let mut out = String::new();
+        for line in text.lines() {
+            let (oid, path) = line.split_once(' ').unwrap_or((line, ""));
+            let new = args
+                .tablespace_mapping
+                .iter()
+                .find(|(old, _)| Path::new(path) == old)
+                .map_or(path.to_string(), |(_, n)| n.display().to_string());
+            out.push_str(&format!("{oid} {new}\n"));
+        }
+        std::fs::write(&map, out)?;
+    }
+    let exe = std::env::current_exe().context("locating the archiver binary")?;
+    let repo_path = std::path::absolute(&args.repo.repo)?;
+    let cmd = recovery::restore_command(&exe, &repo_path);
+    let lines = recovery::settings(
+        &cmd,
+        target,
+        args.target.exclusive,
+        args.target.target_timeline,
+        args.target.target_action,
+    );
+    recovery::write(
+        pgdata,
+        &lines,
+        &format!(
+            "added by archiver restore of backup {} to {}",
+            rec.id,
+            target.describe()
+        ),
+    )?;
+    for f in [
+        "backup_manifest",
+        "postgresql.auto.conf",
+        "recovery.signal",
+        "tablespace_map",
+    ] {
+        let path = pgdata.join(f);
+        if let (Some((uid, gid)), true) = (owner, path.exists()) {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
+    }
+    // One syncfs per filesystem instead of an fsync per file.
+    for a in archives {
+        let d = std::fs::File::open(&a.dest)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("syncfs");
+        }
+    }
+    let _ = p;
+    Ok((
+        files,
+        bytes,
+        lines.iter().map(|(k, v)| format!("{k} = {v}")).collect(),
+    ))
+}
+
+/// Feeds a backup archive's bytes to a tar reader that only computes digests.
+struct DigestSink {
+    tar: TarReader,
+    digests: FileDigests,
+}
+
+impl Write for DigestSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let d = &mut self.digests;
+        self.tar
+            .feed(b, &mut |e| {
+                d.event(&e);
+                Ok(())
+            })
+            .map_err(std::io::Error::other)?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn dry_run(
+    args: &RestoreArgs,
+    repo: &Repo,
+    p: &Plan,
+    rec: &BackupRecord,
+    target: &Target,
+) -> anyhow::Result<()> {
+    // Read and verify everything the restore would read.
+    let (manifest_raw, _) = repo
+        .get_verified(&backup_object_key(&rec.id, "backup_manifest"))
+        .await?;
+    let manifest = Manifest::parse(&manifest_raw).context("the backup's manifest")?;
+    let algo = manifest.algorithm().unwrap_or(ChecksumAlgorithm::Crc32c);
+    let mut all = FileDigests::new(algo);
+    let mut verified = 1;
+    for a in archives(rec, &args.pgdata, &args.tablespace_mapping)? {
+        let mut digests = FileDigests::new(algo);
+        digests.start_archive(a.tablespace);
+        let sink = DigestSink {
+            tar: TarReader::new(),
+            digests,
+        };
+        let (_, sink) = repo.stream_verified(&a.key, sink).await?;
+        all.merge(sink.digests);
+        verified += 1;
+    }
+    manifest
+        .verify(&all)
+        .context("the backup's archives do not match its manifest")?;
+    let seg_size = repo.seg_size();
+    for s in &p.segments {
+        let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
+        let key = if s.partial {
+            partial_segment_key(&name)
+        } else {
+            wal_segment_key(&name)
+        };
+        repo.stream_verified(&key, std::io::sink()).await?;
+        verified += 1;
+    }
+    for t in &p.history_files {
+        repo.get_verified(&history_key(*t)).await?;
+        verified += 1;
+    }
+    let backup_bytes = rec.size_bytes;
+    let wal_bytes = p.segments.len() as u64 * seg_size;
+    let out = DryRun {
+        dry_run: true,
+        target: target.describe(),
+        plan: p,
+        backup_start_lsn: rec.start_lsn,
+        backup_bytes,
+        wal_bytes,
+        bytes_to_restore: backup_bytes + wal_bytes,
+        estimated_seconds: backup_bytes as f64 / EST_EXTRACT_BYTES_PER_S
+            + wal_bytes as f64 / EST_REPLAY_BYTES_PER_S,
+        objects_verified: verified,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "dry run: restoring backup {} (start {}, consistent at {}) and replaying {} WAL segment(s) on timeline {} reaches {}; the archive's WAL reaches {}.",
+            p.backup_id,
+            rec.start_lsn,
+            p.backup_stop_lsn,
+            p.segments.len(),
+            p.timeline,
+            target.describe(),
+            p.wal_end
+        );
+        for s in &p.segments {
+            println!("  {}{}", s.name, if s.partial { " (partial)" } else { "" });
+        }
+        println!(
+            "{} objects verified; {:.1} MB to restore, about {:.0} s. Nothing was written.",
+            out.objects_verified,
+            out.bytes_to_restore as f64 / 1e6,
+            out.estimated_seconds.ceil()
+        );
+    }
+    Ok(())
+}

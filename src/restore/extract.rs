@@ -1,0 +1,300 @@
+//! Writes a backup's archives into directories, verifying every byte on the way.
+//!
+//! Per archive, three stages overlap: ranged reads of the object (async), zstd decompression
+//! with the object's checksums ([`Repo::stream_verified`], one blocking thread) and the tar
+//! writer (another blocking thread) that creates the files and computes each file's manifest
+//! checksum. Archives (the data directory and each tablespace) run in parallel. Paths are
+//! confined to their destination (no absolute paths, no `..`). Files get the archive's modes
+//! (data files 0600, directories 0700 at most) and, when asked, an owner.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use crate::basebackup::manifest::{ChecksumAlgorithm, FileDigests};
+use crate::basebackup::tar::{EntryKind, TarEvent, TarReader};
+use crate::progress::Progress;
+use crate::repo::{Repo, RepoError};
+
+/// One archive of a backup and where it goes.
+#[derive(Clone, Debug)]
+pub struct Archive {
+    /// Object key (`backups/<id>/base.tar.zst`, `backups/<id>/<oid>.tar.zst`).
+    pub key: String,
+    pub dest: PathBuf,
+    /// The tablespace's OID (its files are `pg_tblspc/<oid>/…` in the manifest).
+    pub tablespace: Option<u32>,
+    /// Uncompressed size, for progress.
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{context}: {cause}")]
+    Io {
+        context: String,
+        cause: std::io::Error,
+    },
+    #[error("archive {key} is not a valid tar stream: {reason}")]
+    Tar { key: String, reason: String },
+    #[error("archive {key} holds an entry outside its directory: {path:?}")]
+    UnsafePath { key: String, path: String },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExtractError {
+    let context = context.into();
+    move |cause| ExtractError::Io { context, cause }
+}
+
+/// Who should own what is written (`None`: the current user).
+pub type Owner = Option<(u32, u32)>;
+
+/// Raw archive bytes travel from the decompressor to the tar writer in chunks of this size
+/// (bounded: at most [`PIPE_DEPTH`] in flight per archive).
+const PIPE_DEPTH: usize = 16;
+
+/// The decompressor's `Write` end: hands raw chunks to the tar writer.
+struct Pipe(SyncSender<Vec<u8>>);
+
+impl Write for Pipe {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send(b.to_vec())
+            .map_err(|_| std::io::Error::other("the archive writer stopped"))?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A path inside `root` for a tar entry, or None if it would leave it.
+fn confined(root: &Path, entry: &str) -> Option<PathBuf> {
+    let rel = Path::new(entry.trim_end_matches('/'));
+    if rel.as_os_str().is_empty() {
+        return Some(root.to_path_buf());
+    }
+    let mut out = root.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn chown(path: &Path, owner: Owner) -> std::io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// The tar writer of one archive: creates entries under `root`, feeding `digests`.
+struct TarWriter<'a> {
+    key: &'a str,
+    root: &'a Path,
+    owner: Owner,
+    digests: &'a mut FileDigests,
+    file: Option<(File, PathBuf)>,
+    written: &'a std::sync::atomic::AtomicU64,
+}
+
+impl TarWriter<'_> {
+    fn event(&mut self, e: &TarEvent<'_>) -> Result<(), ExtractError> {
+        self.digests.event(e);
+        match e {
+            TarEvent::Entry {
+                path,
+                kind,
+                link,
+                mode,
+                ..
+            } => {
+                let target = confined(self.root, path).ok_or_else(|| ExtractError::UnsafePath {
+                    key: self.key.to_string(),
+                    path: path.clone(),
+                })?;
+                match kind {
+                    EntryKind::Directory => {
+                        std::fs::create_dir_all(&target)
+                            .map_err(io(format!("creating {}", target.display())))?;
+                        let m = if *mode == 0 { 0o700 } else { mode & 0o750 };
+                        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(m))
+                            .map_err(io(format!("setting the mode of {}", target.display())))?;
+                        chown(&target, self.owner)
+                            .map_err(io(format!("changing the owner of {}", target.display())))?;
+                    }
+                    EntryKind::File => {
+                        let m = if *mode == 0 { 0o600 } else { mode & 0o640 };
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(m)
+                            .open(&target)
+                            .map_err(io(format!("creating {}", target.display())))?;
+                        if let Some((uid, gid)) = self.owner {
+                            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io(
+                                format!("changing the owner of {}", target.display()),
+                            ))?;
+                        }
+                        self.file = Some((f, target));
+                    }
+                    EntryKind::Symlink => {
+                        std::os::unix::fs::symlink(link, &target)
+                            .map_err(io(format!("creating the symlink {}", target.display())))?;
+                        chown(&target, self.owner)
+                            .map_err(io(format!("changing the owner of {}", target.display())))?;
+                    }
+                    EntryKind::Other(_) => {}
+                }
+            }
+            TarEvent::Data(d) => {
+                if let Some((f, p)) = self.file.as_mut() {
+                    f.write_all(d)
+                        .map_err(io(format!("writing {}", p.display())))?;
+                    self.written
+                        .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            TarEvent::EntryEnd => self.file = None,
+        }
+        Ok(())
+    }
+}
+
+/// Runs the tar writer of one archive until the decompressor's pipe closes.
+fn write_archive(
+    key: &str,
+    root: &Path,
+    owner: Owner,
+    algo: ChecksumAlgorithm,
+    tablespace: Option<u32>,
+    rx: Receiver<Vec<u8>>,
+    written: &std::sync::atomic::AtomicU64,
+) -> Result<FileDigests, ExtractError> {
+    let mut digests = FileDigests::new(algo);
+    digests.start_archive(tablespace);
+    let mut reader = TarReader::new();
+    let mut w = TarWriter {
+        key,
+        root,
+        owner,
+        digests: &mut digests,
+        file: None,
+        written,
+    };
+    let mut failed: Option<ExtractError> = None;
+    for chunk in rx {
+        let r = reader.feed(&chunk, &mut |e| {
+            w.event(&e).map_err(|e| {
+                let msg = e.to_string();
+                failed = Some(e);
+                crate::basebackup::tar::TarError(msg)
+            })
+        });
+        if let Err(e) = r {
+            return Err(failed.take().unwrap_or(ExtractError::Tar {
+                key: key.to_string(),
+                reason: e.to_string(),
+            }));
+        }
+    }
+    if !(reader.ended() || reader.at_boundary()) {
+        return Err(ExtractError::Tar {
+            key: key.to_string(),
+            reason: "the archive ends inside an entry".into(),
+        });
+    }
+    drop(w);
+    Ok(digests)
+}
+
+/// Extracts every archive (in parallel), returning the digests of all files written.
+pub async fn extract_all(
+    repo: &Repo,
+    archives: &[Archive],
+    owner: Owner,
+    algo: ChecksumAlgorithm,
+) -> Result<FileDigests, ExtractError> {
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let total: u64 = archives.iter().map(|a| a.size).sum();
+    let mut tasks = Vec::new();
+    for a in archives {
+        let (tx, rx) = sync_channel::<Vec<u8>>(PIPE_DEPTH);
+        let (key, dest, ts) = (a.key.clone(), a.dest.clone(), a.tablespace);
+        let w = written.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            write_archive(&key, &dest, owner, algo, ts, rx, &w)
+        });
+        let repo = repo.clone();
+        let key = a.key.clone();
+        // The pipe is dropped as soon as the object is read, which ends the writer's input.
+        let reader = tokio::spawn(async move {
+            repo.stream_verified(&key, Pipe(tx))
+                .await
+                .map(|(info, _pipe)| info)
+        });
+        tasks.push((reader, writer));
+    }
+    // Progress while the archives stream.
+    let mut progress = Progress::new("restore");
+    progress.set_total(total);
+    let mut all = FileDigests::new(algo);
+    let mut first_error: Option<ExtractError> = None;
+    for (reader, writer) in tasks {
+        while !writer.is_finished() {
+            progress.set(written.load(std::sync::atomic::Ordering::Relaxed));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let w = writer.await.expect("archive writer panicked");
+        let r = reader.await.expect("archive reader panicked");
+        // A corrupt object is the root cause even when the writer saw the pipe break first.
+        let outcome = match (r, w) {
+            (Err(e @ RepoError::Corrupt { .. }), _) => Err(e.into()),
+            (_, Err(e)) => Err(e),
+            (Err(e), _) => Err(e.into()),
+            (Ok(_), Ok(d)) => Ok(d),
+        };
+        match outcome {
+            Ok(d) => all.merge(d),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    progress.set(written.load(std::sync::atomic::Ordering::Relaxed));
+    progress.finish();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_inside() {
+        let root = Path::new("/r");
+        assert_eq!(
+            confined(root, "base/1/123"),
+            Some(PathBuf::from("/r/base/1/123"))
+        );
+        assert_eq!(
+            confined(root, "./global/"),
+            Some(PathBuf::from("/r/global"))
+        );
+        assert_eq!(confined(root, "../etc/passwd"), None);
+        assert_eq!(confined(root, "a/../../b"), None);
+        assert_eq!(confined(root, "/etc/passwd"), None);
+    }
+}
