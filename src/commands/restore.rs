@@ -157,6 +157,9 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
 
 /// A directory we may write into: absent (its parent must exist) or empty.
 fn check_empty_dir(dir: &Path, what: &str) -> anyhow::Result<bool> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{what} {} exists and is not a directory", dir.display());
+    }
     match std::fs::read_dir(dir) {
         Ok(mut rd) => {
             if rd.next().is_some() {
@@ -176,9 +179,6 @@ fn check_empty_dir(dir: &Path, what: &str) -> anyhow::Result<bool> {
                 );
             }
             Ok(false)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            anyhow::bail!("{what} {} exists and is not a directory", dir.display())
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", dir.display()))),
     }
