@@ -1,0 +1,321 @@
+//! `archiver restore` end to end against real servers: back up, write, lose data, restore to a
+//! point before the loss, start the restored cluster and compare.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A primary with a streamer, a backup, and a table `t` whose history the tests replay.
+struct Setup {
+    dir: TestDir,
+    pg: Pg,
+    repo: PathBuf,
+    r: String,
+    streamer: Archiver,
+    bin: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let ci = pg.conninfo("postgres");
+    let mut streamer = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
+    streamer.wait_log("streaming started", T);
+    pg.psql("create table t (id int primary key, v text); insert into t select g, 'v' || g from generate_series(1, 1000) g");
+    let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server runs restore_command as the postgres user: a copy of the binary it can run.
+    let bin = dir.join("archiver-bin");
+    std::fs::copy(archiver_bin(), &bin).unwrap();
+    Setup {
+        dir,
+        pg,
+        repo,
+        r,
+        streamer,
+        bin,
+    }
+}
+
+impl Setup {
+    /// A checksum of table `t` as the server sees it now (`-` if it does not exist).
+    fn state(pg: &Pg) -> String {
+        if pg.psql("select to_regclass('t') is null") == "t" {
+            return "-".into();
+        }
+        pg.psql("select md5(string_agg(id || ':' || v, ',' order by id)) from t")
+    }
+
+    /// Makes the newest WAL archived: switch, wait for the segment.
+    fn archive_now(&self) {
+        self.pg.psql("select 1 from pg_switch_wal()");
+        let name = self
+            .pg
+            .psql("select pg_walfile_name(pg_current_wal_lsn() - 1)");
+        wait_archived(&self.repo, &name, T);
+    }
+
+    /// `archiver restore` into a new directory with `args`; returns the directory.
+    fn restore(&self, name: &str, args: &[&str]) -> PathBuf {
+        let pgdata = self.dir.join(name);
+        let mut all = vec![
+            "restore",
+            "--repo",
+            &self.r,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+        ];
+        if is_root() {
+            all.extend_from_slice(&["--owner", "postgres"]);
+        }
+        all.extend_from_slice(args);
+        let out = archiver(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pgdata
+    }
+
+    /// Starts a restored directory (with the binary the postgres user can run) and waits until
+    /// it is promoted.
+    fn start(&self, name: &str, pgdata: PathBuf) -> Pg {
+        let conf = pgdata.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(
+            &conf,
+            text.replace(archiver_bin(), self.bin.to_str().unwrap()),
+        )
+        .unwrap();
+        let mut pg = Pg::adopt(&self.dir, name, pgdata);
+        pg.start();
+        wait_until("the restored cluster is promoted", T, || {
+            pg.psql("select pg_is_in_recovery()") == "f"
+        });
+        pg
+    }
+}
+
+#[test]
+fn restores_to_time_lsn_xid_name_and_immediate() {
+    let mut s = setup();
+    let at_backup = Setup::state(&s.pg);
+    // Writes after the backup, each point recorded with the data as it was.
+    s.pg.psql("update t set v = 'second' where id <= 100");
+    let xid =
+        s.pg.psql("begin; update t set v = 'xid' where id <= 10; select txid_current(); commit;");
+    let xid = xid
+        .lines()
+        .find(|l| l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty())
+        .unwrap()
+        .to_string();
+    let at_xid = Setup::state(&s.pg);
+    s.pg.psql("update t set v = 'lsn' where id <= 20");
+    let lsn = s.pg.psql("select pg_current_wal_lsn()");
+    let at_lsn = Setup::state(&s.pg);
+    std::thread::sleep(Duration::from_millis(1100));
+    let time = s.pg.psql("select clock_timestamp()");
+    let at_time = at_lsn.clone();
+    std::thread::sleep(Duration::from_millis(1100));
+    s.pg.psql("update t set v = 'named' where id <= 30");
+    s.pg.psql("select pg_create_restore_point('before_the_drop')");
+    let at_name = Setup::state(&s.pg);
+    s.pg.psql("insert into t values (5000, 'late')");
+    s.pg.psql("drop table t");
+    assert_eq!(Setup::state(&s.pg), "-");
+    s.archive_now();
+
+    // To a time (as PostgreSQL prints it, with its +00 zone).
+    let d = s.restore("r-time", &["--target-time", &time]);
+    let auto = std::fs::read_to_string(d.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("recovery_target_time = '"), "{auto}");
+    assert!(d.join("recovery.signal").exists());
+    let pg = s.start("r-time", d);
+    assert_eq!(Setup::state(&pg), at_time);
+    drop(pg);
+    // To an LSN, a transaction, a restore point, the end of the backup.
+    let pg = s.start("r-lsn", s.restore("r-lsn", &["--target-lsn", &lsn]));
+    assert_eq!(Setup::state(&pg), at_lsn);
+    drop(pg);
+    let pg = s.start("r-xid", s.restore("r-xid", &["--target-xid", &xid]));
+    assert_eq!(Setup::state(&pg), at_xid);
+    drop(pg);
+    let pg = s.start(
+        "r-name",
+        s.restore("r-name", &["--target-name", "before_the_drop"]),
+    );
+    assert_eq!(Setup::state(&pg), at_name);
+    drop(pg);
+    let pg = s.start(
+        "r-immediate",
+        s.restore("r-immediate", &["--target-immediate"]),
+    );
+    assert_eq!(Setup::state(&pg), at_backup);
+    drop(pg);
+    // Latest: everything, the drop included.
+    let pg = s.start("r-latest", s.restore("r-latest", &[]));
+    assert_eq!(Setup::state(&pg), "-");
+    drop(pg);
+    assert!(s.streamer.term().success());
+}
+
+/// A snapshot of every file under `p` (name, size) for "nothing changed" checks.
+fn listing(p: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = e.metadata().unwrap();
+            out.push((e.file_name().to_string_lossy().into_owned(), m.len()));
+            if m.is_dir() {
+                for (n, l) in listing(&e.path()) {
+                    out.push((format!("{}/{n}", e.file_name().to_string_lossy()), l));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn refused(s: &Setup, args: &[&str], code: i32, needle: &str) {
+    let mut all = vec!["restore", "--repo", &s.r];
+    all.extend_from_slice(args);
+    let out = archiver(&all);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in {err}"
+    );
+}
+
+#[test]
+fn dry_run_and_refusals_change_nothing() {
+    let mut s = setup();
+    s.pg.psql("insert into t values (2000, 'after')");
+    s.archive_now();
+    let before = listing(&s.repo);
+    let pgdata = s.dir.join("new");
+    let p = pgdata.to_str().unwrap();
+
+    // Dry run: the plan lists the archived segments from the backup on, writes nothing.
+    let out = archiver(&[
+        "restore",
+        "--repo",
+        &s.r,
+        "--pgdata",
+        p,
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!pgdata.exists());
+    let listed: Vec<&str> = plan["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&archiver(&["list", "--repo", &s.r, "--json"]).stdout).unwrap();
+    let start = rec[0]["start_lsn"].as_str().unwrap();
+    let first =
+        s.pg.psql(&format!("select pg_walfile_name('{start}'::pg_lsn)"));
+    let archived: Vec<String> = archived_segments(&s.repo, 1)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| *n >= first)
+        .collect();
+    assert_eq!(listed, archived);
+    // The manifest, base.tar and every segment.
+    assert_eq!(
+        plan["objects_verified"].as_u64().unwrap(),
+        2 + listed.len() as u64
+    );
+    assert!(plan["bytes_to_restore"].as_u64().unwrap() > 16 << 20);
+
+    // A non-empty destination is refused and left alone.
+    let busy = s.dir.join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep"), "precious").unwrap();
+    refused(&s, &["--pgdata", busy.to_str().unwrap()], 1, "not empty");
+    assert_eq!(
+        std::fs::read_to_string(busy.join("keep")).unwrap(),
+        "precious"
+    );
+    // Targets outside the archive, with the reachable range in the message.
+    refused(
+        &s,
+        &["--pgdata", p, "--target-time", "2001-01-01 00:00:00"],
+        1,
+        "the earliest is",
+    );
+    refused(
+        &s,
+        &["--pgdata", p, "--target-lsn", "FF/0"],
+        1,
+        "beyond the archive",
+    );
+    refused(
+        &s,
+        &["--pgdata", p, "--backup", "19990101T000000Z"],
+        1,
+        "no backup with id",
+    );
+    // Bad or conflicting options are usage errors.
+    refused(
+        &s,
+        &["--pgdata", p, "--target-time", "last tuesday"],
+        2,
+        "RFC 3339",
+    );
+    refused(
+        &s,
+        &["--pgdata", p, "--target-lsn", "0/1", "--target-xid", "5"],
+        2,
+        "cannot be used with",
+    );
+    refused(&s, &["--pgdata", p, "--target-lsn", "nope"], 2, "nope");
+    refused(
+        &s,
+        &["--pgdata", p, "--tablespace-mapping", "/a=/b"],
+        1,
+        "no tablespace at /a",
+    );
+    assert!(!pgdata.exists());
+    assert_eq!(
+        listing(&s.repo),
+        before,
+        "refusals must not touch the repository"
+    );
+
+    // A corrupted backup object: the restore fails, names it, and removes what it wrote.
+    let id = rec[0]["id"].as_str().unwrap();
+    let obj = s.repo.join(format!("backups/{id}/base.tar.zst"));
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&obj, &bytes).unwrap();
+    refused(&s, &["--pgdata", p], 1, "base.tar.zst");
+    assert!(!pgdata.exists(), "a failed restore leaves nothing behind");
+    refused(&s, &["--pgdata", p, "--dry-run"], 1, "corrupt");
+    assert!(s.streamer.term().success());
+}
