@@ -33,6 +33,7 @@ fn record(id: &str, start: &str, status: BackupStatus) -> BackupRecord {
         backup_label: Some("START WAL LOCATION: 0/3000028".into()),
         archiver_version: "test".into(),
         error: None,
+        drills: vec![],
     }
 }
 

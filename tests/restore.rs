@@ -319,3 +319,61 @@ fn dry_run_and_refusals_change_nothing() {
     refused(&s, &["--pgdata", p, "--dry-run"], 1, "corrupt");
     assert!(s.streamer.term().success());
 }
+
+#[test]
+fn drill_restores_checks_and_records() {
+    let mut s = setup();
+    s.pg.psql("insert into t values (3000, 'drilled')");
+    s.archive_now();
+    let scratch = s.dir.join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let good = s.dir.join("good.sql");
+    std::fs::write(&good, "select 1 / count(*) from t where id = 3000;").unwrap();
+    let bad = s.dir.join("bad.sql");
+    std::fs::write(&bad, "select * from no_such_table;").unwrap();
+    // Run the copy the postgres user can execute: it becomes the drill's restore_command.
+    let drill = |sql: &Path| {
+        archiver_cmd(
+            std::process::Command::new(&s.bin)
+                .args(["drill", "--repo", &s.r, "--json", "--pg-bin"])
+                .arg(pg_bin())
+                .arg("--scratch")
+                .arg(&scratch)
+                .arg("--check-sql")
+                .arg(sql),
+        )
+    };
+    let out = drill(&good);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(res["passed"], true);
+    assert!(res["seconds"].as_f64().unwrap() > 0.0);
+    assert!(res["achieved_lsn"].as_str().is_some());
+    assert!(res["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == "check-sql"));
+    // A failing check fails the drill, and both results are in the catalog.
+    let out = drill(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no_such_table"), "{err}");
+    let list: serde_json::Value =
+        serde_json::from_slice(&archiver(&["list", "--repo", &s.r, "--json"]).stdout).unwrap();
+    let drills = list[0]["drills"].as_array().unwrap();
+    assert_eq!(drills.len(), 2);
+    assert_eq!(
+        (drills[0]["passed"].as_bool(), drills[1]["passed"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let table = String::from_utf8_lossy(&archiver(&["list", "--repo", &s.r]).stdout).into_owned();
+    assert!(table.contains("FAILED"), "{table}");
+    // Everything the drills made is gone, and no server is left running.
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    assert!(s.streamer.term().success());
+}

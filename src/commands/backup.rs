@@ -126,6 +126,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         backup_label: None,
         archiver_version: env!("CARGO_PKG_VERSION").to_string(),
         error: None,
+        drills: vec![],
     };
     repo.put_backup(&rec).await?;
     info!(id = %id, "backup started");

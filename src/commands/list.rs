@@ -51,6 +51,7 @@ pub fn table(records: &[BackupRecord]) -> String {
         "START TIME".into(),
         "SIZE".into(),
         "STORED".into(),
+        "LAST DRILL".into(),
     ]];
     for r in records {
         rows.push([
@@ -68,9 +69,20 @@ pub fn table(records: &[BackupRecord]) -> String {
             r.start_time.clone(),
             human_bytes(r.size_bytes),
             human_bytes(r.stored_bytes),
+            r.drills.last().map_or_else(
+                || "-".to_string(),
+                |d| {
+                    format!(
+                        "{} {} ({:.1} s)",
+                        if d.passed { "passed" } else { "FAILED" },
+                        d.at,
+                        d.seconds
+                    )
+                },
+            ),
         ]);
     }
-    let widths: Vec<usize> = (0..9)
+    let widths: Vec<usize> = (0..10)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     rows.iter()

@@ -15,6 +15,7 @@ use crate::storage::fs::FsStorage;
 use crate::storage::Storage;
 
 mod backup;
+mod drill;
 mod list;
 mod restore;
 mod stream;
@@ -62,6 +63,8 @@ enum Command {
     Info(list::InfoArgs),
     /// Restore a data directory that recovers to a point in time (or plan it: --dry-run).
     Restore(restore::RestoreArgs),
+    /// Restore into a scratch cluster, start it, check it, measure the RTO, record the result.
+    Drill(drill::DrillArgs),
 }
 
 /// `--repo DIR` (env `ARCHIVER_REPO`).
@@ -132,6 +135,7 @@ pub fn main() -> ExitCode {
             Command::List(a) => list::list(a).await,
             Command::Info(a) => list::info(a).await,
             Command::Restore(a) => restore::run(a).await,
+            Command::Drill(a) => drill::run(a).await,
         }
     });
     ExitCode::from(code)

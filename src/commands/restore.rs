@@ -52,7 +52,7 @@ pub struct TargetArgs {
     target_timeline: TimelineChoice,
     /// What the server does at the target.
     #[arg(long, value_enum, default_value_t = TargetAction::Promote)]
-    target_action: TargetAction,
+    pub(crate) target_action: TargetAction,
     /// Stop just before the target instead of just after it.
     #[arg(long)]
     exclusive: bool,
@@ -156,7 +156,7 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
 }
 
 /// A directory we may write into: absent (its parent must exist) or empty.
-fn check_empty_dir(dir: &Path, what: &str) -> anyhow::Result<bool> {
+pub(crate) fn check_empty_dir(dir: &Path, what: &str) -> anyhow::Result<bool> {
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!("{what} {} exists and is not a directory", dir.display());
     }
@@ -184,8 +184,29 @@ fn check_empty_dir(dir: &Path, what: &str) -> anyhow::Result<bool> {
     }
 }
 
+/// Removes what a failed restore wrote: directories it created go, ones that were empty are
+/// emptied again.
+pub(crate) fn remove_written(archives: &[Archive], existed: &[bool]) {
+    for (a, was) in archives.iter().zip(existed) {
+        if *was {
+            if let Ok(rd) = std::fs::read_dir(&a.dest) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    let _ = if p.is_dir() && !p.is_symlink() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                }
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&a.dest);
+        }
+    }
+}
+
 /// Where each archive of `rec` goes.
-fn archives(
+pub(crate) fn archives(
     rec: &BackupRecord,
     pgdata: &Path,
     mapping: &[(PathBuf, PathBuf)],
@@ -267,6 +288,15 @@ fn owner_for(args: &RestoreArgs) -> anyhow::Result<Owner> {
     Ok(Some((m.uid(), m.gid())))
 }
 
+/// What `write_restore` needs besides the plan.
+pub(crate) struct WriteSpec<'a> {
+    pub repo_path: &'a Path,
+    pub target: &'a TargetArgs,
+    pub mapping: &'a [(PathBuf, PathBuf)],
+    /// More settings for postgresql.auto.conf (a drill's port and socket).
+    pub extra: Vec<(String, String)>,
+}
+
 #[derive(Serialize)]
 struct DryRun<'a> {
     dry_run: bool,
@@ -319,7 +349,13 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         return dry_run(&args, &repo, &p, &rec, &target).await;
     }
     let started = Instant::now();
-    let result = write_restore(&args, &repo, &p, &rec, &target, &archives, owner).await;
+    let spec = WriteSpec {
+        repo_path: &args.repo.repo,
+        target: &args.target,
+        mapping: &args.tablespace_mapping,
+        extra: vec![],
+    };
+    let result = write_restore(&spec, &repo, &rec, &target, &archives, owner).await;
     match result {
         Ok((files, bytes, lines)) => {
             let done = Done {
@@ -351,32 +387,15 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            // Remove what we wrote: directories we created go, ones that were empty are emptied.
-            for (a, was) in archives.iter().zip(&existed) {
-                if *was {
-                    if let Ok(rd) = std::fs::read_dir(&a.dest) {
-                        for e in rd.flatten() {
-                            let p = e.path();
-                            let _ = if p.is_dir() && !p.is_symlink() {
-                                std::fs::remove_dir_all(&p)
-                            } else {
-                                std::fs::remove_file(&p)
-                            };
-                        }
-                    }
-                } else {
-                    let _ = std::fs::remove_dir_all(&a.dest);
-                }
-            }
+            remove_written(&archives, &existed);
             Err(e.context("restore failed; what it had written is removed"))
         }
     }
 }
 
-async fn write_restore(
-    args: &RestoreArgs,
+pub(crate) async fn write_restore(
+    w: &WriteSpec<'_>,
     repo: &Repo,
-    p: &Plan,
     rec: &BackupRecord,
     target: &Target,
     archives: &[Archive],
@@ -406,14 +425,14 @@ async fn write_restore(
     std::fs::write(pgdata.join("backup_manifest"), &manifest_raw)?;
     // Tablespaces moved with --tablespace-mapping: PostgreSQL makes its pg_tblspc links from
     // tablespace_map at startup, so point it at the new places.
-    if !args.tablespace_mapping.is_empty() {
+    if !w.mapping.is_empty() {
         let map = pgdata.join("tablespace_map");
         let text = std::fs::read_to_string(&map).context("reading tablespace_map")?;
         let mut out = String::new();
         for line in text.lines() {
             let (oid, path) = line.split_once(' ').unwrap_or((line, ""));
-            let new = args
-                .tablespace_mapping
+            let new = w
+                .mapping
                 .iter()
                 .find(|(old, _)| Path::new(path) == old)
                 .map_or(path.to_string(), |(_, n)| n.display().to_string());
@@ -422,15 +441,16 @@ async fn write_restore(
         std::fs::write(&map, out)?;
     }
     let exe = std::env::current_exe().context("locating the archiver binary")?;
-    let repo_path = std::path::absolute(&args.repo.repo)?;
+    let repo_path = std::path::absolute(w.repo_path)?;
     let cmd = recovery::restore_command(&exe, &repo_path);
-    let lines = recovery::settings(
+    let mut lines = recovery::settings(
         &cmd,
         target,
-        args.target.exclusive,
-        args.target.target_timeline,
-        args.target.target_action,
+        w.target.exclusive,
+        w.target.target_timeline,
+        w.target.target_action,
     );
+    lines.extend(w.extra.iter().cloned());
     recovery::write(
         pgdata,
         &lines,
@@ -460,7 +480,6 @@ async fn write_restore(
             return Err(std::io::Error::last_os_error()).context("syncfs");
         }
     }
-    let _ = p;
     Ok((
         files,
         bytes,

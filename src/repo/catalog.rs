@@ -37,7 +37,7 @@ pub struct Tablespace {
 }
 
 /// A backup's record, as `list --json` prints it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackupRecord {
     pub id: String,
     pub label: String,
@@ -59,6 +59,30 @@ pub struct BackupRecord {
     pub backup_label: Option<String>,
     pub archiver_version: String,
     /// Why a failed backup failed.
+    pub error: Option<String>,
+    /// Restore drills of this backup, oldest first (the last [`MAX_DRILLS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drills: Vec<DrillResult>,
+}
+
+/// How many drill results a record keeps.
+pub const MAX_DRILLS: usize = 10;
+
+/// One `archiver drill`: the backup restored into a scratch cluster and checked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrillResult {
+    /// When the drill ran (RFC 3339).
+    pub at: String,
+    pub passed: bool,
+    /// The target, as described to the operator.
+    pub target: String,
+    /// Where replay ended (`pg_last_wal_replay_lsn()`), when the cluster came up.
+    pub achieved_lsn: Option<Lsn>,
+    /// The last replayed transaction's commit time (`pg_last_xact_replay_timestamp()`).
+    pub achieved_time: Option<String>,
+    /// From the start of the drill to a promoted, checked cluster: the measured RTO.
+    pub seconds: f64,
+    /// Why it failed.
     pub error: Option<String>,
 }
 
@@ -163,6 +187,7 @@ mod tests {
             backup_label: None,
             archiver_version: "test".into(),
             error: None,
+            drills: vec![],
         }
     }
 

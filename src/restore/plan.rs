@@ -402,6 +402,7 @@ mod tests {
             backup_label: None,
             archiver_version: "0".into(),
             error: None,
+            drills: vec![],
         }
     }
 
