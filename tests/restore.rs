@@ -377,3 +377,147 @@ fn drill_restores_checks_and_records() {
     assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
     assert!(s.streamer.term().success());
 }
+
+#[test]
+fn tablespace_mapping_and_a_busy_tablespace_directory() {
+    let mut s = setup();
+    let ts = s.dir.join("ts");
+    std::fs::create_dir(&ts).unwrap();
+    chown_pg(&ts);
+    s.pg.psql(&format!("create tablespace ts location '{}'", ts.display()));
+    s.pg.psql("create table in_ts tablespace ts as select generate_series(1, 5000) x");
+    let ci = s.pg.conninfo("postgres");
+    let out = archiver(&["backup", "--repo", &s.r, "-d", &ci, "--checkpoint", "fast"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.archive_now();
+    // The tablespace's own directory is in use (not empty): refused, nothing written.
+    let out = archiver(&[
+        "restore",
+        "--repo",
+        &s.r,
+        "--pgdata",
+        s.dir.join("r1").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tablespace directory") && err.contains("not empty"),
+        "{err}"
+    );
+    assert!(!s.dir.join("r1").exists());
+    // Mapped elsewhere: the restored cluster reads the table from the new place.
+    let moved = s.dir.join("ts-moved");
+    let mapping = format!("{}={}", ts.display(), moved.display());
+    let d = s.restore(
+        "r2",
+        &["--tablespace-mapping", &mapping, "--target-immediate"],
+    );
+    assert!(std::fs::read_dir(&moved).unwrap().count() > 0);
+    let pg = s.start("r2", d);
+    assert_eq!(pg.psql("select count(*) from in_ts"), "5000");
+    assert_eq!(
+        pg.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'ts'"),
+        moved.to_str().unwrap()
+    );
+    drop(pg);
+    assert!(s.streamer.term().success());
+}
+
+#[test]
+fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
+    let dir = TestDir::new();
+    let mut primary = Pg::create(&dir, "primary", "", "");
+    primary.start();
+    let standby = Pg::standby_of(&dir, "standby", &primary);
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    // The streamer follows the standby, so it sees the promotion.
+    let mut a = Archiver::spawn(
+        &dir,
+        "stream",
+        &["stream", "--repo", &r, "-d", &standby.conninfo("postgres")],
+    );
+    a.wait_log("streaming started", T);
+    primary.psql("create table t (v text); insert into t values ('base')");
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        &r,
+        "-d",
+        &primary.conninfo("postgres"),
+        "--checkpoint",
+        "fast",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    primary.psql("insert into t values ('tli1')");
+    let l1 = primary.psql("select pg_current_wal_lsn()");
+    primary.psql("insert into t values ('tli1-late')");
+    wait_until("the standby replays everything", T, || {
+        standby.psql("select count(*) from t") == "3"
+    });
+    primary.stop();
+    let out = pg_command(pg_bin().join("pg_ctl"))
+        .args(["-w", "-D"])
+        .arg(&standby.data)
+        .arg("promote")
+        .output()
+        .unwrap();
+    must(out, "pg_ctl promote");
+    wait_until("promoted", T, || {
+        standby.psql("select pg_is_in_recovery()") == "f"
+    });
+    standby.psql("insert into t values ('tli2')");
+    let name = current_walfile(&standby);
+    standby.psql("select pg_switch_wal()");
+    wait_archived(&repo, &name, T);
+    assert!(a.term().success());
+
+    let bin = dir.join("archiver-bin");
+    std::fs::copy(archiver_bin(), &bin).unwrap();
+    let restore = |name: &str, args: &[&str]| -> Pg {
+        let pgdata = dir.join(name);
+        let mut all = vec![
+            "restore",
+            "--repo",
+            &r,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+        ];
+        if is_root() {
+            all.extend_from_slice(&["--owner", "postgres"]);
+        }
+        all.extend_from_slice(args);
+        let out = archiver(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = pgdata.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(&conf, text.replace(archiver_bin(), bin.to_str().unwrap())).unwrap();
+        let mut pg = Pg::adopt(&dir, name, pgdata);
+        pg.start();
+        wait_until("promoted", T, || {
+            pg.psql("select pg_is_in_recovery()") == "f"
+        });
+        pg
+    };
+    let rows = |pg: &Pg| pg.psql("select string_agg(v, ',' order by v) from t");
+    // Latest: along timeline 2, the promotion's write included.
+    let pg = restore("latest", &[]);
+    assert_eq!(rows(&pg), "base,tli1,tli1-late,tli2");
+    drop(pg);
+    // A point on timeline 1 before the promotion.
+    let pg = restore("on-tli1", &["--target-timeline", "1", "--target-lsn", &l1]);
+    assert_eq!(rows(&pg), "base,tli1");
+    drop(pg);
+}
