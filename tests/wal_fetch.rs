@@ -31,7 +31,15 @@ fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
     let out_dir = dir.join("restore");
     std::fs::create_dir(&out_dir).unwrap();
     let dest = out_dir.join("RECOVERYXLOG");
-    let out = archiver(&["wal-fetch", "--repo", &r, &name, dest.to_str().unwrap()]);
+    let out = archiver(&[
+        "wal-fetch",
+        "--repo",
+        &r,
+        "--prefetch",
+        "0",
+        &name,
+        dest.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -100,9 +108,18 @@ fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
         );
         assert!(!dest.exists(), "{what}: nothing may be written");
     }
+    // The fetched files only (besides the prefetch directory of the ARCHIVER_REPO fetch, which
+    // did not disable prefetching).
+    let mut left: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".archiver-prefetch")
+        .collect();
+    left.sort();
     assert_eq!(
-        std::fs::read_dir(&out_dir).unwrap().count(),
-        2,
+        left,
+        ["RECOVERYXLOG", "via-env"],
         "no temp files left behind"
     );
 
@@ -141,4 +158,68 @@ fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
                 .contains("not an archiver repository")),
         "{err}"
     );
+}
+
+#[test]
+fn prefetches_the_next_segments() {
+    let dir = TestDir::new();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let repo = dir.join("repo");
+    let r = repo.to_str().unwrap().to_string();
+    let mut a = Archiver::spawn(
+        &dir,
+        "stream",
+        &["stream", "--repo", &r, "-d", &pg.conninfo("postgres")],
+    );
+    a.wait_log("streaming started", T);
+    pg.psql("create table t (x int)");
+    let first = current_walfile(&pg);
+    let mut names = vec![];
+    for _ in 0..4 {
+        names.push(current_walfile(&pg));
+        pg.psql("insert into t select generate_series(1, 1000); select pg_switch_wal()");
+    }
+    wait_archived(&repo, names.last().unwrap(), T);
+    assert!(a.term().success());
+    assert_eq!(names[0], first);
+
+    let wal = dir.join("pg_wal");
+    std::fs::create_dir(&wal).unwrap();
+    let dest = wal.join("RECOVERYXLOG");
+    let fetch = |name: &str| {
+        let out = archiver(&[
+            "wal-fetch",
+            "--repo",
+            &r,
+            "--prefetch",
+            "3",
+            name,
+            dest.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::fs::read(&dest).unwrap() == std::fs::read(pg.wal_dir().join(name)).unwrap(),
+            "{name} differs from the server's"
+        );
+    };
+    // The first fetch starts a worker that brings the next three.
+    fetch(&names[0]);
+    let pre = wal.join(".archiver-prefetch");
+    wait_until("three segments prefetched", T, || {
+        names[1..4].iter().all(|n| pre.join(n).exists())
+    });
+    // The next one is served from there (renamed into place), and is the server's segment.
+    fetch(&names[1]);
+    assert!(!pre.join(&names[1]).exists());
+    // A later worker clears what recovery has moved past.
+    fetch(&names[3]);
+    wait_until("consumed segments removed", T, || {
+        !pre.join(&names[2]).exists()
+            && !archiver::repo::lock::RepoLock::is_held(&pre.join(".lock"))
+    });
 }

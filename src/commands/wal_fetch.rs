@@ -1,5 +1,12 @@
 //! `archiver wal-fetch --repo R WALFILE DEST`: PostgreSQL's `restore_command`
 //! (`archiver wal-fetch --repo R %f %p`). Verifies every byte, writes DEST atomically.
+//!
+//! Prefetch: after serving segment S, a detached worker (one at a time, under a flock) fetches
+//! S+1…S+N, verified, into `.archiver-prefetch/` next to DEST (in `pg_wal/`, which base backups
+//! leave out). When PostgreSQL then asks for S+1 it is renamed into place: replay does not wait
+//! on the repository or on decompression. A file there is only ever a complete, verified segment
+//! (written under a temporary name, then renamed); anything older than the segment just asked
+//! for is removed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,13 +28,40 @@ pub struct WalFetchArgs {
     walfile: String,
     /// Where to write it (%p).
     dest: PathBuf,
+    /// Segments to fetch ahead in the background (0: off).
+    #[arg(long, default_value_t = 8)]
+    prefetch: u32,
+    /// Internal: run as the prefetch worker for the segments after WALFILE, into this directory.
+    #[arg(long, hide = true)]
+    prefetch_worker: Option<PathBuf>,
 }
+
+/// The prefetch directory for a destination.
+fn prefetch_dir(dest: &Path) -> PathBuf {
+    dest.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(".archiver-prefetch")
+}
+
+/// How many segments the worker fetches at once.
+const PREFETCH_PARALLEL: usize = 2;
 
 enum Outcome {
     Missing(String),
 }
 
 pub async fn run(args: WalFetchArgs) -> u8 {
+    if let Some(dir) = &args.prefetch_worker {
+        if let Err(e) = prefetch_worker(&args, dir).await {
+            tracing::warn!(error = %format!("{e:#}"), "prefetch stopped");
+        }
+        return 0;
+    }
+    if let Some(seg) = prefetched(&args) {
+        start_prefetch(&args, seg);
+        return 0;
+    }
     match fetch(&args).await {
         Ok(None) => 0,
         Ok(Some(Outcome::Missing(msg))) => {
@@ -46,6 +80,120 @@ fn key_for(walfile: &str, seg_size: u64) -> Option<String> {
         return SegmentName::parse(stem, seg_size).map(|s| partial_segment_key(&s));
     }
     SegmentName::parse(walfile, seg_size).map(|s| wal_segment_key(&s))
+}
+
+/// Serves the segment from the prefetch directory if it is there (renamed into place).
+fn prefetched(args: &WalFetchArgs) -> Option<SegmentName> {
+    if args.prefetch == 0 {
+        return None;
+    }
+    // Any segment size parses the name's fields; the worker wrote it for the right one.
+    let seg = SegmentName::parse(&args.walfile, 16 << 20)?;
+    let src = prefetch_dir(&args.dest).join(&args.walfile);
+    std::fs::rename(&src, &args.dest).ok()?;
+    let dir = args
+        .dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    crate::storage::fs::fsync_dir(dir).ok()?;
+    tracing::debug!(walfile = %args.walfile, "served from the prefetch directory");
+    Some(seg)
+}
+
+/// Starts a detached prefetch worker for the segments after `seg`, unless one is running.
+fn start_prefetch(args: &WalFetchArgs, seg: SegmentName) {
+    if args.prefetch == 0 {
+        return;
+    }
+    let dir = prefetch_dir(&args.dest);
+    if crate::repo::lock::RepoLock::is_held(&dir.join(".lock")) {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("wal-fetch")
+        .arg("--repo")
+        .arg(&args.repo.repo)
+        .arg("--prefetch")
+        .arg(args.prefetch.to_string())
+        .arg("--prefetch-worker")
+        .arg(&dir)
+        .arg(seg.to_string())
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; the worker leaves PostgreSQL's process group so it
+    // outlives this restore_command invocation and is not signalled with it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _ = cmd.spawn();
+}
+
+/// The worker: fetches the segments after WALFILE into `dir`, verified, a few at a time; stops
+/// at the archive's end.
+async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let _lock = match crate::repo::lock::RepoLock::acquire(&dir.join(".lock")) {
+        Ok(l) => l,
+        Err(_) => return Ok(()), // another worker is at it
+    };
+    let storage = args.repo.storage()?;
+    let repo = Repo::open(storage, &args.repo.name()).await?;
+    let seg_size = repo.seg_size();
+    let cur = SegmentName::parse(&args.walfile, seg_size).context("prefetch start")?;
+    // Consumed or skipped segments, and leftovers of an interrupted worker, go.
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = match SegmentName::parse(&name, seg_size) {
+            Some(s) => s.segno <= cur.segno,
+            None => name.ends_with(".tmp"),
+        };
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let mut next = cur;
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..args.prefetch {
+        next = next.next();
+        let path = dir.join(next.to_string());
+        if path.exists() {
+            continue;
+        }
+        let key = wal_segment_key(&next);
+        if !repo.storage().exists(&key).await? {
+            break; // the end of the archive (for now)
+        }
+        while running.len() >= PREFETCH_PARALLEL {
+            running.join_next().await;
+        }
+        let repo = repo.clone();
+        running.spawn(async move {
+            let tmp = path.with_extension("tmp");
+            let f = std::fs::File::create(&tmp)?;
+            match repo.stream_verified(&key, f).await {
+                Ok((info, f)) if info.raw_size == seg_size => {
+                    f.sync_all()?;
+                    std::fs::rename(&tmp, &path)?;
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        });
+    }
+    while running.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
@@ -89,6 +237,9 @@ async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
     tokio::task::spawn_blocking(move || write_verified(&obj, &dest, &walfile, &key, seg_size))
         .await
         .expect("wal-fetch task panicked")?;
+    if let Some(seg) = SegmentName::parse(&args.walfile, seg_size) {
+        start_prefetch(args, seg);
+    }
     Ok(None)
 }
 
