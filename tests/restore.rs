@@ -516,7 +516,30 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
     let pg = restore("latest", &[]);
     assert_eq!(rows(&pg), "base,tli1,tli1-late,tli2");
     drop(pg);
-    // A point on timeline 1 before the promotion.
+    // A point on timeline 1 before the promotion: it lies in timeline 1's last segment, which
+    // the archive holds only as a partial; the plan says so.
+    let out = archiver(&[
+        "restore",
+        "--repo",
+        &r,
+        "--pgdata",
+        dir.join("unused").to_str().unwrap(),
+        "--target-timeline",
+        "1",
+        "--target-lsn",
+        &l1,
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let segs = plan["segments"].as_array().unwrap();
+    assert_eq!(segs.last().unwrap()["partial"], true, "{plan}");
+    assert_eq!(plan["timeline"], 1);
     let pg = restore("on-tli1", &["--target-timeline", "1", "--target-lsn", &l1]);
     assert_eq!(rows(&pg), "base,tli1");
     drop(pg);
