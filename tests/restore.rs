@@ -276,6 +276,12 @@ fn dry_run_and_refusals_change_nothing() {
     );
     refused(
         &s,
+        &["--pgdata", p, "--target-time", "2099-01-01 00:00:00"],
+        1,
+        "its newest complete WAL segment was archived at",
+    );
+    refused(
+        &s,
         &["--pgdata", p, "--backup", "19990101T000000Z"],
         1,
         "no backup with id",

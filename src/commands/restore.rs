@@ -134,7 +134,13 @@ pub(crate) async fn inventory(repo: &Repo) -> anyhow::Result<WalInventory> {
             );
         }
     }
-    Ok(WalInventory::new(&objects, histories))
+    let mut inv = WalInventory::new(&objects, histories);
+    inv.newest_segment_time = repo
+        .newest_segment_time()
+        .await?
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_micros() as i64);
+    Ok(inv)
 }
 
 /// Builds the plan for `target` against the repository.

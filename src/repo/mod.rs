@@ -348,6 +348,19 @@ impl Repo {
         }
     }
 
+    /// When the newest complete WAL segment was stored (None: none, or the backend cannot say).
+    pub async fn newest_segment_time(&self) -> Result<Option<std::time::SystemTime>, RepoError> {
+        let seg = self.seg_size();
+        Ok(self
+            .storage
+            .list(layout::WAL_PREFIX)
+            .await?
+            .into_iter()
+            .filter(|m| matches!(parse_wal_key(&m.key, seg), Some(WalObject::Segment(_))))
+            .filter_map(|m| m.modified)
+            .max())
+    }
+
     /// Every WAL object (segments, partials, history files), in key order.
     pub async fn wal_objects(&self) -> Result<Vec<WalObject>, RepoError> {
         let seg = self.seg_size();

@@ -23,6 +23,9 @@ pub struct WalInventory {
     pub partials: BTreeSet<(u64, TimeLineId)>,
     /// Parsed history files, by the timeline they describe.
     pub histories: BTreeMap<TimeLineId, Vec<HistoryEntry>>,
+    /// When the newest complete segment was archived (microseconds since the epoch): no WAL
+    /// in the archive was written after it.
+    pub newest_segment_time: Option<i64>,
 }
 
 impl WalInventory {
@@ -143,6 +146,8 @@ pub enum PlanError {
         latest: Lsn,
         gap: String,
     },
+    #[error("{target} lies beyond the archive: its newest complete WAL segment was archived at {newest}, so no WAL after that can be replayed (the segment being received is archived when it fills)")]
+    TimeBeyondArchive { target: String, newest: String },
     #[error("no backup lies on the history of timeline {tli}: {reason}")]
     TimelineUnreachable { tli: TimeLineId, reason: String },
     #[error("the WAL of backup {backup} is incomplete: segment {missing} is missing from the archive (needed up to the backup's end, {stop})")]
@@ -356,6 +361,14 @@ pub fn plan(
         // Only the segments up to the target are needed.
         segments.truncate((need - first_seg + 1) as usize);
     }
+    if let (Target::Time(t), Some(newest)) = (&req.target, inv.newest_segment_time) {
+        if *t > newest {
+            return Err(PlanError::TimeBeyondArchive {
+                target: target_desc,
+                newest: format_rfc3339(newest),
+            });
+        }
+    }
     if matches!(req.target, Target::Immediate) {
         segments.truncate((stop_seg - first_seg + 1) as usize);
     }
@@ -412,6 +425,7 @@ mod tests {
         hist: &[(TimeLineId, &[(TimeLineId, u64)])],
     ) -> WalInventory {
         WalInventory {
+            newest_segment_time: None,
             segments: segs.iter().copied().collect(),
             partials: partials.iter().copied().collect(),
             histories: hist
@@ -516,6 +530,17 @@ mod tests {
             "{e}"
         );
         assert!(plan(&bs, &i, &req(Target::Lsn(Lsn(6 * SEG - 1))), SEG).is_ok());
+        // A time after the newest archived segment was written.
+        let mut late = inv(&[(2, 1), (3, 1), (4, 1)], &[], &[]);
+        late.newest_segment_time =
+            Some(super::super::target::parse_time("2026-11-23 03:00:00").unwrap());
+        let t = super::super::target::parse_time("2026-11-23 03:00:01").unwrap();
+        assert!(matches!(
+            plan(&bs, &late, &req(Target::Time(t)), SEG),
+            Err(PlanError::TimeBeyondArchive { .. })
+        ));
+        let t = super::super::target::parse_time("2026-11-23 02:59:00").unwrap();
+        assert!(plan(&bs, &late, &req(Target::Time(t)), SEG).is_ok());
         // The backup's own WAL incomplete.
         let i = inv(&[(2, 1)], &[], &[]);
         assert!(matches!(

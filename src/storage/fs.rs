@@ -126,9 +126,11 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> std
                 walk(root, &path, prefix, out)?;
             }
         } else if ft.is_file() && key.starts_with(prefix) {
+            let m = entry.metadata()?;
             out.push(ObjectMeta {
                 key,
-                size: entry.metadata()?.len(),
+                size: m.len(),
+                modified: m.modified().ok(),
             });
         }
     }
@@ -270,7 +272,11 @@ impl Storage for FsStorage {
         let path = self.path(key)?;
         let key = key.to_string();
         blocking(move || match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(Some(ObjectMeta { key, size: m.len() })),
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key,
+                size: m.len(),
+                modified: m.modified().ok(),
+            })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&key)(e)),

@@ -17,11 +17,12 @@ use bytes::Bytes;
 pub mod conformance;
 pub mod fs;
 
-/// A stored object's key and size.
+/// A stored object's key, size and (where the backend knows it) last modification time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, thiserror::Error)]
