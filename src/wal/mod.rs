@@ -5,6 +5,7 @@
 
 pub mod lsn;
 pub mod page;
+pub mod record;
 pub mod segment;
 pub mod timeline;
 

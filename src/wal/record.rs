@@ -1,0 +1,248 @@
+//! A sans-IO reader of WAL *records*, enough to find what recovery targets name: transaction
+//! commits and aborts (`RM_XACT_ID`, with their time) and restore points (`XLOG_RESTORE_POINT`).
+//! Feed it whole segments in order; it reassembles records across pages and segments
+//! (`XLogReadRecord` / `DecodeXLogRecord` in `src/backend/access/transam/xlogreader.c`).
+//!
+//! It reads, it does not validate: page headers and CRCs are the page validator's and
+//! PostgreSQL's business. A zero `xl_tot_len` ends the WAL; after `XLOG_SWITCH` the rest of the
+//! segment is skipped.
+
+use super::page::{LONG_HEADER_LEN, SHORT_HEADER_LEN, XLOG_BLCKSZ};
+use super::Lsn;
+
+const RECORD_HEADER_LEN: usize = 24;
+const RM_XLOG_ID: u8 = 0;
+const RM_XACT_ID: u8 = 1;
+const XLOG_SWITCH: u8 = 0x40;
+const XLOG_RESTORE_POINT: u8 = 0x70;
+const XLOG_XACT_OPMASK: u8 = 0x70;
+const XLOG_XACT_COMMIT: u8 = 0x00;
+const XLOG_XACT_ABORT: u8 = 0x20;
+const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
+const XLP_LONG_HEADER: u16 = 0x0002;
+
+/// A record a recovery target can name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A transaction ended (`committed` false: aborted) at `time` (PostgreSQL microseconds since
+    /// 2000-01-01); `end` is the end of its record, 8-aligned as PostgreSQL reports it.
+    XactEnd {
+        xid: u32,
+        committed: bool,
+        time: i64,
+        end: Lsn,
+    },
+    RestorePoint {
+        name: String,
+        time: i64,
+        end: Lsn,
+    },
+}
+
+/// Reassembles records from segments fed in order.
+#[derive(Debug)]
+pub struct RecordReader {
+    seg_size: u64,
+    major: u32,
+    /// The record being assembled, and its total length once its header is complete.
+    pending: Vec<u8>,
+    pending_len: Option<usize>,
+    ended: bool,
+}
+
+fn u16le(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+}
+fn u32le(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn i64le(b: &[u8], at: usize) -> i64 {
+    i64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The main data of a complete record (`DecodeXLogRecord`'s header walk), or None if the
+/// headers do not parse.
+fn main_data(rec: &[u8], major: u32) -> Option<&[u8]> {
+    let tot = rec.len();
+    let mut p = RECORD_HEADER_LEN;
+    let mut remaining = tot - RECORD_HEADER_LEN;
+    let mut datatotal = 0usize;
+    let mut main_len = 0usize;
+    while remaining > datatotal {
+        let id = *rec.get(p)?;
+        p += 1;
+        remaining = remaining.checked_sub(1)?;
+        match id {
+            255 => {
+                main_len = *rec.get(p)? as usize;
+                break;
+            }
+            254 => {
+                main_len = u32le(rec.get(p..p + 4)?, 0) as usize;
+                break;
+            }
+            253 => {
+                p += 2;
+                remaining = remaining.checked_sub(2)?;
+            }
+            252 => {
+                p += 4;
+                remaining = remaining.checked_sub(4)?;
+            }
+            0..=32 => {
+                let fork_flags = *rec.get(p)?;
+                let data_len = u16le(rec.get(p + 1..p + 3)?, 0) as usize;
+                p += 3;
+                remaining = remaining.checked_sub(3)?;
+                datatotal += data_len;
+                if fork_flags & 0x10 != 0 {
+                    let bimg_len = u16le(rec.get(p..p + 2)?, 0) as usize;
+                    let bimg_info = *rec.get(p + 4)?;
+                    p += 5;
+                    remaining = remaining.checked_sub(5)?;
+                    datatotal += bimg_len;
+                    let compressed = if major >= 15 {
+                        bimg_info & (0x04 | 0x08 | 0x10) != 0
+                    } else {
+                        bimg_info & 0x02 != 0
+                    };
+                    if bimg_info & 0x01 != 0 && compressed {
+                        p += 2;
+                        remaining = remaining.checked_sub(2)?;
+                    }
+                }
+                if fork_flags & 0x80 == 0 {
+                    p += 12;
+                    remaining = remaining.checked_sub(12)?;
+                }
+                p += 4;
+                remaining = remaining.checked_sub(4)?;
+            }
+            _ => return None,
+        }
+    }
+    rec.get(tot.checked_sub(main_len)?..tot)
+}
+
+impl RecordReader {
+    pub fn new(seg_size: u64, major: u32) -> Self {
+        RecordReader {
+            seg_size,
+            major,
+            pending: Vec::new(),
+            pending_len: None,
+            ended: false,
+        }
+    }
+
+    /// True once a zero record length marked the end of the WAL.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Forgets a record in progress (the next segment does not follow this one).
+    pub fn reset(&mut self) {
+        self.pending.clear();
+        self.pending_len = None;
+        self.ended = false;
+    }
+
+    /// Reads one whole segment starting at `base` (a segment boundary); calls `on` for each
+    /// event. A partial segment (zero-filled after its end) is fine.
+    pub fn feed_segment(&mut self, base: Lsn, seg: &[u8], on: &mut dyn FnMut(Event)) {
+        if self.ended {
+            return;
+        }
+        let page = XLOG_BLCKSZ as usize;
+        let mut off = 0usize;
+        while off + SHORT_HEADER_LEN <= seg.len() && (off as u64) < self.seg_size {
+            let info = u16le(seg, off + 2);
+            let hlen = if info & XLP_LONG_HEADER != 0 {
+                LONG_HEADER_LEN
+            } else {
+                SHORT_HEADER_LEN
+            };
+            let page_end = (off + page).min(seg.len());
+            let mut cur = off + hlen;
+            if self.pending.is_empty() && info & XLP_FIRST_IS_CONTRECORD != 0 {
+                // The stream started mid-record: skip its remainder.
+                let rem = u32le(seg, off + 16) as usize;
+                cur = off + hlen + rem;
+                cur = cur.next_multiple_of(8);
+                if cur >= page_end {
+                    off += page;
+                    continue;
+                }
+            }
+            while cur < page_end {
+                // Continue or start a record.
+                if self.pending.is_empty() {
+                    if cur + 4 <= page_end && u32le(seg, cur) == 0 {
+                        self.ended = true;
+                        return;
+                    }
+                }
+                let want = match self.pending_len {
+                    Some(n) => n - self.pending.len(),
+                    None => RECORD_HEADER_LEN - self.pending.len(),
+                };
+                let take = want.min(page_end - cur);
+                self.pending.extend_from_slice(&seg[cur..cur + take]);
+                cur += take;
+                if self.pending_len.is_none() && self.pending.len() == RECORD_HEADER_LEN {
+                    let tot = u32le(&self.pending, 0) as usize;
+                    if tot < RECORD_HEADER_LEN {
+                        self.ended = true;
+                        return;
+                    }
+                    self.pending_len = Some(tot);
+                }
+                if self.pending_len == Some(self.pending.len()) {
+                    // As PostgreSQL reports record ends (XLogInsert's result): aligned.
+                    let end = Lsn((base.0 + cur as u64).next_multiple_of(8));
+                    let rec = std::mem::take(&mut self.pending);
+                    self.pending_len = None;
+                    let rmid = rec[17];
+                    let info = rec[16];
+                    if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
+                        return; // the rest of the segment is padding
+                    }
+                    self.event(&rec, end, on);
+                    cur = cur.next_multiple_of(8);
+                }
+            }
+            off += page;
+        }
+    }
+
+    fn event(&self, rec: &[u8], end: Lsn, on: &mut dyn FnMut(Event)) {
+        let (info, rmid, xid) = (rec[16], rec[17], u32le(rec, 4));
+        match rmid {
+            RM_XACT_ID => {
+                let op = info & XLOG_XACT_OPMASK;
+                if op == XLOG_XACT_COMMIT || op == XLOG_XACT_ABORT {
+                    if let Some(d) = main_data(rec, self.major).filter(|d| d.len() >= 8) {
+                        on(Event::XactEnd {
+                            xid,
+                            committed: op == XLOG_XACT_COMMIT,
+                            time: i64le(d, 0),
+                            end,
+                        });
+                    }
+                }
+            }
+            RM_XLOG_ID if info & 0xF0 == XLOG_RESTORE_POINT => {
+                if let Some(d) = main_data(rec, self.major).filter(|d| d.len() >= 8 + 64) {
+                    let raw = &d[8..8 + 64];
+                    let n = raw.iter().position(|b| *b == 0).unwrap_or(64);
+                    on(Event::RestorePoint {
+                        name: String::from_utf8_lossy(&raw[..n]).into_owned(),
+                        time: i64le(d, 0),
+                        end,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+}
