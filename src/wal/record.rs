@@ -176,11 +176,9 @@ impl RecordReader {
             }
             while cur < page_end {
                 // Continue or start a record.
-                if self.pending.is_empty() {
-                    if cur + 4 <= page_end && u32le(seg, cur) == 0 {
-                        self.ended = true;
-                        return;
-                    }
+                if self.pending.is_empty() && cur + 4 <= page_end && u32le(seg, cur) == 0 {
+                    self.ended = true;
+                    return;
                 }
                 let want = match self.pending_len {
                     Some(n) => n - self.pending.len(),
