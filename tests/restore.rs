@@ -206,8 +206,52 @@ fn refused(s: &Setup, args: &[&str], code: i32, needle: &str) {
 fn dry_run_and_refusals_change_nothing() {
     let mut s = setup();
     s.pg.psql("insert into t values (2000, 'after')");
+    // A restore point between two backups: planning finds it in the WAL and picks the older one.
+    s.pg.psql("select pg_create_restore_point('between')");
+    let ci = s.pg.conninfo("postgres");
+    let out = archiver(&["backup", "--repo", &s.r, "-d", &ci, "--checkpoint", "fast"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     s.archive_now();
     let before = listing(&s.repo);
+    let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(
+        &archiver(&["list", "--repo", &s.r, "--json"]).stdout,
+    )
+    .unwrap()
+    .as_array()
+    .unwrap()
+    .iter()
+    .map(|b| b["id"].as_str().unwrap().to_string())
+    .collect();
+    assert_eq!(ids.len(), 2);
+    let plan_for = |args: &[&str]| -> serde_json::Value {
+        let dry = s.dir.join("dry");
+        let mut all = vec![
+            "restore",
+            "--repo",
+            &s.r,
+            "--pgdata",
+            dry.to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        let out = archiver(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        plan_for(&["--target-name", "between"])["backup_id"],
+        ids[0].as_str()
+    );
+    assert_eq!(plan_for(&[])["backup_id"], ids[1].as_str());
     let pgdata = s.dir.join("new");
     let p = pgdata.to_str().unwrap();
 
@@ -236,7 +280,7 @@ fn dry_run_and_refusals_change_nothing() {
         .collect();
     let rec: serde_json::Value =
         serde_json::from_slice(&archiver(&["list", "--repo", &s.r, "--json"]).stdout).unwrap();
-    let start = rec[0]["start_lsn"].as_str().unwrap();
+    let start = rec[1]["start_lsn"].as_str().unwrap();
     let first =
         s.pg.psql(&format!("select pg_walfile_name('{start}'::pg_lsn)"));
     let archived: Vec<String> = archived_segments(&s.repo, 1)
@@ -286,6 +330,19 @@ fn dry_run_and_refusals_change_nothing() {
         1,
         "no backup with id",
     );
+    // A transaction or restore point the archived WAL does not hold.
+    refused(
+        &s,
+        &["--pgdata", p, "--target-xid", "4000000000"],
+        1,
+        "is not in the archived WAL",
+    );
+    refused(
+        &s,
+        &["--pgdata", p, "--target-name", "never_made"],
+        1,
+        "is not in the archived WAL",
+    );
     // Bad or conflicting options are usage errors.
     refused(
         &s,
@@ -314,7 +371,7 @@ fn dry_run_and_refusals_change_nothing() {
     );
 
     // A corrupted backup object: the restore fails, names it, and removes what it wrote.
-    let id = rec[0]["id"].as_str().unwrap();
+    let id = rec[1]["id"].as_str().unwrap();
     let obj = s.repo.join(format!("backups/{id}/base.tar.zst"));
     let mut bytes = std::fs::read(&obj).unwrap();
     let mid = bytes.len() / 2;

@@ -22,6 +22,7 @@ use crate::restore::extract::{extract_all, Archive, Owner};
 use crate::restore::plan::{plan, Plan, Request, WalInventory};
 use crate::restore::recovery::{self, TargetAction};
 use crate::restore::target::{parse_time, Target, TimelineChoice};
+use crate::wal::record::{Event, RecordReader};
 use crate::wal::timeline::parse_history;
 use crate::wal::{Lsn, SegmentName};
 
@@ -147,11 +148,16 @@ pub(crate) async fn inventory(repo: &Repo) -> anyhow::Result<WalInventory> {
 pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Plan, BackupRecord)> {
     let backups = repo.list_backups().await?;
     let inv = inventory(repo).await?;
-    let req = Request {
+    let mut req = Request {
         target: t.target(),
         timeline: t.target_timeline,
         backup: t.backup.clone(),
     };
+    // A transaction or restore point: find it in the WAL, then plan as for its position.
+    if let Some(end) = locate(repo, &backups, &inv, &req).await? {
+        info!(%end, "{} found in the archived WAL", req.target.describe());
+        req.target = Target::Lsn(end);
+    }
     let p =
         plan(&backups, &inv, &req, repo.seg_size()).context("no restore can reach the target")?;
     let rec = backups
@@ -159,6 +165,77 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
         .find(|b| b.id == p.backup_id)
         .expect("the plan's backup is in the catalog");
     Ok((p, rec))
+}
+
+/// Where a transaction's commit/abort or a restore point lies in the archived WAL (the end of
+/// its record), scanning the chain from the oldest usable backup; None for other targets.
+/// Refuses a target the archive does not hold.
+async fn locate(
+    repo: &Repo,
+    backups: &[BackupRecord],
+    inv: &WalInventory,
+    req: &Request,
+) -> anyhow::Result<Option<Lsn>> {
+    let matches = |e: &Event| match (&req.target, e) {
+        (Target::Xid(x), Event::XactEnd { xid, .. }) => *xid == (*x & 0xFFFF_FFFF) as u32,
+        (Target::Name(n), Event::RestorePoint { name, .. }) => name == n,
+        _ => false,
+    };
+    if !matches!(req.target, Target::Xid(_) | Target::Name(_)) {
+        return Ok(None);
+    }
+    let mut complete: Vec<&BackupRecord> = backups
+        .iter()
+        .filter(|b| b.status == crate::repo::catalog::BackupStatus::Complete)
+        .collect();
+    complete.sort_by_key(|b| b.stop_lsn);
+    let seg_size = repo.seg_size();
+    // The longest chain: from the oldest backup that has one along the timeline.
+    let chain = complete.iter().find_map(|b| {
+        let r = Request {
+            target: Target::Latest,
+            timeline: req.timeline,
+            backup: Some(b.id.clone()),
+        };
+        plan(backups, inv, &r, seg_size).ok()
+    });
+    let Some(chain) = chain else {
+        return Ok(None); // the planner explains why nothing serves
+    };
+    let major = complete.first().map_or(15, |b| b.pg_version / 10000);
+    let mut reader = RecordReader::new(seg_size, major);
+    let mut found = None;
+    for s in &chain.segments {
+        let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
+        let key = if s.partial {
+            partial_segment_key(&name)
+        } else {
+            wal_segment_key(&name)
+        };
+        let (_, raw) = repo.stream_verified(&key, Vec::new()).await?;
+        reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
+            if found.is_none() && matches(&e) {
+                found = Some(match e {
+                    Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } => end,
+                });
+            }
+        });
+        if found.is_some() || reader.ended() {
+            break;
+        }
+    }
+    match found {
+        Some(end) => Ok(Some(end)),
+        None => anyhow::bail!(
+            "{} is not in the archived WAL (searched from {} to {}): the archive cannot reach it",
+            match &req.target {
+                Target::Xid(x) => format!("the end (commit or abort) of transaction {x}"),
+                t => t.describe(),
+            },
+            chain.segments.first().map_or("-", |s| s.name.as_str()),
+            chain.wal_end
+        ),
+    }
 }
 
 /// A directory we may write into: absent (its parent must exist) or empty.
