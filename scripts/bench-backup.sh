@@ -15,28 +15,7 @@ cp target/release/archiver "$W/archiver"
 DBSIZE=$("${PSQL[@]}" -c "select sum(pg_database_size(oid)) from pg_database")
 echo "pgbench scale $SCALE, databases $((DBSIZE / 1000000)) MB, PostgreSQL $("${PSQL[@]}" -c 'show server_version'), $(nproc) cores"
 
-mkdir -p "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock"
-[ "$(id -u)" -eq 0 ] && chown postgres "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock"
-cat > "$W/pgbackrest.conf" <<CONF
-[global]
-repo1-path=$W/pgbr
-compress-type=zst
-compress-level=3
-process-max=2
-start-fast=y
-archive-check=n
-log-level-console=warn
-log-level-file=off
-log-path=$W/pgbrlog
-lock-path=$W/pgbrlock
-[bench]
-pg1-path=$W/data
-pg1-port=$PORT
-pg1-socket-path=$W
-pg1-user=postgres
-CONF
-PGBR=("${AS[@]}" pgbackrest --config="$W/pgbackrest.conf" --stanza=bench)
-"${PGBR[@]}" stanza-create >/dev/null
+pgbackrest_setup
 
 printf '%-34s %9s %12s %10s\n' "tool" "wall_s" "stored_MB" "peak_RSS"
 run() { # name outdir command...  (outdir: where the tool stores; its growth is the stored size)

@@ -28,3 +28,30 @@ trap cleanup EXIT
 "${AS[@]}" "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w start >/dev/null
 PSQL=(psql -X -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
 pgbench -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+
+# pgBackRest for the same cluster: repository $W/pgbr, zstd level 3, process-max 2, no archive
+# check (archiver's bench compares backups, not archiving). Sets PGBR (the command, as postgres).
+pgbackrest_setup() {
+    mkdir -p "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock"
+    [ "$(id -u)" -eq 0 ] && chown postgres "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock"
+    cat > "$W/pgbackrest.conf" <<CONF
+[global]
+repo1-path=$W/pgbr
+compress-type=zst
+compress-level=3
+process-max=2
+start-fast=y
+archive-check=n
+log-level-console=warn
+log-level-file=off
+log-path=$W/pgbrlog
+lock-path=$W/pgbrlock
+[bench]
+pg1-path=$W/data
+pg1-port=$PORT
+pg1-socket-path=$W
+pg1-user=postgres
+CONF
+    PGBR=("${AS[@]}" pgbackrest --config="$W/pgbackrest.conf" --stanza=bench)
+    "${PGBR[@]}" stanza-create >/dev/null
+}

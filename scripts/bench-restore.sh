@@ -24,28 +24,9 @@ SPID=$!
 bench_cleanup() { kill "$SPID" 2>/dev/null || true; }
 sleep 1
 "$A" backup --repo "$W/repo" -d "$CI" --checkpoint fast >/dev/null 2>&1
-mkdir -p "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock" "$W/pgbb"
-[ "$(id -u)" -eq 0 ] && chown postgres "$W/pgbr" "$W/pgbrlog" "$W/pgbrlock" "$W/pgbb"
-cat > "$W/pgbackrest.conf" <<CONF
-[global]
-repo1-path=$W/pgbr
-compress-type=zst
-compress-level=3
-process-max=2
-start-fast=y
-archive-check=n
-log-level-console=warn
-log-level-file=off
-log-path=$W/pgbrlog
-lock-path=$W/pgbrlock
-[bench]
-pg1-path=$W/data
-pg1-port=$PORT
-pg1-socket-path=$W
-pg1-user=postgres
-CONF
-PGBR=("${AS[@]}" pgbackrest --config="$W/pgbackrest.conf" --stanza=bench)
-"${PGBR[@]}" stanza-create >/dev/null
+mkdir -p "$W/pgbb"
+[ "$(id -u)" -eq 0 ] && chown postgres "$W/pgbb"
+pgbackrest_setup
 "${PGBR[@]}" backup --type=full >/dev/null 2>&1
 "${AS[@]}" "$BIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -Ft -X none \
     --compress=client-zstd -c fast -D "$W/pgbb/b" 2>/dev/null

@@ -527,16 +527,7 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
         standby.psql("select count(*) from t") == "3"
     });
     primary.stop();
-    let out = pg_command(pg_bin().join("pg_ctl"))
-        .args(["-w", "-D"])
-        .arg(&standby.data)
-        .arg("promote")
-        .output()
-        .unwrap();
-    must(out, "pg_ctl promote");
-    wait_until("promoted", T, || {
-        standby.psql("select pg_is_in_recovery()") == "f"
-    });
+    standby.promote();
     standby.psql("insert into t values ('tli2')");
     let name = current_walfile(&standby);
     standby.psql("select pg_switch_wal()");

@@ -230,16 +230,7 @@ fn promotion_archives_new_timeline_and_history() {
     wait_archived(&repo, &name, T);
 
     primary.stop();
-    let out = pg_command(pg_bin().join("pg_ctl"))
-        .args(["-w", "-D"])
-        .arg(&standby.data)
-        .arg("promote")
-        .output()
-        .unwrap();
-    must(out, "pg_ctl promote");
-    wait_until("promotion", T, || {
-        standby.psql("select pg_is_in_recovery()") == "f"
-    });
+    standby.promote();
     standby.psql("create table after_promo as select generate_series(1,1000) x");
     let name2 = current_walfile(&standby);
     assert!(name2.starts_with("00000002"), "{name2}");

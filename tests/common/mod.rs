@@ -303,6 +303,20 @@ impl Pg {
         standby
     }
 
+    /// Promotes a standby and waits until it accepts writes.
+    pub fn promote(&self) {
+        let out = pg_command(pg_bin().join("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(&self.data)
+            .arg("promote")
+            .output()
+            .unwrap();
+        must(out, "pg_ctl promote");
+        wait_until("promotion", Duration::from_secs(60), || {
+            self.psql("select pg_is_in_recovery()") == "f"
+        });
+    }
+
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
