@@ -421,6 +421,16 @@ fn drill_restores_checks_and_records() {
         .unwrap()
         .iter()
         .any(|c| c == "check-sql"));
+    if pg_bin().join("pg_amcheck").exists() {
+        assert!(
+            res["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c == "pg_amcheck"),
+            "{res}"
+        );
+    }
     // A failing check fails the drill, and both results are in the catalog.
     let out = drill(&bad);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -434,6 +444,16 @@ fn drill_restores_checks_and_records() {
         (drills[0]["passed"].as_bool(), drills[1]["passed"].as_bool()),
         (Some(true), Some(false))
     );
+    // Binaries of another major version are refused before anything is done or recorded.
+    match std::env::var("ARCHIVER_TEST_OTHER_PG_BIN") {
+        Ok(other) => {
+            let out = archiver(&["drill", "--repo", &s.r, "--pg-bin", &other]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains("the backup is PostgreSQL 15"), "{err}");
+        }
+        Err(_) => eprintln!("skipped: no other-major binaries (scripts/test.sh fetches them)"),
+    }
     let table = String::from_utf8_lossy(&archiver(&["list", "--repo", &s.r]).stdout).into_owned();
     assert!(table.contains("FAILED"), "{table}");
     // Everything the drills made is gone, and no server is left running.
