@@ -39,7 +39,10 @@ for l in json.load(open("native/pg-symlinks.json")):
     fi
     rm -rf "$tmp"
 fi
-if [ -x "$OTHER/bin/postgres" ]; then export ARCHIVER_TEST_OTHER_PG_BIN="$OTHER/bin"; fi
+# (The tests run servers as the postgres user when root: it must reach the binaries.)
+if [ -x "$OTHER/bin/postgres" ] && { [ "$(id -u)" -ne 0 ] || runuser -u postgres -- test -x "$OTHER/bin/postgres"; }; then
+    export ARCHIVER_TEST_OTHER_PG_BIN="$OTHER/bin"
+fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

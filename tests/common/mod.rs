@@ -114,8 +114,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn initdb(dir: &Path) {
-    let out = pg_command(pg_bin().join("initdb"))
+fn initdb(bin: &Path, dir: &Path) {
+    let out = pg_command(bin.join("initdb"))
         .args([
             "--no-sync",
             "-A",
@@ -154,7 +154,7 @@ fn template() -> Option<&'static PathBuf> {
         std::fs::create_dir_all(&dir).unwrap();
         chown_pg(&dir);
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        initdb(&dir);
+        initdb(&pg_bin(), &dir);
         // Remove stale templates of earlier runs (ours are named by PID; only dead PIDs).
         if let Ok(rd) = std::fs::read_dir(&base) {
             for e in rd.flatten() {
@@ -176,6 +176,8 @@ fn template() -> Option<&'static PathBuf> {
 
 /// A throwaway PostgreSQL cluster on a free port.
 pub struct Pg {
+    /// The server binaries this cluster runs with.
+    pub bin: PathBuf,
     pub data: PathBuf,
     pub port: u16,
     pub sock: PathBuf,
@@ -201,17 +203,31 @@ impl Pg {
     /// A new cluster in `root/name` (not started). `conf` is appended to postgresql.conf;
     /// `hba` lines go before the template's trust lines (pg_hba is first-match).
     pub fn create(root: &TestDir, name: &str, conf: &str, hba: &str) -> Pg {
-        Self::create_from(root, name, conf, hba, false)
+        Self::create_from(root, name, conf, hba, None)
     }
 
     /// Like `create`, but a fresh initdb: a cluster with its own system identifier.
     pub fn create_fresh(root: &TestDir, name: &str, conf: &str) -> Pg {
-        Self::create_from(root, name, conf, "", true)
+        Self::create_from(root, name, conf, "", Some(&pg_bin()))
     }
 
-    fn create_from(root: &TestDir, name: &str, conf: &str, hba: &str, fresh: bool) -> Pg {
+    /// A new cluster made by the `initdb` in `bin` (another major version).
+    pub fn create_with_bin(root: &TestDir, name: &str, conf: &str, bin: &Path) -> Pg {
+        let mut pg = Self::create_from(root, name, conf, "", Some(bin));
+        pg.bin = bin.to_path_buf();
+        pg
+    }
+
+    /// `initdb_bin`: run this initdb (a fresh system identifier) instead of copying the template.
+    fn create_from(
+        root: &TestDir,
+        name: &str,
+        conf: &str,
+        hba: &str,
+        initdb_bin: Option<&Path>,
+    ) -> Pg {
         let data = root.join(name);
-        match template().filter(|_| !fresh) {
+        match template().filter(|_| initdb_bin.is_none()) {
             Some(t) => {
                 let out = Command::new("cp")
                     .arg("-a")
@@ -225,7 +241,7 @@ impl Pg {
                 std::fs::create_dir(&data).unwrap();
                 chown_pg(&data);
                 std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
-                initdb(&data);
+                initdb(initdb_bin.unwrap_or(&pg_bin()), &data);
             }
         }
         let sock = root.join(&format!("{name}-sock"));
@@ -244,6 +260,7 @@ impl Pg {
         std::fs::write(data.join("pg_hba.conf"), format!("{hba}\n{old}")).unwrap();
         let log = root.join(&format!("{name}.log"));
         Pg {
+            bin: pg_bin(),
             data,
             port,
             sock,
@@ -265,6 +282,7 @@ impl Pg {
         ));
         std::fs::write(data.join("postgresql.conf"), c).unwrap();
         Pg {
+            bin: pg_bin(),
             data,
             port,
             sock,
@@ -305,7 +323,7 @@ impl Pg {
 
     /// Promotes a standby and waits until it accepts writes.
     pub fn promote(&self) {
-        let out = pg_command(pg_bin().join("pg_ctl"))
+        let out = pg_command(self.bin.join("pg_ctl"))
             .args(["-w", "-D"])
             .arg(&self.data)
             .arg("promote")
@@ -325,7 +343,7 @@ impl Pg {
             .unwrap();
         chown_pg(&self.log);
         drop(log);
-        let out = pg_command(pg_bin().join("pg_ctl"))
+        let out = pg_command(self.bin.join("pg_ctl"))
             .args(["-w", "-t", "60", "-D"])
             .arg(&self.data)
             .arg("-l")
@@ -345,7 +363,7 @@ impl Pg {
 
     pub fn stop(&mut self) {
         if self.running {
-            let _ = pg_command(pg_bin().join("pg_ctl"))
+            let _ = pg_command(self.bin.join("pg_ctl"))
                 .args(["-w", "-t", "60", "-m", "fast", "-D"])
                 .arg(&self.data)
                 .arg("stop")
@@ -417,7 +435,7 @@ impl Pg {
 impl Drop for Pg {
     fn drop(&mut self) {
         if self.running {
-            let _ = pg_command(pg_bin().join("pg_ctl"))
+            let _ = pg_command(self.bin.join("pg_ctl"))
                 .args(["-w", "-t", "30", "-m", "immediate", "-D"])
                 .arg(&self.data)
                 .arg("stop")
