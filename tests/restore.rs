@@ -22,7 +22,8 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "", "");
+    // No autovacuum: the tests know every transaction the WAL holds.
+    let mut pg = Pg::create(&dir, "pg", "autovacuum = off\n", "");
     pg.start();
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
@@ -215,6 +216,10 @@ fn dry_run_and_refusals_change_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A time after the last transaction (read-only statements write none), then WAL without
+    // transactions (a restore point), archived.
+    let after_last = s.pg.psql("select clock_timestamp()");
+    s.pg.psql("select pg_create_restore_point('no_transaction')");
     s.archive_now();
     let before = listing(&s.repo);
     let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(
@@ -317,6 +322,12 @@ fn dry_run_and_refusals_change_nothing() {
         &["--pgdata", p, "--target-lsn", "FF/0"],
         1,
         "beyond the archive",
+    );
+    refused(
+        &s,
+        &["--pgdata", p, "--target-time", &after_last],
+        1,
+        "recovery stops only at a transaction after the target",
     );
     refused(
         &s,

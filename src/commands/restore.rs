@@ -21,7 +21,7 @@ use crate::repo::Repo;
 use crate::restore::extract::{extract_all, Archive, Owner};
 use crate::restore::plan::{plan, Plan, Request, WalInventory};
 use crate::restore::recovery::{self, TargetAction};
-use crate::restore::target::{parse_time, Target, TimelineChoice};
+use crate::restore::target::{format_rfc3339, parse_time, Target, TimelineChoice};
 use crate::wal::record::{Event, RecordReader};
 use crate::wal::timeline::parse_history;
 use crate::wal::{Lsn, SegmentName};
@@ -160,6 +160,26 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
     }
     let p =
         plan(&backups, &inv, &req, repo.seg_size()).context("no restore can reach the target")?;
+    // Recovery to a time stops at the first transaction after it: there must be one.
+    if let Target::Time(t) = req.target {
+        let last = match last_transaction(repo, &p).await? {
+            LastTransaction::At(time, lsn) if t > time => Some(format!(
+                "its last transaction ended at {} (WAL {lsn})",
+                format_rfc3339(time)
+            )),
+            LastTransaction::NoneAfterBackup => Some(format!(
+                "no transaction ended after backup {} began",
+                p.backup_id
+            )),
+            _ => None,
+        };
+        if let Some(why) = last {
+            anyhow::bail!(
+                "no restore can reach the target: {} lies beyond the archive — {why}, and recovery stops only at a transaction after the target",
+                req.target.describe()
+            );
+        }
+    }
     let rec = backups
         .into_iter()
         .find(|b| b.id == p.backup_id)
@@ -202,8 +222,7 @@ async fn locate(
     let Some(chain) = chain else {
         return Ok(None); // the planner explains why nothing serves
     };
-    let major = complete.first().map_or(15, |b| b.pg_version / 10000);
-    let mut reader = RecordReader::new(seg_size, major);
+    let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
     let mut found = None;
     for s in &chain.segments {
         let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
@@ -236,6 +255,49 @@ async fn locate(
             chain.wal_end
         ),
     }
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's, 2000-01-01.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// What the end of a plan's WAL says about its last transaction.
+enum LastTransaction {
+    /// Its end time (Unix microseconds) and position.
+    At(i64, Lsn),
+    /// The whole chain from the backup on holds none.
+    NoneAfterBackup,
+    /// None in the segments read (the last 16); earlier ones were not read.
+    Unknown,
+}
+
+/// Reads the plan's WAL backwards from its end (at most 16 segments) for the last transaction.
+async fn last_transaction(repo: &Repo, p: &Plan) -> anyhow::Result<LastTransaction> {
+    const MAX: usize = 16;
+    let seg_size = repo.seg_size();
+    for s in p.segments.iter().rev().take(MAX) {
+        let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
+        let key = if s.partial {
+            partial_segment_key(&name)
+        } else {
+            wal_segment_key(&name)
+        };
+        let (_, raw) = repo.stream_verified(&key, Vec::new()).await?;
+        let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
+        let mut last = None;
+        reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
+            if let Event::XactEnd { time, end, .. } = e {
+                last = Some(LastTransaction::At(time + PG_EPOCH_UNIX_MICROS, end));
+            }
+        });
+        if let Some(l) = last {
+            return Ok(l);
+        }
+    }
+    Ok(if p.segments.len() <= MAX {
+        LastTransaction::NoneAfterBackup
+    } else {
+        LastTransaction::Unknown
+    })
 }
 
 /// A directory we may write into: absent (its parent must exist) or empty.
