@@ -14,9 +14,7 @@ use super::{report, RepoArg, EXIT_ERROR};
 use crate::basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest};
 use crate::basebackup::tar::TarReader;
 use crate::repo::catalog::BackupRecord;
-use crate::repo::layout::{
-    backup_object_key, history_key, partial_segment_key, wal_segment_key, WalObject,
-};
+use crate::repo::layout::{backup_object_key, history_key, WalObject};
 use crate::repo::Repo;
 use crate::restore::extract::{extract_all, Archive, Owner};
 use crate::restore::plan::{plan, Plan, Request, WalInventory};
@@ -24,7 +22,7 @@ use crate::restore::recovery::{self, TargetAction};
 use crate::restore::target::{format_rfc3339, parse_time, Target, TimelineChoice};
 use crate::wal::record::{Event, RecordReader};
 use crate::wal::timeline::parse_history;
-use crate::wal::{Lsn, SegmentName};
+use crate::wal::Lsn;
 
 /// Rough rates for the time estimate of a plan (this machine class: docs/benchmarks.md).
 const EST_EXTRACT_BYTES_PER_S: f64 = 400e6;
@@ -225,12 +223,7 @@ async fn locate(
     let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
     let mut found = None;
     for s in &chain.segments {
-        let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
-        let key = if s.partial {
-            partial_segment_key(&name)
-        } else {
-            wal_segment_key(&name)
-        };
+        let (name, key) = s.locate(seg_size);
         let (_, raw) = repo.stream_verified(&key, Vec::new()).await?;
         reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
             if found.is_none() && matches(&e) {
@@ -275,12 +268,7 @@ async fn last_transaction(repo: &Repo, p: &Plan) -> anyhow::Result<LastTransacti
     const MAX: usize = 16;
     let seg_size = repo.seg_size();
     for s in p.segments.iter().rev().take(MAX) {
-        let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
-        let key = if s.partial {
-            partial_segment_key(&name)
-        } else {
-            wal_segment_key(&name)
-        };
+        let (name, key) = s.locate(seg_size);
         let (_, raw) = repo.stream_verified(&key, Vec::new()).await?;
         let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
         let mut last = None;
@@ -685,12 +673,7 @@ async fn dry_run(
         .context("the backup's archives do not match its manifest")?;
     let seg_size = repo.seg_size();
     for s in &p.segments {
-        let name = SegmentName::parse(&s.name, seg_size).expect("plan names are valid");
-        let key = if s.partial {
-            partial_segment_key(&name)
-        } else {
-            wal_segment_key(&name)
-        };
+        let (_, key) = s.locate(seg_size);
         repo.stream_verified(&key, std::io::sink()).await?;
         verified += 1;
     }

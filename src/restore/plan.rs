@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::target::{catalog_time, format_rfc3339, Target, TimelineChoice};
 use crate::repo::catalog::{BackupRecord, BackupStatus};
-use crate::repo::layout::WalObject;
+use crate::repo::layout::{partial_segment_key, wal_segment_key, WalObject};
 use crate::wal::timeline::HistoryEntry;
 use crate::wal::{Lsn, SegmentName, TimeLineId};
 
@@ -104,6 +104,19 @@ pub struct Request {
 pub struct NeededSegment {
     pub name: String,
     pub partial: bool,
+}
+
+impl NeededSegment {
+    /// The segment's name and its repository key (the partial object for a partial one).
+    pub fn locate(&self, seg_size: u64) -> (SegmentName, String) {
+        let name = SegmentName::parse(&self.name, seg_size).expect("plan names are valid");
+        let key = if self.partial {
+            partial_segment_key(&name)
+        } else {
+            wal_segment_key(&name)
+        };
+        (name, key)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
