@@ -238,6 +238,7 @@ pub fn decode_body<R: Read, W: Write>(
 ) -> Result<(), ObjectError> {
     let mut sha = Sha256::new();
     let mut hasher = Hasher::default();
+    let mut sink_err: Option<std::io::Error> = None;
     {
         let reader = HashingReader {
             inner: body,
@@ -260,7 +261,14 @@ pub fn decode_body<R: Read, W: Write>(
                     "more data than the trailer records".into(),
                 ));
             }
-            out.write_all(&buf[..n])?;
+            // A failing destination does not end the read: damaged content often makes the
+            // consumer fail first (a tar parser, say), and the checksums must still get the
+            // chance to name the real cause.
+            if sink_err.is_none() {
+                if let Err(e) = out.write_all(&buf[..n]) {
+                    sink_err = Some(e);
+                }
+            }
         }
         // Whatever the decoder left unread still belongs to the body's hash.
         std::io::copy(&mut dec.finish(), &mut std::io::sink())?;
@@ -286,7 +294,10 @@ pub fn decode_body<R: Read, W: Write>(
             got.crc32, info.crc32
         )));
     }
-    Ok(())
+    match sink_err {
+        Some(e) => Err(ObjectError::Io(e)),
+        None => Ok(()),
+    }
 }
 
 /// Incremental encoder for objects too large to hold: push raw chunks, store what comes out.
@@ -448,6 +459,28 @@ mod tests {
             .map(|_| ())
             .and_then(|_| p.finish().map(|_| ()));
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn a_failing_destination_does_not_hide_corruption() {
+        struct Failing;
+        impl Write for Failing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("destination failed"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let raw = sample();
+        let (obj, _) = encode_bytes(&raw, ObjectKind::Other, 1).unwrap();
+        assert!(matches!(decode(&obj, Failing), Err(ObjectError::Io(_))));
+        let mut bad = obj.clone();
+        bad[obj.len() / 3] ^= 0x01;
+        assert!(matches!(
+            decode(&bad, Failing),
+            Err(ObjectError::Corrupt(_))
+        ));
     }
 
     #[test]

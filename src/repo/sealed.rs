@@ -61,6 +61,22 @@ mod tests {
     }
 
     #[test]
+    fn floats_survive_the_round_trip() {
+        // Durations in drill results: every float must re-serialise to the same text, or the
+        // checksum fails on read (serde_json's `float_roundtrip`).
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = (x % 100_000_000) as f64 / 1e6 + (x >> 40) as f64 * 1e-9;
+            let sealed = seal(&serde_json::json!({ "seconds": v })).unwrap();
+            let back: serde_json::Value = open(&sealed).unwrap();
+            assert_eq!(back["seconds"].as_f64(), Some(v));
+        }
+    }
+
+    #[test]
     fn seal_and_open() {
         let d = Doc {
             name: "x".into(),
