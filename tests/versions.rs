@@ -14,7 +14,10 @@ const T: Duration = Duration::from_secs(60);
 
 #[test]
 fn postgresql_14_backup_with_a_tablespace_restores_and_starts() {
-    let Ok(bin) = std::env::var("ARCHIVER_TEST_OTHER_PG_BIN") else {
+    let Some(bin) = std::env::var("ARCHIVER_TEST_OTHER_PG_BIN")
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
         eprintln!("skipped: no PostgreSQL 14 binaries (scripts/test.sh fetches them)");
         return;
     };
