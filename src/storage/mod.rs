@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 pub mod conformance;
 pub mod fs;
+pub mod s3;
 
 /// A stored object's key, size and (where the backend knows it) last modification time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +34,14 @@ pub enum StorageError {
     InvalidKey(String),
     #[error("storage I/O error on {key}: {cause}")]
     Io { key: String, cause: std::io::Error },
+    /// A remote store (S3) refused or failed; `transient`: worth retrying (5xx, throttling,
+    /// timeouts, connection resets).
+    #[error("object store error on {key}: {message}")]
+    Remote {
+        key: String,
+        message: String,
+        transient: bool,
+    },
 }
 
 impl StorageError {
@@ -45,6 +54,7 @@ impl StorageError {
                     | std::io::ErrorKind::TimedOut
                     | std::io::ErrorKind::WouldBlock
             ),
+            StorageError::Remote { transient, .. } => *transient,
             _ => false,
         }
     }
