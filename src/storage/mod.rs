@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 pub mod conformance;
 pub mod fs;
+pub mod retrying;
 pub mod s3;
 
 /// A stored object's key, size and (where the backend knows it) last modification time.
