@@ -79,8 +79,9 @@ fn label_time(label: &str) -> Option<String> {
 }
 
 async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    args.repo.local_dir("backup")?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
-    let storage = args.repo.storage()?;
+    let storage = args.repo.storage().await?;
     let app = conninfo
         .application_name
         .clone()
@@ -102,7 +103,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
 
-    let spool = args.repo.repo.join(SPOOL_DIR);
+    let spool = args.repo.local_dir("backup")?.join(SPOOL_DIR);
     mark_interrupted(&repo, &spool).await;
     let (id, _claim) = claim_backup_id(&repo, &spool).await?;
     let mut rec = BackupRecord {

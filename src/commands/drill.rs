@@ -165,7 +165,7 @@ impl Drop for Scratch {
 
 async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
     let t0 = Instant::now();
-    let storage = args.repo.storage()?;
+    let storage = args.repo.storage().await?;
     let repo = Repo::open(storage, &args.repo.name()).await?;
     let (plan, rec) = make_plan(&repo, &args.target).await?;
     let target = args.target.target();
@@ -224,8 +224,9 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
         ("logging_collector".into(), "off".into()),
         ("hot_standby".into(), "on".into()),
     ];
+    let repo_for_cmd = args.repo.for_restore_command()?;
     let spec = WriteSpec {
-        repo_path: &args.repo.repo,
+        repo_path: &repo_for_cmd,
         target: &args.target,
         mapping: &mapping,
         extra,

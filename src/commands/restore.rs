@@ -423,6 +423,7 @@ fn owner_for(args: &RestoreArgs) -> anyhow::Result<Owner> {
 
 /// What `write_restore` needs besides the plan.
 pub(crate) struct WriteSpec<'a> {
+    /// The repository as restore_command names it (absolute directory, or its S3 URL).
     pub repo_path: &'a Path,
     pub target: &'a TargetArgs,
     pub mapping: &'a [(PathBuf, PathBuf)],
@@ -458,7 +459,7 @@ struct Done<'a> {
 }
 
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let storage = args.repo.storage()?;
+    let storage = args.repo.storage().await?;
     let repo = Repo::open(storage, &args.repo.name()).await?;
     let (p, rec) = make_plan(&repo, &args.target).await?;
     let target = args.target.target();
@@ -482,8 +483,9 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         return dry_run(&args, &repo, &p, &rec, &target).await;
     }
     let started = Instant::now();
+    let repo_for_cmd = args.repo.for_restore_command()?;
     let spec = WriteSpec {
-        repo_path: &args.repo.repo,
+        repo_path: &repo_for_cmd,
         target: &args.target,
         mapping: &args.tablespace_mapping,
         extra: vec![],
@@ -574,8 +576,7 @@ pub(crate) async fn write_restore(
         std::fs::write(&map, out)?;
     }
     let exe = std::env::current_exe().context("locating the archiver binary")?;
-    let repo_path = std::path::absolute(w.repo_path)?;
-    let cmd = recovery::restore_command(&exe, &repo_path);
+    let cmd = recovery::restore_command(&exe, w.repo_path);
     let mut lines = recovery::settings(
         &cmd,
         target,

@@ -65,9 +65,10 @@ pub async fn run(args: StreamArgs) -> u8 {
 }
 
 async fn stream(args: StreamArgs) -> anyhow::Result<()> {
+    args.repo.local_dir("stream")?;
     validate_slot_name(&args.slot).map_err(anyhow::Error::msg)?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
-    let storage = args.repo.storage()?;
+    let storage = args.repo.storage().await?;
     let application_name = args
         .application_name
         .clone()
@@ -94,7 +95,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
-    let spool_dir = args.repo.repo.join(SPOOL_DIR);
+    let spool_dir = args.repo.local_dir("stream")?.join(SPOOL_DIR);
     let spool = Spool::open(&spool_dir, repo.seg_size())
         .with_context(|| format!("cannot create the spool directory {}", spool_dir.display()))?;
     let _lock = RepoLock::acquire(&spool_dir.join("stream.lock"))?;

@@ -146,7 +146,7 @@ async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> 
         Ok(l) => l,
         Err(_) => return Ok(()), // another worker is at it
     };
-    let storage = args.repo.storage()?;
+    let storage = args.repo.storage().await?;
     let repo = Repo::open(storage, &args.repo.name()).await?;
     let seg_size = repo.seg_size();
     let cur = SegmentName::parse(&args.walfile, seg_size).context("prefetch start")?;
@@ -197,7 +197,7 @@ async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> 
 }
 
 async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
-    let storage = args.repo.storage()?;
+    let storage = args.repo.storage().await?;
     let repo = Repo::open(storage, &args.repo.name()).await?;
     let Some(mut key) = key_for(&args.walfile, repo.seg_size()) else {
         return Ok(Some(Outcome::Missing(format!(
