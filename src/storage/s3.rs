@@ -135,6 +135,38 @@ impl S3Storage {
     }
 }
 
+impl S3Storage {
+    /// GET of a whole object or a `Range`; one request, no size lookup first.
+    async fn read(&self, key: &str, range: Option<String>) -> Result<Bytes, StorageError> {
+        let full = self.full(key)?;
+        let ranged = range.is_some();
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .set_range(range)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return match e.as_service_error() {
+                    Some(s) if s.is_no_such_key() => Err(StorageError::NotFound(key.to_string())),
+                    Some(s) if ranged && s.code() == Some("InvalidRange") => Ok(Bytes::new()),
+                    _ => Err(remote(key, "reading", e)),
+                }
+            }
+        };
+        let body = out.body.collect().await.map_err(|e| StorageError::Remote {
+            key: key.to_string(),
+            message: format!("reading the body: {e}"),
+            transient: true,
+        })?;
+        Ok(body.into_bytes())
+    }
+}
+
 struct S3Writer {
     s: S3Storage,
     key: String,
@@ -308,55 +340,16 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-        let full = self.full(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| match e.as_service_error() {
-                Some(s) if s.is_no_such_key() => StorageError::NotFound(key.to_string()),
-                _ => remote(key, "reading", e),
-            })?;
-        let body = out.body.collect().await.map_err(|e| StorageError::Remote {
-            key: key.to_string(),
-            message: format!("reading the body: {e}"),
-            transient: true,
-        })?;
-        Ok(body.into_bytes())
+        self.read(key, None).await
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StorageError> {
-        let size = self
-            .head(key)
-            .await?
-            .ok_or_else(|| StorageError::NotFound(key.to_string()))?
-            .size;
-        if len == 0 || offset >= size {
+        if len == 0 {
             return Ok(Bytes::new());
         }
-        let last = (offset + len).min(size) - 1;
-        let full = self.full(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .range(format!("bytes={offset}-{last}"))
-            .send()
+        // S3 clamps the range's end to the object; a start past the end is `InvalidRange`.
+        self.read(key, Some(format!("bytes={offset}-{}", offset + len - 1)))
             .await
-            .map_err(|e| match e.as_service_error() {
-                Some(s) if s.is_no_such_key() => StorageError::NotFound(key.to_string()),
-                _ => remote(key, "reading a range", e),
-            })?;
-        let body = out.body.collect().await.map_err(|e| StorageError::Remote {
-            key: key.to_string(),
-            message: format!("reading the body: {e}"),
-            transient: true,
-        })?;
-        Ok(body.into_bytes())
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
