@@ -139,15 +139,12 @@ fn backup_under_load_verifies_and_is_listed() {
 /// Starts an extracted backup as a cluster on a free port, recovering with `archiver wal-fetch`
 /// to the end of the backup (`recovery_target = 'immediate'`) and promoting.
 fn start_restored(dir: &TestDir, repo: &Path, restore: &Path) -> Pg {
-    // The server runs as the postgres user: give it a copy of the binary it can execute.
-    let bin = dir.join("archiver-bin");
-    std::fs::copy(archiver_bin(), &bin).unwrap();
     std::fs::write(restore.join("recovery.signal"), "").unwrap();
     let mut auto =
         std::fs::read_to_string(restore.join("postgresql.auto.conf")).unwrap_or_default();
     auto.push_str(&format!(
         "restore_command = '{} wal-fetch --repo {} %f %p'\nrecovery_target = 'immediate'\nrecovery_target_action = 'promote'\n",
-        bin.display(),
+        archiver_bin(),
         repo.display()
     ));
     std::fs::write(restore.join("postgresql.auto.conf"), auto).unwrap();
@@ -162,12 +159,7 @@ fn start_restored(dir: &TestDir, repo: &Path, restore: &Path) -> Pg {
         "chown",
     );
     std::fs::set_permissions(restore, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let mut pg = Pg::adopt(dir, "restored", restore.to_path_buf());
-    pg.start();
-    wait_until("the restored cluster is promoted", T, || {
-        pg.psql("select pg_is_in_recovery()") == "f"
-    });
-    pg
+    start_recovering(dir, "restored", restore.to_path_buf(), None)
 }
 
 /// pgbench's invariant: every committed transaction moved the same delta in all four tables.

@@ -91,22 +91,9 @@ impl Setup {
         pgdata
     }
 
-    /// Starts a restored directory (with the binary the postgres user can run) and waits until
-    /// it is promoted.
+    /// Starts a restored directory and waits until it is promoted.
     fn start(&self, name: &str, pgdata: PathBuf) -> Pg {
-        let conf = pgdata.join("postgresql.auto.conf");
-        let text = std::fs::read_to_string(&conf).unwrap();
-        std::fs::write(
-            &conf,
-            text.replace(archiver_bin(), self.bin.to_str().unwrap()),
-        )
-        .unwrap();
-        let mut pg = Pg::adopt(&self.dir, name, pgdata);
-        pg.start();
-        wait_until("the restored cluster is promoted", T, || {
-            pg.psql("select pg_is_in_recovery()") == "f"
-        });
-        pg
+        start_recovering(&self.dir, name, pgdata, None)
     }
 }
 
@@ -569,8 +556,6 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
     wait_archived(&repo, &name, T);
     assert!(a.term().success());
 
-    let bin = dir.join("archiver-bin");
-    std::fs::copy(archiver_bin(), &bin).unwrap();
     let restore = |name: &str, args: &[&str]| -> Pg {
         let pgdata = dir.join(name);
         let mut all = vec![
@@ -590,15 +575,7 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let conf = pgdata.join("postgresql.auto.conf");
-        let text = std::fs::read_to_string(&conf).unwrap();
-        std::fs::write(&conf, text.replace(archiver_bin(), bin.to_str().unwrap())).unwrap();
-        let mut pg = Pg::adopt(&dir, name, pgdata);
-        pg.start();
-        wait_until("promoted", T, || {
-            pg.psql("select pg_is_in_recovery()") == "f"
-        });
-        pg
+        start_recovering(&dir, name, pgdata, None)
     };
     let rows = |pg: &Pg| pg.psql("select string_agg(v, ',' order by v) from t");
     // Latest: along timeline 2, the promotion's write included.

@@ -11,15 +11,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-struct Moto(std::process::Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn files(root: &Path, dir: &Path, out: &mut Vec<String>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
@@ -37,42 +28,17 @@ fn files(root: &Path, dir: &Path, out: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restore_from_an_s3_repository() {
-    let Some(moto) = std::env::var("ARCHIVER_TEST_MOTO")
-        .ok()
-        .filter(|v| !v.is_empty())
-    else {
+    let Some(moto) = Moto::start() else {
         eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
         return;
     };
-    let port = free_port();
-    let _moto = Moto(
-        std::process::Command::new(moto)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("moto_server", T, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
     // The one test in this binary: its environment is every child's (archiver, pg_ctl and so
     // the server's restore_command).
-    let endpoint = format!("http://127.0.0.1:{port}");
-    std::env::set_var("AWS_ENDPOINT_URL", &endpoint);
+    std::env::set_var("AWS_ENDPOINT_URL", &moto.endpoint);
     std::env::set_var("AWS_ACCESS_KEY_ID", "test");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
     std::env::set_var("AWS_REGION", "us-east-1");
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "test", "test", None, None, "t",
-        ))
-        .endpoint_url(&endpoint)
-        .force_path_style(true)
-        .build();
-    let client = aws_sdk_s3::Client::from_conf(conf);
+    let client = moto.client();
     client.create_bucket().bucket("arch").send().await.unwrap();
 
     // A repository made locally (stream + backup), then copied into the bucket.
@@ -160,18 +126,7 @@ async fn restore_from_an_s3_repository() {
     let conf_path = pgdata.join("postgresql.auto.conf");
     let text = std::fs::read_to_string(&conf_path).unwrap();
     assert!(text.contains("--repo s3://arch/site1 %f %p"), "{text}");
-    let bin = dir.join("archiver-bin");
-    std::fs::copy(archiver_bin(), &bin).unwrap();
-    std::fs::write(
-        &conf_path,
-        text.replace(archiver_bin(), bin.to_str().unwrap()),
-    )
-    .unwrap();
-    let mut restored = Pg::adopt(&dir, "restored", pgdata);
-    restored.start();
-    wait_until("promoted", T, || {
-        restored.psql("select pg_is_in_recovery()") == "f"
-    });
+    let restored = start_recovering(&dir, "restored", pgdata, None);
     assert_eq!(restored.psql("select count(*) from t"), "5100");
 
     // Stream and backup into S3 are refused, and leave the bucket untouched.

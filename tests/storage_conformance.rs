@@ -1,5 +1,9 @@
 //! Every storage backend passes the same conformance suite.
 
+mod common;
+
+use common::Moto;
+
 use archiver::storage::fs::FsStorage;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -27,60 +31,13 @@ fn walk(p: &std::path::Path) -> Vec<String> {
     out
 }
 
-/// A moto S3 server on a free port, stopped (by PID) when dropped.
-struct Moto(std::process::Child, u16);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn moto() -> Option<Moto> {
-    let bin = std::env::var("ARCHIVER_TEST_MOTO")
-        .ok()
-        .filter(|v| !v.is_empty())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let m = Moto(child, port);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "moto_server did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Some(m)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_backend_conforms() {
-    let Some(m) = moto() else {
+    let Some(moto) = Moto::start() else {
         eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
         return;
     };
-    let endpoint = format!("http://127.0.0.1:{}", m.1);
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .endpoint_url(&endpoint)
-        .force_path_style(true)
-        .build();
-    let client = aws_sdk_s3::Client::from_conf(conf);
+    let client = moto.client();
     client.create_bucket().bucket("repo").send().await.unwrap();
     let s = archiver::storage::s3::S3Storage::with_client(client.clone(), "s3://repo/some/prefix")
         .unwrap();

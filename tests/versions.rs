@@ -6,11 +6,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::*;
-
-const T: Duration = Duration::from_secs(60);
 
 #[test]
 fn postgresql_14_backup_with_a_tablespace_restores_and_starts() {
@@ -79,17 +76,7 @@ fn postgresql_14_backup_with_a_tablespace_restores_and_starts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let exe = dir.join("archiver-bin");
-    std::fs::copy(archiver_bin(), &exe).unwrap();
-    let conf = pgdata.join("postgresql.auto.conf");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(&conf, text.replace(archiver_bin(), exe.to_str().unwrap())).unwrap();
-    let mut restored = Pg::adopt(&dir, "restored", pgdata);
-    restored.bin = bin.clone();
-    restored.start();
-    wait_until("promoted", T, || {
-        restored.psql("select pg_is_in_recovery()") == "f"
-    });
+    let restored = start_recovering(&dir, "restored", pgdata, Some(&bin));
     assert_eq!(restored.psql("select count(*) from in_ts"), "3000");
     assert_eq!(
         restored.psql("select count(*) from pgbench_accounts"),

@@ -670,3 +670,79 @@ pub fn wait_archived(repo: &Path, name: &str, timeout: Duration) {
     let p = repo.join(format!("wal/{tli}/{name}.zst"));
     wait_until(&format!("{name} archived"), timeout, || p.exists());
 }
+
+/// A moto S3 API server on a free port (`ARCHIVER_TEST_MOTO`, installed by scripts/test.sh),
+/// stopped by its PID when dropped.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// None when no moto is installed (the caller says the test is skipped).
+    pub fn start() -> Option<Moto> {
+        let bin = std::env::var("ARCHIVER_TEST_MOTO")
+            .ok()
+            .filter(|v| !v.is_empty())?;
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        wait_until("moto_server", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(m)
+    }
+
+    /// An S3 client for it (test credentials, path-style).
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a data directory `archiver restore` (or a test) prepared for recovery, on a free port,
+/// and waits until it is promoted. The server runs `restore_command` as the postgres user, so
+/// the binary named there is swapped for a copy in `root` it can execute.
+pub fn start_recovering(root: &TestDir, name: &str, pgdata: PathBuf, bin: Option<&Path>) -> Pg {
+    let copy = root.join("archiver-bin");
+    if !copy.exists() {
+        std::fs::copy(archiver_bin(), &copy).unwrap();
+    }
+    let conf = pgdata.join("postgresql.auto.conf");
+    let text = std::fs::read_to_string(&conf).unwrap_or_default();
+    std::fs::write(&conf, text.replace(archiver_bin(), copy.to_str().unwrap())).unwrap();
+    let mut pg = Pg::adopt(root, name, pgdata);
+    if let Some(b) = bin {
+        pg.bin = b.to_path_buf();
+    }
+    pg.start();
+    wait_until(
+        "the restored cluster is promoted",
+        Duration::from_secs(60),
+        || pg.psql("select pg_is_in_recovery()") == "f",
+    );
+    pg
+}
