@@ -82,4 +82,13 @@ async fn s3_backend_conforms() {
         .await
         .unwrap();
     assert!(uploads.uploads().is_empty());
+
+    // Client-side encryption over S3 meets the same contract.
+    let inner =
+        archiver::storage::s3::S3Storage::with_client(client.clone(), "s3://repo/enc").unwrap();
+    let enc = archiver::storage::encrypted::Encrypted::new(
+        std::sync::Arc::new(inner),
+        archiver::storage::encrypted::MasterKey::from_bytes([9; 32]),
+    );
+    archiver::storage::conformance::run(&enc).await;
 }

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::{Storage, StorageError};
+use super::{Storage, StorageError, WriteMode};
 
 /// Runs the conformance checks against an empty store, panicking on the first violation.
 pub async fn run(s: &dyn Storage) {
@@ -126,6 +126,69 @@ pub async fn run(s: &dyn Storage) {
     );
     for i in ["c/streamed"] {
         s.delete(i).await.unwrap();
+    }
+
+    // Conditional create: a new key is written; an existing one is left untouched, for
+    // whole-object and streamed writes alike.
+    s.put_with("d/once", Bytes::from_static(b"v1"), WriteMode::CreateNew)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.put_with("d/once", Bytes::from_static(b"v2"), WriteMode::CreateNew)
+            .await,
+        Err(StorageError::AlreadyExists(_))
+    ));
+    assert_eq!(&s.get("d/once").await.unwrap()[..], b"v1");
+    let mut w = s.writer_with("d/once", WriteMode::CreateNew).await.unwrap();
+    w.write(Bytes::from(vec![7u8; 100_000])).await.unwrap();
+    assert!(matches!(
+        w.finish().await,
+        Err(StorageError::AlreadyExists(_))
+    ));
+    assert_eq!(&s.get("d/once").await.unwrap()[..], b"v1");
+    let mut w = s.writer_with("d/new", WriteMode::CreateNew).await.unwrap();
+    w.write(Bytes::from_static(b"fresh")).await.unwrap();
+    w.finish().await.unwrap();
+    assert_eq!(&s.get("d/new").await.unwrap()[..], b"fresh");
+    assert_eq!(
+        s.list("d/").await.unwrap().len(),
+        2,
+        "a refused create leaves nothing behind"
+    );
+    // A large streamed object (several S3 multipart parts), created once, refused the second
+    // time without a trace.
+    let part = |i: u32| -> Bytes {
+        Bytes::from(
+            (0..1_000_000u32)
+                .map(|j| ((i * 17 + j) % 241) as u8)
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let mut w = s
+        .writer_with("d/large", WriteMode::CreateNew)
+        .await
+        .unwrap();
+    let mut expect = Vec::new();
+    for i in 0..18 {
+        expect.extend_from_slice(&part(i));
+        w.write(part(i)).await.unwrap();
+    }
+    assert_eq!(w.finish().await.unwrap(), expect.len() as u64);
+    assert_eq!(s.get("d/large").await.unwrap(), Bytes::from(expect));
+    let mut w = s
+        .writer_with("d/large", WriteMode::CreateNew)
+        .await
+        .unwrap();
+    for i in 0..18 {
+        w.write(part(i + 1)).await.unwrap();
+    }
+    assert!(matches!(
+        w.finish().await,
+        Err(StorageError::AlreadyExists(_))
+    ));
+    assert_eq!(s.get_range("d/large", 0, 3).await.unwrap(), part(0)[..3]);
+    for k in ["d/once", "d/new", "d/large"] {
+        s.delete(k).await.unwrap();
     }
 
     // Bad keys are refused.

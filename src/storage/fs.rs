@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{validate_key, ObjectMeta, ObjectWriter, Storage, StorageError};
+use super::{validate_key, ObjectMeta, ObjectWriter, Storage, StorageError, WriteMode};
 
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
@@ -66,20 +66,47 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_atomic_with(path, data, WriteMode::Overwrite)
+}
+
+/// Moves the fsync'd temporary file `tmp` to `path`: a rename (replacing), or for
+/// [`WriteMode::CreateNew`] a hard link, which fails with `AlreadyExists` if `path` exists
+/// (atomic, never replaces), then the temporary name is removed. The directory is fsync'd.
+fn publish_temp(tmp: &Path, path: &Path, mode: WriteMode) -> std::io::Result<()> {
+    match mode {
+        WriteMode::Overwrite => std::fs::rename(tmp, path)?,
+        WriteMode::CreateNew => {
+            std::fs::hard_link(tmp, path)?;
+            std::fs::remove_file(tmp)?;
+        }
+    }
+    fsync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+fn write_atomic_with(path: &Path, data: &[u8], mode: WriteMode) -> std::io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)?;
-        fsync_dir(dir)
+        publish_temp(&tmp, path, mode)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// An I/O error on `key`, `AlreadyExists` as [`StorageError::AlreadyExists`].
+fn write_err(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |cause| {
+        if cause.kind() == std::io::ErrorKind::AlreadyExists {
+            StorageError::AlreadyExists(key.to_string())
+        } else {
+            io_err(key)(cause)
+        }
+    }
 }
 
 impl FsStorage {
@@ -151,6 +178,7 @@ struct FsWriter {
     path: PathBuf,
     tmp: PathBuf,
     file: Option<std::fs::File>,
+    mode: WriteMode,
     done: bool,
 }
 
@@ -173,17 +201,17 @@ impl ObjectWriter for FsWriter {
         let f = self.file.take().expect("writer used after an I/O error");
         let (tmp, path) = (self.tmp.clone(), self.path.clone());
         let key = self.key.clone();
+        let mode = self.mode;
         let size = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
             f.sync_all()?;
             let size = f.metadata()?.len();
             drop(f);
-            std::fs::rename(&tmp, &path)?;
-            fsync_dir(path.parent().expect("key has a parent"))?;
+            publish_temp(&tmp, &path, mode)?;
             Ok(size)
         })
         .await
         .expect("storage task panicked")
-        .map_err(io_err(&key))?;
+        .map_err(write_err(&key))?;
         self.done = true;
         Ok(size)
     }
@@ -203,7 +231,11 @@ impl Drop for FsWriter {
 
 #[async_trait]
 impl Storage for FsStorage {
-    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+    async fn writer_with(
+        &self,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let path = self.path(key)?;
         let key = key.to_string();
         let k = key.clone();
@@ -221,17 +253,18 @@ impl Storage for FsStorage {
             path,
             tmp,
             file: Some(file),
+            mode,
             done: false,
         }))
     }
 
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+    async fn put_with(&self, key: &str, data: Bytes, mode: WriteMode) -> Result<(), StorageError> {
         let path = self.path(key)?;
         let key = key.to_string();
         blocking(move || {
             let dir = path.parent().expect("key has a parent: the root");
             create_dir_all_durable(dir).map_err(io_err(&key))?;
-            write_atomic(&path, &data).map_err(io_err(&key))
+            write_atomic_with(&path, &data, mode).map_err(write_err(&key))
         })
         .await
     }

@@ -2,7 +2,10 @@
 //!
 //! Contract every backend must meet (checked by [`conformance::run`]):
 //! - `put` is atomic and durable: after it returns, a reader sees the whole object or — if it
-//!   failed — the previous state; never a torn object. It overwrites an existing key.
+//!   failed — the previous state; never a torn object. It overwrites an existing key, unless
+//!   written with [`WriteMode::CreateNew`]: then an existing object is left as it is and the
+//!   write fails with [`StorageError::AlreadyExists`] (S3 `If-None-Match: *`, a hard link on
+//!   disk), so an archived object is never replaced.
 //! - `get` of a missing key is [`StorageError::NotFound`]; `delete` of a missing key succeeds.
 //! - `list(prefix)` returns every object whose key starts with `prefix`, sorted by key.
 //! - a [`ObjectWriter`] from `writer` streams an object of any size with bounded memory; nothing
@@ -15,6 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod conformance;
+pub mod encrypted;
 pub mod fs;
 pub mod retrying;
 pub mod s3;
@@ -31,6 +35,12 @@ pub struct ObjectMeta {
 pub enum StorageError {
     #[error("object {0} not found")]
     NotFound(String),
+    /// A [`WriteMode::CreateNew`] write found the key taken; the existing object is unchanged.
+    #[error("object {0} already exists")]
+    AlreadyExists(String),
+    /// An encrypted object that cannot be opened: wrong key, no key, damaged or truncated.
+    #[error("object {key} cannot be decrypted: {reason}")]
+    Undecryptable { key: String, reason: String },
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
     #[error("storage I/O error on {key}: {cause}")]
@@ -72,12 +82,34 @@ pub trait ObjectWriter: Send {
     async fn abort(self: Box<Self>);
 }
 
+/// Whether a write may replace an existing object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Replace any existing object (mutable keys: catalog records, growing partial segments).
+    Overwrite,
+    /// Fail with [`StorageError::AlreadyExists`] if the key exists (immutable objects).
+    CreateNew,
+}
+
 #[async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Starts streaming a new object under `key`; `finish` publishes it as `mode` says.
+    async fn writer_with(
+        &self,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError>;
+    /// Stores `data` under `key`, atomically and durably, as `mode` says.
+    async fn put_with(&self, key: &str, data: Bytes, mode: WriteMode) -> Result<(), StorageError>;
+
     /// Starts streaming a new object under `key` (replacing any existing one on `finish`).
-    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError>;
-    /// Stores `data` under `key`, atomically and durably.
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        self.writer_with(key, WriteMode::Overwrite).await
+    }
+    /// Stores `data` under `key`, atomically and durably, replacing any existing object.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        self.put_with(key, data, WriteMode::Overwrite).await
+    }
     /// Reads a whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
     /// Reads up to `len` bytes from `offset` (fewer at the object's end; none past it).

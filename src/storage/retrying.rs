@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectWriter, Storage, StorageError};
+use super::{ObjectMeta, ObjectWriter, Storage, StorageError, WriteMode};
 use crate::retry::{retry, RetryPolicy, Transient};
 
 impl Transient for StorageError {
@@ -31,16 +31,20 @@ impl Retrying {
 
 #[async_trait]
 impl Storage for Retrying {
-    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+    async fn writer_with(
+        &self,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         retry(&self.policy, "starting an object", || {
-            self.inner.writer(key)
+            self.inner.writer_with(key, mode)
         })
         .await
     }
 
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+    async fn put_with(&self, key: &str, data: Bytes, mode: WriteMode) -> Result<(), StorageError> {
         retry(&self.policy, "storing an object", || {
-            self.inner.put(key, data.clone())
+            self.inner.put_with(key, data.clone(), mode)
         })
         .await
     }
@@ -107,13 +111,17 @@ mod tests {
 
     #[async_trait]
     impl Storage for Flaky {
-        async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        async fn writer_with(
+            &self,
+            key: &str,
+            mode: WriteMode,
+        ) -> Result<Box<dyn ObjectWriter>, StorageError> {
             self.trip()?;
-            self.inner.writer(key).await
+            self.inner.writer_with(key, mode).await
         }
-        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        async fn put_with(&self, key: &str, data: Bytes, m: WriteMode) -> Result<(), StorageError> {
             self.trip()?;
-            self.inner.put(key, data).await
+            self.inner.put_with(key, data, m).await
         }
         async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
             self.trip()?;

@@ -6,24 +6,123 @@
 //! `AWS_REGION`, env / profile / web identity / IMDS); addressing is path-style when the
 //! endpoint is an IP address or localhost (local S3 servers), virtual-host otherwise.
 //! Credentials never appear in errors: only the key, the operation and the service's code.
+//!
+//! Immutable objects are written with `If-None-Match: *` ([`WriteMode::CreateNew`]), on
+//! `PutObject` and on `CompleteMultipartUpload`, so S3 itself refuses to replace them. Each
+//! multipart part is retried on its own (the one retry helper); whole operations are retried by
+//! [`super::retrying::Retrying`]. Storage class, SSE-S3 / SSE-KMS and Object Lock retention are
+//! applied to every object written ([`S3Options`]).
 
 use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ObjectLockMode, ServerSideEncryption, StorageClass,
+};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
 
-use super::{ObjectMeta, ObjectWriter, Storage, StorageError};
+use super::{ObjectMeta, ObjectWriter, Storage, StorageError, WriteMode};
+use crate::retry::{retry, RetryPolicy};
 
 /// Multipart part size (S3's minimum is 5 MiB for all parts but the last).
 pub const PART_SIZE: usize = 8 << 20;
+
+/// How objects are written to a bucket (the tier's section of the configuration file).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Options {
+    /// Endpoint URL (else `AWS_ENDPOINT_URL`, else AWS's).
+    pub endpoint: Option<String>,
+    /// Region (else the AWS chain's: `AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// Path-style addressing (default: automatic — on for IP/localhost endpoints).
+    pub path_style: Option<bool>,
+    /// e.g. `STANDARD_IA`, `GLACIER_IR` (default: the bucket's, STANDARD).
+    pub storage_class: Option<String>,
+    /// Server-side encryption: `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
+    pub sse: Option<String>,
+    /// The KMS key for `sse = "aws:kms"` (default: the account's aws/s3 key).
+    pub sse_kms_key_id: Option<String>,
+    /// Object Lock retention for every object written: `GOVERNANCE` or `COMPLIANCE`.
+    pub object_lock_mode: Option<String>,
+    /// Object Lock retention period, in days (with `object_lock_mode`).
+    pub object_lock_days: Option<u32>,
+}
+
+impl S3Options {
+    /// Refuses settings S3 would reject later, at start (clear errors, nothing written).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(c) = &self.storage_class {
+            if !StorageClass::values().contains(&c.as_str()) {
+                return Err(format!("unknown S3 storage class {c:?}"));
+            }
+        }
+        match self.sse.as_deref() {
+            None | Some("AES256") | Some("aws:kms") => {}
+            Some(o) => return Err(format!("unknown sse {o:?}: use \"AES256\" or \"aws:kms\"")),
+        }
+        if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
+            return Err("sse_kms_key_id needs sse = \"aws:kms\"".into());
+        }
+        match (&self.object_lock_mode, self.object_lock_days) {
+            (None, None) => {}
+            (Some(m), Some(d)) if (m == "GOVERNANCE" || m == "COMPLIANCE") && d > 0 => {}
+            (Some(m), Some(_)) if m != "GOVERNANCE" && m != "COMPLIANCE" => {
+                return Err(format!(
+                    "unknown object_lock_mode {m:?}: use \"GOVERNANCE\" or \"COMPLIANCE\""
+                ))
+            }
+            _ => {
+                return Err(
+                    "object lock needs both object_lock_mode and object_lock_days (> 0)".into(),
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// The retain-until date for an object written now.
+    fn retain_until(&self) -> Option<aws_sdk_s3::primitives::DateTime> {
+        let days = self.object_lock_days?;
+        let t = std::time::SystemTime::now() + std::time::Duration::from_secs(days as u64 * 86_400);
+        Some(aws_sdk_s3::primitives::DateTime::from(t))
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct S3Storage {
     client: Client,
     bucket: String,
     prefix: String,
+    opts: S3Options,
+    /// Per-part retries inside multipart uploads.
+    retry: RetryPolicy,
+}
+
+/// Applies the write options to a `PutObject` or `CreateMultipartUpload` builder (same setters).
+macro_rules! with_write_options {
+    ($b:expr, $o:expr) => {{
+        let o: &S3Options = $o;
+        let mut b = $b;
+        if let Some(c) = &o.storage_class {
+            b = b.storage_class(StorageClass::from(c.as_str()));
+        }
+        if let Some(sse) = &o.sse {
+            b = b.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+        }
+        if let Some(k) = &o.sse_kms_key_id {
+            b = b.ssekms_key_id(k);
+        }
+        if let (Some(m), Some(until)) = (&o.object_lock_mode, o.retain_until()) {
+            b = b
+                .object_lock_mode(ObjectLockMode::from(m.as_str()))
+                .object_lock_retain_until_date(until);
+        }
+        b
+    }};
 }
 
 /// Splits `s3://bucket/prefix` into bucket and prefix (without slashes at the ends).
@@ -48,30 +147,53 @@ fn wants_path_style(endpoint: &str) -> bool {
     host == "localhost" || host.parse::<std::net::Ipv4Addr>().is_ok() || endpoint.contains("://[")
 }
 
-fn remote<E, R>(key: &str, op: &str, e: SdkError<E, R>) -> StorageError
+fn remote<E>(key: &str, op: &str, e: SdkError<E, HttpResponse>) -> StorageError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
-    let transient = match &e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
+    if let SdkError::ServiceError(s) = &e {
+        if s.err().code() == Some("PreconditionFailed") {
+            return StorageError::AlreadyExists(key.to_string());
         }
+    }
+    let transient = match &e {
+        SdkError::DispatchFailure(d) => !d.is_user(),
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
         SdkError::ServiceError(s) => {
             let code = s.err().code().unwrap_or("");
+            let status = s.raw().status().as_u16();
             matches!(
                 code,
-                "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout"
-            )
+                "SlowDown"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "RequestTimeout"
+                    | "ConditionalRequestConflict"
+                    | "OperationAborted"
+            ) || status >= 500
+                || status == 429
         }
         _ => false,
     };
     let detail = match &e {
-        SdkError::ServiceError(s) => format!(
-            "{}: {}",
-            s.err().code().unwrap_or("error"),
-            s.err().message().unwrap_or("")
-        ),
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or("error");
+            let hint = match code {
+                "NoSuchBucket" => " (the bucket does not exist; create it first)",
+                "AccessDenied" => " (the credentials lack permission for this operation)",
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                    " (the AWS credentials are not valid for this endpoint)"
+                }
+                c if c.starts_with("KMS") => {
+                    " (the KMS key cannot be used: check sse_kms_key_id and its key policy)"
+                }
+                _ => "",
+            };
+            format!("{code}: {}{hint}", s.err().message().unwrap_or(""))
+        }
+        SdkError::DispatchFailure(d) if d.is_user() => {
+            "the request could not be sent (no usable AWS credentials or configuration?)".into()
+        }
         other => aws_smithy_error(other).to_string(),
     };
     StorageError::Remote {
@@ -96,21 +218,42 @@ fn aws_smithy_error<E, R>(e: &SdkError<E, R>) -> &'static str {
 impl S3Storage {
     /// Connects to `s3://bucket/prefix` with the standard AWS configuration chain.
     pub async fn new(url: &str) -> Result<Self, StorageError> {
+        Self::with_options(url, S3Options::default()).await
+    }
+
+    /// Connects to `s3://bucket/prefix` with the standard AWS configuration chain, overridden
+    /// by `opts` (endpoint, region, addressing) and writing objects as `opts` says.
+    pub async fn with_options(url: &str, opts: S3Options) -> Result<Self, StorageError> {
         let (bucket, prefix) =
             parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .load()
-            .await;
-        let mut conf = aws_sdk_s3::config::Builder::from(&shared);
-        if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
-            conf = conf
-                .endpoint_url(&ep)
-                .force_path_style(wants_path_style(&ep));
+        opts.validate().map_err(|message| StorageError::Remote {
+            key: url.to_string(),
+            message,
+            transient: false,
+        })?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &opts.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
         }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared);
+        let endpoint = opts
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        if let Some(ep) = &endpoint {
+            conf = conf.endpoint_url(ep);
+        }
+        let path_style = opts
+            .path_style
+            .unwrap_or_else(|| endpoint.as_deref().is_some_and(wants_path_style));
+        conf = conf.force_path_style(path_style);
         Ok(S3Storage {
             client: Client::from_conf(conf.build()),
             bucket,
             prefix,
+            opts,
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -122,7 +265,27 @@ impl S3Storage {
             client,
             bucket,
             prefix,
+            opts: S3Options::default(),
+            retry: RetryPolicy::default(),
         })
+    }
+
+    /// The bucket's name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Fails at once, with S3's own reason, if the bucket cannot be reached or listed (missing
+    /// bucket, bad credentials, no permission).
+    pub async fn check_access(&self) -> Result<(), StorageError> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| remote(&format!("s3://{}", self.bucket), "listing the bucket", e))?;
+        Ok(())
     }
 
     fn full(&self, key: &str) -> Result<String, StorageError> {
@@ -175,6 +338,7 @@ struct S3Writer {
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
     size: u64,
+    mode: WriteMode,
 }
 
 impl S3Writer {
@@ -182,33 +346,40 @@ impl S3Writer {
         let id = match &self.upload_id {
             Some(id) => id.clone(),
             None => {
-                let out = self
-                    .s
-                    .client
-                    .create_multipart_upload()
-                    .bucket(&self.s.bucket)
-                    .key(&self.full)
+                let out = retry(&self.s.retry, "starting a multipart upload", || async {
+                    with_write_options!(
+                        self.s
+                            .client
+                            .create_multipart_upload()
+                            .bucket(&self.s.bucket)
+                            .key(&self.full),
+                        &self.s.opts
+                    )
                     .send()
                     .await
-                    .map_err(|e| remote(&self.key, "starting a multipart upload", e))?;
+                    .map_err(|e| remote(&self.key, "starting a multipart upload", e))
+                })
+                .await?;
                 let id = out.upload_id().unwrap_or_default().to_string();
                 self.upload_id = Some(id.clone());
                 id
             }
         };
         let n = self.parts.len() as i32 + 1;
-        let out = self
-            .s
-            .client
-            .upload_part()
-            .bucket(&self.s.bucket)
-            .key(&self.full)
-            .upload_id(&id)
-            .part_number(n)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| remote(&self.key, "uploading a part", e))?;
+        let out = retry(&self.s.retry, "uploading a part", || async {
+            self.s
+                .client
+                .upload_part()
+                .bucket(&self.s.bucket)
+                .key(&self.full)
+                .upload_id(&id)
+                .part_number(n)
+                .body(ByteStream::from(data.clone()))
+                .send()
+                .await
+                .map_err(|e| remote(&self.key, "uploading a part", e))
+        })
+        .await?;
         self.parts.push(
             CompletedPart::builder()
                 .part_number(n)
@@ -234,7 +405,7 @@ impl ObjectWriter for S3Writer {
     async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
         let rest = std::mem::take(&mut self.buf).freeze();
         if self.upload_id.is_none() {
-            self.s.put(&self.key, rest).await?;
+            self.s.put_with(&self.key, rest, self.mode).await?;
             return Ok(self.size);
         }
         if !rest.is_empty() {
@@ -242,23 +413,27 @@ impl ObjectWriter for S3Writer {
         }
         let id = self.upload_id.take().expect("multipart started");
         let parts = std::mem::take(&mut self.parts);
-        let r = self
-            .s
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.s.bucket)
-            .key(&self.full)
-            .upload_id(&id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await;
-        if let Err(e) = r {
+        let create_new = self.mode == WriteMode::CreateNew;
+        let r = retry(&self.s.retry, "completing a multipart upload", || async {
+            self.s
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.s.bucket)
+                .key(&self.full)
+                .upload_id(&id)
+                .set_if_none_match(create_new.then(|| "*".to_string()))
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts.clone()))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| remote(&self.key, "completing a multipart upload", e))
+        })
+        .await;
+        if let Err(err) = r {
             self.upload_id = Some(id);
-            let err = remote(&self.key, "completing a multipart upload", e);
             self.abort_upload().await;
             return Err(err);
         }
@@ -313,7 +488,11 @@ impl Drop for S3Writer {
 
 #[async_trait]
 impl Storage for S3Storage {
-    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+    async fn writer_with(
+        &self,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let full = self.full(key)?;
         Ok(Box::new(S3Writer {
             s: self.clone(),
@@ -323,19 +502,21 @@ impl Storage for S3Storage {
             upload_id: None,
             parts: Vec::new(),
             size: 0,
+            mode,
         }))
     }
 
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+    async fn put_with(&self, key: &str, data: Bytes, mode: WriteMode) -> Result<(), StorageError> {
         let full = self.full(key)?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| remote(key, "writing", e))?;
+        with_write_options!(
+            self.client.put_object().bucket(&self.bucket).key(full),
+            &self.opts
+        )
+        .set_if_none_match((mode == WriteMode::CreateNew).then(|| "*".to_string()))
+        .body(ByteStream::from(data))
+        .send()
+        .await
+        .map_err(|e| remote(key, "writing", e))?;
         Ok(())
     }
 
