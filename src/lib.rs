@@ -6,6 +6,7 @@
 
 pub mod basebackup;
 pub mod commands;
+pub mod config;
 pub mod pg;
 pub mod progress;
 pub mod repo;

@@ -22,6 +22,7 @@ pub mod encrypted;
 pub mod fs;
 pub mod retrying;
 pub mod s3;
+pub mod tiered;
 
 /// A stored object's key, size and (where the backend knows it) last modification time.
 #[derive(Clone, Debug, PartialEq, Eq)]
