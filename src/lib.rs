@@ -14,4 +14,5 @@ pub mod restore;
 pub mod retry;
 pub mod storage;
 pub mod stream;
+pub mod upload;
 pub mod wal;

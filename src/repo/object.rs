@@ -76,7 +76,7 @@ impl ObjectInfo {
         t
     }
 
-    fn parse_trailer(t: &[u8]) -> Result<Self, ObjectError> {
+    pub fn parse_trailer(t: &[u8]) -> Result<Self, ObjectError> {
         if t.len() != TRAILER_LEN
             || u32::from_le_bytes(t[0..4].try_into().unwrap()) != SKIPPABLE_MAGIC
             || u32::from_le_bytes(t[4..8].try_into().unwrap()) != 56

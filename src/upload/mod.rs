@@ -1,0 +1,797 @@
+//! The uploader: ships every object of the hot tier to each remote tier, and keeps, per tier,
+//! the last WAL position that is durable there.
+//!
+//! Owns: the upload queue (told of each hot-tier write through [`WriteObserver`]), one worker
+//! per remote tier (objects in key order — WAL in LSN order — with bounded concurrency and an
+//! optional bandwidth limit), reconciliation against what each tier holds (at start and every
+//! [`RECONCILE_EVERY`], so objects written by another process or left by a crash are shipped),
+//! and the per-tier state (`spool/tiers.json` in the hot tier, written by the streamer).
+//! [`partial`] ships the growing `.partial` segment; [`evict`] applies the hot tier's retention.
+//!
+//! Invariants:
+//! - a hot object is verified while it is read for upload (the SHA-256 of an object's stored
+//!   body against its trailer, sealed JSON against its own checksum): a damaged hot copy is
+//!   never shipped, and the error names it;
+//! - immutable objects (WAL segments, history files, backup objects, `repo.json`) are created
+//!   with [`WriteMode::CreateNew`]; if the tier already holds the key (a retried upload whose
+//!   first attempt landed), its trailer must equal ours, else the conflict is reported and the
+//!   remote object is left alone;
+//! - a tier's durable position never counts a segment while an earlier one is still queued.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::repo::layout::{self, parse_wal_key, WalObject};
+use crate::repo::object::{self, TRAILER_LEN};
+use crate::repo::sealed;
+use crate::storage::tiered::{RemoteTier, WriteObserver};
+use crate::storage::{Storage, StorageError, WriteMode};
+use crate::wal::{Lsn, TimeLineId};
+
+pub mod evict;
+pub mod partial;
+
+/// How often a long-running uploader compares each tier with the hot tier again.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+/// Bytes per ranged read of a hot object.
+const READ_CHUNK: u64 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the hot tier's copy of {key} is damaged ({reason}); it is not uploaded")]
+    HotCorrupt { key: String, reason: String },
+    #[error("remote tier {tier} already holds a different {key}; left as it is")]
+    Conflict { tier: String, key: String },
+}
+
+/// Whether a key names an object that is never rewritten.
+pub fn is_immutable(key: &str) -> bool {
+    key == layout::REPO_META_KEY
+        || key.starts_with("backups/")
+        || key.starts_with(layout::HISTORY_PREFIX)
+        || matches!(
+            parse_wal_key(key, 1 << 24).or_else(|| parse_wal_key(key, 1 << 30)),
+            Some(WalObject::Segment(_))
+        )
+}
+
+/// Keys of the hot tier that are repository objects (not the spool, not temporaries).
+pub fn is_object_key(key: &str) -> bool {
+    !key.starts_with(&format!("{}/", crate::repo::SPOOL_DIR))
+}
+
+/// Checks bytes of a hot object as they stream by.
+enum Verifier {
+    /// An archiver object: SHA-256 of the body against the trailer.
+    Object {
+        body_len: u64,
+        seen: u64,
+        hash: Sha256,
+        trailer: Vec<u8>,
+    },
+    /// Sealed JSON (small): checked whole at the end.
+    Sealed(Vec<u8>),
+    None,
+}
+
+impl Verifier {
+    fn for_key(key: &str, size: u64) -> Verifier {
+        if key.ends_with(".zst") {
+            Verifier::Object {
+                body_len: size.saturating_sub(TRAILER_LEN as u64),
+                seen: 0,
+                hash: Sha256::new(),
+                trailer: Vec::with_capacity(TRAILER_LEN),
+            }
+        } else if key.ends_with(".json") {
+            Verifier::Sealed(Vec::new())
+        } else {
+            Verifier::None
+        }
+    }
+
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Verifier::Object {
+                body_len,
+                seen,
+                hash,
+                trailer,
+            } => {
+                let in_body = (*body_len).saturating_sub(*seen).min(b.len() as u64) as usize;
+                hash.update(&b[..in_body]);
+                trailer.extend_from_slice(&b[in_body..]);
+                *seen += b.len() as u64;
+            }
+            Verifier::Sealed(v) => v.extend_from_slice(b),
+            Verifier::None => {}
+        }
+    }
+
+    /// The object's trailer (for objects), or an error naming what is wrong.
+    fn finish(self) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            Verifier::Object { hash, trailer, .. } => {
+                let info =
+                    object::ObjectInfo::parse_trailer(&trailer).map_err(|e| e.to_string())?;
+                if hash.finalize()[..] != info.sha256 {
+                    return Err("its SHA-256 does not match its trailer".into());
+                }
+                Ok(Some(trailer))
+            }
+            Verifier::Sealed(v) => sealed::open::<serde_json::Value>(&v)
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+            Verifier::None => Ok(None),
+        }
+    }
+}
+
+/// A token bucket: at most `rate` bytes per second, shared by a tier's concurrent uploads.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    next_free: Mutex<Instant>,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit {
+            rate: bytes_per_sec as f64,
+            next_free: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits until `n` more bytes may be sent.
+    pub async fn take(&self, n: usize) {
+        let at = {
+            let mut next = self.next_free.lock().unwrap();
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(n as f64 / self.rate);
+            start
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Copies one hot object to a remote tier, verifying the hot bytes on the way.
+/// Returns the bytes sent (0: the hot object is gone, or the tier already held it).
+pub async fn upload_object(
+    hot: &dyn Storage,
+    tier: &RemoteTier,
+    key: &str,
+    limit: Option<&RateLimit>,
+) -> Result<u64, UploadError> {
+    let Some(meta) = hot.head(key).await? else {
+        return Ok(0);
+    };
+    let mode = if is_immutable(key) {
+        WriteMode::CreateNew
+    } else {
+        WriteMode::Overwrite
+    };
+    let mut verifier = Verifier::for_key(key, meta.size);
+    let mut w = tier.storage.writer_with(key, mode).await?;
+    let mut off = 0;
+    while off < meta.size {
+        let chunk = match hot.get_range(key, off, READ_CHUNK).await {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => break,
+            Err(StorageError::NotFound(_)) => {
+                w.abort().await;
+                return Ok(0);
+            }
+            Err(e) => {
+                w.abort().await;
+                return Err(e.into());
+            }
+        };
+        off += chunk.len() as u64;
+        verifier.update(&chunk);
+        if let Some(l) = limit {
+            l.take(chunk.len()).await;
+        }
+        if let Err(e) = w.write(chunk).await {
+            w.abort().await;
+            return Err(e.into());
+        }
+    }
+    let trailer = match verifier.finish() {
+        Ok(t) => t,
+        Err(reason) => {
+            w.abort().await;
+            return Err(UploadError::HotCorrupt {
+                key: key.to_string(),
+                reason,
+            });
+        }
+    };
+    match w.finish().await {
+        Ok(n) => Ok(n),
+        Err(StorageError::AlreadyExists(_)) => {
+            // Ours already (a retry whose first attempt landed, another process) — or not.
+            let theirs = match tier.storage.head(key).await? {
+                Some(m) if m.size >= TRAILER_LEN as u64 => {
+                    tier.storage
+                        .get_range(key, m.size - TRAILER_LEN as u64, TRAILER_LEN as u64)
+                        .await?
+                }
+                _ => Bytes::new(),
+            };
+            match trailer {
+                Some(t) if theirs[..] == t[..] => Ok(0),
+                None if tier.storage.get(key).await? == hot.get(key).await? => Ok(0),
+                _ => Err(UploadError::Conflict {
+                    tier: tier.name.clone(),
+                    key: key.to_string(),
+                }),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A WAL position on a timeline, ordered by position first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WalPoint {
+    pub tli: TimeLineId,
+    pub lsn: Lsn,
+}
+
+impl WalPoint {
+    fn key(&self) -> (Lsn, TimeLineId) {
+        (self.lsn, self.tli)
+    }
+}
+
+/// What one remote tier holds, as far as this process knows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TierState {
+    pub name: String,
+    pub url: String,
+    /// Everything up to here is in the tier (complete segments and the uploaded partial).
+    pub durable: Option<WalPoint>,
+    /// When `durable` last moved (RFC 3339).
+    pub durable_at: Option<String>,
+    pub pending_objects: usize,
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    pub last_error: Option<String>,
+    #[serde(skip)]
+    max_uploaded: Option<WalPoint>,
+    #[serde(skip)]
+    pending: BTreeSet<String>,
+    #[serde(skip)]
+    in_flight: BTreeSet<String>,
+}
+
+impl TierState {
+    fn min_queued_wal(&self, seg_size: u64) -> Option<WalPoint> {
+        self.pending
+            .iter()
+            .chain(self.in_flight.iter())
+            .filter_map(|k| match parse_wal_key(k, seg_size) {
+                Some(WalObject::Segment(s)) => Some(WalPoint {
+                    tli: s.tli,
+                    lsn: s.start_lsn(),
+                }),
+                _ => None,
+            })
+            .min_by_key(|p| p.key())
+    }
+
+    /// Recomputes `durable`: the highest point uploaded, unless an earlier segment is queued.
+    fn refresh(&mut self, seg_size: u64) {
+        let d = match (self.max_uploaded, self.min_queued_wal(seg_size)) {
+            (Some(up), Some(q)) if q.key() < up.key() => Some(q),
+            (up, _) => up,
+        };
+        if d != self.durable && d.is_some() {
+            self.durable_at = Some(crate::repo::now_rfc3339());
+        }
+        self.durable = d;
+        self.pending_objects = self.pending.len() + self.in_flight.len();
+    }
+
+    fn uploaded_point(&mut self, p: WalPoint) {
+        if !self.max_uploaded.is_some_and(|m| p.key() <= m.key()) {
+            self.max_uploaded = Some(p);
+        }
+    }
+}
+
+/// The queue and state shared by the tiers' workers and the hot tier's write hook.
+#[derive(Debug)]
+pub struct Queue {
+    tiers: Mutex<Vec<TierState>>,
+    notify: Notify,
+    /// Signalled whenever a worker goes idle (for [`Uploader::drain`]).
+    idle: Notify,
+    seg_size: u64,
+}
+
+impl WriteObserver for Queue {
+    fn written(&self, key: &str) {
+        if !is_object_key(key) {
+            return;
+        }
+        for t in self.tiers.lock().unwrap().iter_mut() {
+            t.pending.insert(key.to_string());
+            t.pending_objects = t.pending.len() + t.in_flight.len();
+        }
+        self.notify.notify_waiters();
+    }
+}
+
+impl Queue {
+    pub fn new(remotes: &[RemoteTier], seg_size: u64) -> Arc<Queue> {
+        Arc::new(Queue {
+            tiers: Mutex::new(
+                remotes
+                    .iter()
+                    .map(|r| TierState {
+                        name: r.name.clone(),
+                        url: r.url.clone(),
+                        ..TierState::default()
+                    })
+                    .collect(),
+            ),
+            notify: Notify::new(),
+            idle: Notify::new(),
+            seg_size,
+        })
+    }
+
+    /// A snapshot of every tier's state.
+    pub fn states(&self) -> Vec<TierState> {
+        self.tiers.lock().unwrap().clone()
+    }
+
+    fn with_tier<T>(&self, i: usize, f: impl FnOnce(&mut TierState) -> T) -> T {
+        let mut tiers = self.tiers.lock().unwrap();
+        let t = &mut tiers[i];
+        let r = f(t);
+        t.refresh(self.seg_size);
+        r
+    }
+
+    /// Records that tier `i` holds WAL up to `p` (a partial segment's upload).
+    pub fn record_partial(&self, i: usize, p: WalPoint) {
+        self.with_tier(i, |t| t.uploaded_point(p));
+    }
+
+    fn record_done(&self, i: usize, key: &str, bytes: u64) {
+        let seg_size = self.seg_size;
+        self.with_tier(i, |t| {
+            t.in_flight.remove(key);
+            t.uploaded_objects += 1;
+            t.uploaded_bytes += bytes;
+            if let Some(WalObject::Segment(s)) = parse_wal_key(key, seg_size) {
+                t.uploaded_point(WalPoint {
+                    tli: s.tli,
+                    lsn: s.end_lsn(),
+                });
+            }
+            t.last_error = None;
+        });
+    }
+
+    fn record_failed(&self, i: usize, key: &str, e: &UploadError) {
+        self.with_tier(i, |t| {
+            t.in_flight.remove(key);
+            t.pending.insert(key.to_string());
+            t.last_error = Some(e.to_string());
+        });
+    }
+
+    /// Takes up to `n` queued keys for tier `i`, in key order.
+    fn take(&self, i: usize, n: usize) -> Vec<String> {
+        self.with_tier(i, |t| {
+            let keys: Vec<String> = t.pending.iter().take(n).cloned().collect();
+            for k in &keys {
+                t.pending.remove(k);
+                t.in_flight.insert(k.clone());
+            }
+            keys
+        })
+    }
+
+    fn is_idle(&self) -> bool {
+        self.tiers
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|t| t.pending.is_empty() && t.in_flight.is_empty())
+    }
+}
+
+/// Lists what tier `i` lacks (or, for mutable objects, holds older) and queues it; also
+/// derives the tier's durable WAL position from what it holds.
+async fn reconcile(
+    queue: &Queue,
+    hot: &dyn Storage,
+    i: usize,
+    tier: &RemoteTier,
+) -> Result<usize, StorageError> {
+    let hot_objects = hot.list("").await?;
+    let remote = tier.storage.list("").await?;
+    let theirs: std::collections::HashMap<&str, &crate::storage::ObjectMeta> =
+        remote.iter().map(|m| (m.key.as_str(), m)).collect();
+    let seg_size = queue.seg_size;
+    let newest_held = remote
+        .iter()
+        .filter_map(|m| match parse_wal_key(&m.key, seg_size) {
+            Some(WalObject::Segment(s)) => Some(WalPoint {
+                tli: s.tli,
+                lsn: s.end_lsn(),
+            }),
+            _ => None,
+        })
+        .max_by_key(|p| p.key());
+    let missing: Vec<String> = hot_objects
+        .iter()
+        .filter(|m| is_object_key(&m.key))
+        .filter(|m| match theirs.get(m.key.as_str()) {
+            None => true,
+            Some(r) if !is_immutable(&m.key) => {
+                // Mutable (catalog records, partials): ship again when the hot copy is newer.
+                r.size != m.size || matches!((m.modified, r.modified), (Some(h), Some(t)) if h > t)
+            }
+            Some(_) => false,
+        })
+        .map(|m| m.key.clone())
+        .collect();
+    let n = missing.len();
+    queue.with_tier(i, |t| {
+        if let Some(p) = newest_held {
+            t.uploaded_point(p);
+        }
+        t.pending.extend(missing);
+    });
+    Ok(n)
+}
+
+#[derive(Clone, Debug)]
+pub struct UploadSettings {
+    pub concurrency: usize,
+    pub max_rate: Option<u64>,
+    /// Compare every tier with the hot tier at start and every [`RECONCILE_EVERY`] (the
+    /// streamer); a backup ships only what it writes.
+    pub reconcile: bool,
+}
+
+/// The running upload workers.
+pub struct Uploader {
+    queue: Arc<Queue>,
+    stop: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Uploader {
+    pub fn start(
+        queue: Arc<Queue>,
+        hot: Arc<dyn Storage>,
+        remotes: Vec<RemoteTier>,
+        settings: UploadSettings,
+    ) -> Uploader {
+        let (stop, stop_rx) = watch::channel(false);
+        let workers = remotes
+            .into_iter()
+            .enumerate()
+            .map(|(i, tier)| {
+                tokio::spawn(worker(
+                    queue.clone(),
+                    hot.clone(),
+                    i,
+                    tier,
+                    settings.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        Uploader {
+            queue,
+            stop,
+            workers,
+        }
+    }
+
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
+    }
+
+    /// Waits until nothing is queued or in flight, or `timeout` passes; Err names what is
+    /// not yet in which tier.
+    pub async fn drain(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let idle = self.queue.idle.notified();
+            if self.queue.is_idle() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline.into(), idle)
+                .await
+                .is_err()
+            {
+                let states = self.queue.states();
+                let behind: Vec<String> = states
+                    .iter()
+                    .filter(|t| t.pending_objects > 0)
+                    .map(|t| {
+                        format!(
+                            "{}: {} objects not uploaded{}",
+                            t.name,
+                            t.pending_objects,
+                            t.last_error
+                                .as_ref()
+                                .map(|e| format!(" (last error: {e})"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                return Err(behind.join("; "));
+            }
+        }
+    }
+
+    /// Stops the workers (uploads in flight are abandoned; the next reconciliation ships them).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            let _ = w.await;
+        }
+    }
+}
+
+async fn worker(
+    queue: Arc<Queue>,
+    hot: Arc<dyn Storage>,
+    i: usize,
+    tier: RemoteTier,
+    settings: UploadSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let tier = Arc::new(tier);
+    let limit = settings.max_rate.map(|r| Arc::new(RateLimit::new(r)));
+    let mut next_reconcile = settings.reconcile.then(Instant::now);
+    let mut backoff: u32 = 0;
+    let mut running: JoinSet<(String, Result<u64, UploadError>)> = JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            running.abort_all();
+            return;
+        }
+        if next_reconcile.is_some_and(|t| Instant::now() >= t) && running.is_empty() {
+            match reconcile(&queue, hot.as_ref(), i, &tier).await {
+                Ok(n) => {
+                    if n > 0 {
+                        info!(tier = %tier.name, objects = n, "queued objects the remote tier lacks");
+                    }
+                    next_reconcile = Some(Instant::now() + RECONCILE_EVERY);
+                }
+                Err(e) => {
+                    warn!(tier = %tier.name, error = %e, "cannot compare the remote tier with the hot tier; retrying");
+                    queue.with_tier(i, |t| t.last_error = Some(e.to_string()));
+                    next_reconcile = Some(
+                        Instant::now() + crate::retry::RetryPolicy::default().delay(backoff.min(8)),
+                    );
+                    backoff += 1;
+                }
+            }
+        }
+        let free = settings.concurrency.saturating_sub(running.len());
+        if free > 0 {
+            for key in queue.take(i, free) {
+                let (hot, tier, limit) = (hot.clone(), tier.clone(), limit.clone());
+                running.spawn(async move {
+                    let r = upload_object(hot.as_ref(), &tier, &key, limit.as_deref()).await;
+                    (key, r)
+                });
+            }
+        }
+        if running.is_empty() {
+            queue.idle.notify_waiters();
+        }
+        let notified = queue.notify.notified();
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = notified, if running.len() < settings.concurrency => {}
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let Ok((key, r)) = done else { continue };
+                match r {
+                    Ok(bytes) => {
+                        debug!(tier = %tier.name, %key, bytes, "uploaded");
+                        queue.record_done(i, &key, bytes);
+                        backoff = 0;
+                    }
+                    Err(e) => {
+                        warn!(tier = %tier.name, %key, error = %e, "upload failed; will retry");
+                        queue.record_failed(i, &key, &e);
+                        // The retry wrapper has already retried transient errors; wait before
+                        // the next round so a tier that is down is not hammered.
+                        let d = crate::retry::RetryPolicy::default().delay(backoff.min(8));
+                        backoff += 1;
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Writes the tiers' state to `spool/tiers.json` in the hot tier's directory.
+pub fn write_state(spool_dir: &std::path::Path, states: &[TierState]) -> std::io::Result<()> {
+    #[derive(Serialize)]
+    struct File<'a> {
+        updated_at: String,
+        tiers: &'a [TierState],
+    }
+    let body = serde_json::to_vec_pretty(&File {
+        updated_at: crate::repo::now_rfc3339(),
+        tiers: states,
+    })
+    .map_err(std::io::Error::other)?;
+    crate::storage::fs::write_atomic(&spool_dir.join(TIERS_STATE_FILE), &body)
+}
+
+pub const TIERS_STATE_FILE: &str = "tiers.json";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::object::ObjectKind;
+    use crate::storage::fs::FsStorage;
+    use crate::wal::SegmentName;
+
+    fn seg_key(n: u64) -> String {
+        layout::wal_segment_key(&SegmentName::new(1, n, 16 << 20))
+    }
+
+    #[test]
+    fn durable_position_waits_for_earlier_segments() {
+        let q = Queue::new(
+            &[RemoteTier {
+                name: "r".into(),
+                url: "s3://b".into(),
+                storage: Arc::new(FsStorage::new("/nonexistent")),
+            }],
+            16 << 20,
+        );
+        for n in [3, 4, 5] {
+            q.written(&seg_key(n));
+        }
+        q.written("spool/stream.next");
+        assert_eq!(
+            q.states()[0].pending_objects,
+            3,
+            "spool files are not objects"
+        );
+        let keys = q.take(0, 2);
+        assert_eq!(keys, [seg_key(3), seg_key(4)]);
+        q.record_done(0, &seg_key(4), 10);
+        assert_eq!(
+            q.states()[0].durable,
+            Some(WalPoint {
+                tli: 1,
+                lsn: Lsn(3 << 24)
+            }),
+            "segment 3 is still in flight"
+        );
+        q.record_done(0, &seg_key(3), 10);
+        assert_eq!(q.states()[0].durable.unwrap().lsn, Lsn(5 << 24));
+        // A partial of segment 6 uploaded while 5 is queued: still 5's start.
+        q.record_partial(
+            0,
+            WalPoint {
+                tli: 1,
+                lsn: Lsn((6 << 24) + 100),
+            },
+        );
+        assert_eq!(q.states()[0].durable.unwrap().lsn, Lsn(5 << 24));
+        let k = q.take(0, 1);
+        q.record_failed(
+            0,
+            &k[0],
+            &UploadError::Conflict {
+                tier: "r".into(),
+                key: k[0].clone(),
+            },
+        );
+        assert!(q.states()[0]
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("different"));
+        let k = q.take(0, 1);
+        q.record_done(0, &k[0], 1);
+        assert_eq!(q.states()[0].durable.unwrap().lsn, Lsn((6 << 24) + 100));
+        assert!(q.is_idle());
+    }
+
+    #[test]
+    fn which_keys_are_immutable() {
+        assert!(is_immutable(&seg_key(1)));
+        assert!(is_immutable("backups/20261201T000000Z/base.tar.zst"));
+        assert!(is_immutable("wal/history/00000002.history.zst"));
+        assert!(is_immutable("repo.json"));
+        assert!(!is_immutable("catalog/20261201T000000Z.json"));
+        assert!(!is_immutable(&layout::partial_segment_key(
+            &SegmentName::new(1, 2, 16 << 20)
+        )));
+    }
+
+    #[tokio::test]
+    async fn uploads_verify_the_hot_copy_and_never_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let hot = FsStorage::new(dir.path().join("hot"));
+        let tier = RemoteTier {
+            name: "r".into(),
+            url: "s3://b".into(),
+            storage: Arc::new(FsStorage::new(dir.path().join("remote"))),
+        };
+        let (obj, _) =
+            object::encode_bytes(&vec![5u8; 100_000], ObjectKind::WalSegment, 1).unwrap();
+        let key = seg_key(7);
+        hot.put(&key, Bytes::from(obj.clone())).await.unwrap();
+        assert!(upload_object(&hot, &tier, &key, None).await.unwrap() > 0);
+        assert_eq!(
+            tier.storage.get(&key).await.unwrap(),
+            Bytes::from(obj.clone())
+        );
+        // Again: the tier holds the same object — nothing sent, no error.
+        assert_eq!(upload_object(&hot, &tier, &key, None).await.unwrap(), 0);
+        // A different object under the key in the tier: a conflict, theirs untouched.
+        let (other, _) = object::encode_bytes(&[6u8; 10], ObjectKind::WalSegment, 1).unwrap();
+        hot.put(&key, Bytes::from(other)).await.unwrap();
+        assert!(matches!(
+            upload_object(&hot, &tier, &key, None).await,
+            Err(UploadError::Conflict { .. })
+        ));
+        assert_eq!(
+            tier.storage.get(&key).await.unwrap(),
+            Bytes::from(obj.clone())
+        );
+        // A damaged hot copy is not shipped.
+        let mut bad = obj.clone();
+        bad[10] ^= 1;
+        let key2 = seg_key(8);
+        hot.put(&key2, Bytes::from(bad)).await.unwrap();
+        let e = upload_object(&hot, &tier, &key2, None).await.unwrap_err();
+        assert!(matches!(e, UploadError::HotCorrupt { .. }), "{e}");
+        assert!(!tier.storage.exists(&key2).await.unwrap());
+        // A vanished hot object is nothing to do.
+        assert_eq!(
+            upload_object(&hot, &tier, &seg_key(9), None).await.unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn rate_limit_spaces_uploads() {
+        let l = RateLimit::new(1_000_000);
+        let t = Instant::now();
+        // 15 × 100 kB at 1 MB/s: the last may start 1.4 s after the first.
+        for _ in 0..15 {
+            l.take(100_000).await;
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(1300),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
