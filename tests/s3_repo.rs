@@ -1,33 +1,35 @@
-//! A repository in S3 (a real moto server): list, info, wal-fetch, restore (dry run and real)
-//! read it through the S3 backend, and the restored cluster recovers from it. Stream and backup
-//! into S3 are refused for now (they need local state: the tiered configuration).
+//! A repository in S3 (a real moto server), written and read through the S3 backend alone:
+//! `stream` and `backup` into `--repo s3://…` (with a local `--spool-dir`), then list, info,
+//! wal-fetch, a dry run and a point-in-time restore from it; the restored cluster recovers
+//! through `wal-fetch` from S3. Stream into S3 without a spool directory is refused.
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn files(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-        if rel.starts_with("spool") {
-            continue;
-        }
-        if p.is_dir() {
-            files(root, &p, out);
-        } else {
-            out.push(rel);
+/// The keys under `prefix/` in the bucket.
+async fn keys(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pages = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    while let Some(p) = pages.next().await {
+        for o in p.unwrap().contents() {
+            out.push(o.key().unwrap().to_string());
         }
     }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn restore_from_an_s3_repository() {
+async fn stream_backup_and_restore_entirely_in_s3() {
     let Some(moto) = Moto::start() else {
         eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
         return;
@@ -38,44 +40,82 @@ async fn restore_from_an_s3_repository() {
     std::env::set_var("AWS_ACCESS_KEY_ID", "test");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
     std::env::set_var("AWS_REGION", "us-east-1");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
     let client = moto.client();
     client.create_bucket().bucket("arch").send().await.unwrap();
 
-    // A repository made locally (stream + backup), then copied into the bucket.
     let dir = TestDir::new();
     let mut pg = Pg::create(&dir, "pg", "", "");
     pg.start();
-    let local = dir.join("repo");
-    let l = local.to_str().unwrap().to_string();
     let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &l, "-d", &ci]);
+    let r = "s3://arch/site1";
+
+    // Refused, bucket untouched: no spool directory; a bucket that does not exist.
+    let out = archiver(&["stream", "--repo", r, "-d", &ci]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--spool-dir"), "{err}");
+    let spool = dir.join("spool");
+    let sp = spool.to_str().unwrap();
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        "s3://nobucket/x",
+        "--spool-dir",
+        sp,
+        "-d",
+        &ci,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("NoSuchBucket"), "{err}");
+    assert!(keys(&client, "arch", "").await.is_empty());
+
+    let mut a = Archiver::spawn(
+        &dir,
+        "stream",
+        &["stream", "--repo", r, "--spool-dir", sp, "-d", &ci],
+    );
     a.wait_log("streaming started", T);
     pg.psql("create table t as select generate_series(1, 5000) x");
-    let out = archiver(&["backup", "--repo", &l, "-d", &ci, "--checkpoint", "fast"]);
+    let out = archiver(&[
+        "backup",
+        "--repo",
+        r,
+        "--spool-dir",
+        sp,
+        "-d",
+        &ci,
+        "--checkpoint",
+        "fast",
+    ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     pg.psql("insert into t select generate_series(1, 100)");
+    std::thread::sleep(Duration::from_millis(1100));
+    let target = pg.psql("select now()::text");
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql("insert into t select generate_series(1, 7)");
     let name = current_walfile(&pg);
     pg.psql("select pg_switch_wal()");
-    wait_archived(&local, &name, T);
-    assert!(a.term().success());
-    let mut keys = Vec::new();
-    files(&local, &local, &mut keys);
-    for k in &keys {
-        let body = std::fs::read(local.join(k)).unwrap();
-        client
-            .put_object()
-            .bucket("arch")
-            .key(format!("site1/{k}"))
-            .body(body.into())
-            .send()
-            .await
-            .unwrap();
+    let key = format!("site1/wal/{}/{name}.zst", &name[0..8]);
+    let start = std::time::Instant::now();
+    while !keys(&client, "arch", "site1/wal/").await.contains(&key) {
+        assert!(
+            start.elapsed() < T,
+            "{key} not in the bucket:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = "s3://arch/site1";
+    assert!(a.term().success());
+    // Everything is in the bucket; the spool holds no objects.
+    let all = keys(&client, "arch", "site1/").await;
+    assert!(all.contains(&"site1/repo.json".to_string()), "{all:?}");
+    assert!(all.iter().any(|k| k.ends_with("base.tar.zst")), "{all:?}");
 
     // list / info read the catalog from S3.
     let out = archiver(&["list", "--repo", r, "--json"]);
@@ -103,10 +143,13 @@ async fn restore_from_an_s3_repository() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(std::fs::read(&dest).unwrap() == std::fs::read(pg.wal_dir().join(&name)).unwrap());
-    // Dry run, then a restore that recovers from S3 and starts.
+    // Dry run, then a point-in-time restore that recovers from S3 and starts.
     let pgdata = dir.join("restored");
     let p = pgdata.to_str().unwrap();
-    let out = archiver(&["restore", "--repo", r, "--pgdata", p, "--dry-run", "--json"]);
+    let tt = ["--target-time", target.as_str()];
+    let mut args = vec!["restore", "--repo", r, "--pgdata", p, "--dry-run", "--json"];
+    args.extend_from_slice(&tt);
+    let out = archiver(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -114,6 +157,7 @@ async fn restore_from_an_s3_repository() {
     );
     assert!(!pgdata.exists());
     let mut args = vec!["restore", "--repo", r, "--pgdata", p];
+    args.extend_from_slice(&tt);
     if is_root() {
         args.extend_from_slice(&["--owner", "postgres"]);
     }
@@ -127,21 +171,9 @@ async fn restore_from_an_s3_repository() {
     let text = std::fs::read_to_string(&conf_path).unwrap();
     assert!(text.contains("--repo s3://arch/site1 %f %p"), "{text}");
     let restored = start_recovering(&dir, "restored", pgdata, None);
-    assert_eq!(restored.psql("select count(*) from t"), "5100");
-
-    // Stream and backup into S3 are refused, and leave the bucket untouched.
-    let out = archiver(&["stream", "--repo", "s3://arch/new", "-d", &ci]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("needs a local repository directory"), "{err}");
-    let out = archiver(&["backup", "--repo", "s3://arch/new", "-d", &ci]);
-    assert_eq!(out.status.code(), Some(1));
-    let listed = client
-        .list_objects_v2()
-        .bucket("arch")
-        .prefix("new/")
-        .send()
-        .await
-        .unwrap();
-    assert!(listed.contents().is_empty());
+    assert_eq!(
+        restored.psql("select count(*) from t"),
+        "5100",
+        "the row inserted after the target time is not there"
+    );
 }

@@ -24,6 +24,7 @@ use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
 use crate::repo::layout::wal_segment_key;
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{now_rfc3339, Repo, SPOOL_DIR};
+use crate::upload::{UploadSettings, Uploader};
 use crate::wal::{Lsn, SegmentName};
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -59,6 +60,10 @@ pub struct BackupArgs {
     /// How long to wait for the repository to hold the backup's WAL.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     wal_timeout: Duration,
+    /// With a tiered repository: how long to wait, once the backup is complete, for every
+    /// remote tier to hold it.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    upload_timeout: Duration,
     /// Print the backup's record as JSON instead of its id.
     #[arg(long)]
     json: bool,
@@ -79,9 +84,9 @@ fn label_time(label: &str) -> Option<String> {
 }
 
 async fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    args.repo.local_dir("backup")?;
+    let local = args.repo.local_dir("backup")?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
-    let storage = args.repo.storage().await?;
+    let (storage, tiers) = args.repo.storage_for_writing().await?;
     let app = conninfo
         .application_name
         .clone()
@@ -103,7 +108,22 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
 
-    let spool = args.repo.local_dir("backup")?.join(SPOOL_DIR);
+    // A tiered repository: this backup's objects are shipped to the remote tiers as they are
+    // written, and the backup returns once every tier holds them.
+    let uploader = tiers.map(|t| {
+        t.queue.set_seg_size(repo.seg_size());
+        Uploader::start(
+            t.queue,
+            t.hot,
+            t.remotes,
+            UploadSettings {
+                concurrency: t.config.upload.concurrency,
+                max_rate: t.config.upload.max_rate,
+                reconcile: false,
+            },
+        )
+    });
+    let spool = local.join(SPOOL_DIR);
     mark_interrupted(&repo, &spool).await;
     let (id, _claim) = claim_backup_id(&repo, &spool).await?;
     let mut rec = BackupRecord {
@@ -143,6 +163,19 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
                 Some(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string());
             repo.put_backup(&rec).await?;
             info!(id = %id, stop_lsn = %rec.stop_lsn.unwrap_or_default(), "backup complete");
+            if let Some(u) = uploader {
+                let drained = u.drain(args.upload_timeout).await;
+                let states = u.queue().states();
+                u.stop().await;
+                if let Err(behind) = drained {
+                    anyhow::bail!(
+                        "backup {id} is complete in the hot tier but not yet in every remote tier ({behind}); `archiver stream` ships it when it next compares the tiers"
+                    );
+                }
+                for t in states {
+                    info!(tier = %t.name, objects = t.uploaded_objects, bytes = t.uploaded_bytes, "backup uploaded to the remote tier");
+                }
+            }
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rec)?);
             } else {
@@ -306,7 +339,7 @@ async fn wait_for_wal(
     let first = SegmentName::containing(f.tli, f.start, seg);
     let last = SegmentName::containing(f.tli, Lsn(f.stop.0.saturating_sub(1)), seg);
     let deadline = Instant::now() + args.wal_timeout;
-    let spool = args.repo.repo.join(SPOOL_DIR);
+    let spool = args.repo.local_dir("backup")?.join(SPOOL_DIR);
     let lock_path = spool.join("stream.lock");
     let mut next = first;
     let mut fetched_once = false;

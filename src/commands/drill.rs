@@ -226,7 +226,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
     ];
     let repo_for_cmd = args.repo.for_restore_command()?;
     let spec = WriteSpec {
-        repo_path: &repo_for_cmd,
+        repo_args: &repo_for_cmd,
         target: &args.target,
         mapping: &mapping,
         extra,

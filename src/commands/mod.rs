@@ -5,19 +5,16 @@
 //! cannot be served (corrupt, unreadable) — above 125 so that PostgreSQL aborts recovery instead
 //! of taking the file for missing and ending recovery early.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::storage::fs::FsStorage;
-use crate::storage::Storage;
+pub use repo_arg::{RepoArg, Tiers};
 
 mod backup;
 mod drill;
 mod list;
+mod repo_arg;
 mod restore;
 mod stream;
 mod wal_fetch;
@@ -66,63 +63,6 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Restore into a scratch cluster, start it, check it, measure the RTO, record the result.
     Drill(drill::DrillArgs),
-}
-
-/// `--repo DIR` or `--repo s3://BUCKET/PREFIX` (env `ARCHIVER_REPO`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct RepoArg {
-    /// Repository: a directory, or s3://BUCKET/PREFIX (AWS configuration from the environment).
-    #[arg(long, env = "ARCHIVER_REPO")]
-    pub repo: PathBuf,
-}
-
-impl RepoArg {
-    /// The S3 URL, when the repository is in S3.
-    pub fn s3_url(&self) -> Option<&str> {
-        self.repo.to_str().filter(|s| s.starts_with("s3://"))
-    }
-
-    /// The local directory of a filesystem repository; commands that keep local state (the
-    /// stream spool, backup locks) need one.
-    pub fn local_dir(&self, command: &str) -> anyhow::Result<&std::path::Path> {
-        if self.s3_url().is_some() {
-            anyhow::bail!(
-                "`archiver {command}` needs a local repository directory for its spool and locks; into S3 it will write through the tiered configuration (not yet available)"
-            );
-        }
-        Ok(&self.repo)
-    }
-
-    pub async fn storage(&self) -> anyhow::Result<Arc<dyn Storage>> {
-        if let Some(url) = self.s3_url() {
-            let s3 = crate::storage::s3::S3Storage::new(url)
-                .await
-                .with_context(|| format!("cannot use {url}"))?;
-            return Ok(Arc::new(crate::storage::retrying::Retrying::new(
-                Arc::new(s3),
-                crate::retry::RetryPolicy::default(),
-            )));
-        }
-        if self.repo.exists() && !self.repo.is_dir() {
-            anyhow::bail!(
-                "repository path {} exists and is not a directory",
-                self.repo.display()
-            );
-        }
-        Ok(Arc::new(FsStorage::new(&self.repo)))
-    }
-
-    /// The repository as `restore_command` should name it: absolute for a directory.
-    pub fn for_restore_command(&self) -> anyhow::Result<PathBuf> {
-        if self.s3_url().is_some() {
-            return Ok(self.repo.clone());
-        }
-        Ok(std::path::absolute(&self.repo)?)
-    }
-
-    pub fn name(&self) -> String {
-        self.repo.display().to_string()
-    }
 }
 
 /// Set once at start: JSON logging reports the final error as a log event, human logging as a line.

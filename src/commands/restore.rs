@@ -423,8 +423,8 @@ fn owner_for(args: &RestoreArgs) -> anyhow::Result<Owner> {
 
 /// What `write_restore` needs besides the plan.
 pub(crate) struct WriteSpec<'a> {
-    /// The repository as restore_command names it (absolute directory, or its S3 URL).
-    pub repo_path: &'a Path,
+    /// The repository as restore_command names it (absolute paths, or its S3 URL).
+    pub repo_args: &'a [(&'static str, PathBuf)],
     pub target: &'a TargetArgs,
     pub mapping: &'a [(PathBuf, PathBuf)],
     /// More settings for postgresql.auto.conf (a drill's port and socket).
@@ -485,7 +485,7 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let repo_for_cmd = args.repo.for_restore_command()?;
     let spec = WriteSpec {
-        repo_path: &repo_for_cmd,
+        repo_args: &repo_for_cmd,
         target: &args.target,
         mapping: &args.tablespace_mapping,
         extra: vec![],
@@ -576,7 +576,7 @@ pub(crate) async fn write_restore(
         std::fs::write(&map, out)?;
     }
     let exe = std::env::current_exe().context("locating the archiver binary")?;
-    let cmd = recovery::restore_command(&exe, w.repo_path);
+    let cmd = recovery::restore_command(&exe, w.repo_args);
     let mut lines = recovery::settings(
         &cmd,
         target,

@@ -7,7 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{connect_replication, report, RepoArg, EXIT_ERROR, EXIT_WAL_GONE};
+use super::{connect_replication, report, RepoArg, Tiers, EXIT_ERROR, EXIT_WAL_GONE};
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
 use crate::pg::replication::validate_slot_name;
 use crate::repo::lock::RepoLock;
@@ -15,6 +15,8 @@ use crate::repo::{Repo, SPOOL_DIR};
 use crate::retry::RetryPolicy;
 use crate::stream::spool::Spool;
 use crate::stream::{StreamConfig, StreamError};
+use crate::upload::partial::PartialShipper;
+use crate::upload::{UploadSettings, Uploader};
 
 #[derive(clap::Args, Debug)]
 pub struct StreamArgs {
@@ -65,10 +67,10 @@ pub async fn run(args: StreamArgs) -> u8 {
 }
 
 async fn stream(args: StreamArgs) -> anyhow::Result<()> {
-    args.repo.local_dir("stream")?;
+    let local = args.repo.local_dir("stream")?;
     validate_slot_name(&args.slot).map_err(anyhow::Error::msg)?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
-    let storage = args.repo.storage().await?;
+    let (storage, tiers) = args.repo.storage_for_writing().await?;
     let application_name = args
         .application_name
         .clone()
@@ -95,7 +97,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
-    let spool_dir = args.repo.local_dir("stream")?.join(SPOOL_DIR);
+    let spool_dir = local.join(SPOOL_DIR);
     let spool = Spool::open(&spool_dir, repo.seg_size())
         .with_context(|| format!("cannot create the spool directory {}", spool_dir.display()))?;
     let _lock = RepoLock::acquire(&spool_dir.join("stream.lock"))?;
@@ -125,15 +127,144 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
             give_up_after: args.reconnect_timeout,
             ..RetryPolicy::default()
         },
+        flushed: None,
+    };
+    let mut cfg = cfg;
+    let background = match tiers {
+        Some(t) => {
+            t.queue.set_seg_size(repo.seg_size());
+            let (flushed_tx, flushed_rx) = watch::channel(None);
+            cfg.flushed = Some(std::sync::Arc::new(flushed_tx));
+            Some(TierTasks::start(
+                t,
+                spool.clone(),
+                flushed_rx,
+                args.compress_level,
+            ))
+        }
+        None => None,
     };
     // On a runtime worker (not the block_on thread) the task is polled by the thread that
     // drives the I/O reactor, saving a thread hop on every WAL batch: lower commit latency as a
     // synchronous standby.
-    tokio::spawn(crate::stream::run(
+    let result = tokio::spawn(crate::stream::run(
         conn, server, repo, spool, conninfo, cfg, rx,
     ))
     .await
-    .context("the streaming task panicked")??;
+    .context("the streaming task panicked");
+    if let Some(b) = background {
+        b.shutdown(SHUTDOWN_DRAIN).await;
+    }
+    result??;
     info!("stream stopped cleanly");
     Ok(())
+}
+
+/// On a clean stop, how long the uploader may finish what is queued (the rest is shipped by
+/// the next start's reconciliation).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(15);
+
+/// The tiered repository's background work while streaming: the uploader, the partial-segment
+/// shipper, hot-tier retention, and the per-tier state file.
+struct TierTasks {
+    uploader: Uploader,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TierTasks {
+    fn start(
+        t: Tiers,
+        spool: Spool,
+        flushed: watch::Receiver<Option<crate::upload::WalPoint>>,
+        level: i32,
+    ) -> TierTasks {
+        let (stop, stop_rx) = watch::channel(false);
+        let seg_size = t.queue.seg_size();
+        let uploader = Uploader::start(
+            t.queue.clone(),
+            t.hot.clone(),
+            t.remotes.clone(),
+            UploadSettings {
+                concurrency: t.config.upload.concurrency,
+                max_rate: t.config.upload.max_rate,
+                reconcile: true,
+            },
+        );
+        let mut tasks = Vec::new();
+        let shipper = PartialShipper {
+            queue: t.queue.clone(),
+            remotes: t.remotes.clone(),
+            spool: spool.clone(),
+            seg_size,
+            interval: t.config.upload.partial_upload_interval,
+            level,
+        };
+        tasks.push(tokio::spawn(shipper.run(flushed, stop_rx.clone())));
+        // The per-tier state, for operators and scripts: spool/tiers.json.
+        let (queue, dir, mut s) = (t.queue.clone(), spool.dir().to_path_buf(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                let states = queue.states();
+                let now = serde_json::to_string(&states).unwrap_or_default();
+                if now != last {
+                    if let Err(e) = crate::upload::write_state(&dir, &states) {
+                        tracing::warn!(error = %e, "cannot write the tier state file");
+                    }
+                    for st in &states {
+                        if let Some(d) = st.durable {
+                            tracing::debug!(tier = %st.name, lsn = %d.lsn, pending = st.pending_objects, "remote tier durable position");
+                        }
+                    }
+                    last = now;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = s.changed() => return,
+                }
+            }
+        }));
+        if let Some(retention) = t.config.hot.retention {
+            let (hot, remotes, mut s) = (t.hot.clone(), t.remotes.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                let every =
+                    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = s.changed() => return,
+                    }
+                    if let Err(e) = crate::upload::evict::evict_once(
+                        hot.as_ref(),
+                        &remotes,
+                        retention,
+                        std::time::SystemTime::now(),
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %e, "hot-tier retention pass failed");
+                    }
+                }
+            }));
+        }
+        TierTasks {
+            uploader,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn shutdown(self, drain: Duration) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(behind) = self.uploader.drain(drain).await {
+            tracing::warn!(%behind, "stopping with uploads pending; the next start ships them");
+        }
+        let states = self.uploader.queue().states();
+        self.uploader.stop().await;
+        let _ = states;
+    }
 }

@@ -113,11 +113,15 @@ fn start_prefetch(args: &WalFetchArgs, seg: SegmentName) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
+    let Ok(repo_args) = args.repo.for_restore_command() else {
+        return;
+    };
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("wal-fetch")
-        .arg("--repo")
-        .arg(&args.repo.repo)
-        .arg("--prefetch")
+    cmd.arg("wal-fetch");
+    for (flag, v) in repo_args {
+        cmd.arg(flag).arg(v);
+    }
+    cmd.arg("--prefetch")
         .arg(args.prefetch.to_string())
         .arg("--prefetch-worker")
         .arg(&dir)

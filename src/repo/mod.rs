@@ -348,7 +348,8 @@ impl Repo {
         }
     }
 
-    /// When the newest complete WAL segment was stored (None: none, or the backend cannot say).
+    /// When the newest WAL segment — complete or the shipped prefix of a partial one — was
+    /// stored (None: none, or the backend cannot say).
     pub async fn newest_segment_time(&self) -> Result<Option<std::time::SystemTime>, RepoError> {
         let seg = self.seg_size();
         Ok(self
@@ -356,7 +357,12 @@ impl Repo {
             .list(layout::WAL_PREFIX)
             .await?
             .into_iter()
-            .filter(|m| matches!(parse_wal_key(&m.key, seg), Some(WalObject::Segment(_))))
+            .filter(|m| {
+                matches!(
+                    parse_wal_key(&m.key, seg),
+                    Some(WalObject::Segment(_) | WalObject::Partial(_))
+                )
+            })
             .filter_map(|m| m.modified)
             .max())
     }

@@ -3,7 +3,7 @@
 //! lines of the auto file win, so an older `restore_command` there is overridden).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::target::{conf_quote, Target, TimelineChoice};
 
@@ -50,8 +50,9 @@ pub fn settings(
     out
 }
 
-/// The `restore_command` for this binary and repository (absolute paths, shell-quoted).
-pub fn restore_command(exe: &Path, repo: &Path) -> String {
+/// The `restore_command` for this binary and repository (absolute paths, shell-quoted);
+/// `repo_args` name the repository as `wal-fetch` takes it (`--repo DIR`, `--config FILE`, …).
+pub fn restore_command(exe: &Path, repo_args: &[(&str, PathBuf)]) -> String {
     let q = |p: &Path| {
         let s = p.display().to_string();
         if s.bytes()
@@ -62,7 +63,11 @@ pub fn restore_command(exe: &Path, repo: &Path) -> String {
             format!("'{}'", s.replace('\'', r"'\''"))
         }
     };
-    format!("{} wal-fetch --repo {} %f %p", q(exe), q(repo))
+    let args: Vec<String> = repo_args
+        .iter()
+        .map(|(flag, v)| format!("{flag} {}", q(v)))
+        .collect();
+    format!("{} wal-fetch {} %f %p", q(exe), args.join(" "))
 }
 
 /// Appends the settings to `pgdata/postgresql.auto.conf` and creates `recovery.signal`.
@@ -89,7 +94,14 @@ mod tests {
     fn settings_and_quoting() {
         let cmd = restore_command(
             Path::new("/usr/bin/archiver"),
-            Path::new("/var/lib/my repo"),
+            &[("--repo", PathBuf::from("/var/lib/my repo"))],
+        );
+        assert_eq!(
+            restore_command(
+                Path::new("/a"),
+                &[("--config", PathBuf::from("/etc/archiver.toml"))]
+            ),
+            "/a wal-fetch --config /etc/archiver.toml %f %p"
         );
         assert_eq!(
             cmd,

@@ -46,6 +46,9 @@ pub struct StreamConfig {
     pub progress_interval: Duration,
     pub compress_level: i32,
     pub retry: RetryPolicy,
+    /// Told the durable (fsync'd) position after every status update (the partial-segment
+    /// shipper of a tiered repository reads it).
+    pub flushed: Option<std::sync::Arc<watch::Sender<Option<crate::upload::WalPoint>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -278,6 +278,17 @@ impl<'a> Session<'a> {
         );
         self.conn.flush().await?;
         debug!(write = %self.sent_write, flush = %self.sent_flush, "status update sent");
+        if let Some(tx) = &self.cfg.flushed {
+            let p = crate::upload::WalPoint {
+                tli: self.tli,
+                lsn: self.sent_flush,
+            };
+            tx.send_if_modified(|cur| {
+                let changed = *cur != Some(p);
+                *cur = Some(p);
+                changed
+            });
+        }
         self.last_status = Instant::now();
         self.reply_due = false;
         Ok(())

@@ -317,7 +317,8 @@ pub struct Queue {
     notify: Notify,
     /// Signalled whenever a worker goes idle (for [`Uploader::drain`]).
     idle: Notify,
-    seg_size: u64,
+    /// The repository's WAL segment size (known once it is opened; 16 MiB until then).
+    seg_size: std::sync::atomic::AtomicU64,
 }
 
 impl WriteObserver for Queue {
@@ -334,7 +335,7 @@ impl WriteObserver for Queue {
 }
 
 impl Queue {
-    pub fn new(remotes: &[RemoteTier], seg_size: u64) -> Arc<Queue> {
+    pub fn new(remotes: &[RemoteTier]) -> Arc<Queue> {
         Arc::new(Queue {
             tiers: Mutex::new(
                 remotes
@@ -348,8 +349,17 @@ impl Queue {
             ),
             notify: Notify::new(),
             idle: Notify::new(),
-            seg_size,
+            seg_size: std::sync::atomic::AtomicU64::new(16 << 20),
         })
+    }
+
+    pub fn set_seg_size(&self, seg_size: u64) {
+        self.seg_size
+            .store(seg_size, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn seg_size(&self) -> u64 {
+        self.seg_size.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A snapshot of every tier's state.
@@ -361,7 +371,7 @@ impl Queue {
         let mut tiers = self.tiers.lock().unwrap();
         let t = &mut tiers[i];
         let r = f(t);
-        t.refresh(self.seg_size);
+        t.refresh(self.seg_size());
         r
     }
 
@@ -371,7 +381,7 @@ impl Queue {
     }
 
     fn record_done(&self, i: usize, key: &str, bytes: u64) {
-        let seg_size = self.seg_size;
+        let seg_size = self.seg_size();
         self.with_tier(i, |t| {
             t.in_flight.remove(key);
             t.uploaded_objects += 1;
@@ -427,7 +437,7 @@ async fn reconcile(
     let remote = tier.storage.list("").await?;
     let theirs: std::collections::HashMap<&str, &crate::storage::ObjectMeta> =
         remote.iter().map(|m| (m.key.as_str(), m)).collect();
-    let seg_size = queue.seg_size;
+    let seg_size = queue.seg_size();
     let newest_held = remote
         .iter()
         .filter_map(|m| match parse_wal_key(&m.key, seg_size) {
@@ -663,14 +673,11 @@ mod tests {
 
     #[test]
     fn durable_position_waits_for_earlier_segments() {
-        let q = Queue::new(
-            &[RemoteTier {
-                name: "r".into(),
-                url: "s3://b".into(),
-                storage: Arc::new(FsStorage::new("/nonexistent")),
-            }],
-            16 << 20,
-        );
+        let q = Queue::new(&[RemoteTier {
+            name: "r".into(),
+            url: "s3://b".into(),
+            storage: Arc::new(FsStorage::new("/nonexistent")),
+        }]);
         for n in [3, 4, 5] {
             q.written(&seg_key(n));
         }

@@ -1,0 +1,225 @@
+//! How a command names its repository: `--repo DIR`, `--repo s3://BUCKET/PREFIX`, or
+//! `--config FILE` (a tiered repository: a local hot tier and remote tiers, see
+//! [`crate::config`]). Opens the storage stack for readers (every tier, reads falling back) and
+//! for writers (the hot tier written, the uploader told of every write).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::storage::encrypted::{Encrypted, MasterKey};
+use crate::storage::fs::FsStorage;
+use crate::storage::retrying::Retrying;
+use crate::storage::s3::{S3Options, S3Storage};
+use crate::storage::tiered::{ListFrom, RemoteTier, Tiered};
+use crate::storage::Storage;
+use crate::upload::Queue;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RepoArg {
+    /// Repository: a directory, or s3://BUCKET/PREFIX (AWS configuration from the environment).
+    #[arg(long, env = "ARCHIVER_REPO", required_unless_present = "config")]
+    pub repo: Option<PathBuf>,
+    /// A tiered repository's configuration file (TOML: hot tier, remote tiers, encryption);
+    /// instead of --repo.
+    #[arg(long, env = "ARCHIVER_CONFIG", conflicts_with = "repo")]
+    pub config: Option<PathBuf>,
+    /// With --repo s3://…: the local directory for the stream's spool and the locks (stream,
+    /// backup).
+    #[arg(long, env = "ARCHIVER_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// With --repo s3://…: client-side encryption key file (64 hex digits or 32 raw bytes).
+    #[arg(long, env = "ARCHIVER_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+/// A tiered repository opened for writing: what the command's uploader needs.
+pub struct Tiers {
+    pub config: Config,
+    pub hot: Arc<dyn Storage>,
+    pub remotes: Vec<RemoteTier>,
+    pub queue: Arc<Queue>,
+}
+
+/// The remote tiers of a configuration, each S3 behind the retry wrapper and, with a key,
+/// encryption.
+async fn remote_tiers(config: &Config, key: Option<&MasterKey>) -> anyhow::Result<Vec<RemoteTier>> {
+    let mut out = Vec::new();
+    for r in &config.remotes {
+        out.push(RemoteTier {
+            name: r.name.clone(),
+            url: r.url.clone(),
+            storage: s3_stack(&r.url, r.s3.clone(), key)
+                .await
+                .with_context(|| format!("remote tier {}", r.name))?,
+        });
+    }
+    Ok(out)
+}
+
+async fn s3_stack(
+    url: &str,
+    opts: S3Options,
+    key: Option<&MasterKey>,
+) -> anyhow::Result<Arc<dyn Storage>> {
+    let s3 = S3Storage::with_options(url, opts)
+        .await
+        .with_context(|| format!("cannot use {url}"))?;
+    let s: Arc<dyn Storage> = Arc::new(Retrying::new(
+        Arc::new(s3),
+        crate::retry::RetryPolicy::default(),
+    ));
+    Ok(match key {
+        Some(k) => Arc::new(Encrypted::new(s, k.clone())),
+        None => s,
+    })
+}
+
+/// Fails at once for what retrying cannot fix (no bucket, bad credentials, no permission);
+/// an outage only warns — the hot tier keeps archiving and the uploader catches up.
+async fn check_reachable(url: &str, opts: &S3Options) -> anyhow::Result<()> {
+    let s3 = S3Storage::with_options(url, opts.clone()).await?;
+    match s3.check_access().await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(%url, error = %e, "the remote tier is unreachable for now; uploads will catch up");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot use {url}"))),
+    }
+}
+
+impl RepoArg {
+    /// The S3 URL, when the repository is in S3 (`--repo s3://…`).
+    pub fn s3_url(&self) -> Option<&str> {
+        self.repo
+            .as_deref()
+            .and_then(Path::to_str)
+            .filter(|s| s.starts_with("s3://"))
+    }
+
+    pub fn load_config(&self) -> anyhow::Result<Option<Config>> {
+        self.config
+            .as_deref()
+            .map(|p| Config::load(p).map_err(anyhow::Error::new))
+            .transpose()
+    }
+
+    /// The local directory that holds the spool and locks: the repository directory, a
+    /// tiered repository's hot tier, or `--spool-dir` for an S3 repository.
+    pub fn local_dir(&self, command: &str) -> anyhow::Result<PathBuf> {
+        if let Some(c) = self.load_config()? {
+            return Ok(c.hot.path);
+        }
+        if self.s3_url().is_some() {
+            return self.spool_dir.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "`archiver {command}` into an S3 repository needs --spool-dir DIR (a local directory for the segment being received and the locks), or a tiered repository (--config)"
+                )
+            });
+        }
+        Ok(self.repo.clone().expect("clap requires --repo or --config"))
+    }
+
+    fn key_for_s3_repo(&self) -> anyhow::Result<Option<MasterKey>> {
+        self.encryption_key_file
+            .as_deref()
+            .map(|f| MasterKey::from_file(f).map_err(anyhow::Error::new))
+            .transpose()
+    }
+
+    fn local_storage(dir: &Path) -> anyhow::Result<Arc<dyn Storage>> {
+        if dir.exists() && !dir.is_dir() {
+            anyhow::bail!(
+                "repository path {} exists and is not a directory",
+                dir.display()
+            );
+        }
+        Ok(Arc::new(FsStorage::new(dir)))
+    }
+
+    /// The repository for reading: every tier, the hot one first.
+    pub async fn storage(&self) -> anyhow::Result<Arc<dyn Storage>> {
+        if let Some(c) = self.load_config()? {
+            let key = c.encryption_key()?;
+            let remotes = remote_tiers(&c, key.as_ref()).await?;
+            let hot = Self::local_storage(&c.hot.path)?;
+            return Ok(Arc::new(Tiered::new(
+                hot,
+                remotes,
+                ListFrom::AllTiers,
+                None,
+            )));
+        }
+        if let Some(url) = self.s3_url() {
+            return s3_stack(url, S3Options::default(), self.key_for_s3_repo()?.as_ref()).await;
+        }
+        Self::local_storage(
+            self.repo
+                .as_deref()
+                .expect("clap requires --repo or --config"),
+        )
+    }
+
+    /// The repository for a writing command (stream, backup): for a tiered repository, the hot
+    /// tier behind a write hook and the tiers for the command's uploader; remote tiers and an
+    /// S3 repository are checked first, so a missing bucket or bad credentials fail at once.
+    pub async fn storage_for_writing(&self) -> anyhow::Result<(Arc<dyn Storage>, Option<Tiers>)> {
+        if let Some(c) = self.load_config()? {
+            let key = c.encryption_key()?;
+            for r in &c.remotes {
+                check_reachable(&r.url, &r.s3)
+                    .await
+                    .with_context(|| format!("remote tier {}", r.name))?;
+            }
+            let remotes = remote_tiers(&c, key.as_ref()).await?;
+            let hot = Self::local_storage(&c.hot.path)?;
+            let queue = Queue::new(&remotes);
+            let storage = Arc::new(Tiered::new(
+                hot.clone(),
+                remotes.clone(),
+                ListFrom::Hot,
+                Some(queue.clone()),
+            ));
+            return Ok((
+                storage,
+                Some(Tiers {
+                    config: c,
+                    hot,
+                    remotes,
+                    queue,
+                }),
+            ));
+        }
+        if let Some(url) = self.s3_url() {
+            check_reachable(url, &S3Options::default()).await?;
+        }
+        Ok((self.storage().await?, None))
+    }
+
+    /// The repository as `restore_command` should name it (absolute paths).
+    pub fn for_restore_command(&self) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+        if let Some(c) = &self.config {
+            return Ok(vec![("--config", std::path::absolute(c)?)]);
+        }
+        let repo = self.repo.clone().expect("clap requires --repo or --config");
+        if self.s3_url().is_some() {
+            let mut v = vec![("--repo", repo)];
+            if let Some(k) = &self.encryption_key_file {
+                v.push(("--encryption-key-file", std::path::absolute(k)?));
+            }
+            return Ok(v);
+        }
+        Ok(vec![("--repo", std::path::absolute(repo)?)])
+    }
+
+    pub fn name(&self) -> String {
+        match (&self.config, &self.repo) {
+            (Some(c), _) => format!("tiered repository {}", c.display()),
+            (None, Some(r)) => r.display().to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
