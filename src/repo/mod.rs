@@ -93,6 +93,8 @@ pub enum RepoError {
     },
     #[error("repository format version {0} is newer than this archiver understands ({FORMAT_VERSION}); upgrade archiver")]
     NewerFormat(u32),
+    #[error("the repository is encrypted: give its key (--encryption-key-file, or [encryption] in the configuration file)")]
+    Encrypted,
     #[error("repo.json is damaged: {0}")]
     BadMeta(String),
     #[error("object {key} is corrupt: {reason}")]
@@ -131,6 +133,9 @@ impl Repo {
             Err(StorageError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        if raw.starts_with(crate::storage::encrypted::MAGIC) {
+            return Err(RepoError::Encrypted);
+        }
         let meta: RepoMeta = sealed::open(&raw).map_err(|e| RepoError::BadMeta(e.to_string()))?;
         if meta.format_version > FORMAT_VERSION {
             return Err(RepoError::NewerFormat(meta.format_version));
