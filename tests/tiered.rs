@@ -269,3 +269,275 @@ storage_class = "STANDARD_IA"
         "200000"
     );
 }
+
+/// A TCP proxy in front of the S3 server that misbehaves: for a share of connections it
+/// answers the first request with 503 SlowDown or 500 InternalError, drops the connection at
+/// once, delays it, or cuts it after some bytes; every proxied connection also lives at most
+/// a second or two, so faults keep coming on fresh connections. Stops with the test.
+struct FaultyProxy {
+    pub endpoint: String,
+    pub faults: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyProxy {
+    fn start(upstream: &str) -> FaultyProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let up = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let faults = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (faults.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let (f, up) = (f.clone(), up.clone());
+                std::thread::spawn(move || {
+                    let mut client = client;
+                    let roll = fastrand::u32(0..100);
+                    let answer = |client: &mut TcpStream, status: &str, code: &str| {
+                        // Read the request head, answer, close: the request never reaches S3.
+                        let mut head = Vec::new();
+                        let mut b = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") && client.read(&mut b).unwrap_or(0) == 1
+                        {
+                            head.push(b[0]);
+                        }
+                        let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
+                        let _ = write!(client, "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                        let _ = client.shutdown(Shutdown::Both);
+                    };
+                    match roll {
+                        0..=9 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            return answer(&mut client, "503 Slow Down", "SlowDown");
+                        }
+                        10..=16 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            return answer(
+                                &mut client,
+                                "500 Internal Server Error",
+                                "InternalError",
+                            );
+                        }
+                        17..=22 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            let _ = client.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        23..=35 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(fastrand::u64(200..800)));
+                        }
+                        _ => {}
+                    }
+                    let Ok(server) = TcpStream::connect(&up) else {
+                        return;
+                    };
+                    // Cut after some bytes (mid-request or mid-response) for a share of the rest.
+                    let cut_after =
+                        (fastrand::u32(0..100) < 10).then(|| fastrand::u64(2_000..400_000));
+                    if cut_after.is_some() {
+                        f.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let lifetime = Duration::from_millis(fastrand::u64(300..2000));
+                    let pipe = |mut from: TcpStream, mut to: TcpStream, limit: Option<u64>| {
+                        std::thread::spawn(move || {
+                            let start = Instant::now();
+                            let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                            let mut buf = vec![0u8; 64 << 10];
+                            let mut n_total = 0u64;
+                            loop {
+                                if start.elapsed() > lifetime {
+                                    break;
+                                }
+                                match from.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        n_total += n as u64;
+                                        if limit.is_some_and(|l| n_total > l) {
+                                            break;
+                                        }
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                                    {
+                                        continue
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            let _ = from.shutdown(Shutdown::Both);
+                            let _ = to.shutdown(Shutdown::Both);
+                        })
+                    };
+                    let a = pipe(
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        cut_after,
+                    );
+                    let b = pipe(server, client, None);
+                    let _ = a.join();
+                    let _ = b.join();
+                });
+            }
+        });
+        FaultyProxy {
+            endpoint,
+            faults,
+            stop,
+        }
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_between_archiver_and_s3_lose_nothing() {
+    let Some(moto) = Moto::start() else {
+        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
+        return;
+    };
+    aws_env();
+    let client = moto.client();
+    client.create_bucket().bucket("flaky").send().await.unwrap();
+    let proxy = FaultyProxy::start(&moto.endpoint);
+    let dir = TestDir::new();
+    let hot = dir.join("hot");
+    let cfg = write_config(
+        &dir,
+        "archiver.toml",
+        &format!(
+            "[hot]\npath = \"{}\"\n[upload]\npartial_upload_interval = \"1s\"\nconcurrency = 4\n\
+             [[remote]]\nname = \"flaky\"\nurl = \"s3://flaky/r\"\nendpoint = \"{}\"\n",
+            hot.display(),
+            proxy.endpoint
+        ),
+    );
+    let c = cfg.to_str().unwrap();
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let ci = pg.conninfo("postgres");
+    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--config", c, "-d", &ci]);
+    a.wait_log("streaming started", T);
+    // Some poorly compressible data, so the backup's archive is a multipart upload.
+    pg.psql(
+        "create table r as select md5(random()::text) || md5(random()::text) as v \
+         from generate_series(1, 250000)",
+    );
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    let mut load = pg.pgbench_background(&["-c", "2", "-T", "6"]);
+    let out = archiver(&[
+        "backup",
+        "--config",
+        c,
+        "-d",
+        &ci,
+        "--compress",
+        "1",
+        "--checkpoint",
+        "fast",
+    ]);
+    assert!(
+        out.status.success(),
+        "the backup completes and ships despite the faults:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let backup_log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(load.wait().unwrap().success());
+    pg.psql("select pg_switch_wal()");
+    let flushed = lsn(&pg.psql("select pg_current_wal_flush_lsn()"));
+    wait_until(
+        "the remote tier catches up",
+        Duration::from_secs(90),
+        || durable_lsn(&hot).is_some_and(|d| d >= flushed),
+    );
+    assert!(a.term().success(), "{}", a.log_text());
+
+    // Nothing acknowledged that the hot tier does not hold: the slot's position is covered by
+    // complete segments identical to the server's, plus the spool's partial prefix.
+    let restart =
+        lsn(&pg.psql("select restart_lsn from pg_replication_slots where slot_name = 'archiver'"));
+    let compared = assert_segments_match(&hot, 1, &pg.wal_dir());
+    assert!(compared > 0);
+    let seg = restart / (16 << 20);
+    let off = (restart % (16 << 20)) as usize;
+    if off > 0 {
+        let name = format!("00000001{:08X}{:08X}", seg >> 8, seg & 0xff);
+        let spool = std::fs::read(hot.join(format!("spool/{name}.partial"))).unwrap();
+        let server = std::fs::read(pg.wal_dir().join(&name)).unwrap();
+        assert!(
+            spool[..off] == server[..off],
+            "the acknowledged prefix of {name} is in the spool"
+        );
+    }
+
+    // Every object of the hot tier is in the remote tier, whole and verified (read from the
+    // S3 server directly, not through the proxy).
+    let remote = bucket_keys(&client, "flaky").await;
+    let mut checked = 0;
+    let mut multipart = false;
+    for k in walk_keys(&hot) {
+        let rk = format!("r/{k}");
+        assert!(remote.contains(&rk), "{k} is not in the remote tier");
+        let body = object(&client, "flaky", &rk).await;
+        assert!(
+            body == std::fs::read(hot.join(&k)).unwrap(),
+            "{k} differs in the remote tier"
+        );
+        if k.ends_with(".zst") {
+            archiver::repo::object::decode_bytes(&body).expect("the remote object verifies");
+            multipart |= body.len() > archiver::storage::s3::PART_SIZE;
+        }
+        checked += 1;
+    }
+    assert!(checked > 5, "{checked}");
+    assert!(multipart, "a multipart upload went through the faults");
+    let faults = proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(faults >= 10, "only {faults} faults injected");
+    let logs = a.log_text() + &backup_log;
+    assert!(logs.contains("retrying"), "retries show in the logs");
+    eprintln!("faults injected: {faults}, objects checked: {checked}");
+}
+
+/// Object keys of a hot tier (not the spool).
+fn walk_keys(hot: &Path) -> Vec<String> {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "spool" || rel.contains(".tmp-") {
+                continue;
+            }
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(hot, hot, &mut out);
+    out.sort();
+    out
+}

@@ -248,6 +248,17 @@ impl S3Storage {
             .path_style
             .unwrap_or_else(|| endpoint.as_deref().is_some_and(wants_path_style));
         conf = conf.force_path_style(path_style);
+        // One retry helper: the SDK's own retries are off, so every retry is ours (backoff
+        // with jitter, logged) — per multipart part here, per operation in `Retrying`. A hung
+        // connection counts as a transient failure after the attempt timeout.
+        conf = conf
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(300))
+                    .build(),
+            );
         Ok(S3Storage {
             client: Client::from_conf(conf.build()),
             bucket,
@@ -405,7 +416,10 @@ impl ObjectWriter for S3Writer {
     async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
         let rest = std::mem::take(&mut self.buf).freeze();
         if self.upload_id.is_none() {
-            self.s.put_with(&self.key, rest, self.mode).await?;
+            retry(&self.s.retry, "storing an object", || {
+                self.s.put_with(&self.key, rest.clone(), self.mode)
+            })
+            .await?;
             return Ok(self.size);
         }
         if !rest.is_empty() {

@@ -41,6 +41,13 @@ pub mod partial;
 
 /// How often a long-running uploader compares each tier with the hot tier again.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+/// The pause before a worker's next round after an upload failed (the retry wrapper has
+/// already retried each transient failure).
+const ROUND_BACKOFF: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
+    initial: Duration::from_millis(500),
+    max_delay: Duration::from_secs(5),
+    give_up_after: Duration::MAX,
+};
 /// Bytes per ranged read of a hot object.
 const READ_CHUNK: u64 = 8 << 20;
 
@@ -629,7 +636,7 @@ async fn worker(
                         queue.record_failed(i, &key, &e);
                         // The retry wrapper has already retried transient errors; wait before
                         // the next round so a tier that is down is not hammered.
-                        let d = crate::retry::RetryPolicy::default().delay(backoff.min(8));
+                        let d = ROUND_BACKOFF.delay(backoff.min(8));
                         backoff += 1;
                         tokio::select! {
                             _ = tokio::time::sleep(d) => {}
