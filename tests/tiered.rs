@@ -541,3 +541,170 @@ fn walk_keys(hot: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tier_configurations_fail_fast_and_change_nothing() {
+    let Some(moto) = Moto::start() else {
+        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
+        return;
+    };
+    aws_env();
+    let client = moto.client();
+    client
+        .create_bucket()
+        .bucket("exists")
+        .send()
+        .await
+        .unwrap();
+    let dir = TestDir::new();
+    let hot = dir.join("hot");
+    let remote = |bucket: &str, endpoint: &str| {
+        format!("[[remote]]\nname = \"r\"\nurl = \"s3://{bucket}/p\"\nendpoint = \"{endpoint}\"\n")
+    };
+    let hot_section = format!("[hot]\npath = \"{}\"\n", hot.display());
+    // The server is never reached: every refusal comes first.
+    let ci = "host=127.0.0.1 port=1 user=postgres";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{hot_section}{}", remote("missing", &moto.endpoint)),
+            "NoSuchBucket",
+        ),
+        (
+            format!("{hot_section}[upload]\nconcurency = 2\n"),
+            "concurency",
+        ),
+        (
+            format!(
+                "{hot_section}[encryption]\nkey_file = \"{}\"\n{}",
+                dir.join("no-such-key").display(),
+                remote("exists", &moto.endpoint)
+            ),
+            "no-such-key",
+        ),
+        (
+            format!(
+                "{hot_section}{}sse = \"rot13\"\n",
+                remote("exists", &moto.endpoint)
+            ),
+            "rot13",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let cfg = write_config(&dir, &format!("c{i}.toml"), text);
+        for cmd in ["stream", "backup"] {
+            let out = archiver(&[cmd, "--config", cfg.to_str().unwrap(), "-d", ci]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{cmd} {text}: {err}");
+            assert!(err.contains(needle), "{cmd}: {err}");
+            assert!(!hot.exists(), "{cmd} created the hot tier: {err}");
+        }
+    }
+    let out = archiver(&["list", "--config", dir.join("none.toml").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("none.toml"), "{err}");
+    assert!(bucket_keys(&client, "exists").await.is_empty());
+
+    // Credentials the server does not accept: refused at once, the secret never printed.
+    let Some(strict) = Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]) else {
+        return;
+    };
+    let cfg = write_config(
+        &dir,
+        "strict.toml",
+        &format!("{hot_section}{}", remote("exists", &strict.endpoint)),
+    );
+    let out = archiver_cmd(
+        std::process::Command::new(archiver_bin())
+            .args(["stream", "--config", cfg.to_str().unwrap(), "-d", ci])
+            .env("AWS_SECRET_ACCESS_KEY", "very-secret-value"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    eprintln!("{err}");
+    assert!(
+        err.contains("InvalidAccessKeyId") || err.contains("credentials"),
+        "{err}"
+    );
+    assert!(!err.contains("very-secret-value"), "{err}");
+    assert!(!hot.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn object_lock_refuses_deleting_archived_objects() {
+    let Some(moto) = Moto::start() else {
+        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
+        return;
+    };
+    aws_env();
+    let client = moto.client();
+    client
+        .create_bucket()
+        .bucket("locked")
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .unwrap();
+    let dir = TestDir::new();
+    let hot = dir.join("hot");
+    let cfg = write_config(
+        &dir,
+        "archiver.toml",
+        &format!(
+            "[hot]\npath = \"{}\"\n[[remote]]\nname = \"locked\"\nurl = \"s3://locked/r\"\n\
+             endpoint = \"{}\"\nobject_lock_mode = \"COMPLIANCE\"\nobject_lock_days = 1\n",
+            hot.display(),
+            moto.endpoint
+        ),
+    );
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let ci = pg.conninfo("postgres");
+    let c = cfg.to_str().unwrap();
+    let out = archiver(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let key = format!("r/backups/{id}/base.tar.zst");
+    let head = client
+        .head_object()
+        .bucket("locked")
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.object_lock_mode().map(|m| m.as_str()),
+        Some("COMPLIANCE")
+    );
+    let until = head.object_lock_retain_until_date().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now + 86_400 - 3600..now + 86_400 + 3600).contains(&until.secs()),
+        "retained for a day: {until:?}"
+    );
+    // Deleting the object's version (what a compromised host would do) is refused.
+    let version = head.version_id().unwrap().to_string();
+    let del = client
+        .delete_object()
+        .bucket("locked")
+        .key(&key)
+        .version_id(&version)
+        .send()
+        .await;
+    assert!(del.is_err(), "a locked version was deleted");
+    let still = client
+        .get_object()
+        .bucket("locked")
+        .key(&key)
+        .version_id(&version)
+        .send()
+        .await;
+    assert!(still.is_ok());
+}

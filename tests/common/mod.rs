@@ -681,12 +681,19 @@ pub struct Moto {
 impl Moto {
     /// None when no moto is installed (the caller says the test is skipped).
     pub fn start() -> Option<Moto> {
+        Self::start_with_env(&[])
+    }
+
+    /// With extra environment for the server (e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0`, which makes
+    /// moto check credentials).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Option<Moto> {
         let bin = std::env::var("ARCHIVER_TEST_MOTO")
             .ok()
             .filter(|v| !v.is_empty())?;
         let port = free_port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
