@@ -605,6 +605,33 @@ async fn bad_tier_configurations_fail_fast_and_change_nothing() {
     assert!(err.contains("none.toml"), "{err}");
     assert!(bucket_keys(&client, "exists").await.is_empty());
 
+    // An S3 repository nobody answers for: refused within seconds, by readers and writers.
+    let spool = dir.join("spool");
+    for args in [
+        vec!["list", "--repo", "s3://b/p"],
+        vec![
+            "stream",
+            "--repo",
+            "s3://b/p",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "-d",
+            ci,
+        ],
+    ] {
+        let t = Instant::now();
+        let out = archiver_cmd(
+            std::process::Command::new(archiver_bin())
+                .args(&args)
+                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("could not reach"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        assert!(!spool.exists());
+    }
+
     // Credentials the server does not accept: refused at once, the secret never printed.
     let Some(strict) = Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]) else {
         return;

@@ -101,7 +101,7 @@ pub fn table(records: &[BackupRecord]) -> String {
 
 pub async fn list(args: ListArgs) -> u8 {
     let run = async {
-        let repo = Repo::open(args.repo.storage().await?, &args.repo.name()).await?;
+        let repo = Repo::open(args.repo.storage_checked().await?, &args.repo.name()).await?;
         let records = repo.list_backups().await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&records)?);
@@ -120,7 +120,7 @@ pub async fn list(args: ListArgs) -> u8 {
 
 pub async fn info(args: InfoArgs) -> u8 {
     let run = async {
-        let repo = Repo::open(args.repo.storage().await?, &args.repo.name()).await?;
+        let repo = Repo::open(args.repo.storage_checked().await?, &args.repo.name()).await?;
         let r = repo.get_backup(&args.id).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&r)?);

@@ -77,13 +77,19 @@ async fn s3_stack(
     })
 }
 
-/// Fails at once for what retrying cannot fix (no bucket, bad credentials, no permission);
-/// an outage only warns — the hot tier keeps archiving and the uploader catches up.
-async fn check_reachable(url: &str, opts: &S3Options) -> anyhow::Result<()> {
+/// Lists the bucket once (retrying transient failures for up to 10 s): fails at once for what
+/// retrying cannot fix (no bucket, bad credentials, no permission). An outage fails too, unless
+/// `outage_ok` (a remote tier: the hot tier keeps archiving and the uploader catches up).
+async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow::Result<()> {
     let s3 = S3Storage::with_options(url, opts.clone()).await?;
-    match s3.check_access().await {
+    let policy = crate::retry::RetryPolicy {
+        initial: std::time::Duration::from_millis(200),
+        max_delay: std::time::Duration::from_secs(2),
+        give_up_after: std::time::Duration::from_secs(10),
+    };
+    match crate::retry::retry(&policy, "reaching the bucket", || s3.check_access()).await {
         Ok(()) => Ok(()),
-        Err(e) if e.is_transient() => {
+        Err(e) if e.is_transient() && outage_ok => {
             tracing::warn!(%url, error = %e, "the remote tier is unreachable for now; uploads will catch up");
             Ok(())
         }
@@ -163,6 +169,16 @@ impl RepoArg {
         )
     }
 
+    /// [`Self::storage`], for interactive readers (list, info, restore, drill): an S3
+    /// repository that cannot be reached fails within seconds instead of after the retry
+    /// budget of every request.
+    pub async fn storage_checked(&self) -> anyhow::Result<Arc<dyn Storage>> {
+        if let Some(url) = self.s3_url() {
+            check_reachable(url, &S3Options::default(), false).await?;
+        }
+        self.storage().await
+    }
+
     /// The repository for a writing command (stream, backup): for a tiered repository, the hot
     /// tier behind a write hook and the tiers for the command's uploader; remote tiers and an
     /// S3 repository are checked first, so a missing bucket or bad credentials fail at once.
@@ -170,7 +186,7 @@ impl RepoArg {
         if let Some(c) = self.load_config()? {
             let key = c.encryption_key()?;
             for r in &c.remotes {
-                check_reachable(&r.url, &r.s3)
+                check_reachable(&r.url, &r.s3, true)
                     .await
                     .with_context(|| format!("remote tier {}", r.name))?;
             }
@@ -194,7 +210,7 @@ impl RepoArg {
             ));
         }
         if let Some(url) = self.s3_url() {
-            check_reachable(url, &S3Options::default()).await?;
+            check_reachable(url, &S3Options::default(), false).await?;
         }
         Ok((self.storage().await?, None))
     }

@@ -459,7 +459,7 @@ struct Done<'a> {
 }
 
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let storage = args.repo.storage().await?;
+    let storage = args.repo.storage_checked().await?;
     let repo = Repo::open(storage, &args.repo.name()).await?;
     let (p, rec) = make_plan(&repo, &args.target).await?;
     let target = args.target.target();

@@ -582,7 +582,7 @@ async fn worker(
     let limit = settings.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     let mut next_reconcile = settings.reconcile.then(Instant::now);
     let mut backoff: u32 = 0;
-    let mut running: JoinSet<(String, Result<u64, UploadError>)> = JoinSet::new();
+    let mut running: JoinSet<(String, Result<u64, UploadError>, Duration)> = JoinSet::new();
     loop {
         if *stop.borrow() {
             running.abort_all();
@@ -611,8 +611,9 @@ async fn worker(
             for key in queue.take(i, free) {
                 let (hot, tier, limit) = (hot.clone(), tier.clone(), limit.clone());
                 running.spawn(async move {
+                    let t = Instant::now();
                     let r = upload_object(hot.as_ref(), &tier, &key, limit.as_deref()).await;
-                    (key, r)
+                    (key, r, t.elapsed())
                 });
             }
         }
@@ -624,10 +625,10 @@ async fn worker(
             _ = stop.changed() => {}
             _ = notified, if running.len() < settings.concurrency => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((key, r)) = done else { continue };
+                let Ok((key, r, took)) = done else { continue };
                 match r {
                     Ok(bytes) => {
-                        debug!(tier = %tier.name, %key, bytes, "uploaded");
+                        debug!(tier = %tier.name, %key, bytes, elapsed_ms = took.as_millis() as u64, "uploaded");
                         queue.record_done(i, &key, bytes);
                         backoff = 0;
                     }
