@@ -679,7 +679,8 @@ async fn object_lock_refuses_deleting_archived_objects() {
         "archiver.toml",
         &format!(
             "[hot]\npath = \"{}\"\n[[remote]]\nname = \"locked\"\nurl = \"s3://locked/r\"\n\
-             endpoint = \"{}\"\nobject_lock_mode = \"COMPLIANCE\"\nobject_lock_days = 1\n",
+             endpoint = \"{}\"\nobject_lock_mode = \"COMPLIANCE\"\nobject_lock_days = 1\n\
+             sse = \"aws:kms\"\nsse_kms_key_id = \"alias/archiver-test\"\n",
             hot.display(),
             moto.endpoint
         ),
@@ -707,6 +708,11 @@ async fn object_lock_refuses_deleting_archived_objects() {
         head.object_lock_mode().map(|m| m.as_str()),
         Some("COMPLIANCE")
     );
+    assert_eq!(
+        head.server_side_encryption().map(|s| s.as_str()),
+        Some("aws:kms")
+    );
+    assert_eq!(head.ssekms_key_id(), Some("alias/archiver-test"));
     let until = head.object_lock_retain_until_date().unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

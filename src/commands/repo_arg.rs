@@ -33,6 +33,15 @@ pub struct RepoArg {
     /// With --repo s3://…: client-side encryption key file (64 hex digits or 32 raw bytes).
     #[arg(long, env = "ARCHIVER_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
+    /// With --repo s3://…: storage class of the objects written (e.g. STANDARD_IA).
+    #[arg(long, value_name = "CLASS")]
+    pub s3_storage_class: Option<String>,
+    /// With --repo s3://…: server-side encryption, AES256 (SSE-S3) or aws:kms (SSE-KMS).
+    #[arg(long, value_name = "SSE")]
+    pub s3_sse: Option<String>,
+    /// With --repo s3://… --s3-sse aws:kms: the KMS key.
+    #[arg(long, value_name = "KEY")]
+    pub s3_sse_kms_key_id: Option<String>,
 }
 
 /// A tiered repository opened for writing: what the command's uploader needs.
@@ -129,6 +138,16 @@ impl RepoArg {
         Ok(self.repo.clone().expect("clap requires --repo or --config"))
     }
 
+    /// The write options of `--repo s3://…` from the flags.
+    fn s3_options(&self) -> S3Options {
+        S3Options {
+            storage_class: self.s3_storage_class.clone(),
+            sse: self.s3_sse.clone(),
+            sse_kms_key_id: self.s3_sse_kms_key_id.clone(),
+            ..S3Options::default()
+        }
+    }
+
     fn key_for_s3_repo(&self) -> anyhow::Result<Option<MasterKey>> {
         self.encryption_key_file
             .as_deref()
@@ -160,7 +179,7 @@ impl RepoArg {
             )));
         }
         if let Some(url) = self.s3_url() {
-            return s3_stack(url, S3Options::default(), self.key_for_s3_repo()?.as_ref()).await;
+            return s3_stack(url, self.s3_options(), self.key_for_s3_repo()?.as_ref()).await;
         }
         Self::local_storage(
             self.repo
@@ -174,7 +193,7 @@ impl RepoArg {
     /// budget of every request.
     pub async fn storage_checked(&self) -> anyhow::Result<Arc<dyn Storage>> {
         if let Some(url) = self.s3_url() {
-            check_reachable(url, &S3Options::default(), false).await?;
+            check_reachable(url, &self.s3_options(), false).await?;
         }
         self.storage().await
     }
@@ -210,7 +229,7 @@ impl RepoArg {
             ));
         }
         if let Some(url) = self.s3_url() {
-            check_reachable(url, &S3Options::default(), false).await?;
+            check_reachable(url, &self.s3_options(), false).await?;
         }
         Ok((self.storage().await?, None))
     }
