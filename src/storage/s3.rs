@@ -29,6 +29,8 @@ use crate::retry::{retry, RetryPolicy};
 
 /// Multipart part size (S3's minimum is 5 MiB for all parts but the last).
 pub const PART_SIZE: usize = 8 << 20;
+/// Parts of one object uploaded at once (its memory: this many parts).
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// How objects are written to a bucket (the tier's section of the configuration file).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -348,6 +350,9 @@ struct S3Writer {
     buf: BytesMut,
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
+    /// Parts being uploaded.
+    in_flight: tokio::task::JoinSet<Result<CompletedPart, StorageError>>,
+    next_part: i32,
     size: u64,
     mode: WriteMode,
 }
@@ -376,28 +381,50 @@ impl S3Writer {
                 id
             }
         };
-        let n = self.parts.len() as i32 + 1;
-        let out = retry(&self.s.retry, "uploading a part", || async {
-            self.s
-                .client
-                .upload_part()
-                .bucket(&self.s.bucket)
-                .key(&self.full)
-                .upload_id(&id)
-                .part_number(n)
-                .body(ByteStream::from(data.clone()))
-                .send()
-                .await
-                .map_err(|e| remote(&self.key, "uploading a part", e))
-        })
-        .await?;
-        self.parts.push(
-            CompletedPart::builder()
+        // At most PARTS_IN_FLIGHT parts uploading at once (memory: that many parts).
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.join_one().await?;
+        }
+        self.next_part += 1;
+        let n = self.next_part;
+        let (s, key, full) = (self.s.clone(), self.key.clone(), self.full.clone());
+        self.in_flight.spawn(async move {
+            let out = retry(&s.retry, "uploading a part", || async {
+                s.client
+                    .upload_part()
+                    .bucket(&s.bucket)
+                    .key(&full)
+                    .upload_id(&id)
+                    .part_number(n)
+                    .body(ByteStream::from(data.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| remote(&key, "uploading a part", e))
+            })
+            .await?;
+            Ok(CompletedPart::builder()
                 .part_number(n)
                 .set_e_tag(out.e_tag().map(str::to_string))
-                .build(),
-        );
+                .build())
+        });
         Ok(())
+    }
+
+    /// Waits for one part in flight.
+    async fn join_one(&mut self) -> Result<(), StorageError> {
+        match self.in_flight.join_next().await {
+            None => Ok(()),
+            Some(Ok(Ok(part))) => {
+                self.parts.push(part);
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(StorageError::Remote {
+                key: self.key.clone(),
+                message: format!("a part upload task failed: {e}"),
+                transient: false,
+            }),
+        }
     }
 }
 
@@ -425,8 +452,12 @@ impl ObjectWriter for S3Writer {
         if !rest.is_empty() {
             self.upload_part(rest).await?;
         }
+        while !self.in_flight.is_empty() {
+            self.join_one().await?;
+        }
         let id = self.upload_id.take().expect("multipart started");
-        let parts = std::mem::take(&mut self.parts);
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.sort_by_key(|p| p.part_number());
         let create_new = self.mode == WriteMode::CreateNew;
         let r = retry(&self.s.retry, "completing a multipart upload", || async {
             self.s
@@ -515,6 +546,8 @@ impl Storage for S3Storage {
             buf: BytesMut::new(),
             upload_id: None,
             parts: Vec::new(),
+            in_flight: tokio::task::JoinSet::new(),
+            next_part: 0,
             size: 0,
             mode,
         }))
