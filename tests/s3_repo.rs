@@ -74,10 +74,32 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     let mut a = Archiver::spawn(
         &dir,
         "stream",
-        &["stream", "--repo", r, "--spool-dir", sp, "-d", &ci],
+        &[
+            "stream",
+            "--repo",
+            r,
+            "--spool-dir",
+            sp,
+            "-d",
+            &ci,
+            "--partial-upload-interval",
+            "1s",
+        ],
     );
     a.wait_log("streaming started", T);
     pg.psql("create table t as select generate_series(1, 5000) x");
+    // The segment being received is shipped as it grows, straight into S3 too.
+    let current = current_walfile(&pg);
+    let partial = format!("site1/wal/{}/{current}.partial.zst", &current[0..8]);
+    let start = std::time::Instant::now();
+    while !keys(&client, "arch", "site1/wal/").await.contains(&partial) {
+        assert!(
+            start.elapsed() < T,
+            "{partial} not shipped:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out = archiver(&[
         "backup",
         "--repo",

@@ -7,12 +7,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{connect_replication, report, RepoArg, Tiers, EXIT_ERROR, EXIT_WAL_GONE};
+use super::{connect_replication, report, RepoArg, EXIT_ERROR, EXIT_WAL_GONE};
+use crate::config::UploadConfig;
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
 use crate::pg::replication::validate_slot_name;
 use crate::repo::lock::RepoLock;
 use crate::repo::{Repo, SPOOL_DIR};
 use crate::retry::RetryPolicy;
+use crate::storage::tiered::RemoteTier;
 use crate::stream::spool::Spool;
 use crate::stream::{StreamConfig, StreamError};
 use crate::upload::partial::PartialShipper;
@@ -48,6 +50,10 @@ pub struct StreamArgs {
     /// zstd level for archived segments.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     compress_level: i32,
+    /// With --repo s3://…: ship the segment being received this often (the offsite RPO; a
+    /// tiered repository sets it in its configuration file).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    partial_upload_interval: Duration,
     /// After a lost connection, keep reconnecting for this long before giving up.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     reconnect_timeout: Duration,
@@ -68,6 +74,9 @@ pub async fn run(args: StreamArgs) -> u8 {
 
 async fn stream(args: StreamArgs) -> anyhow::Result<()> {
     let local = args.repo.local_dir("stream")?;
+    if args.partial_upload_interval < Duration::from_millis(100) {
+        anyhow::bail!("--partial-upload-interval must be at least 100ms");
+    }
     validate_slot_name(&args.slot).map_err(anyhow::Error::msg)?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
     let (storage, tiers) = args.repo.storage_for_writing().await?;
@@ -130,20 +139,41 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
         flushed: None,
     };
     let mut cfg = cfg;
-    let background = match tiers {
-        Some(t) => {
-            t.queue.set_seg_size(repo.seg_size());
-            let (flushed_tx, flushed_rx) = watch::channel(None);
-            cfg.flushed = Some(std::sync::Arc::new(flushed_tx));
-            Some(TierTasks::start(
-                t,
-                spool.clone(),
-                flushed_rx,
-                args.compress_level,
-            ))
+    // Straight into S3 there is no hot tier to ship from, but the segment being received is
+    // still shipped as it grows: the same offsite RPO.
+    let plan = match (tiers, args.repo.s3_url()) {
+        (Some(t), _) => Some(TierPlan {
+            queue: t.queue,
+            hot: Some(t.hot),
+            remotes: t.remotes,
+            upload: t.config.upload,
+            retention: t.config.hot.retention,
+        }),
+        (None, Some(url)) => {
+            let remotes = vec![RemoteTier {
+                name: "s3".into(),
+                url: url.to_string(),
+                storage: repo.storage().clone(),
+            }];
+            Some(TierPlan {
+                queue: crate::upload::Queue::new(&remotes),
+                hot: None,
+                remotes,
+                upload: UploadConfig {
+                    partial_upload_interval: args.partial_upload_interval,
+                    ..UploadConfig::default()
+                },
+                retention: None,
+            })
         }
-        None => None,
+        (None, None) => None,
     };
+    let background = plan.map(|p| {
+        p.queue.set_seg_size(repo.seg_size());
+        let (flushed_tx, flushed_rx) = watch::channel(None);
+        cfg.flushed = Some(std::sync::Arc::new(flushed_tx));
+        TierTasks::start(p, spool.clone(), flushed_rx, args.compress_level)
+    });
     // On a runtime worker (not the block_on thread) the task is polled by the thread that
     // drives the I/O reactor, saving a thread hop on every WAL batch: lower commit latency as a
     // synchronous standby.
@@ -164,40 +194,52 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
 /// the next start's reconciliation).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(15);
 
-/// The tiered repository's background work while streaming: the uploader, the partial-segment
-/// shipper, hot-tier retention, and the per-tier state file.
+/// What runs beside the stream for remote storage.
+struct TierPlan {
+    queue: std::sync::Arc<crate::upload::Queue>,
+    /// The hot tier to ship from (none when streaming straight into S3).
+    hot: Option<std::sync::Arc<dyn crate::storage::Storage>>,
+    remotes: Vec<RemoteTier>,
+    upload: UploadConfig,
+    retention: Option<Duration>,
+}
+
+/// The background work while streaming into remote storage: the uploader (tiered), the
+/// partial-segment shipper, hot-tier retention, and the per-tier state file.
 struct TierTasks {
-    uploader: Uploader,
+    uploader: Option<Uploader>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl TierTasks {
     fn start(
-        t: Tiers,
+        t: TierPlan,
         spool: Spool,
         flushed: watch::Receiver<Option<crate::upload::WalPoint>>,
         level: i32,
     ) -> TierTasks {
         let (stop, stop_rx) = watch::channel(false);
         let seg_size = t.queue.seg_size();
-        let uploader = Uploader::start(
-            t.queue.clone(),
-            t.hot.clone(),
-            t.remotes.clone(),
-            UploadSettings {
-                concurrency: t.config.upload.concurrency,
-                max_rate: t.config.upload.max_rate,
-                reconcile: true,
-            },
-        );
+        let uploader = t.hot.clone().map(|hot| {
+            Uploader::start(
+                t.queue.clone(),
+                hot,
+                t.remotes.clone(),
+                UploadSettings {
+                    concurrency: t.upload.concurrency,
+                    max_rate: t.upload.max_rate,
+                    reconcile: true,
+                },
+            )
+        });
         let mut tasks = Vec::new();
         let shipper = PartialShipper {
             queue: t.queue.clone(),
             remotes: t.remotes.clone(),
             spool: spool.clone(),
             seg_size,
-            interval: t.config.upload.partial_upload_interval,
+            interval: t.upload.partial_upload_interval,
             level,
         };
         tasks.push(tokio::spawn(shipper.run(flushed, stop_rx.clone())));
@@ -225,8 +267,8 @@ impl TierTasks {
                 }
             }
         }));
-        if let Some(retention) = t.config.hot.retention {
-            let (hot, remotes, mut s) = (t.hot.clone(), t.remotes.clone(), stop_rx.clone());
+        if let (Some(retention), Some(hot)) = (t.retention, t.hot.clone()) {
+            let (remotes, mut s) = (t.remotes.clone(), stop_rx.clone());
             tasks.push(tokio::spawn(async move {
                 let every =
                     (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
@@ -260,11 +302,11 @@ impl TierTasks {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Err(behind) = self.uploader.drain(drain).await {
-            tracing::warn!(%behind, "stopping with uploads pending; the next start ships them");
+        if let Some(u) = self.uploader {
+            if let Err(behind) = u.drain(drain).await {
+                tracing::warn!(%behind, "stopping with uploads pending; the next start ships them");
+            }
+            u.stop().await;
         }
-        let states = self.uploader.queue().states();
-        self.uploader.stop().await;
-        let _ = states;
     }
 }
