@@ -188,6 +188,22 @@ storage_class = "STANDARD_IA"
         durable_lsn(&hot).is_some_and(|d| d >= committed)
     });
     eprintln!("offsite lag of the commit: {:?}", t0.elapsed());
+    // `archiver tiers` shows it, as a table or JSON.
+    let out = archiver(&["tiers", "--config", c, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tiers"][0]["name"], "offsite");
+    assert!(lsn(v["tiers"][0]["durable"]["lsn"].as_str().unwrap()) >= committed);
+    let out = archiver(&["tiers", "--config", c]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("offsite") && table.contains("s3://offsite/site1"),
+        "{table}"
+    );
     let partials: Vec<String> = bucket_keys(&client, "offsite")
         .await
         .into_iter()

@@ -17,6 +17,7 @@ mod list;
 mod repo_arg;
 mod restore;
 mod stream;
+mod tiers;
 mod wal_fetch;
 
 pub const EXIT_ERROR: u8 = 1;
@@ -63,6 +64,8 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Restore into a scratch cluster, start it, check it, measure the RTO, record the result.
     Drill(drill::DrillArgs),
+    /// Show each remote tier's state: how far the WAL is durable there, what is queued.
+    Tiers(tiers::TiersArgs),
 }
 
 /// Set once at start: JSON logging reports the final error as a log event, human logging as a line.
@@ -110,6 +113,7 @@ pub fn main() -> ExitCode {
             Command::Info(a) => list::info(a).await,
             Command::Restore(a) => restore::run(a).await,
             Command::Drill(a) => drill::run(a).await,
+            Command::Tiers(a) => tiers::run(a).await,
         }
     });
     ExitCode::from(code)
