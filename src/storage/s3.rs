@@ -29,7 +29,7 @@ use crate::retry::{retry, RetryPolicy};
 
 /// Multipart part size (S3's minimum is 5 MiB for all parts but the last).
 pub const PART_SIZE: usize = 8 << 20;
-/// Parts of one object uploaded at once (its memory: this many parts).
+/// Parts of one object uploaded at once by default (its memory: this many parts).
 pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// How objects are written to a bucket (the tier's section of the configuration file).
@@ -52,6 +52,9 @@ pub struct S3Options {
     pub object_lock_mode: Option<String>,
     /// Object Lock retention period, in days (with `object_lock_mode`).
     pub object_lock_days: Option<u32>,
+    /// Parts of one multipart object uploaded at once (default [`PARTS_IN_FLIGHT`]; memory per
+    /// object: this many 8 MiB parts).
+    pub part_concurrency: Option<usize>,
 }
 
 impl S3Options {
@@ -65,6 +68,9 @@ impl S3Options {
         match self.sse.as_deref() {
             None | Some("AES256") | Some("aws:kms") => {}
             Some(o) => return Err(format!("unknown sse {o:?}: use \"AES256\" or \"aws:kms\"")),
+        }
+        if self.part_concurrency.is_some_and(|n| n == 0 || n > 32) {
+            return Err("part_concurrency must be between 1 and 32".into());
         }
         if self.sse_kms_key_id.is_some() && self.sse.as_deref() != Some("aws:kms") {
             return Err("sse_kms_key_id needs sse = \"aws:kms\"".into());
@@ -381,8 +387,8 @@ impl S3Writer {
                 id
             }
         };
-        // At most PARTS_IN_FLIGHT parts uploading at once (memory: that many parts).
-        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+        // At most `part_concurrency` parts uploading at once (memory: that many parts).
+        while self.in_flight.len() >= self.s.opts.part_concurrency.unwrap_or(PARTS_IN_FLIGHT) {
             self.join_one().await?;
         }
         self.next_part += 1;
