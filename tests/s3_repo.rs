@@ -11,23 +11,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-/// The keys under `prefix/` in the bucket.
-async fn keys(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pages = client
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(prefix)
-        .into_paginator()
-        .send();
-    while let Some(p) = pages.next().await {
-        for o in p.unwrap().contents() {
-            out.push(o.key().unwrap().to_string());
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_backup_and_restore_entirely_in_s3() {
     let Some(moto) = Moto::start() else {
@@ -41,8 +24,7 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
     std::env::set_var("AWS_REGION", "us-east-1");
     std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    let client = moto.client();
-    client.create_bucket().bucket("arch").send().await.unwrap();
+    let client = moto.bucket("arch", false).await;
 
     let dir = TestDir::new();
     let mut pg = Pg::create(&dir, "pg", "", "");
@@ -69,7 +51,7 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("NoSuchBucket"), "{err}");
-    assert!(keys(&client, "arch", "").await.is_empty());
+    assert!(bucket_keys(&client, "arch", "").await.is_empty());
 
     let mut a = Archiver::spawn(
         &dir,
@@ -92,7 +74,10 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     let current = current_walfile(&pg);
     let partial = format!("site1/wal/{}/{current}.partial.zst", &current[0..8]);
     let start = std::time::Instant::now();
-    while !keys(&client, "arch", "site1/wal/").await.contains(&partial) {
+    while !bucket_keys(&client, "arch", "site1/wal/")
+        .await
+        .contains(&partial)
+    {
         assert!(
             start.elapsed() < T,
             "{partial} not shipped:\n{}",
@@ -125,7 +110,10 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     pg.psql("select pg_switch_wal()");
     let key = format!("site1/wal/{}/{name}.zst", &name[0..8]);
     let start = std::time::Instant::now();
-    while !keys(&client, "arch", "site1/wal/").await.contains(&key) {
+    while !bucket_keys(&client, "arch", "site1/wal/")
+        .await
+        .contains(&key)
+    {
         assert!(
             start.elapsed() < T,
             "{key} not in the bucket:\n{}",
@@ -135,7 +123,7 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     }
     assert!(a.term().success());
     // Everything is in the bucket; the spool holds no objects.
-    let all = keys(&client, "arch", "site1/").await;
+    let all = bucket_keys(&client, "arch", "site1/").await;
     assert!(all.contains(&"site1/repo.json".to_string()), "{all:?}");
     assert!(all.iter().any(|k| k.ends_with("base.tar.zst")), "{all:?}");
 

@@ -14,6 +14,17 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
+/// A moto server, with the environment set for it; None (the test says it is skipped) when
+/// none is installed.
+fn moto() -> Option<Moto> {
+    let m = Moto::start();
+    if m.is_none() {
+        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
+    }
+    aws_env();
+    m
+}
+
 /// Credentials for moto; the same in every test of this binary (endpoints are per config).
 fn aws_env() {
     std::env::set_var("AWS_ACCESS_KEY_ID", "test");
@@ -54,21 +65,6 @@ fn durable_lsn(hot: &Path) -> Option<u64> {
     v["tiers"][0]["durable"]["lsn"].as_str().map(lsn)
 }
 
-pub async fn bucket_keys(client: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pages = client
-        .list_objects_v2()
-        .bucket(bucket)
-        .into_paginator()
-        .send();
-    while let Some(p) = pages.next().await {
-        for o in p.unwrap().contents() {
-            out.push(o.key().unwrap().to_string());
-        }
-    }
-    out
-}
-
 async fn object(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
     let o = client
         .get_object()
@@ -82,18 +78,8 @@ async fn object(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn offsite_within_seconds_and_restore_after_losing_the_hot_tier() {
-    let Some(moto) = Moto::start() else {
-        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
-        return;
-    };
-    aws_env();
-    let client = moto.client();
-    client
-        .create_bucket()
-        .bucket("offsite")
-        .send()
-        .await
-        .unwrap();
+    let Some(moto) = moto() else { return };
+    let client = moto.bucket("offsite", false).await;
     let dir = TestDir::new();
     let hot = dir.join("hot");
     let key = write_key(&dir, "key", 0x5a);
@@ -152,7 +138,7 @@ storage_class = "STANDARD_IA"
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     // The backup returned once the remote tier held it: encrypted, under the prefix.
-    let keys = bucket_keys(&client, "offsite").await;
+    let keys = bucket_keys(&client, "offsite", "").await;
     let base = format!("site1/backups/{id}/base.tar.zst");
     assert!(keys.contains(&base), "{keys:?}");
     assert!(
@@ -204,7 +190,7 @@ storage_class = "STANDARD_IA"
         table.contains("offsite") && table.contains("s3://offsite/site1"),
         "{table}"
     );
-    let partials: Vec<String> = bucket_keys(&client, "offsite")
+    let partials: Vec<String> = bucket_keys(&client, "offsite", "")
         .await
         .into_iter()
         .filter(|k| k.ends_with(".partial.zst"))
@@ -224,7 +210,7 @@ storage_class = "STANDARD_IA"
     };
     let start = Instant::now();
     loop {
-        let keys = bucket_keys(&client, "offsite").await;
+        let keys = bucket_keys(&client, "offsite", "").await;
         if evicted(&keys) > 0 {
             break;
         }
@@ -430,13 +416,8 @@ impl Drop for FaultyProxy {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_between_archiver_and_s3_lose_nothing() {
-    let Some(moto) = Moto::start() else {
-        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
-        return;
-    };
-    aws_env();
-    let client = moto.client();
-    client.create_bucket().bucket("flaky").send().await.unwrap();
+    let Some(moto) = moto() else { return };
+    let client = moto.bucket("flaky", false).await;
     let proxy = FaultyProxy::start(&moto.endpoint);
     let dir = TestDir::new();
     let hot = dir.join("hot");
@@ -510,7 +491,7 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
 
     // Every object of the hot tier is in the remote tier, whole and verified (read from the
     // S3 server directly, not through the proxy).
-    let remote = bucket_keys(&client, "flaky").await;
+    let remote = bucket_keys(&client, "flaky", "").await;
     let mut checked = 0;
     let mut multipart = false;
     for k in walk_keys(&hot) {
@@ -560,18 +541,8 @@ fn walk_keys(hot: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_tier_configurations_fail_fast_and_change_nothing() {
-    let Some(moto) = Moto::start() else {
-        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
-        return;
-    };
-    aws_env();
-    let client = moto.client();
-    client
-        .create_bucket()
-        .bucket("exists")
-        .send()
-        .await
-        .unwrap();
+    let Some(moto) = moto() else { return };
+    let client = moto.bucket("exists", false).await;
     let dir = TestDir::new();
     let hot = dir.join("hot");
     let remote = |bucket: &str, endpoint: &str| {
@@ -619,7 +590,7 @@ async fn bad_tier_configurations_fail_fast_and_change_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("none.toml"), "{err}");
-    assert!(bucket_keys(&client, "exists").await.is_empty());
+    assert!(bucket_keys(&client, "exists", "").await.is_empty());
 
     // An S3 repository nobody answers for: refused within seconds, by readers and writers.
     let spool = dir.join("spool");
@@ -675,19 +646,8 @@ async fn bad_tier_configurations_fail_fast_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn object_lock_refuses_deleting_archived_objects() {
-    let Some(moto) = Moto::start() else {
-        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
-        return;
-    };
-    aws_env();
-    let client = moto.client();
-    client
-        .create_bucket()
-        .bucket("locked")
-        .object_lock_enabled_for_bucket(true)
-        .send()
-        .await
-        .unwrap();
+    let Some(moto) = moto() else { return };
+    let client = moto.bucket("locked", true).await;
     let dir = TestDir::new();
     let hot = dir.join("hot");
     let cfg = write_config(

@@ -723,6 +723,38 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// Creates a bucket (with Object Lock enabled when `locked`).
+    pub async fn bucket(&self, name: &str, locked: bool) -> aws_sdk_s3::Client {
+        let client = self.client();
+        client
+            .create_bucket()
+            .bucket(name)
+            .set_object_lock_enabled_for_bucket(locked.then_some(true))
+            .send()
+            .await
+            .unwrap();
+        client
+    }
+}
+
+/// Every key in `bucket` under `prefix`, in order (all pages).
+pub async fn bucket_keys(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pages = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    while let Some(p) = pages.next().await {
+        for o in p.unwrap().contents() {
+            out.push(o.key().unwrap().to_string());
+        }
+    }
+    out
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
