@@ -9,7 +9,7 @@
 #  2. offsite lag under pgbench: every 0.5 s the server's flush LSN is sampled; its lag is the
 #     time until the remote tier's durable position (spool/tiers.json) passes it. Reported as
 #     p50 / p99 / max for partial_upload_interval $INTERVAL (target p99 ≤ interval + 2 s).
-# Usage: [INTERVAL=10s] [PARTS=4] scripts/bench-tiered.sh [SCALE] [SECONDS]
+# Usage: [INTERVAL=10s] [PARTS=8] scripts/bench-tiered.sh [SCALE] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-100}
@@ -53,7 +53,7 @@ concurrency = 4
 name = "bench"
 url = "s3://tiered/r"
 endpoint = "$EP"
-part_concurrency = ${PARTS:-4}
+part_concurrency = ${PARTS:-8}
 CONF
 
 echo
@@ -83,7 +83,7 @@ for line in open(sys.argv[1]):
     if e.get("message") == "uploaded" and e.get("key", "").endswith("base.tar.zst"):
         mb = e["bytes"] / 1e6
         s = e["elapsed_ms"] / 1000
-        print(f"  uploader, base.tar.zst: {mb:.0f} MB in {s:.2f} s = {mb / s:.0f} MB/s ({os.environ.get('PARTS', '4')} parts in flight, 8 MiB parts)")
+        print(f"  uploader, base.tar.zst: {mb:.0f} MB in {s:.2f} s = {mb / s:.0f} MB/s ({os.environ.get('PARTS', '8')} parts in flight, 8 MiB parts)")
 PY
 "$PY" - "$EP" "$BASE" <<'PY'
 import boto3, os, sys, time

@@ -29,8 +29,10 @@ use crate::retry::{retry, RetryPolicy};
 
 /// Multipart part size (S3's minimum is 5 MiB for all parts but the last).
 pub const PART_SIZE: usize = 8 << 20;
-/// Parts of one object uploaded at once by default (its memory: this many parts).
-pub const PARTS_IN_FLIGHT: usize = 4;
+/// Multipart parts uploading at once, over all objects written through one bucket
+/// configuration, by default: the upload memory is bounded by this many parts (64 MiB) however
+/// many objects upload concurrently.
+pub const PARTS_IN_FLIGHT: usize = 8;
 
 /// How objects are written to a bucket (the tier's section of the configuration file).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -52,8 +54,8 @@ pub struct S3Options {
     pub object_lock_mode: Option<String>,
     /// Object Lock retention period, in days (with `object_lock_mode`).
     pub object_lock_days: Option<u32>,
-    /// Parts of one multipart object uploaded at once (default [`PARTS_IN_FLIGHT`]; memory per
-    /// object: this many 8 MiB parts).
+    /// Multipart parts uploading at once, all objects together (default [`PARTS_IN_FLIGHT`];
+    /// the upload memory: this many 8 MiB parts).
     pub part_concurrency: Option<usize>,
 }
 
@@ -108,6 +110,8 @@ pub struct S3Storage {
     opts: S3Options,
     /// Per-part retries inside multipart uploads.
     retry: RetryPolicy,
+    /// Parts in flight, shared by every writer of this store.
+    parts: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Applies the write options to a `PutObject` or `CreateMultipartUpload` builder (same setters).
@@ -271,6 +275,9 @@ impl S3Storage {
             client: Client::from_conf(conf.build()),
             bucket,
             prefix,
+            parts: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                opts.part_concurrency.unwrap_or(PARTS_IN_FLIGHT),
+            )),
             opts,
             retry: RetryPolicy::default(),
         })
@@ -286,6 +293,7 @@ impl S3Storage {
             prefix,
             opts: S3Options::default(),
             retry: RetryPolicy::default(),
+            parts: std::sync::Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
         })
     }
 
@@ -387,14 +395,23 @@ impl S3Writer {
                 id
             }
         };
-        // At most `part_concurrency` parts uploading at once (memory: that many parts).
-        while self.in_flight.len() >= self.s.opts.part_concurrency.unwrap_or(PARTS_IN_FLIGHT) {
-            self.join_one().await?;
+        // At most `part_concurrency` parts of this store uploading at once (memory: that many
+        // parts); collect finished ones as we go.
+        let permit = self
+            .s
+            .parts
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the part semaphore is never closed");
+        while let Some(r) = self.in_flight.try_join_next() {
+            self.take_joined(r)?;
         }
         self.next_part += 1;
         let n = self.next_part;
         let (s, key, full) = (self.s.clone(), self.key.clone(), self.full.clone());
         self.in_flight.spawn(async move {
+            let _permit = permit;
             let out = retry(&s.retry, "uploading a part", || async {
                 s.client
                     .upload_part()
@@ -420,12 +437,22 @@ impl S3Writer {
     async fn join_one(&mut self) -> Result<(), StorageError> {
         match self.in_flight.join_next().await {
             None => Ok(()),
-            Some(Ok(Ok(part))) => {
+            Some(r) => self.take_joined(r),
+        }
+    }
+
+    /// Records a finished part, or returns its failure.
+    fn take_joined(
+        &mut self,
+        r: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
+    ) -> Result<(), StorageError> {
+        match r {
+            Ok(Ok(part)) => {
                 self.parts.push(part);
                 Ok(())
             }
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => Err(StorageError::Remote {
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(StorageError::Remote {
                 key: self.key.clone(),
                 message: format!("a part upload task failed: {e}"),
                 transient: false,
