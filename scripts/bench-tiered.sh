@@ -9,12 +9,13 @@
 #  2. offsite lag under pgbench: every 0.5 s the server's flush LSN is sampled; its lag is the
 #     time until the remote tier's durable position (spool/tiers.json) passes it. Reported as
 #     p50 / p99 / max for partial_upload_interval $INTERVAL (target p99 ≤ interval + 2 s).
-# Usage: [INTERVAL=10s] [PARTS=8] scripts/bench-tiered.sh [SCALE] [SECONDS]
+# Usage: [INTERVAL=10s] [PARTS=8] [ROUNDS=3] scripts/bench-tiered.sh [SCALE] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-100}
 SECS=${2:-60}
 INTERVAL=${INTERVAL:-10s}
+ROUNDS=${ROUNDS:-3}
 MOTO="$PWD/target/moto-venv/bin/moto_server"
 PY="$PWD/target/moto-venv/bin/python"
 [ -x "$MOTO" ] || { echo "no moto: run scripts/test.sh once (it installs it)"; exit 1; }
@@ -69,32 +70,43 @@ timed() { # name command...
 timed "archiver backup --repo DIR (local only)" "$W/archiver" backup --repo "$W/local" -d "$CI" --checkpoint fast
 BASE=$(ls "$W"/local/backups/*/base.tar.zst | head -n 1)
 STORED=$(( $(stat -c %s "$BASE") / 1000000 ))
-timed "archiver backup --repo s3:// (multipart)" "$W/archiver" backup --repo s3://direct/r \
-    --spool-dir "$W/spool-direct" -d "$CI" --checkpoint fast
-ARCHIVER_LOG=archiver::upload=debug timed "archiver backup --config (hot, then shipped)" \
-    "$W/archiver" --log-format json backup --config "$W/archiver.toml" -d "$CI" --checkpoint fast
-"$PY" - "$W/err.log" <<'PY'
-import json, os, sys
+for r in $(seq "$ROUNDS"); do
+    timed "archiver backup --repo s3:// (multipart)" "$W/archiver" backup --repo s3://direct/r \
+        --spool-dir "$W/spool-direct" -d "$CI" --checkpoint fast
+    ARCHIVER_LOG=archiver::upload=debug timed "archiver backup --config (hot, then shipped)" \
+        "$W/archiver" --log-format json backup --config "$W/archiver.toml" -d "$CI" --checkpoint fast
+    # The uploader's own time for the base archive (from its debug event), then the peer on
+    # the same bytes.
+    "$PY" - "$W/err.log" >> "$W/rates" <<'PY'
+import json, sys
 for line in open(sys.argv[1]):
     try:
         e = json.loads(line)
     except ValueError:
         continue
     if e.get("message") == "uploaded" and e.get("key", "").endswith("base.tar.zst"):
-        mb = e["bytes"] / 1e6
-        s = e["elapsed_ms"] / 1000
-        print(f"  uploader, base.tar.zst: {mb:.0f} MB in {s:.2f} s = {mb / s:.0f} MB/s ({os.environ.get('PARTS', '8')} parts in flight, 8 MiB parts)")
+        print(f"archiver {e['bytes'] / 1e6 / (e['elapsed_ms'] / 1000):.1f}")
 PY
-"$PY" - "$EP" "$BASE" <<'PY'
+    "$PY" - "$EP" "$BASE" >> "$W/rates" <<'PY'
 import boto3, os, sys, time
 from boto3.s3.transfer import TransferConfig
 s3 = boto3.client("s3", endpoint_url=sys.argv[1])
-path = sys.argv[2]
-mb = os.path.getsize(path) / 1e6
 t = time.time()
-s3.upload_file(path, "peer", "base.tar.zst", Config=TransferConfig(multipart_chunksize=8 << 20, max_concurrency=10))
-s = time.time() - t
-print(f"  peer boto3 upload_file, same bytes: {mb:.0f} MB in {s:.2f} s = {mb / s:.0f} MB/s (10 threads, 8 MiB parts)")
+s3.upload_file(sys.argv[2], "peer", "base.tar.zst", Config=TransferConfig(multipart_chunksize=8 << 20, max_concurrency=10))
+print(f"boto3 {os.path.getsize(sys.argv[2]) / 1e6 / (time.time() - t):.1f}")
+PY
+done
+python3 - "$W/rates" "$STORED" "${PARTS:-8}" <<'PY'
+import statistics, sys
+rates = {}
+for line in open(sys.argv[1]):
+    k, v = line.split()
+    rates.setdefault(k, []).append(float(v))
+a, b = statistics.median(rates["archiver"]), statistics.median(rates["boto3"])
+print(f"  upload of base.tar.zst ({sys.argv[2]} MB), median of {len(rates['archiver'])}: "
+      f"archiver uploader {a:.0f} MB/s ({sys.argv[3]} parts in flight) vs boto3 upload_file "
+      f"{b:.0f} MB/s (10 threads) = {a / b:.2f}x")
+print("  per round archiver / boto3:", ", ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(rates["archiver"], rates["boto3"])))
 PY
 
 echo

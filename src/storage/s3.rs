@@ -463,8 +463,15 @@ impl S3Writer {
 
 #[async_trait]
 impl ObjectWriter for S3Writer {
-    async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
+    async fn write(&mut self, mut data: Bytes) -> Result<(), StorageError> {
         self.size += data.len() as u64;
+        // Whole parts of a chunk go out as they are (no copy: the uploader reads in parts).
+        if self.buf.is_empty() {
+            while data.len() >= PART_SIZE {
+                let part = data.split_to(PART_SIZE);
+                self.upload_part(part).await?;
+            }
+        }
         self.buf.extend_from_slice(&data);
         while self.buf.len() >= PART_SIZE {
             let part = self.buf.split_to(PART_SIZE).freeze();
