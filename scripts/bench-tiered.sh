@@ -20,6 +20,7 @@ MOTO="$PWD/target/moto-venv/bin/moto_server"
 PY="$PWD/target/moto-venv/bin/python"
 [ -x "$MOTO" ] || { echo "no moto: run scripts/test.sh once (it installs it)"; exit 1; }
 cargo build --release --locked -q
+cargo bench --locked -q --bench upload --no-run 2>/dev/null
 bench_cleanup() {
     [ -n "${STREAM_PID:-}" ] && kill "$STREAM_PID" 2>/dev/null && wait "$STREAM_PID" 2>/dev/null
     [ -n "${MOTO_PID:-}" ] && kill "$MOTO_PID" 2>/dev/null && wait "$MOTO_PID" 2>/dev/null
@@ -38,7 +39,7 @@ for _ in $(seq 100); do python3 -c "import socket; socket.create_connection((\"1
 "$PY" - "$EP" <<'PY'
 import boto3, sys
 s3 = boto3.client("s3", endpoint_url=sys.argv[1])
-for b in ("direct", "tiered", "peer"):
+for b in ("direct", "tiered", "peer", "bench-upload"):
     s3.create_bucket(Bucket=b)
 PY
 DBSIZE=$("${PSQL[@]}" -c "select sum(pg_database_size(oid)) from pg_database")
@@ -107,6 +108,17 @@ print(f"  upload of base.tar.zst ({sys.argv[2]} MB), median of {len(rates['archi
       f"archiver uploader {a:.0f} MB/s ({sys.argv[3]} parts in flight) vs boto3 upload_file "
       f"{b:.0f} MB/s (10 threads) = {a / b:.2f}x")
 print("  per round archiver / boto3:", ", ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(rates["archiver"], rates["boto3"])))
+PY
+# The uploader alone (benches/upload.rs: nothing else running in the process), same bytes.
+ARCHIVER_BENCH_S3="$EP" ARCHIVER_BENCH_OBJECT="$BASE" ROUNDS="$ROUNDS" \
+    cargo bench --locked -q --bench upload 2>/dev/null | grep '^uploader' > "$W/alone"
+python3 - "$W/alone" "$W/rates" <<'PY'
+import statistics, sys
+alone = [float(l.split()[1]) for l in open(sys.argv[1])]
+peer = [float(l.split()[1]) for l in open(sys.argv[2]) if l.startswith("boto3")]
+a, b = statistics.median(alone), statistics.median(peer)
+print(f"  the uploader alone (benches/upload.rs), median of {len(alone)}: {a:.0f} MB/s = {a / b:.2f}x boto3"
+      f" (rounds: {', '.join(f'{x:.0f}' for x in alone)})")
 PY
 
 echo

@@ -58,11 +58,18 @@ fn write_config(dir: &TestDir, name: &str, body: &str) -> PathBuf {
     p
 }
 
-/// `spool/tiers.json` of a hot tier: the first tier's durable LSN, if any.
+/// `spool/tiers.json` of a hot tier: the lowest durable LSN of its tiers (None while any has
+/// none).
 fn durable_lsn(hot: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(hot.join("spool/tiers.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["tiers"][0]["durable"]["lsn"].as_str().map(lsn)
+    v["tiers"]
+        .as_array()?
+        .iter()
+        .map(|t| t["durable"]["lsn"].as_str().map(lsn))
+        .collect::<Option<Vec<u64>>>()?
+        .into_iter()
+        .min()
 }
 
 async fn object(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
@@ -80,6 +87,7 @@ async fn object(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8>
 async fn offsite_within_seconds_and_restore_after_losing_the_hot_tier() {
     let Some(moto) = moto() else { return };
     let client = moto.bucket("offsite", false).await;
+    moto.bucket("second", false).await;
     let dir = TestDir::new();
     let hot = dir.join("hot");
     let key = write_key(&dir, "key", 0x5a);
@@ -105,9 +113,16 @@ url = "s3://offsite/site1"
 endpoint = "{}"
 region = "us-east-1"
 storage_class = "STANDARD_IA"
+
+[[remote]]
+name = "second"
+url = "s3://second/copy"
+endpoint = "{}"
+region = "us-east-1"
 "#,
             hot.display(),
             key.display(),
+            moto.endpoint,
             moto.endpoint
         ),
     );
@@ -146,6 +161,12 @@ storage_class = "STANDARD_IA"
         "{keys:?}"
     );
     assert!(keys.contains(&"site1/repo.json".to_string()), "{keys:?}");
+    // The second copy (3-2-1) holds it too.
+    let second = bucket_keys(&client, "second", "").await;
+    assert!(
+        second.contains(&format!("copy/backups/{id}/base.tar.zst")),
+        "{second:?}"
+    );
     let stored = object(&client, "offsite", &base).await;
     assert_eq!(&stored[..8], b"ARCVENC1", "remote objects are encrypted");
     let plain_hot = std::fs::read(hot.join(format!("backups/{id}/base.tar.zst"))).unwrap();
@@ -183,6 +204,7 @@ storage_class = "STANDARD_IA"
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tiers"][0]["name"], "offsite");
+    assert_eq!(v["tiers"][1]["name"], "second");
     assert!(lsn(v["tiers"][0]["durable"]["lsn"].as_str().unwrap()) >= committed);
     let out = archiver(&["tiers", "--config", c]);
     let table = String::from_utf8_lossy(&out.stdout);
