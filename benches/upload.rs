@@ -21,7 +21,10 @@ fn main() {
         eprintln!("skipped: set ARCHIVER_BENCH_S3 and ARCHIVER_BENCH_OBJECT (scripts/bench-tiered.sh does)");
         return;
     };
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
@@ -44,7 +47,9 @@ fn main() {
         };
         for r in 0..rounds {
             let key = format!("backups/round{r}/base.tar.zst");
-            hot.put(&key, bytes::Bytes::from(body.clone())).await.unwrap();
+            hot.put(&key, bytes::Bytes::from(body.clone()))
+                .await
+                .unwrap();
             let t = std::time::Instant::now();
             let sent = archiver::upload::upload_object(&hot, &tier, &key, None)
                 .await
