@@ -606,6 +606,9 @@ async fn worker(
                 }
             }
         }
+        // Made before taking from the queue, so a write in between is not missed
+        // (notify_waiters reaches every Notified created before it).
+        let notified = queue.notify.notified();
         let free = settings.concurrency.saturating_sub(running.len());
         if free > 0 {
             for key in queue.take(i, free) {
@@ -620,7 +623,6 @@ async fn worker(
         if running.is_empty() {
             queue.idle.notify_waiters();
         }
-        let notified = queue.notify.notified();
         tokio::select! {
             _ = stop.changed() => {}
             _ = notified, if running.len() < settings.concurrency => {}
