@@ -188,7 +188,13 @@ region = "us-east-1"
     );
 
     // A commit that fills no segment: offsite within seconds, through the partial segment.
+    // Two commits a couple of seconds apart, neither filling a segment: a time between them
+    // is a target inside the partial segment.
     pg.psql("create table marker as select 42 as x");
+    std::thread::sleep(Duration::from_millis(1100));
+    let between = pg.psql("select now()::text");
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql("insert into marker values (43)");
     let committed = lsn(&pg.psql("select pg_current_wal_flush_lsn()"));
     let t0 = Instant::now();
     wait_until("the remote tier holds the commit", T, || {
@@ -274,20 +280,44 @@ region = "us-east-1"
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("encrypted"), "{err}");
 
-    // The right key: restore from the remote tier alone, up to the partial segment.
-    let mut args = vec!["restore", "--config", c, "--pgdata", p];
-    if is_root() {
-        args.extend_from_slice(&["--owner", "postgres"]);
-    }
-    let out = archiver(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The right key: restore from the remote tier alone — to a time inside the partial
+    // segment, then to its end.
     pg.stop();
-    let restored = start_recovering(&dir, "restored", pgdata, None);
-    assert_eq!(restored.psql("select x from marker"), "42");
+    let restore = |pgdata: &Path, target: Option<&str>| {
+        let mut args = vec![
+            "restore",
+            "--config",
+            c,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+        ];
+        if let Some(t) = target {
+            args.extend_from_slice(&["--target-time", t]);
+        }
+        if is_root() {
+            args.extend_from_slice(&["--owner", "postgres"]);
+        }
+        let out = archiver(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    restore(&pgdata, Some(&between));
+    let mut at_time = start_recovering(&dir, "restored", pgdata, None);
+    assert_eq!(
+        at_time.psql("select string_agg(x::text, ',') from marker"),
+        "42"
+    );
+    at_time.stop();
+    let latest = dir.join("restored-latest");
+    restore(&latest, None);
+    let restored = start_recovering(&dir, "restored-latest", latest, None);
+    assert_eq!(
+        restored.psql("select string_agg(x::text, ',' order by x) from marker"),
+        "42,43"
+    );
     assert_eq!(
         restored.psql("select count(*) from pgbench_accounts"),
         "200000"
