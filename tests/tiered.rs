@@ -769,3 +769,72 @@ async fn object_lock_refuses_deleting_archived_objects() {
         .await;
     assert!(still.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tier_without_write_permission_fails_the_backup_at_once() {
+    // moto checking credentials and IAM policies: a user who may list and read, not write.
+    let Some(moto) = Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]) else {
+        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
+        return;
+    };
+    aws_env();
+    let python = Path::new(&std::env::var("ARCHIVER_TEST_MOTO").unwrap()).with_file_name("python");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(
+            r#"
+import boto3, json, sys
+ep = sys.argv[1]
+boto3.client("s3", endpoint_url=ep).create_bucket(Bucket="readonly")
+iam = boto3.client("iam", endpoint_url=ep)
+iam.create_user(UserName="ro")
+iam.put_user_policy(UserName="ro", PolicyName="read", PolicyDocument=json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}]}))
+k = iam.create_access_key(UserName="ro")["AccessKey"]
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#,
+        )
+        .arg(&moto.endpoint)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds = String::from_utf8(out.stdout).unwrap();
+    let (id, secret) = creds.trim().split_once(' ').unwrap();
+    let dir = TestDir::new();
+    let cfg = write_config(
+        &dir,
+        "archiver.toml",
+        &format!(
+            "[hot]\npath = \"{}\"\n[[remote]]\nname = \"ro\"\nurl = \"s3://readonly/r\"\nendpoint = \"{}\"\n",
+            dir.join("hot").display(),
+            moto.endpoint
+        ),
+    );
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let t = Instant::now();
+    let out = archiver_cmd(
+        std::process::Command::new(archiver_bin())
+            .args(["backup", "--config", cfg.to_str().unwrap(), "-d"])
+            .arg(pg.conninfo("postgres"))
+            .args(["--checkpoint", "fast"])
+            .env("AWS_ACCESS_KEY_ID", id)
+            .env("AWS_SECRET_ACCESS_KEY", secret),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("AccessDenied"), "{err}");
+    assert!(err.contains("complete in the hot tier"), "{err}");
+    assert!(!err.contains(secret), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(45),
+        "not waited out: {:?}",
+        t.elapsed()
+    );
+}

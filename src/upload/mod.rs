@@ -61,6 +61,13 @@ pub enum UploadError {
     Conflict { tier: String, key: String },
 }
 
+impl UploadError {
+    /// Whether trying again later can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, UploadError::Storage(e) if e.is_transient())
+    }
+}
+
 /// Whether a key names an object that is never rewritten.
 pub fn is_immutable(key: &str) -> bool {
     key == layout::REPO_META_KEY
@@ -274,6 +281,9 @@ pub struct TierState {
     pub uploaded_objects: u64,
     pub uploaded_bytes: u64,
     pub last_error: Option<String>,
+    /// The last error was one retrying cannot fix (no permission, no bucket, a conflict).
+    #[serde(skip)]
+    last_error_permanent: bool,
     #[serde(skip)]
     max_uploaded: Option<WalPoint>,
     #[serde(skip)]
@@ -400,6 +410,7 @@ impl Queue {
                 });
             }
             t.last_error = None;
+            t.last_error_permanent = false;
         });
     }
 
@@ -408,6 +419,7 @@ impl Queue {
             t.in_flight.remove(key);
             t.pending.insert(key.to_string());
             t.last_error = Some(e.to_string());
+            t.last_error_permanent = !e.is_transient();
         });
     }
 
@@ -536,10 +548,17 @@ impl Uploader {
             if self.queue.is_idle() {
                 return Ok(());
             }
-            if tokio::time::timeout_at(deadline.into(), idle)
-                .await
-                .is_err()
-            {
+            // A tier refusing for good (no permission, no bucket) is not waited for.
+            let refused = self
+                .queue
+                .states()
+                .iter()
+                .any(|t| t.pending_objects > 0 && t.last_error_permanent);
+            let timed_out = !refused
+                && tokio::time::timeout_at(deadline.into(), idle)
+                    .await
+                    .is_err();
+            if refused || timed_out {
                 let states = self.queue.states();
                 let behind: Vec<String> = states
                     .iter()
