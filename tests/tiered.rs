@@ -838,3 +838,81 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streaming_goes_on_while_the_remote_tier_is_down_and_catches_up() {
+    if std::env::var("ARCHIVER_TEST_MOTO").map_or(true, |v| v.is_empty()) {
+        eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
+        return;
+    }
+    aws_env();
+    // The remote tier's endpoint answers nothing yet.
+    let port = free_port();
+    let dir = TestDir::new();
+    let hot = dir.join("hot");
+    let cfg = write_config(
+        &dir,
+        "archiver.toml",
+        &format!(
+            "[hot]\npath = \"{}\"\n[upload]\npartial_upload_interval = \"1s\"\n\
+             [[remote]]\nname = \"later\"\nurl = \"s3://later/r\"\nendpoint = \"http://127.0.0.1:{port}\"\n",
+            hot.display()
+        ),
+    );
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let ci = pg.conninfo("postgres");
+    let stream = ["stream", "--config", cfg.to_str().unwrap(), "-d", &ci];
+    // A new hot tier is not initialised while the remote tier cannot be seen.
+    let out = archiver(&stream);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds no repository yet"), "{err}");
+    assert!(!hot.exists());
+    // The repository is set up while S3 answers; then S3 goes away.
+    let moto = Moto::start_on(port, &[]).unwrap();
+    moto.bucket("later", false).await;
+    let mut a = Archiver::spawn(&dir, "stream-1", &stream);
+    a.wait_log("streaming started", T);
+    assert!(a.term().success());
+    drop(moto);
+    let mut a = Archiver::spawn(&dir, "stream", &stream);
+    a.wait_log("streaming started", T);
+    assert!(
+        a.log_text().contains("unreachable for now"),
+        "{}",
+        a.log_text()
+    );
+    // The hot tier keeps archiving; the tier's state says what is behind.
+    pg.psql("create table t as select generate_series(1, 1000) x");
+    let name = current_walfile(&pg);
+    pg.psql("select pg_switch_wal()");
+    wait_archived(&hot, &name, T);
+    wait_until("the tier state shows the outage", T, || {
+        std::fs::read_to_string(hot.join("spool/tiers.json")).is_ok_and(|t| {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+            v["tiers"][0]["pending_objects"].as_u64() > Some(0)
+                && !v["tiers"][0]["last_error"].is_null()
+        })
+    });
+    // S3 comes back (an empty server: moto keeps nothing): what was queued is shipped,
+    // without a restart.
+    let moto = Moto::start_on(port, &[]).unwrap();
+    let client = moto.bucket("later", false).await;
+    let key = format!("r/wal/{}/{name}.zst", &name[0..8]);
+    let flushed = lsn(&pg.psql("select pg_current_wal_flush_lsn()"));
+    let start = Instant::now();
+    loop {
+        let keys = bucket_keys(&client, "later", "r/").await;
+        if keys.contains(&key) && durable_lsn(&hot).is_some_and(|d| d >= flushed) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not caught up: {keys:?}\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.term().success(), "{}", a.log_text());
+}

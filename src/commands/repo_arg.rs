@@ -13,7 +13,7 @@ use crate::storage::encrypted::{Encrypted, MasterKey};
 use crate::storage::fs::FsStorage;
 use crate::storage::retrying::Retrying;
 use crate::storage::s3::{S3Options, S3Storage};
-use crate::storage::tiered::{ListFrom, RemoteTier, Tiered};
+use crate::storage::tiered::{Reads, RemoteTier, Tiered};
 use crate::storage::Storage;
 use crate::upload::Queue;
 
@@ -44,6 +44,15 @@ pub struct RepoArg {
     pub s3_sse_kms_key_id: Option<String>,
 }
 
+/// Retries of one remote-tier operation by the uploader: short, since its workers try again
+/// anyway, and a failure then shows in the tier's state (`archiver tiers`) instead of hiding
+/// in a long retry.
+const UPLOAD_RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
+    initial: std::time::Duration::from_millis(200),
+    max_delay: std::time::Duration::from_secs(5),
+    give_up_after: std::time::Duration::from_secs(20),
+};
+
 /// A tiered repository opened for writing: what the command's uploader needs.
 pub struct Tiers {
     pub config: Config,
@@ -52,15 +61,19 @@ pub struct Tiers {
     pub queue: Arc<Queue>,
 }
 
-/// The remote tiers of a configuration, each S3 behind the retry wrapper and, with a key,
-/// encryption.
-async fn remote_tiers(config: &Config, key: Option<&MasterKey>) -> anyhow::Result<Vec<RemoteTier>> {
+/// The remote tiers of a configuration, each S3 behind the retry wrapper (`retry`) and, with
+/// a key, encryption.
+async fn remote_tiers(
+    config: &Config,
+    key: Option<&MasterKey>,
+    retry: crate::retry::RetryPolicy,
+) -> anyhow::Result<Vec<RemoteTier>> {
     let mut out = Vec::new();
     for r in &config.remotes {
         out.push(RemoteTier {
             name: r.name.clone(),
             url: r.url.clone(),
-            storage: s3_stack(&r.url, r.s3.clone(), key)
+            storage: s3_stack(&r.url, r.s3.clone(), key, retry.clone())
                 .await
                 .with_context(|| format!("remote tier {}", r.name))?,
         });
@@ -72,38 +85,75 @@ async fn s3_stack(
     url: &str,
     opts: S3Options,
     key: Option<&MasterKey>,
+    retry: crate::retry::RetryPolicy,
 ) -> anyhow::Result<Arc<dyn Storage>> {
     let s3 = S3Storage::with_options(url, opts)
         .await
         .with_context(|| format!("cannot use {url}"))?;
-    let s: Arc<dyn Storage> = Arc::new(Retrying::new(
-        Arc::new(s3),
-        crate::retry::RetryPolicy::default(),
-    ));
+    let s: Arc<dyn Storage> = Arc::new(Retrying::new(Arc::new(s3), retry));
     Ok(match key {
         Some(k) => Arc::new(Encrypted::new(s, k.clone())),
         None => s,
     })
 }
 
-/// Lists the bucket once (retrying transient failures for up to 10 s): fails at once for what
-/// retrying cannot fix (no bucket, bad credentials, no permission). An outage fails too, unless
-/// `outage_ok` (a remote tier: the hot tier keeps archiving and the uploader catches up).
-async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow::Result<()> {
+/// Lists the bucket: fails at once for what retrying cannot fix (no bucket, bad credentials,
+/// no permission). An outage (after 10 s of retries) fails too, unless `outage_ok` (a remote
+/// tier: one attempt, then a warning — the hot tier keeps archiving, the uploader catches up).
+/// Returns whether the bucket answered.
+async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow::Result<bool> {
     let s3 = S3Storage::with_options(url, opts.clone()).await?;
     let policy = crate::retry::RetryPolicy {
         initial: std::time::Duration::from_millis(200),
         max_delay: std::time::Duration::from_secs(2),
-        give_up_after: std::time::Duration::from_secs(10),
+        give_up_after: if outage_ok {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs(10)
+        },
     };
     match crate::retry::retry(&policy, "reaching the bucket", || s3.check_access()).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) if e.is_transient() && outage_ok => {
             tracing::warn!(%url, error = %e, "the remote tier is unreachable for now; uploads will catch up");
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("cannot use {url}"))),
     }
+}
+
+/// A new hot tier (no `repo.json`) takes the identity of the repository the remote tiers
+/// already hold, if any — the same repository continuing on a new host, checked against the
+/// server like any other — so a fresh hot tier never starts a second repository over an
+/// existing one. That needs every remote tier readable: refused at once otherwise.
+async fn adopt_remote_identity(
+    c: &Config,
+    hot: &dyn Storage,
+    remotes: &[RemoteTier],
+    unreachable: Option<&str>,
+) -> anyhow::Result<()> {
+    use crate::repo::layout::REPO_META_KEY;
+    if hot.exists(REPO_META_KEY).await? {
+        return Ok(());
+    }
+    if let Some(name) = unreachable {
+        anyhow::bail!(
+            "the hot tier {} holds no repository yet, and remote tier {name} cannot be reached: archiver must see what the remote tiers hold before it initialises a repository (another one may be there); try again once it is reachable",
+            c.hot.path.display()
+        );
+    }
+    for r in remotes {
+        match r.storage.get(REPO_META_KEY).await {
+            Ok(meta) => {
+                tracing::info!(tier = %r.name, "a new hot tier takes the remote tier's repository identity");
+                hot.put(REPO_META_KEY, meta).await?;
+                return Ok(());
+            }
+            Err(crate::storage::StorageError::NotFound(_)) => {}
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("remote tier {}", r.name))),
+        }
+    }
+    Ok(())
 }
 
 impl RepoArg {
@@ -169,17 +219,18 @@ impl RepoArg {
     pub async fn storage(&self) -> anyhow::Result<Arc<dyn Storage>> {
         if let Some(c) = self.load_config()? {
             let key = c.encryption_key()?;
-            let remotes = remote_tiers(&c, key.as_ref()).await?;
+            let remotes = remote_tiers(&c, key.as_ref(), Default::default()).await?;
             let hot = Self::local_storage(&c.hot.path)?;
-            return Ok(Arc::new(Tiered::new(
-                hot,
-                remotes,
-                ListFrom::AllTiers,
-                None,
-            )));
+            return Ok(Arc::new(Tiered::new(hot, remotes, Reads::AllTiers, None)));
         }
         if let Some(url) = self.s3_url() {
-            return s3_stack(url, self.s3_options(), self.key_for_s3_repo()?.as_ref()).await;
+            return s3_stack(
+                url,
+                self.s3_options(),
+                self.key_for_s3_repo()?.as_ref(),
+                Default::default(),
+            )
+            .await;
         }
         Self::local_storage(
             self.repo
@@ -204,18 +255,23 @@ impl RepoArg {
     pub async fn storage_for_writing(&self) -> anyhow::Result<(Arc<dyn Storage>, Option<Tiers>)> {
         if let Some(c) = self.load_config()? {
             let key = c.encryption_key()?;
+            let mut unreachable = None;
             for r in &c.remotes {
-                check_reachable(&r.url, &r.s3, true)
+                let up = check_reachable(&r.url, &r.s3, true)
                     .await
                     .with_context(|| format!("remote tier {}", r.name))?;
+                if !up {
+                    unreachable.get_or_insert(r.name.clone());
+                }
             }
-            let remotes = remote_tiers(&c, key.as_ref()).await?;
+            let remotes = remote_tiers(&c, key.as_ref(), UPLOAD_RETRY).await?;
             let hot = Self::local_storage(&c.hot.path)?;
+            adopt_remote_identity(&c, hot.as_ref(), &remotes, unreachable.as_deref()).await?;
             let queue = Queue::new(&remotes);
             let storage = Arc::new(Tiered::new(
                 hot.clone(),
                 remotes.clone(),
-                ListFrom::Hot,
+                Reads::HotOnly,
                 Some(queue.clone()),
             ));
             return Ok((

@@ -2,13 +2,13 @@
 //!
 //! Writes go to the hot tier only — that is what the stream's flush position and a backup's
 //! completion acknowledge — and each successful write is reported to a [`WriteObserver`] (the
-//! uploader, which ships it to every remote tier). Reads prefer the hot tier and fall back to
-//! the remote tiers in order; an object found nowhere is `NotFound`, but a remote tier that
-//! fails while no tier has the object is that failure, never `NotFound` (a `restore_command`
-//! must not take an unreachable bucket for the end of the archive). Listings merge every
-//! tier ([`ListFrom::AllTiers`], readers) or only the hot tier ([`ListFrom::Hot`], the
-//! writers, which must keep working while a remote tier is unreachable). Deletes remove the
-//! object from every tier.
+//! uploader, which ships it to every remote tier). Readers ([`Reads::AllTiers`]) prefer the hot
+//! tier and fall back to the remote tiers in order, and listings merge every tier; an object
+//! found nowhere is `NotFound`, but a remote tier that fails while no tier has the object is
+//! that failure, never `NotFound` (a `restore_command` must not take an unreachable bucket for
+//! the end of the archive). The writers ([`Reads::HotOnly`]: stream, backup) read and list the
+//! hot tier alone: everything they need is there, and they must keep working while a remote
+//! tier is unreachable. Deletes remove the object from every tier.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,8 +32,8 @@ pub struct RemoteTier {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListFrom {
-    Hot,
+pub enum Reads {
+    HotOnly,
     AllTiers,
 }
 
@@ -41,7 +41,7 @@ pub enum ListFrom {
 pub struct Tiered {
     hot: Arc<dyn Storage>,
     remotes: Vec<RemoteTier>,
-    list_from: ListFrom,
+    reads: Reads,
     observer: Option<Arc<dyn WriteObserver>>,
 }
 
@@ -49,13 +49,13 @@ impl Tiered {
     pub fn new(
         hot: Arc<dyn Storage>,
         remotes: Vec<RemoteTier>,
-        list_from: ListFrom,
+        reads: Reads,
         observer: Option<Arc<dyn WriteObserver>>,
     ) -> Tiered {
         Tiered {
             hot,
             remotes,
-            list_from,
+            reads,
             observer,
         }
     }
@@ -81,7 +81,11 @@ impl Tiered {
         Fut: std::future::Future<Output = Result<T, StorageError>>,
     {
         let mut failure = None;
-        for s in std::iter::once(&self.hot).chain(self.remotes.iter().map(|r| &r.storage)) {
+        let remotes = match self.reads {
+            Reads::AllTiers => &self.remotes[..],
+            Reads::HotOnly => &[],
+        };
+        for s in std::iter::once(&self.hot).chain(remotes.iter().map(|r| &r.storage)) {
             match op(s.clone()).await {
                 Err(StorageError::NotFound(_)) => {}
                 Err(e) => {
@@ -174,7 +178,7 @@ impl Storage for Tiered {
             .into_iter()
             .map(|m| (m.key.clone(), m))
             .collect();
-        if self.list_from == ListFrom::AllTiers {
+        if self.reads == Reads::AllTiers {
             for r in &self.remotes {
                 for m in r.storage.list(prefix).await? {
                     all.entry(m.key.clone()).or_insert(m);
@@ -220,7 +224,7 @@ mod tests {
                 url: "s3://x".into(),
                 storage: remote.clone(),
             }],
-            ListFrom::AllTiers,
+            Reads::AllTiers,
             Some(seen.clone()),
         );
         // The conformance suite holds for the whole (every write lands hot, reads find it).
@@ -254,8 +258,12 @@ mod tests {
             .map(|m| m.key)
             .collect();
         assert_eq!(keys, ["t/1", "t/2", "t/3"]);
-        let hot_only = Tiered::new(hot.clone(), t.remotes.clone(), ListFrom::Hot, None);
+        let hot_only = Tiered::new(hot.clone(), t.remotes.clone(), Reads::HotOnly, None);
         assert_eq!(hot_only.list("t/").await.unwrap().len(), 2);
+        assert!(matches!(
+            hot_only.get("t/3").await,
+            Err(StorageError::NotFound(_))
+        ));
         assert!(matches!(
             t.get("t/none").await,
             Err(StorageError::NotFound(_))
@@ -276,7 +284,7 @@ mod tests {
                 url: "s3://x".into(),
                 storage: Arc::new(FsStorage::new(&file)),
             }],
-            ListFrom::AllTiers,
+            Reads::AllTiers,
             None,
         );
         let e = t.get("t/b").await.unwrap_err();

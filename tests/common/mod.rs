@@ -687,10 +687,14 @@ impl Moto {
     /// With extra environment for the server (e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0`, which makes
     /// moto check credentials).
     pub fn start_with_env(env: &[(&str, &str)]) -> Option<Moto> {
+        Self::start_on(free_port(), env)
+    }
+
+    /// On a given port (a test that configures the endpoint before the server exists).
+    pub fn start_on(port: u16, env: &[(&str, &str)]) -> Option<Moto> {
         let bin = std::env::var("ARCHIVER_TEST_MOTO")
             .ok()
             .filter(|v| !v.is_empty())?;
-        let port = free_port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .envs(env.iter().copied())
