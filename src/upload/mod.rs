@@ -618,9 +618,7 @@ async fn worker(
                 Err(e) => {
                     warn!(tier = %tier.name, error = %e, "cannot compare the remote tier with the hot tier; retrying");
                     queue.with_tier(i, |t| t.last_error = Some(e.to_string()));
-                    next_reconcile = Some(
-                        Instant::now() + crate::retry::RetryPolicy::default().delay(backoff.min(8)),
-                    );
+                    next_reconcile = Some(Instant::now() + ROUND_BACKOFF.delay(backoff.min(8)));
                     backoff += 1;
                 }
             }
