@@ -100,8 +100,7 @@ async fn s3_stack(
 /// Lists the bucket: fails at once for what retrying cannot fix (no bucket, bad credentials,
 /// no permission). An outage (after 10 s of retries) fails too, unless `outage_ok` (a remote
 /// tier: one attempt, then a warning — the hot tier keeps archiving, the uploader catches up).
-/// Returns whether the bucket answered.
-async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow::Result<bool> {
+async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow::Result<()> {
     let s3 = S3Storage::with_options(url, opts.clone()).await?;
     let policy = crate::retry::RetryPolicy {
         initial: std::time::Duration::from_millis(200),
@@ -113,10 +112,10 @@ async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow
         },
     };
     match crate::retry::retry(&policy, "reaching the bucket", || s3.check_access()).await {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(()),
         Err(e) if e.is_transient() && outage_ok => {
             tracing::warn!(%url, error = %e, "the remote tier is unreachable for now; uploads will catch up");
-            Ok(false)
+            Ok(())
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("cannot use {url}"))),
     }
@@ -125,22 +124,11 @@ async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow
 /// A new hot tier (no `repo.json`) takes the identity of the repository the remote tiers
 /// already hold, if any — the same repository continuing on a new host, checked against the
 /// server like any other — so a fresh hot tier never starts a second repository over an
-/// existing one. That needs every remote tier readable: refused at once otherwise.
-async fn adopt_remote_identity(
-    c: &Config,
-    hot: &dyn Storage,
-    remotes: &[RemoteTier],
-    unreachable: Option<&str>,
-) -> anyhow::Result<()> {
+/// existing one. (The caller has made sure every remote tier answers.)
+async fn adopt_remote_identity(hot: &dyn Storage, remotes: &[RemoteTier]) -> anyhow::Result<()> {
     use crate::repo::layout::REPO_META_KEY;
     if hot.exists(REPO_META_KEY).await? {
         return Ok(());
-    }
-    if let Some(name) = unreachable {
-        anyhow::bail!(
-            "the hot tier {} holds no repository yet, and remote tier {name} cannot be reached: archiver must see what the remote tiers hold before it initialises a repository (another one may be there); try again once it is reachable",
-            c.hot.path.display()
-        );
     }
     for r in remotes {
         match r.storage.get(REPO_META_KEY).await {
@@ -255,18 +243,25 @@ impl RepoArg {
     pub async fn storage_for_writing(&self) -> anyhow::Result<(Arc<dyn Storage>, Option<Tiers>)> {
         if let Some(c) = self.load_config()? {
             let key = c.encryption_key()?;
-            let mut unreachable = None;
+            let hot = Self::local_storage(&c.hot.path)?;
+            // A new hot tier must see the remote tiers (see adopt_remote_identity): their
+            // outage is then an error, after the usual seconds of retries.
+            let fresh = !hot.exists(crate::repo::layout::REPO_META_KEY).await?;
             for r in &c.remotes {
-                let up = check_reachable(&r.url, &r.s3, true)
-                    .await
-                    .with_context(|| format!("remote tier {}", r.name))?;
-                if !up {
-                    unreachable.get_or_insert(r.name.clone());
-                }
+                check_reachable(&r.url, &r.s3, !fresh).await.with_context(|| {
+                    if fresh {
+                        format!(
+                            "remote tier {}: the hot tier {} holds no repository yet, and archiver must see what the remote tiers hold before it initialises one (another may be there); try again once it is reachable",
+                            r.name,
+                            c.hot.path.display()
+                        )
+                    } else {
+                        format!("remote tier {}", r.name)
+                    }
+                })?;
             }
             let remotes = remote_tiers(&c, key.as_ref(), UPLOAD_RETRY).await?;
-            let hot = Self::local_storage(&c.hot.path)?;
-            adopt_remote_identity(&c, hot.as_ref(), &remotes, unreachable.as_deref()).await?;
+            adopt_remote_identity(hot.as_ref(), &remotes).await?;
             let queue = Queue::new(&remotes);
             let storage = Arc::new(Tiered::new(
                 hot.clone(),
