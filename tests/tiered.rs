@@ -324,13 +324,14 @@ region = "us-east-1"
     );
 }
 
-/// A TCP proxy in front of the S3 server that misbehaves: for a share of connections it
-/// answers the first request with 503 SlowDown or 500 InternalError, drops the connection at
-/// once, delays it, or cuts it after some bytes; every proxied connection also lives at most
-/// a second or two, so faults keep coming on fresh connections. Stops with the test.
+/// A TCP proxy in front of the S3 server that misbehaves: every third connection answers its
+/// first request with 503 SlowDown or 500 InternalError, is dropped at once, or is cut after
+/// some bytes (in turn); every third is delayed; every proxied connection also lives at most a
+/// second or two, so faults keep coming on fresh connections. Stops with the test.
 struct FaultyProxy {
     pub endpoint: String,
     pub faults: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -346,7 +347,8 @@ impl FaultyProxy {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let faults = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, s) = (faults.clone(), stop.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let (f, s, c) = (faults.clone(), stop.clone(), connections.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let (client, _) = match listener.accept() {
@@ -357,10 +359,20 @@ impl FaultyProxy {
                     }
                 };
                 client.set_nonblocking(false).unwrap();
-                let (f, up) = (f.clone(), up.clone());
+                let (f, up, conns) = (f.clone(), up.clone(), c.clone());
                 std::thread::spawn(move || {
                     let mut client = client;
-                    let roll = fastrand::u32(0..100);
+                    // Every third connection fails, cycling through the kinds; every third is
+                    // delayed; the rest pass (then maybe cut).
+                    let n = conns.fetch_add(1, Ordering::Relaxed);
+                    let roll = match (n % 3, (n / 3) % 4) {
+                        (0, 0) => 0,
+                        (0, 1) => 10,
+                        (0, 2) => 17,
+                        (0, _) => 36, // passes, then cut below
+                        (1, _) => 23,
+                        _ => 99,
+                    };
                     let answer = |client: &mut TcpStream, status: &str, code: &str| {
                         // Read the request head, answer, close: the request never reaches S3.
                         let mut head = Vec::new();
@@ -401,8 +413,7 @@ impl FaultyProxy {
                         return;
                     };
                     // Cut after some bytes (mid-request or mid-response) for a share of the rest.
-                    let cut_after =
-                        (fastrand::u32(0..100) < 10).then(|| fastrand::u64(2_000..400_000));
+                    let cut_after = (roll == 36).then(|| fastrand::u64(2_000..400_000));
                     if cut_after.is_some() {
                         f.fetch_add(1, Ordering::Relaxed);
                     }
@@ -455,6 +466,7 @@ impl FaultyProxy {
         FaultyProxy {
             endpoint,
             faults,
+            connections,
             stop,
         }
     }
@@ -492,7 +504,7 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
     // Some poorly compressible data, so the backup's archive is a multipart upload.
     pg.psql(
         "create table r as select md5(random()::text) || md5(random()::text) as v \
-         from generate_series(1, 250000)",
+         from generate_series(1, 400000)",
     );
     pg.pgbench(&["-i", "-s", "1", "-q"]);
     let mut load = pg.pgbench_background(&["-c", "2", "-T", "6"]);
@@ -563,10 +575,14 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
     assert!(checked > 5, "{checked}");
     assert!(multipart, "a multipart upload went through the faults");
     let faults = proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(faults >= 10, "only {faults} faults injected");
+    let conns = proxy.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        faults >= 5 && faults * 3 >= conns,
+        "{faults} faults in {conns} connections"
+    );
     let logs = a.log_text() + &backup_log;
     assert!(logs.contains("retrying"), "retries show in the logs");
-    eprintln!("faults injected: {faults}, objects checked: {checked}");
+    eprintln!("faults injected: {faults} in {conns} connections, objects checked: {checked}");
 }
 
 /// Object keys of a hot tier (not the spool).
