@@ -61,19 +61,24 @@ pub struct Tiers {
     pub queue: Arc<Queue>,
 }
 
+/// Whether (and how) to check a bucket before using it: `Some(outage_ok)`, see
+/// [`check_reachable`].
+type Check = Option<bool>;
+
 /// The remote tiers of a configuration, each S3 behind the retry wrapper (`retry`) and, with
 /// a key, encryption.
 async fn remote_tiers(
     config: &Config,
     key: Option<&MasterKey>,
     retry: crate::retry::RetryPolicy,
+    check: Check,
 ) -> anyhow::Result<Vec<RemoteTier>> {
     let mut out = Vec::new();
     for r in &config.remotes {
         out.push(RemoteTier {
             name: r.name.clone(),
             url: r.url.clone(),
-            storage: s3_stack(&r.url, r.s3.clone(), key, retry.clone())
+            storage: s3_stack(&r.url, r.s3.clone(), key, retry.clone(), check)
                 .await
                 .with_context(|| format!("remote tier {}", r.name))?,
         });
@@ -81,15 +86,21 @@ async fn remote_tiers(
     Ok(out)
 }
 
+/// One S3 store (checked first as `check` says) behind the retry wrapper and, with a key,
+/// encryption.
 async fn s3_stack(
     url: &str,
     opts: S3Options,
     key: Option<&MasterKey>,
     retry: crate::retry::RetryPolicy,
+    check: Check,
 ) -> anyhow::Result<Arc<dyn Storage>> {
     let s3 = S3Storage::with_options(url, opts)
         .await
         .with_context(|| format!("cannot use {url}"))?;
+    if let Some(outage_ok) = check {
+        check_reachable(url, &s3, outage_ok).await?;
+    }
     let s: Arc<dyn Storage> = Arc::new(Retrying::new(Arc::new(s3), retry));
     Ok(match key {
         Some(k) => Arc::new(Encrypted::new(s, k.clone())),
@@ -100,8 +111,7 @@ async fn s3_stack(
 /// Lists the bucket: fails at once for what retrying cannot fix (no bucket, bad credentials,
 /// no permission). An outage (after 10 s of retries) fails too, unless `outage_ok` (a remote
 /// tier: one attempt, then a warning — the hot tier keeps archiving, the uploader catches up).
-async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow::Result<()> {
-    let s3 = S3Storage::with_options(url, opts.clone()).await?;
+async fn check_reachable(url: &str, s3: &S3Storage, outage_ok: bool) -> anyhow::Result<()> {
     let policy = crate::retry::RetryPolicy {
         initial: std::time::Duration::from_millis(200),
         max_delay: std::time::Duration::from_secs(2),
@@ -127,9 +137,6 @@ async fn check_reachable(url: &str, opts: &S3Options, outage_ok: bool) -> anyhow
 /// existing one. (The caller has made sure every remote tier answers.)
 async fn adopt_remote_identity(hot: &dyn Storage, remotes: &[RemoteTier]) -> anyhow::Result<()> {
     use crate::repo::layout::REPO_META_KEY;
-    if hot.exists(REPO_META_KEY).await? {
-        return Ok(());
-    }
     for r in remotes {
         match r.storage.get(REPO_META_KEY).await {
             Ok(meta) => {
@@ -205,9 +212,20 @@ impl RepoArg {
 
     /// The repository for reading: every tier, the hot one first.
     pub async fn storage(&self) -> anyhow::Result<Arc<dyn Storage>> {
+        self.storage_for_reading(None).await
+    }
+
+    /// [`Self::storage`], for interactive readers (list, info, restore, drill): an S3
+    /// repository that cannot be reached fails within seconds instead of after the retry
+    /// budget of every request.
+    pub async fn storage_checked(&self) -> anyhow::Result<Arc<dyn Storage>> {
+        self.storage_for_reading(Some(false)).await
+    }
+
+    async fn storage_for_reading(&self, check: Check) -> anyhow::Result<Arc<dyn Storage>> {
         if let Some(c) = self.load_config()? {
             let key = c.encryption_key()?;
-            let remotes = remote_tiers(&c, key.as_ref(), Default::default()).await?;
+            let remotes = remote_tiers(&c, key.as_ref(), Default::default(), None).await?;
             let hot = Self::local_storage(&c.hot.path)?;
             return Ok(Arc::new(Tiered::new(hot, remotes, Reads::AllTiers, None)));
         }
@@ -217,6 +235,7 @@ impl RepoArg {
                 self.s3_options(),
                 self.key_for_s3_repo()?.as_ref(),
                 Default::default(),
+                check,
             )
             .await;
         }
@@ -225,16 +244,6 @@ impl RepoArg {
                 .as_deref()
                 .expect("clap requires --repo or --config"),
         )
-    }
-
-    /// [`Self::storage`], for interactive readers (list, info, restore, drill): an S3
-    /// repository that cannot be reached fails within seconds instead of after the retry
-    /// budget of every request.
-    pub async fn storage_checked(&self) -> anyhow::Result<Arc<dyn Storage>> {
-        if let Some(url) = self.s3_url() {
-            check_reachable(url, &self.s3_options(), false).await?;
-        }
-        self.storage().await
     }
 
     /// The repository for a writing command (stream, backup): for a tiered repository, the hot
@@ -247,21 +256,21 @@ impl RepoArg {
             // A new hot tier must see the remote tiers (see adopt_remote_identity): their
             // outage is then an error, after the usual seconds of retries.
             let fresh = !hot.exists(crate::repo::layout::REPO_META_KEY).await?;
-            for r in &c.remotes {
-                check_reachable(&r.url, &r.s3, !fresh).await.with_context(|| {
+            let remotes = remote_tiers(&c, key.as_ref(), UPLOAD_RETRY, Some(!fresh))
+                .await
+                .map_err(|e| {
                     if fresh {
-                        format!(
-                            "remote tier {}: the hot tier {} holds no repository yet, and archiver must see what the remote tiers hold before it initialises one (another may be there); try again once it is reachable",
-                            r.name,
+                        e.context(format!(
+                            "the hot tier {} holds no repository yet, and archiver must see what the remote tiers hold before it initialises one (another may be there); try again once they are reachable",
                             c.hot.path.display()
-                        )
+                        ))
                     } else {
-                        format!("remote tier {}", r.name)
+                        e
                     }
                 })?;
+            if fresh {
+                adopt_remote_identity(hot.as_ref(), &remotes).await?;
             }
-            let remotes = remote_tiers(&c, key.as_ref(), UPLOAD_RETRY).await?;
-            adopt_remote_identity(hot.as_ref(), &remotes).await?;
             let queue = Queue::new(&remotes);
             let storage = Arc::new(Tiered::new(
                 hot.clone(),
@@ -279,10 +288,7 @@ impl RepoArg {
                 }),
             ));
         }
-        if let Some(url) = self.s3_url() {
-            check_reachable(url, &self.s3_options(), false).await?;
-        }
-        Ok((self.storage().await?, None))
+        Ok((self.storage_checked().await?, None))
     }
 
     /// The repository as `restore_command` should name it (absolute paths).
