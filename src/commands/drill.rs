@@ -165,8 +165,7 @@ impl Drop for Scratch {
 
 async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
     let t0 = Instant::now();
-    let storage = args.repo.storage_checked().await?;
-    let repo = Repo::open(storage, &args.repo.name()).await?;
+    let repo = args.repo.open_for_reading(true).await?;
     let (plan, rec) = make_plan(&repo, &args.target).await?;
     let target = args.target.target();
     let major = major_of(rec.pg_version);

@@ -183,6 +183,30 @@ impl RepoArg {
         Ok(self.repo.clone().expect("clap requires --repo or --config"))
     }
 
+    /// The spool readers may take WAL from (the segment being received, segments not yet
+    /// published): `<repo>/spool`, a tiered repository's `<hot>/spool`, or with `--repo s3://`
+    /// the `--spool-dir`'s. None when there is none to read.
+    pub fn spool_for_reading(&self) -> Option<PathBuf> {
+        let local = match self.load_config() {
+            Ok(Some(c)) => c.hot.path,
+            Ok(None) if self.s3_url().is_some() => self.spool_dir.clone()?,
+            Ok(None) => self.repo.clone()?,
+            Err(_) => return None,
+        };
+        Some(local.join(crate::repo::SPOOL_DIR))
+    }
+
+    /// Opens the repository for reading, with its local spool.
+    pub async fn open_for_reading(&self, checked: bool) -> anyhow::Result<crate::repo::Repo> {
+        let storage = if checked {
+            self.storage_checked().await?
+        } else {
+            self.storage().await?
+        };
+        let repo = crate::repo::Repo::open(storage, &self.name()).await?;
+        Ok(repo.with_spool(self.spool_for_reading().as_deref()))
+    }
+
     /// The write options of `--repo s3://…` from the flags.
     fn s3_options(&self) -> S3Options {
         S3Options {
@@ -301,6 +325,9 @@ impl RepoArg {
             let mut v = vec![("--repo", repo)];
             if let Some(k) = &self.encryption_key_file {
                 v.push(("--encryption-key-file", std::path::absolute(k)?));
+            }
+            if let Some(d) = &self.spool_dir {
+                v.push(("--spool-dir", std::path::absolute(d)?));
             }
             return Ok(v);
         }

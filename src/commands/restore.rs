@@ -15,6 +15,7 @@ use crate::basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest};
 use crate::basebackup::tar::TarReader;
 use crate::repo::catalog::BackupRecord;
 use crate::repo::layout::{backup_object_key, history_key, WalObject};
+use crate::repo::local_wal::WalSource;
 use crate::repo::Repo;
 use crate::restore::extract::{extract_all, Archive, Owner};
 use crate::restore::plan::{plan, Plan, Request, WalInventory};
@@ -134,9 +135,12 @@ pub(crate) async fn inventory(repo: &Repo) -> anyhow::Result<WalInventory> {
         }
     }
     let mut inv = WalInventory::new(&objects, histories);
+    let spool = repo.spool_wal();
+    inv.add_spool(&spool);
     inv.newest_segment_time = repo
         .newest_segment_time()
         .await?
+        .max(spool.modified)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_micros() as i64);
     Ok(inv)
@@ -156,8 +160,20 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
         info!(%end, "{} found in the archived WAL", req.target.describe());
         req.target = Target::Lsn(end);
     }
-    let p =
+    let mut p =
         plan(&backups, &inv, &req, repo.seg_size()).context("no restore can reach the target")?;
+    // A partial object: how far its prefix reaches, from its trailer.
+    if let Some(last) = p
+        .segments
+        .last()
+        .filter(|s| s.source == WalSource::PartialObject)
+    {
+        let seg = last.segment(repo.seg_size());
+        let info = repo
+            .object_info(&crate::repo::layout::partial_segment_key(&seg))
+            .await?;
+        p.partial_reaches = Some(Lsn(seg.start_lsn().0 + info.raw_size));
+    }
     // Recovery to a time stops at the first transaction after it: there must be one.
     if let Target::Time(t) = req.target {
         let last = match last_transaction(repo, &p).await? {
@@ -223,8 +239,8 @@ async fn locate(
     let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
     let mut found = None;
     for s in &chain.segments {
-        let (name, key) = s.locate(seg_size);
-        let (_, raw) = repo.stream_verified(&key, Vec::new()).await?;
+        let name = s.segment(seg_size);
+        let raw = repo.read_wal(name, s.source).await?;
         reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
             if found.is_none() && matches(&e) {
                 found = Some(match e {
@@ -268,8 +284,8 @@ async fn last_transaction(repo: &Repo, p: &Plan) -> anyhow::Result<LastTransacti
     const MAX: usize = 16;
     let seg_size = repo.seg_size();
     for s in p.segments.iter().rev().take(MAX) {
-        let (name, key) = s.locate(seg_size);
-        let (_, raw) = repo.stream_verified(&key, Vec::new()).await?;
+        let name = s.segment(seg_size);
+        let raw = repo.read_wal(name, s.source).await?;
         let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
         let mut last = None;
         reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
@@ -459,11 +475,13 @@ struct Done<'a> {
 }
 
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let storage = args.repo.storage_checked().await?;
-    let repo = Repo::open(storage, &args.repo.name()).await?;
+    let repo = args.repo.open_for_reading(true).await?;
     let (p, rec) = make_plan(&repo, &args.target).await?;
     let target = args.target.target();
     info!(backup = %p.backup_id, timeline = p.timeline, segments = p.segments.len(), wal_end = %p.wal_end, "plan: {}", target.describe());
+    if let Some(note) = partial_end_note(&p) {
+        info!("{note}");
+    }
 
     // Bad input changes nothing: every check before the first write.
     let pgdata = std::path::absolute(&args.pgdata).context("--pgdata")?;
@@ -621,6 +639,23 @@ pub(crate) async fn write_restore(
     ))
 }
 
+/// When the plan's WAL ends in a partial segment: a sentence saying so and how far it reaches.
+pub(crate) fn partial_end_note(p: &Plan) -> Option<String> {
+    let last = p.segments.last().filter(|s| s.partial)?;
+    let reach = p
+        .partial_reaches
+        .map_or_else(|| "an unknown position".to_string(), |l| l.to_string());
+    Some(format!(
+        "The WAL ends in partial segment {} ({}): recovery can replay up to {reach}.",
+        last.name,
+        match last.source {
+            WalSource::SpoolTail { .. } =>
+                "being received by the stream, read from the local spool",
+            _ => "its archived prefix",
+        }
+    ))
+}
+
 /// Feeds a backup archive's bytes to a tar reader that only computes digests.
 struct DigestSink {
     tar: TarReader,
@@ -674,8 +709,7 @@ async fn dry_run(
         .context("the backup's archives do not match its manifest")?;
     let seg_size = repo.seg_size();
     for s in &p.segments {
-        let (_, key) = s.locate(seg_size);
-        repo.stream_verified(&key, std::io::sink()).await?;
+        repo.read_wal(s.segment(seg_size), s.source).await?;
         verified += 1;
     }
     for t in &p.history_files {
@@ -710,7 +744,18 @@ async fn dry_run(
             p.wal_end
         );
         for s in &p.segments {
-            println!("  {}{}", s.name, if s.partial { " (partial)" } else { "" });
+            let note = match s.source {
+                WalSource::Object => "",
+                WalSource::PartialObject => " (partial: the archived prefix)",
+                WalSource::SpoolSegment => " (complete in the local spool, not yet published)",
+                WalSource::SpoolTail { .. } => {
+                    " (partial: the durable prefix of the segment being received, in the local spool)"
+                }
+            };
+            println!("  {}{note}", s.name);
+        }
+        if let Some(end) = partial_end_note(p) {
+            println!("{end}");
         }
         println!(
             "{} objects verified; {:.1} MB to restore, about {:.0} s. Nothing was written.",

@@ -15,6 +15,7 @@ use anyhow::Context;
 
 use super::{report, RepoArg, EXIT_NOT_IN_ARCHIVE, EXIT_UNSERVABLE};
 use crate::repo::layout::{history_key, partial_segment_key, wal_segment_key};
+use crate::repo::local_wal::WalSource;
 use crate::repo::{object, Repo, RepoError};
 use crate::storage::StorageError;
 use crate::wal::segment::parse_history_file_name;
@@ -150,8 +151,7 @@ async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> 
         Ok(l) => l,
         Err(_) => return Ok(()), // another worker is at it
     };
-    let storage = args.repo.storage().await?;
-    let repo = Repo::open(storage, &args.repo.name()).await?;
+    let repo = args.repo.open_for_reading(false).await?;
     let seg_size = repo.seg_size();
     let cur = SegmentName::parse(&args.walfile, seg_size).context("prefetch start")?;
     // Consumed or skipped segments, and leftovers of an interrupted worker, go.
@@ -201,29 +201,42 @@ async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> 
 }
 
 async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
-    let storage = args.repo.storage().await?;
-    let repo = Repo::open(storage, &args.repo.name()).await?;
-    let Some(mut key) = key_for(&args.walfile, repo.seg_size()) else {
+    let repo = args.repo.open_for_reading(false).await?;
+    let seg_size = repo.seg_size();
+    let asked_partial = args.walfile.ends_with(".partial");
+    let stem = args.walfile.trim_end_matches(".partial");
+    if let Some(seg) = SegmentName::parse(stem, seg_size) {
+        let Some(src) = source_for(&repo, seg, asked_partial).await? else {
+            return Ok(Some(Outcome::Missing(format!(
+                "{} is not in the archive",
+                args.walfile
+            ))));
+        };
+        if src != WalSource::Object {
+            tracing::info!(walfile = %args.walfile, source = ?src, "serving a partial or not yet published segment");
+        }
+        let raw = repo.read_wal(seg, src).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "archived {} is unusable; refusing to restore it",
+                args.walfile
+            ))
+        })?;
+        let dest = args.dest.clone();
+        tokio::task::spawn_blocking(move || write_raw(&raw, &dest, seg_size))
+            .await
+            .expect("wal-fetch task panicked")?;
+        if !asked_partial {
+            start_prefetch(args, seg);
+        }
+        return Ok(None);
+    }
+    let Some(key) = key_for(&args.walfile, seg_size) else {
         return Ok(Some(Outcome::Missing(format!(
             "{} is not a WAL segment or history file name; nothing fetched",
             args.walfile
         ))));
     };
-    let mut obj = repo.storage().get(&key).await;
-    if matches!(obj, Err(StorageError::NotFound(_))) {
-        // Only the first part of the segment is archived (a timeline's or a standby backup's
-        // last segment): serve it zero-filled, as PostgreSQL's own `.partial` files are. Recovery
-        // replays up to where the WAL ends and no further.
-        if let Some(seg) = SegmentName::parse(&args.walfile, repo.seg_size()) {
-            let pkey = partial_segment_key(&seg);
-            if let Ok(o) = repo.storage().get(&pkey).await {
-                tracing::info!(walfile = %args.walfile, "serving the archived partial segment");
-                obj = Ok(o);
-                key = pkey;
-            }
-        }
-    }
-    let obj = match obj {
+    let obj = match repo.storage().get(&key).await {
         Ok(o) => o,
         Err(StorageError::NotFound(_)) => {
             return Ok(Some(Outcome::Missing(format!(
@@ -237,14 +250,67 @@ async fn fetch(args: &WalFetchArgs) -> anyhow::Result<Option<Outcome>> {
     };
     let dest = args.dest.clone();
     let walfile = args.walfile.clone();
-    let seg_size = repo.seg_size();
     tokio::task::spawn_blocking(move || write_verified(&obj, &dest, &walfile, &key, seg_size))
         .await
         .expect("wal-fetch task panicked")?;
-    if let Some(seg) = SegmentName::parse(&args.walfile, seg_size) {
-        start_prefetch(args, seg);
+    Ok(None)
+}
+
+/// Where segment `seg` is served from: the complete object; else a complete segment in the
+/// local spool not yet published; else its durable prefix, the segment being received (zero-
+/// filled, as PostgreSQL's own `.partial` files are: recovery replays up to where the WAL ends
+/// and no further); else a partial object. Asked for `<segment>.partial`: only the partial ones.
+async fn source_for(
+    repo: &Repo,
+    seg: SegmentName,
+    partial: bool,
+) -> anyhow::Result<Option<WalSource>> {
+    let storage = repo.storage();
+    if !partial && storage.exists(&wal_segment_key(&seg)).await? {
+        return Ok(Some(WalSource::Object));
+    }
+    let spool = repo.spool_wal();
+    if !partial && spool.complete.contains(&seg) {
+        return Ok(Some(WalSource::SpoolSegment));
+    }
+    if let Some((s, bytes)) = spool.tail.filter(|(s, _)| *s == seg) {
+        debug_assert_eq!(s, seg);
+        return Ok(Some(WalSource::SpoolTail { bytes }));
+    }
+    if storage.exists(&partial_segment_key(&seg)).await? {
+        return Ok(Some(WalSource::PartialObject));
+    }
+    // The streamer may have completed or published it between the looks above.
+    if !partial && storage.exists(&wal_segment_key(&seg)).await? {
+        return Ok(Some(WalSource::Object));
     }
     Ok(None)
+}
+
+/// Writes verified segment bytes to `dest` atomically, zero-filled to the segment size.
+fn write_raw(raw: &[u8], dest: &Path, seg_size: u64) -> anyhow::Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
+    let tmp = dir.join(format!(".{name}.archiver-tmp-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<()> {
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(raw)?;
+        if (raw.len() as u64) < seg_size {
+            f.set_len(seg_size)?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
+        crate::storage::fs::fsync_dir(dir)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Decodes into a temporary file next to `dest`, verifying all checksums, then renames it.

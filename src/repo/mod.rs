@@ -16,6 +16,7 @@ use crate::wal::SegmentName;
 
 pub mod catalog;
 pub mod layout;
+pub mod local_wal;
 pub mod lock;
 pub mod object;
 pub mod sealed;
@@ -119,6 +120,8 @@ pub struct Repo {
     storage: Arc<dyn Storage>,
     meta: RepoMeta,
     name: String,
+    /// The local spool readers may take WAL from ([`local_wal`]), if there is one.
+    spool: Option<crate::stream::spool::Spool>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -152,6 +155,7 @@ impl Repo {
             storage,
             meta,
             name: name.to_string(),
+            spool: None,
         })
     }
 
@@ -195,6 +199,7 @@ impl Repo {
                 storage,
                 meta,
                 name: name.to_string(),
+                spool: None,
             });
         }
         let foreign = storage
@@ -223,7 +228,23 @@ impl Repo {
             storage,
             meta,
             name: name.to_string(),
+            spool: None,
         })
+    }
+
+    /// Lets reads take WAL from the spool in `dir` too (when it exists): the segment being
+    /// received and complete segments not yet published.
+    pub fn with_spool(mut self, dir: Option<&std::path::Path>) -> Repo {
+        self.spool = dir.and_then(|d| crate::stream::spool::Spool::existing(d, self.seg_size()));
+        self
+    }
+
+    /// What the local spool holds for readers (nothing without one).
+    pub fn spool_wal(&self) -> crate::stream::spool::SpoolWal {
+        self.spool
+            .as_ref()
+            .and_then(|s| s.readable().ok())
+            .unwrap_or_default()
     }
 
     pub fn meta(&self) -> &RepoMeta {
@@ -285,6 +306,34 @@ impl Repo {
                     reason: e.to_string(),
                 },
             })
+    }
+
+    /// The trailer of object `key` (its kind, raw size and checksums), without reading it all.
+    pub async fn object_info(&self, key: &str) -> Result<ObjectInfo, RepoError> {
+        let size = self
+            .storage
+            .head(key)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(key.to_string()))?
+            .size;
+        if size < object::TRAILER_LEN as u64 {
+            return Err(RepoError::Corrupt {
+                key: key.to_string(),
+                reason: format!("object too short ({size} bytes)"),
+            });
+        }
+        let trailer = self
+            .storage
+            .get_range(
+                key,
+                size - object::TRAILER_LEN as u64,
+                object::TRAILER_LEN as u64,
+            )
+            .await?;
+        object::read_trailer(&trailer).map_err(|e| RepoError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
     }
 
     /// Streams object `key` into `out` on a blocking thread, verifying it against its trailer as

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::target::{catalog_time, format_rfc3339, Target, TimelineChoice};
 use crate::repo::catalog::{BackupRecord, BackupStatus};
-use crate::repo::layout::{partial_segment_key, wal_segment_key, WalObject};
+use crate::repo::layout::WalObject;
+use crate::repo::local_wal::WalSource;
 use crate::wal::timeline::HistoryEntry;
 use crate::wal::{Lsn, SegmentName, TimeLineId};
 
@@ -21,6 +22,10 @@ use crate::wal::{Lsn, SegmentName, TimeLineId};
 pub struct WalInventory {
     pub segments: BTreeSet<(u64, TimeLineId)>,
     pub partials: BTreeSet<(u64, TimeLineId)>,
+    /// Complete segments in the local spool, not yet published.
+    pub spool_segments: BTreeSet<(u64, TimeLineId)>,
+    /// The segment the stream is receiving, in the local spool: (segno, tli, durable bytes).
+    pub spool_tail: Option<(u64, TimeLineId, u64)>,
     /// Parsed history files, by the timeline they describe.
     pub histories: BTreeMap<TimeLineId, Vec<HistoryEntry>>,
     /// When the newest complete segment was archived (microseconds since the epoch): no WAL
@@ -49,8 +54,23 @@ impl WalInventory {
         inv
     }
 
+    /// Adds what the local spool holds.
+    pub fn add_spool(&mut self, spool: &crate::stream::spool::SpoolWal) {
+        for s in &spool.complete {
+            self.spool_segments.insert((s.segno, s.tli));
+        }
+        self.spool_tail = spool.tail.map(|(s, n)| (s.segno, s.tli, n));
+    }
+
     fn newest_timeline(&self) -> TimeLineId {
-        let seg_max = self.segments.iter().map(|(_, t)| *t).max().unwrap_or(1);
+        let seg_max = self
+            .segments
+            .iter()
+            .chain(&self.spool_segments)
+            .map(|(_, t)| *t)
+            .chain(self.spool_tail.map(|(_, t, _)| t))
+            .max()
+            .unwrap_or(1);
         let hist_max = self.histories.keys().copied().max().unwrap_or(1);
         seg_max.max(hist_max)
     }
@@ -99,23 +119,18 @@ pub struct Request {
     pub backup: Option<String>,
 }
 
-/// A segment the restore needs; `partial`: only its archived prefix exists (the archive's end).
+/// A segment the restore needs; `partial`: only its first part exists (the archive's end).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NeededSegment {
     pub name: String,
     pub partial: bool,
+    /// Where it is read from.
+    pub source: WalSource,
 }
 
 impl NeededSegment {
-    /// The segment's name and its repository key (the partial object for a partial one).
-    pub fn locate(&self, seg_size: u64) -> (SegmentName, String) {
-        let name = SegmentName::parse(&self.name, seg_size).expect("plan names are valid");
-        let key = if self.partial {
-            partial_segment_key(&name)
-        } else {
-            wal_segment_key(&name)
-        };
-        (name, key)
+    pub fn segment(&self, seg_size: u64) -> SegmentName {
+        SegmentName::parse(&self.name, seg_size).expect("plan names are valid")
     }
 }
 
@@ -130,6 +145,9 @@ pub struct Plan {
     /// How far the archived WAL reaches along the path (the end of its last complete segment,
     /// or the start of a final partial one).
     pub wal_end: Lsn,
+    /// When the WAL ends in a partial segment: how far its durable prefix reaches (None when
+    /// that is not known yet: a partial object before it is read).
+    pub partial_reaches: Option<Lsn>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -159,7 +177,7 @@ pub enum PlanError {
         latest: Lsn,
         gap: String,
     },
-    #[error("{target} lies beyond the archive: its newest complete WAL segment was archived at {newest}, so no WAL after that can be replayed (the segment being received is archived when it fills)")]
+    #[error("{target} lies beyond the archive: its newest WAL was received at {newest}, so no WAL after that can be replayed")]
     TimeBeyondArchive { target: String, newest: String },
     #[error("no backup lies on the history of timeline {tli}: {reason}")]
     TimelineUnreachable { tli: TimeLineId, reason: String },
@@ -324,20 +342,39 @@ pub fn plan(
     let mut segments = Vec::new();
     let mut s = first_seg;
     let mut partial_end = false;
+    let mut partial_reaches = None;
     loop {
         let t = tli_for_segment(&path, s, seg_size);
-        if inv.segments.contains(&(s, t)) {
+        let name = SegmentName::new(t, s, seg_size).to_string();
+        let full = if inv.segments.contains(&(s, t)) {
+            Some(WalSource::Object)
+        } else if inv.spool_segments.contains(&(s, t)) {
+            Some(WalSource::SpoolSegment)
+        } else {
+            None
+        };
+        if let Some(source) = full {
             segments.push(NeededSegment {
-                name: SegmentName::new(t, s, seg_size).to_string(),
+                name,
                 partial: false,
+                source,
             });
             s += 1;
             continue;
         }
-        if inv.partials.contains(&(s, t)) {
+        let partial = match inv.spool_tail {
+            Some((ts, tt, bytes)) if (ts, tt) == (s, t) => {
+                partial_reaches = Some(Lsn(s * seg_size + bytes));
+                Some(WalSource::SpoolTail { bytes })
+            }
+            _ if inv.partials.contains(&(s, t)) => Some(WalSource::PartialObject),
+            _ => None,
+        };
+        if let Some(source) = partial {
             segments.push(NeededSegment {
-                name: SegmentName::new(t, s, seg_size).to_string(),
+                name,
                 partial: true,
+                source,
             });
             partial_end = true;
         }
@@ -362,12 +399,13 @@ pub fn plan(
     };
     if let Target::Lsn(l) = req.target {
         let need = l.0 / seg_size;
-        let reachable = need < s || (partial_end && need == s);
+        let reachable = (need < s || (partial_end && need == s))
+            && !matches!(partial_reaches, Some(r) if need == s && l > r);
         if !reachable {
             return Err(PlanError::BeyondArchive {
                 target: target_desc,
                 backup: backup.id.clone(),
-                latest: wal_end,
+                latest: partial_reaches.unwrap_or(wal_end),
                 gap,
             });
         }
@@ -394,6 +432,7 @@ pub fn plan(
         segments,
         history_files,
         wal_end,
+        partial_reaches,
     })
 }
 
@@ -439,6 +478,8 @@ mod tests {
     ) -> WalInventory {
         WalInventory {
             newest_segment_time: None,
+            spool_segments: Default::default(),
+            spool_tail: None,
             segments: segs.iter().copied().collect(),
             partials: partials.iter().copied().collect(),
             histories: hist
@@ -568,6 +609,41 @@ mod tests {
             plan(&[], &i, &req(Target::Latest), SEG),
             Err(PlanError::NoBackups)
         ));
+    }
+
+    #[test]
+    fn the_local_spool_extends_the_archive() {
+        let bs = [backup("A", 1, 2, 2 * SEG + 0x100, "2026-11-23T01:00:00Z")];
+        // Objects 2-3, segment 4 complete in the spool, 5 being received (0x5000 bytes durable),
+        // and an older shipped partial of 5 that the spool's longer prefix supersedes.
+        let mut i = inv(&[(2, 1), (3, 1)], &[(5, 1)], &[]);
+        i.spool_segments.insert((4, 1));
+        i.spool_tail = Some((5, 1, 0x5000));
+        let p = plan(&bs, &i, &req(Target::Latest), SEG).unwrap();
+        assert_eq!(names(&p), ["12", "13", "14", "15p"]);
+        let sources: Vec<WalSource> = p.segments.iter().map(|s| s.source).collect();
+        assert_eq!(
+            sources,
+            [
+                WalSource::Object,
+                WalSource::Object,
+                WalSource::SpoolSegment,
+                WalSource::SpoolTail { bytes: 0x5000 }
+            ]
+        );
+        assert_eq!(p.partial_reaches, Some(Lsn(5 * SEG + 0x5000)));
+        // An LSN inside the durable prefix is reachable; one after it is refused naming it.
+        assert!(plan(&bs, &i, &req(Target::Lsn(Lsn(5 * SEG + 0x4000))), SEG).is_ok());
+        let e = plan(&bs, &i, &req(Target::Lsn(Lsn(5 * SEG + 0x6000))), SEG).unwrap_err();
+        assert!(
+            matches!(e, PlanError::BeyondArchive { latest, .. } if latest == Lsn(5 * SEG + 0x5000)),
+            "{e}"
+        );
+        // Without the spool, segment 4 is missing: the WAL ends after segment 3.
+        i.spool_segments.clear();
+        i.spool_tail = None;
+        let p = plan(&bs, &i, &req(Target::Latest), SEG).unwrap();
+        assert_eq!(names(&p), ["12", "13"]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::time::Instant as TokioInstant;
 use tracing::{debug, info, warn};
 
 use super::publisher::Publisher;
-use super::spool::{SegmentFile, Spool};
+use super::spool::{FlushRecord, SegmentFile, Spool};
 use super::{StartPoint, StreamConfig, StreamError};
 use crate::pg::conn::{parse_error_fields, Backend};
 use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome};
@@ -38,6 +38,8 @@ pub struct Session<'a> {
     tli: TimeLineId,
     validator: PageValidator,
     cur: Option<SegmentFile>,
+    /// Where readers learn the durable prefix of `cur` (opened at the first fsync).
+    flush_record: Option<FlushRecord>,
     /// Next byte expected from the server.
     received: Lsn,
     /// Everything before this is fsync'd.
@@ -97,6 +99,7 @@ impl<'a> Session<'a> {
             tli,
             validator: PageValidator::new(seg_size, sysid, magic, Lsn(0), tli),
             cur: None,
+            flush_record: None,
             received: Lsn(0),
             flushed: Lsn(0),
             sent_write: Lsn(0),
@@ -255,10 +258,23 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// fsyncs the current segment file; everything received is then durable.
+    /// fsyncs the current segment file; everything received is then durable, and the durable
+    /// prefix is recorded for readers (restore, `wal-fetch`) before any status reports it.
     fn sync(&mut self) -> Result<(), StreamError> {
         if let Some(cur) = self.cur.as_mut() {
             tokio::task::block_in_place(|| cur.sync()).map_err(io("fsync of the spool segment"))?;
+            if cur.synced > 0 {
+                if self.flush_record.is_none() {
+                    self.flush_record = Some(
+                        self.spool
+                            .open_flush_record()
+                            .map_err(io("opening the spool's flush record"))?,
+                    );
+                }
+                let rec = self.flush_record.as_mut().expect("opened above");
+                rec.record(cur.seg, cur.synced)
+                    .map_err(io("writing the spool's flush record"))?;
+            }
         }
         self.flushed = self.flushed.max(self.received);
         self.last_sync = Instant::now();

@@ -29,6 +29,15 @@ const PREALLOC_NAME: &str = ".next-segment.prealloc";
 /// archived by someone else (a backup fetching its own WAL).
 const NEXT_NAME: &str = "stream.next";
 
+/// The durable prefix of the segment being received: `<segment> <length, 16 hex> <crc, 8 hex>\n`,
+/// rewritten in place (one 51-byte `pwrite`, inside one sector) after every fsync of the
+/// segment and before the flush position is reported. Readers (restore, `wal-fetch`) read
+/// exactly that many bytes of `<segment>.partial` and nothing after it: never a torn page.
+/// It needs no fsync of its own: any value of it that can be seen, before or after a crash,
+/// was written after the bytes it counts were fdatasync'd.
+pub const FLUSHED_NAME: &str = "stream.flushed";
+const FLUSHED_LEN: usize = 24 + 1 + 16 + 1 + 8 + 1;
+
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
@@ -66,7 +75,127 @@ impl SegmentFile {
     }
 }
 
+/// The record of the durable prefix, held open by the streamer.
+#[derive(Debug)]
+pub struct FlushRecord {
+    file: File,
+    last: Option<(SegmentName, u64)>,
+}
+
+impl FlushRecord {
+    /// Records that the first `len` bytes of `seg`'s `.partial` are fsync'd.
+    pub fn record(&mut self, seg: SegmentName, len: u64) -> std::io::Result<()> {
+        if self.last == Some((seg, len)) {
+            return Ok(());
+        }
+        self.file.write_all_at(&encode_flushed(seg, len), 0)?;
+        self.last = Some((seg, len));
+        Ok(())
+    }
+}
+
+fn encode_flushed(seg: SegmentName, len: u64) -> Vec<u8> {
+    let body = format!("{seg} {len:016x}");
+    let crc = crc32fast::hash(body.as_bytes());
+    let out = format!("{body} {crc:08x}\n").into_bytes();
+    debug_assert_eq!(out.len(), FLUSHED_LEN);
+    out
+}
+
+fn decode_flushed(raw: &[u8], seg_size: u64) -> Option<(SegmentName, u64)> {
+    let text = std::str::from_utf8(raw.get(..FLUSHED_LEN)?).ok()?;
+    let (body, crc) = text.trim_end_matches('\n').rsplit_once(' ')?;
+    if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(body.as_bytes()) {
+        return None;
+    }
+    let (seg, len) = body.split_once(' ')?;
+    let seg = SegmentName::parse(seg, seg_size)?;
+    let len = u64::from_str_radix(len, 16).ok()?;
+    (len <= seg_size).then_some((seg, len))
+}
+
+/// What a reader can take from a spool while a streamer may be writing it: the complete
+/// segments not yet published, and the durable prefix of the segment being received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpoolWal {
+    pub complete: Vec<SegmentName>,
+    /// The segment being received and how many of its bytes are durable (> 0).
+    pub tail: Option<(SegmentName, u64)>,
+    /// When the newest of these was last written (file mtimes).
+    pub modified: Option<std::time::SystemTime>,
+}
+
 impl Spool {
+    /// A spool to read, if the directory exists (never created by a reader).
+    pub fn existing(dir: &Path, seg_size: u64) -> Option<Spool> {
+        dir.is_dir().then(|| Spool {
+            dir: dir.to_path_buf(),
+            seg_size,
+        })
+    }
+
+    /// Opens the durable-prefix record for writing (created if missing; an existing record
+    /// stays valid: a resumed streamer rewrites the same bytes in place).
+    pub fn open_flush_record(&self) -> std::io::Result<FlushRecord> {
+        let path = self.dir.join(FLUSHED_NAME);
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        Ok(FlushRecord { file, last: None })
+    }
+
+    /// Forgets the durable-prefix record (the spool's partial segments are being discarded).
+    pub fn clear_flush_record(&self) -> std::io::Result<()> {
+        self.remove(&self.dir.join(FLUSHED_NAME))
+    }
+
+    /// The durable prefix recorded by the streamer, if its `.partial` file is still there.
+    pub fn durable_tail(&self) -> Option<(SegmentName, u64)> {
+        let raw = std::fs::read(self.dir.join(FLUSHED_NAME)).ok()?;
+        let (seg, len) = decode_flushed(&raw, self.seg_size)?;
+        (len > 0 && self.partial_path(&seg).exists()).then_some((seg, len))
+    }
+
+    /// A snapshot of what a reader may use.
+    pub fn readable(&self) -> std::io::Result<SpoolWal> {
+        let complete: Vec<SegmentName> = self
+            .scan()?
+            .into_iter()
+            .filter_map(|e| match e {
+                SpoolEntry::Complete(s) => Some(s),
+                SpoolEntry::Partial(_) => None,
+            })
+            .collect();
+        let tail = self.durable_tail();
+        let mtime = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let modified = complete
+            .iter()
+            .filter_map(|s| mtime(self.complete_path(s)))
+            .chain(tail.and_then(|(s, _)| mtime(self.partial_path(&s))))
+            .max();
+        Ok(SpoolWal {
+            complete,
+            tail,
+            modified,
+        })
+    }
+
+    /// Reads the durable prefix of `seg` (at most `len` bytes, as recorded): NotFound once the
+    /// segment has completed meanwhile (it is then a complete spool file or object).
+    pub fn read_tail(&self, seg: SegmentName, len: u64) -> std::io::Result<Vec<u8>> {
+        let recorded = self.durable_tail();
+        match recorded {
+            Some((s, l)) if s == seg && l >= len => self.read_prefix(&self.partial_path(&seg), len),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{seg} is no longer the segment being received"),
+            )),
+        }
+    }
+
     pub fn open(dir: &Path, seg_size: u64) -> std::io::Result<Spool> {
         create_dir_all_durable(dir)?;
         Ok(Spool {
@@ -210,4 +339,46 @@ fn zero_fill(f: &File, from: u64, to: u64) -> std::io::Result<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 << 20;
+
+    #[test]
+    fn the_flush_record_bounds_what_readers_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SEG).unwrap();
+        let seg = SegmentName::new(1, 7, SEG);
+        assert_eq!(spool.durable_tail(), None);
+        let mut f = spool.open_partial(seg).unwrap();
+        f.write_at(0, &[0xAB; 8192]).unwrap();
+        f.sync().unwrap();
+        let mut rec = spool.open_flush_record().unwrap();
+        rec.record(seg, 8000).unwrap();
+        assert_eq!(spool.durable_tail(), Some((seg, 8000)));
+        // Only the recorded bytes are read, however many were written.
+        assert_eq!(spool.read_tail(seg, 8000).unwrap(), vec![0xAB; 8000]);
+        assert!(spool.read_tail(seg, 8001).is_err());
+        assert_eq!(spool.readable().unwrap().tail, Some((seg, 8000)));
+        // A damaged record is no record.
+        let path = dir.path().join(FLUSHED_NAME);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[30] = if raw[30] == b'0' { b'1' } else { b'0' };
+        std::fs::write(&path, &raw).unwrap();
+        assert_eq!(spool.durable_tail(), None);
+        // Once the segment completes, the tail is gone (it is a complete spool file).
+        rec.record(seg, 8192).unwrap();
+        f.write_at(8192, &vec![0u8; SEG as usize - 8192]).unwrap();
+        spool.complete(f).unwrap();
+        assert_eq!(spool.durable_tail(), None);
+        let r = spool.readable().unwrap();
+        assert_eq!((r.complete, r.tail), (vec![seg], None));
+        assert_eq!(
+            spool.read_tail(seg, 10).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
 }

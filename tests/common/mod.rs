@@ -372,6 +372,18 @@ impl Pg {
         }
     }
 
+    /// Stops the server as a crash would (`-m immediate`): nothing more is flushed.
+    pub fn stop_immediate(&mut self) {
+        if self.running {
+            let _ = pg_command(self.bin.join("pg_ctl"))
+                .args(["-w", "-t", "60", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop")
+                .output();
+            self.running = false;
+        }
+    }
+
     pub fn conninfo(&self, user: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={user} sslmode=disable",
