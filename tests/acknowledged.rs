@@ -127,8 +127,19 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
     );
 
     // The primary is lost: stopped as a crash would, its data directory never read again.
+    // The stream reconnects in vain; a service stop (SIGTERM) ends it at once, exit 0 — not
+    // after --reconnect-timeout (5 minutes).
     pg.stop_immediate();
-    a.kill9();
+    a.wait_log("reconnecting", T);
+    std::thread::sleep(Duration::from_millis(500));
+    a.signal(libc::SIGTERM);
+    let st = a.wait(Duration::from_secs(10));
+    assert!(st.success(), "{st:?}\n{}", a.log_text());
+    assert!(
+        a.log_text().contains("stop requested while reconnecting"),
+        "{}",
+        a.log_text()
+    );
 
     // The plan says the WAL ends in the spool's partial segment, and how far it reaches.
     let plan = restore(r, &dir.join("dry"), &["--dry-run", "--json"]);

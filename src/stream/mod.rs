@@ -272,10 +272,22 @@ pub async fn run(
     let result = loop {
         let (mut conn, server) = match next.take() {
             Some(c) => c,
-            None => match reconnect(&conninfo, &repo, &cfg).await {
-                Ok(c) => c,
-                Err(e) => break Err(e),
-            },
+            None => {
+                // A stop request ends the reconnection at once: the service stops promptly
+                // exactly when the server is gone (everything received is already fsync'd).
+                let r = tokio::select! {
+                    biased;
+                    _ = session::shutdown_requested(&mut shutdown) => {
+                        info!("stop requested while reconnecting; everything received is durable");
+                        break Ok(());
+                    }
+                    r = reconnect(&conninfo, &repo, &cfg) => r,
+                };
+                match r {
+                    Ok(c) => c,
+                    Err(e) => break Err(e),
+                }
+            }
         };
         let outcome = async {
             let start = prepare(&mut conn, &server, &repo, &spool, &cfg).await?;
@@ -310,7 +322,10 @@ pub async fn run(
                     break Err(e);
                 }
                 warn!(error = %e, "replication connection lost; reconnecting");
-                tokio::time::sleep(cfg.retry.delay(0)).await;
+                tokio::select! {
+                    _ = session::shutdown_requested(&mut shutdown) => {}
+                    _ = tokio::time::sleep(cfg.retry.delay(0)) => {}
+                }
             }
             Err(e) => break Err(e),
         }

@@ -58,7 +58,7 @@ pub struct Session<'a> {
 }
 
 /// Resolves once shutdown is requested; never, if the sender is gone without requesting it.
-async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     loop {
         if *rx.borrow_and_update() {
             return;
