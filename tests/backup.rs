@@ -306,6 +306,26 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     let out = archiver(&["list", "--repo", &r, "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[1]["status"], "running", "{list}");
+    // A backup stopped by SIGTERM (a service stop) records itself failed before it exits.
+    let mut t = Archiver::spawn(&dir, "backup-termed", &slow);
+    wait_until("the third backup's walsender", T, || {
+        pg.psql(
+            "select count(*) from pg_stat_replication where application_name = 'archiver backup'",
+        ) == "1"
+    });
+    t.signal(libc::SIGTERM);
+    let st = t.wait(T);
+    assert_eq!(st.code(), Some(1), "{}", t.log_text());
+    let out = archiver(&["list", "--repo", &r, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[2]["status"], "failed", "{list}");
+    assert!(
+        list[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted by SIGTERM"),
+        "{list}"
+    );
     // The next backup is unaffected, and records the killed one as failed.
     let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     assert!(
@@ -317,7 +337,7 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[1]["status"], "failed", "{list}");
     assert!(list[1]["error"].as_str().unwrap().contains("interrupted"));
-    assert_eq!(list[2]["status"], "complete");
+    assert_eq!(list[3]["status"], "complete");
     let leftovers: Vec<_> = std::fs::read_dir(repo.join("spool"))
         .unwrap()
         .flatten()

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::ValueEnum;
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use super::{connect_replication, report, RepoArg, EXIT_ERROR};
@@ -151,7 +152,15 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     };
     repo.put_backup(&rec).await?;
     info!(id = %id, "backup started");
-    let result = take(&args, &repo, &mut conn, &server, &mut rec).await;
+    // SIGINT/SIGTERM: the backup stops and is recorded failed ("interrupted") before the
+    // process exits, not left `running` until the next backup notices.
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let result = tokio::select! {
+        r = take(&args, &repo, &mut conn, &server, &mut rec) => r,
+        _ = int.recv() => Err(anyhow::anyhow!("interrupted by SIGINT")),
+        _ = term.recv() => Err(anyhow::anyhow!("interrupted by SIGTERM")),
+    };
     conn.close().await;
     let _ = std::fs::remove_dir_all(backup_spool(&spool, &id));
     match result {
