@@ -306,6 +306,17 @@ fn dry_run_and_refusals_change_nothing() {
         1,
         "the earliest is",
     );
+    // A time without a zone is the machine's local time (TZ), and the refusal names the
+    // instant in UTC.
+    let out = archiver_cmd(
+        std::process::Command::new(archiver_bin())
+            .args(["restore", "--repo", &s.r, "--pgdata", p])
+            .args(["--target-time", "2001-01-01 00:00:00"])
+            .env("TZ", "Europe/Paris"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("time 2000-12-31T23:00:00"), "{err}");
     refused(
         &s,
         &["--pgdata", p, "--target-lsn", "FF/0"],
@@ -322,7 +333,7 @@ fn dry_run_and_refusals_change_nothing() {
         &s,
         &["--pgdata", p, "--target-time", "2099-01-01 00:00:00"],
         1,
-        "its newest complete WAL segment was archived at",
+        "its newest WAL was received at",
     );
     refused(
         &s,

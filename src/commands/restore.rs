@@ -32,7 +32,8 @@ const EST_REPLAY_BYTES_PER_S: f64 = 150e6;
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("target").multiple(false)))]
 pub struct TargetArgs {
-    /// Recover up to this time: RFC 3339; a time without a zone is UTC.
+    /// Recover up to this time: RFC 3339 (2026-11-23T01:30:00Z, '2026-11-23 02:30:00+01:00'); a
+    /// time without a zone is the machine's local time (TZ); plans print the instant in UTC.
     #[arg(long, group = "target", value_parser = parse_time, value_name = "TIME")]
     target_time: Option<i64>,
     /// Recover up to this WAL position (X/X).

@@ -528,7 +528,7 @@ mod tests {
             backup("B", 1, 6, 7 * SEG + 0x100, "2026-11-23T02:00:00Z"),
         ];
         let i = inv(&(2..=9).map(|s| (s, 1)).collect::<Vec<_>>(), &[], &[]);
-        let t = |s: &str| super::super::target::parse_time(s).unwrap();
+        let t = |s: &str| super::super::target::parse_time_utc(s).unwrap();
         let cases: Vec<(Target, &str, usize)> = vec![
             (Target::Latest, "B", 4),
             (Target::Time(t("2026-11-23 01:30:00")), "A", 8),
@@ -571,7 +571,7 @@ mod tests {
         let bs = [backup("A", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z")];
         // A gap at segment 6: WAL reaches 6/0 only.
         let i = inv(&[(2, 1), (3, 1), (4, 1), (5, 1), (7, 1)], &[], &[]);
-        let t = super::super::target::parse_time("2026-11-23 00:30:00Z").unwrap();
+        let t = super::super::target::parse_time_utc("2026-11-23 00:30:00Z").unwrap();
         match plan(&bs, &i, &req(Target::Time(t)), SEG).unwrap_err() {
             PlanError::BeforeFirstBackup { earliest, .. } => {
                 assert!(earliest.contains("2026-11-23T01:00:00"), "{earliest}")
@@ -587,13 +587,13 @@ mod tests {
         // A time after the newest archived segment was written.
         let mut late = inv(&[(2, 1), (3, 1), (4, 1)], &[], &[]);
         late.newest_segment_time =
-            Some(super::super::target::parse_time("2026-11-23 03:00:00").unwrap());
-        let t = super::super::target::parse_time("2026-11-23 03:00:01").unwrap();
+            Some(super::super::target::parse_time_utc("2026-11-23 03:00:00").unwrap());
+        let t = super::super::target::parse_time_utc("2026-11-23 03:00:01").unwrap();
         assert!(matches!(
             plan(&bs, &late, &req(Target::Time(t)), SEG),
             Err(PlanError::TimeBeyondArchive { .. })
         ));
-        let t = super::super::target::parse_time("2026-11-23 02:59:00").unwrap();
+        let t = super::super::target::parse_time_utc("2026-11-23 02:59:00").unwrap();
         assert!(plan(&bs, &late, &req(Target::Time(t)), SEG).is_ok());
         // The backup's own WAL incomplete.
         let i = inv(&[(2, 1)], &[], &[]);

@@ -3,8 +3,9 @@
 //!
 //! A time is parsed here, not by the server, so that the plan and the server agree: RFC 3339
 //! (`2026-11-23T01:30:00Z`, `2026-11-23 02:30:00+01:00`, fractions allowed). **A time without a
-//! zone is read as UTC**, whatever the machine's or the server's `timezone`; the setting written
-//! for PostgreSQL always carries `+00`.
+//! zone is read in the local time zone of the machine** (`TZ`, else `/etc/localtime`, as
+//! `date` reads it), never the server's `timezone`; every plan prints the instant chosen in UTC,
+//! and the setting written for PostgreSQL always carries `+00`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,49 +53,85 @@ impl std::str::FromStr for TimelineChoice {
     }
 }
 
-/// Parses a target time; see the module comment for the accepted forms.
+/// Parses a target time; see the module comment for the accepted forms. A time without a
+/// zone is local time.
 pub fn parse_time(s: &str) -> Result<i64, String> {
+    parse_time_with(s, local_to_utc)
+}
+
+/// [`parse_time`] reading a time without a zone as UTC.
+pub fn parse_time_utc(s: &str) -> Result<i64, String> {
+    parse_time_with(s, Some)
+}
+
+/// The UTC instant (Unix microseconds) of a local wall-clock time given as if it were UTC:
+/// `mktime(3)` with `tm_isdst = -1`, which follows `TZ` and the system's zone files (in a DST
+/// gap or overlap, as the C library resolves it). None if it cannot say.
+pub fn local_to_utc(naive: i64) -> Option<i64> {
+    let secs = naive.div_euclid(1_000_000);
+    let frac = naive.rem_euclid(1_000_000);
+    let t = secs as libc::time_t;
+    // SAFETY: gmtime_r and mktime write only into the tm we own (mktime reads TZ itself).
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::gmtime_r(&t, &mut tm).is_null() {
+            return None;
+        }
+        tm.tm_isdst = -1;
+        let local = libc::mktime(&mut tm);
+        if local == -1 && secs != -1 {
+            return None;
+        }
+        Some(local as i64 * 1_000_000 + frac)
+    }
+}
+
+fn parse_time_with(s: &str, naive_to_utc: impl Fn(i64) -> Option<i64>) -> Result<i64, String> {
     let bad = || {
         format!(
             "cannot read {s:?} as a time: use RFC 3339, e.g. 2026-11-23T01:30:00Z or \
-             '2026-11-23 02:30:00+01:00' (a time without a zone is UTC)"
+             '2026-11-23 02:30:00+01:00' (a time without a zone is the machine's local time)"
         )
     };
     let t = s.trim();
     // Split off a zone: Z, ±HH, ±HH:MM or ±HHMM after the seconds.
-    let (body, offset_secs) = if let Some(b) = t.strip_suffix('Z').or_else(|| t.strip_suffix('z')) {
-        (b, 0i64)
-    } else {
-        let tpos = t.find(['T', 't', ' ']).ok_or_else(bad)?;
-        match t[tpos..].rfind(['+', '-']) {
-            Some(i) => {
-                let (b, z) = t.split_at(tpos + i);
-                let sign = if z.starts_with('-') { -1 } else { 1 };
-                let digits: String = z[1..].chars().filter(|c| *c != ':').collect();
-                if !(digits.len() == 2 || digits.len() == 4)
-                    || !digits.bytes().all(|c| c.is_ascii_digit())
-                {
-                    return Err(bad());
+    let (body, offset_secs, zoned) =
+        if let Some(b) = t.strip_suffix('Z').or_else(|| t.strip_suffix('z')) {
+            (b, 0i64, true)
+        } else {
+            let tpos = t.find(['T', 't', ' ']).ok_or_else(bad)?;
+            match t[tpos..].rfind(['+', '-']) {
+                Some(i) => {
+                    let (b, z) = t.split_at(tpos + i);
+                    let sign = if z.starts_with('-') { -1 } else { 1 };
+                    let digits: String = z[1..].chars().filter(|c| *c != ':').collect();
+                    if !(digits.len() == 2 || digits.len() == 4)
+                        || !digits.bytes().all(|c| c.is_ascii_digit())
+                    {
+                        return Err(bad());
+                    }
+                    let h: i64 = digits[..2].parse().map_err(|_| bad())?;
+                    let m: i64 = if digits.len() == 4 {
+                        digits[2..].parse().map_err(|_| bad())?
+                    } else {
+                        0
+                    };
+                    if h > 23 || m > 59 {
+                        return Err(bad());
+                    }
+                    (b.trim_end(), sign * (h * 3600 + m * 60), true)
                 }
-                let h: i64 = digits[..2].parse().map_err(|_| bad())?;
-                let m: i64 = if digits.len() == 4 {
-                    digits[2..].parse().map_err(|_| bad())?
-                } else {
-                    0
-                };
-                if h > 23 || m > 59 {
-                    return Err(bad());
-                }
-                (b.trim_end(), sign * (h * 3600 + m * 60))
+                None => (t, 0, false),
             }
-            None => (t, 0),
-        }
-    };
+        };
     let utc = humantime::parse_rfc3339_weak(body).map_err(|_| bad())?;
     let micros = match utc.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_micros() as i64,
         Err(e) => -(e.duration().as_micros() as i64),
     };
+    if !zoned {
+        return naive_to_utc(micros).ok_or_else(bad);
+    }
     Ok(micros - offset_secs * 1_000_000)
 }
 
@@ -175,7 +212,7 @@ mod tests {
             ("2026-11-23 01:30:00.25Z", T0 + 250_000),
             ("  2026-11-23 01:30:00z ", T0),
         ] {
-            assert_eq!(parse_time(s), Ok(want), "{s}");
+            assert_eq!(parse_time_utc(s), Ok(want), "{s}");
         }
         for s in [
             "yesterday",
@@ -184,7 +221,7 @@ mod tests {
             "2026-11-23 01:30:00+25:00",
             "2026-11-23 01:30:00+1",
         ] {
-            assert!(parse_time(s).is_err(), "{s}");
+            assert!(parse_time_utc(s).is_err(), "{s}");
         }
         assert_eq!(
             format_pg_time(T0 + 250_000),
