@@ -391,6 +391,29 @@ fn dry_run_and_refusals_change_nothing() {
     refused(&s, &["--pgdata", p], 1, "base.tar.zst");
     assert!(!pgdata.exists(), "a failed restore leaves nothing behind");
     refused(&s, &["--pgdata", p, "--dry-run"], 1, "corrupt");
+    bytes[mid] ^= 0x40;
+    std::fs::write(&obj, &bytes).unwrap();
+
+    // A damaged WAL segment of the chain: --verify-wal finds it before anything is written.
+    let wal_dir = s.repo.join("wal/00000001");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !p.to_string_lossy().contains("partial"))
+        .collect();
+    segs.sort();
+    let seg = segs.last().unwrap();
+    let mut wal = std::fs::read(seg).unwrap();
+    let m = wal.len() / 2;
+    wal[m] ^= 0x40;
+    std::fs::write(seg, &wal).unwrap();
+    let name = seg.file_name().unwrap().to_string_lossy();
+    let name = name.trim_end_matches(".zst");
+    refused(&s, &["--pgdata", p, "--verify-wal"], 1, name);
+    assert!(!pgdata.exists(), "--verify-wal checks before writing");
+    wal[m] ^= 0x40;
+    std::fs::write(seg, &wal).unwrap();
 }
 
 #[test]

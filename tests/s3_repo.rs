@@ -32,11 +32,17 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     let ci = pg.conninfo("postgres");
     let r = "s3://arch/site1";
 
-    // Refused, bucket untouched: no spool directory; a bucket that does not exist.
-    let out = archiver(&["stream", "--repo", r, "-d", &ci]);
+    // Without --spool-dir, a default one per repository URL (under XDG_STATE_HOME here), said
+    // in --help. A bucket that does not exist is refused, and nothing is created.
+    let state = dir.join("state");
+    std::env::set_var("XDG_STATE_HOME", &state);
+    let help = String::from_utf8_lossy(&archiver(&["stream", "--help"]).stdout).into_owned();
+    assert!(help.contains("XDG_STATE_HOME"), "{help}");
+    let out = archiver(&["backup", "--repo", "s3://nobucket/x", "-d", &ci]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--spool-dir"), "{err}");
+    assert!(err.contains("NoSuchBucket"), "{err}");
+    assert!(!state.exists(), "a refused command creates nothing");
     let spool = dir.join("spool");
     let sp = spool.to_str().unwrap();
     let out = archiver(&[

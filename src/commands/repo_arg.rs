@@ -27,7 +27,9 @@ pub struct RepoArg {
     #[arg(long, env = "ARCHIVER_CONFIG", conflicts_with = "repo")]
     pub config: Option<PathBuf>,
     /// With --repo s3://…: the local directory for the stream's spool and the locks (stream,
-    /// backup).
+    /// backup) [default: one per repository URL, created 0700, under
+    /// $XDG_STATE_HOME/archiver/spool, else /var/lib/archiver/spool for root, else
+    /// ~/.local/state/archiver/spool].
     #[arg(long, env = "ARCHIVER_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
     /// With --repo s3://…: client-side encryption key file (64 hex digits or 32 raw bytes).
@@ -151,6 +153,44 @@ async fn adopt_remote_identity(hot: &dyn Storage, remotes: &[RemoteTier]) -> any
     Ok(())
 }
 
+/// The local directory of `stream`/`backup` into `--repo s3://…` without `--spool-dir`: one per
+/// repository URL, under `$XDG_STATE_HOME/archiver/spool` when that is set, else
+/// `/var/lib/archiver/spool` for root and `~/.local/state/archiver/spool` for others: `<bucket>-<prefix>-<8 hex digits of the URL's
+/// SHA-256>`.
+pub fn default_spool_dir(url: &str) -> Option<PathBuf> {
+    use sha2::Digest;
+    // SAFETY: geteuid has no preconditions.
+    let base = if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        PathBuf::from(x).join("archiver/spool")
+    } else if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/archiver/spool")
+    } else {
+        PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?)
+            .join(".local/state/archiver/spool")
+    };
+    let readable: String = url
+        .trim_start_matches("s3://")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(60)
+        .collect();
+    let digest = sha2::Sha256::digest(url.as_bytes());
+    Some(base.join(format!(
+        "{}-{:02x}{:02x}{:02x}{:02x}",
+        readable.trim_matches('-'),
+        digest[0],
+        digest[1],
+        digest[2],
+        digest[3]
+    )))
+}
+
 impl RepoArg {
     /// The S3 URL, when the repository is in S3 (`--repo s3://…`).
     pub fn s3_url(&self) -> Option<&str> {
@@ -173,12 +213,17 @@ impl RepoArg {
         if let Some(c) = self.load_config()? {
             return Ok(c.hot.path);
         }
-        if self.s3_url().is_some() {
-            return self.spool_dir.clone().ok_or_else(|| {
+        if let Some(url) = self.s3_url() {
+            if let Some(d) = &self.spool_dir {
+                return Ok(d.clone());
+            }
+            let d = default_spool_dir(url).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "`archiver {command}` into an S3 repository needs --spool-dir DIR (a local directory for the segment being received and the locks), or a tiered repository (--config)"
+                    "`archiver {command}` into an S3 repository needs a local directory for the segment being received and the locks: give --spool-dir DIR (no default: neither XDG_STATE_HOME nor HOME is set)"
                 )
-            });
+            })?;
+            tracing::info!(spool_dir = %d.display(), "using the default spool directory for this S3 repository");
+            return Ok(d);
         }
         Ok(self.repo.clone().expect("clap requires --repo or --config"))
     }
@@ -189,7 +234,10 @@ impl RepoArg {
     pub fn spool_for_reading(&self) -> Option<PathBuf> {
         let local = match self.load_config() {
             Ok(Some(c)) => c.hot.path,
-            Ok(None) if self.s3_url().is_some() => self.spool_dir.clone()?,
+            Ok(None) if self.s3_url().is_some() => self
+                .spool_dir
+                .clone()
+                .or_else(|| default_spool_dir(self.s3_url()?))?,
             Ok(None) => self.repo.clone()?,
             Err(_) => return None,
         };

@@ -109,6 +109,11 @@ pub struct RestoreArgs {
     /// Build and verify the plan (every object it needs is read and checked); write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Before writing anything, read and verify every WAL segment and history file the
+    /// recovery will replay (without it, their presence is checked; each is verified as
+    /// recovery fetches it).
+    #[arg(long)]
+    verify_wal: bool,
     /// Print the plan / result as JSON.
     #[arg(long)]
     json: bool,
@@ -472,6 +477,8 @@ struct Done<'a> {
     bytes_written: u64,
     files: usize,
     seconds: f64,
+    /// What was checked of the WAL before writing: "present" or "verified" (--verify-wal).
+    wal_checked: &'static str,
     recovery_settings: Vec<String>,
 }
 
@@ -501,6 +508,16 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     if args.dry_run {
         return dry_run(&args, &repo, &p, &rec, &target).await;
     }
+    // The plan was built from the repository's listing: every segment of the chain from the
+    // backup to the target is present (a missing one ends the chain, and a target beyond it
+    // is refused). With --verify-wal, each is also read and verified now.
+    if args.verify_wal {
+        let n = verify_wal(&repo, &p).await?;
+        info!(
+            objects = n,
+            "every WAL segment and history file of the plan verified"
+        );
+    }
     let started = Instant::now();
     let repo_for_cmd = args.repo.for_restore_command()?;
     let spec = WriteSpec {
@@ -521,13 +538,18 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                 bytes_written: bytes,
                 files,
                 seconds: started.elapsed().as_secs_f64(),
+                wal_checked: if args.verify_wal {
+                    "verified"
+                } else {
+                    "present"
+                },
                 recovery_settings: lines,
             };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&done)?);
             } else {
                 println!(
-                    "restored backup {} into {} ({} files, {:.1} MB in {:.1} s); recovery will replay {} WAL segment(s) to {}. Start it with: pg_ctl -D {} start",
+                    "restored backup {} into {} ({} files, {:.1} MB in {:.1} s, every file checked against the backup manifest); recovery will replay {} WAL segment(s) to {} ({}). Start it with: pg_ctl -D {} start",
                     p.backup_id,
                     pgdata.display(),
                     files,
@@ -535,6 +557,11 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                     done.seconds,
                     p.segments.len(),
                     target.describe(),
+                    if args.verify_wal {
+                        "each read and verified before writing"
+                    } else {
+                        "each present in the archive; verified as recovery fetches it, or before writing with --verify-wal"
+                    },
                     pgdata.display()
                 );
             }
@@ -657,6 +684,22 @@ pub(crate) fn partial_end_note(p: &Plan) -> Option<String> {
     ))
 }
 
+/// Reads and verifies every WAL segment and history file of the plan; how many.
+pub(crate) async fn verify_wal(repo: &Repo, p: &Plan) -> anyhow::Result<usize> {
+    let seg_size = repo.seg_size();
+    for s in &p.segments {
+        repo.read_wal(s.segment(seg_size), s.source)
+            .await
+            .with_context(|| format!("WAL segment {} of the plan", s.name))?;
+    }
+    for t in &p.history_files {
+        repo.get_verified(&history_key(*t))
+            .await
+            .with_context(|| format!("the history file of timeline {t}"))?;
+    }
+    Ok(p.segments.len() + p.history_files.len())
+}
+
 /// Feeds a backup archive's bytes to a tar reader that only computes digests.
 struct DigestSink {
     tar: TarReader,
@@ -709,14 +752,7 @@ async fn dry_run(
         .verify(&all)
         .context("the backup's archives do not match its manifest")?;
     let seg_size = repo.seg_size();
-    for s in &p.segments {
-        repo.read_wal(s.segment(seg_size), s.source).await?;
-        verified += 1;
-    }
-    for t in &p.history_files {
-        repo.get_verified(&history_key(*t)).await?;
-        verified += 1;
-    }
+    verified += verify_wal(repo, p).await?;
     let backup_bytes = rec.size_bytes;
     let wal_bytes = p.segments.len() as u64 * seg_size;
     let out = DryRun {
