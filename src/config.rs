@@ -46,7 +46,11 @@ pub enum ConfigError {
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration ({e}); write e.g. \"10s\", \"5m\", \"2d\""
+        ))
+    })
 }
 
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -179,6 +183,23 @@ pub struct Config {
     pub source: PathBuf,
 }
 
+/// A parse error with the line and the key it is about (`line 3, key "retention": …`).
+fn locate_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match key {
+        Some(k) => format!("line {line_no}, key {k:?}: {}", e.message()),
+        None => format!("line {line_no}: {}", e.message()),
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
@@ -199,7 +220,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let c: Config = toml::from_str(text).map_err(|e| locate_error(text, &e))?;
         c.validate()?;
         Ok(c)
     }
@@ -335,6 +356,10 @@ object_lock_days = 30
             (&format!("{hot}{remote}bucket_typo = 1\n"), "bucket_typo"),
             ("[hot]\npath = \"/x\"\nretention = \"1d\"\n", "remote tier"),
             (&format!("{hot}[encryption]\n"), "exactly one"),
+            (
+                &format!("{hot}[upload]\npartial_upload_interval = \"fast\"\n"),
+                "line 4, key \"partial_upload_interval\": \"fast\" is not a duration",
+            ),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text:?}: {e}");

@@ -185,7 +185,28 @@ fn repository_refusals() {
         "locked by another archiver process",
     );
     assert!(err.contains(&a.pid().to_string()), "{err}");
+    // Another repository on the slot the first streamer holds: refused, suggesting --slot.
+    let other = dir.join("other-repo");
+    let err = refused(
+        &[
+            "stream",
+            "--repo",
+            other.to_str().unwrap(),
+            "-d",
+            &pg1.conninfo("postgres"),
+        ],
+        "is active for PID",
+    );
+    assert!(err.contains("--slot NAME"), "{err}");
     assert!(a.term().success());
+    // No repository named at all: a usage error that says how to name one.
+    let out = archiver(&["list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--config") && err.contains("ARCHIVER_REPO"),
+        "{err}"
+    );
 
     // Another cluster (a different system identifier) is refused and the repository is untouched.
     let before = snapshot(&repo);

@@ -92,7 +92,20 @@ fn init_logging(format: LogFormat, level: &str) {
 
 /// Parses arguments, runs the command and returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let missing_repo = e.kind() == clap::error::ErrorKind::MissingRequiredArgument
+                && e.to_string().contains("--repo");
+            let _ = e.print();
+            if missing_repo {
+                eprintln!(
+                    "hint: name the repository with --repo DIR (or --repo s3://BUCKET/PREFIX), or a tiered repository with --config FILE; or set ARCHIVER_REPO or ARCHIVER_CONFIG"
+                );
+            }
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
     init_logging(cli.log_format, &cli.log_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -59,10 +59,29 @@ pub struct StreamArgs {
     reconnect_timeout: Duration,
 }
 
+/// SQLSTATE `55006` (object_in_use): "replication slot … is active for PID …".
+const SQLSTATE_OBJECT_IN_USE: &str = "55006";
+
 pub async fn run(args: StreamArgs) -> u8 {
+    let slot = args.slot.clone();
     match stream(args).await {
         Ok(()) => 0,
         Err(e) => {
+            let in_use = e.chain().any(|c| {
+                c.downcast_ref::<crate::pg::PgError>()
+                    .or_else(|| match c.downcast_ref::<StreamError>() {
+                        Some(StreamError::Pg(p)) => Some(p),
+                        _ => None,
+                    })
+                    .is_some_and(|p| p.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE))
+            });
+            let e = if in_use {
+                e.context(format!(
+                    "replication slot \"{slot}\" is in use by another process (another `archiver stream`, or a standby): stop it, or give this stream a slot of its own with --slot NAME"
+                ))
+            } else {
+                e
+            };
             let code = match e.downcast_ref::<StreamError>() {
                 Some(StreamError::WalGone(_)) => EXIT_WAL_GONE,
                 _ => EXIT_ERROR,
