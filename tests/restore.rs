@@ -464,6 +464,36 @@ fn drill_restores_checks_and_records() {
             "{res}"
         );
     }
+    // Binaries without pg_amcheck: the drill passes and says what it could not check.
+    let no_amcheck = s.dir.join("bin-no-amcheck");
+    std::fs::create_dir(&no_amcheck).unwrap();
+    for e in std::fs::read_dir(pg_bin()).unwrap().flatten() {
+        if e.file_name() != "pg_amcheck" {
+            std::os::unix::fs::symlink(e.path(), no_amcheck.join(e.file_name())).unwrap();
+        }
+    }
+    let out = archiver_cmd(
+        std::process::Command::new(&s.bin)
+            .args(["drill", "--repo", &s.r, "--json", "--pg-bin"])
+            .arg(&no_amcheck)
+            .arg("--scratch")
+            .arg(&scratch),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(res["passed"], true, "{res}");
+    let skipped = res["checks_skipped"].as_array().unwrap();
+    assert!(
+        skipped
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("pg_amcheck: not available")),
+        "{res}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pg_amcheck: not available"));
     // A failing check fails the drill, and both results are in the catalog.
     let out = drill(&bad);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -472,11 +502,20 @@ fn drill_restores_checks_and_records() {
     let list: serde_json::Value =
         serde_json::from_slice(&archiver(&["list", "--repo", &s.r, "--json"]).stdout).unwrap();
     let drills = list[0]["drills"].as_array().unwrap();
-    assert_eq!(drills.len(), 2);
+    assert_eq!(drills.len(), 3);
     assert_eq!(
-        (drills[0]["passed"].as_bool(), drills[1]["passed"].as_bool()),
-        (Some(true), Some(false))
+        (
+            drills[0]["passed"].as_bool(),
+            drills[1]["passed"].as_bool(),
+            drills[2]["passed"].as_bool()
+        ),
+        (Some(true), Some(true), Some(false))
     );
+    // The record keeps what was checked and what could not be.
+    assert!(drills[1]["checks_skipped"][0]
+        .as_str()
+        .unwrap()
+        .contains("pg_amcheck"));
     // Binaries of another major version are refused before anything is done or recorded.
     match std::env::var("ARCHIVER_TEST_OTHER_PG_BIN")
         .ok()

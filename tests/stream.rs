@@ -144,7 +144,10 @@ fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| {
-            n != "stream.lock" && n != "stream.next" && !n.starts_with(".next-segment.prealloc")
+            n != "stream.lock"
+                && n != "stream.next"
+                && n != "stream.flushed"
+                && !n.starts_with(".next-segment.prealloc")
         })
         .collect();
     assert!(

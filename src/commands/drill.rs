@@ -138,7 +138,6 @@ struct Outcome<'a> {
     result: &'a DrillResult,
     restore_seconds: f64,
     recovery_seconds: f64,
-    checks: Vec<String>,
 }
 
 /// The scratch cluster, stopped and removed on drop whatever happened.
@@ -231,6 +230,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
         extra,
     };
     let mut checks = Vec::new();
+    let mut skipped = Vec::new();
     let mut restore_s = 0.0;
     let mut recovery_s = 0.0;
     let outcome: anyhow::Result<(Option<Lsn>, Option<String>)> = async {
@@ -336,6 +336,13 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
                 );
             }
             checks.push("pg_amcheck".to_string());
+        } else {
+            let why = format!(
+                "pg_amcheck: not available (no {}; install the PostgreSQL client or contrib package of that major, or point --pg-bin at binaries that have it)",
+                amcheck.display()
+            );
+            warn!("{why}");
+            skipped.push(why);
         }
         Ok((lsn, time))
     }
@@ -351,6 +358,8 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
             achieved_time: time.clone(),
             seconds,
             error: None,
+            checks: checks.clone(),
+            checks_skipped: skipped.clone(),
         },
         Err(e) => DrillResult {
             at: now_rfc3339(),
@@ -360,6 +369,8 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
             achieved_time: None,
             seconds,
             error: Some(format!("{e:#}")),
+            checks: checks.clone(),
+            checks_skipped: skipped.clone(),
         },
     };
     record(&repo, &rec, &result).await;
@@ -368,7 +379,6 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
         result: &result,
         restore_seconds: restore_s,
         recovery_seconds: recovery_s,
-        checks,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -381,8 +391,11 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
             restore_s,
             recovery_s,
             result.achieved_lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
-            if out.checks.is_empty() { "none".to_string() } else { out.checks.join(", ") }
+            if result.checks.is_empty() { "none".to_string() } else { result.checks.join(", ") }
         );
+        for s in &result.checks_skipped {
+            println!("  not checked: {s}");
+        }
     }
     match outcome {
         Ok(_) => Ok(true),

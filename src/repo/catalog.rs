@@ -84,6 +84,12 @@ pub struct DrillResult {
     pub seconds: f64,
     /// Why it failed.
     pub error: Option<String>,
+    /// The checks that ran on the restored cluster.
+    #[serde(default)]
+    pub checks: Vec<String>,
+    /// Checks that could not run, each with the reason (e.g. `pg_amcheck` not found).
+    #[serde(default)]
+    pub checks_skipped: Vec<String>,
 }
 
 /// A sortable backup id from a Unix time: `20261122T223000Z`.
