@@ -2,7 +2,9 @@
 
 use super::{report, RepoArg, EXIT_ERROR};
 use crate::repo::catalog::BackupRecord;
+use crate::repo::gaps::{Gap, SlotRecord};
 use crate::repo::Repo;
+use crate::restore::plan::{recovery_windows, Window};
 
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
@@ -17,8 +19,9 @@ pub struct ListArgs {
 pub struct InfoArgs {
     #[command(flatten)]
     repo: RepoArg,
-    /// The backup id (as `archiver list` shows it).
-    id: String,
+    /// The backup id (as `archiver list` shows it); without it, the repository: its cluster,
+    /// the gaps in its WAL and the recovery windows between them.
+    id: Option<String>,
     /// Print the record as JSON.
     #[arg(long)]
     json: bool,
@@ -110,6 +113,13 @@ pub async fn list(args: ListArgs) -> u8 {
         } else {
             println!("{}", table(&records));
         }
+        if !args.json {
+            let gaps = repo.list_gaps().await?;
+            if !gaps.is_empty() {
+                println!();
+                print!("{}", gaps_text(&records, &gaps));
+            }
+        }
         anyhow::Ok(())
     };
     match run.await {
@@ -118,10 +128,88 @@ pub async fn list(args: ListArgs) -> u8 {
     }
 }
 
+/// The gaps in the WAL and the recovery windows around them, one per line.
+fn gaps_text(records: &[BackupRecord], gaps: &[Gap]) -> String {
+    let mut out = String::new();
+    for g in gaps {
+        out.push_str(&format!("gap:               {}\n", g.describe()));
+    }
+    for (i, w) in recovery_windows(records, gaps).iter().enumerate() {
+        out.push_str(&format!("recovery window {}: {}\n", i + 1, w.describe()));
+    }
+    out
+}
+
+/// What `info` without an id shows.
+#[derive(serde::Serialize)]
+struct RepoInfo<'a> {
+    repository: &'a str,
+    system_identifier: &'a str,
+    pg_version: u32,
+    wal_segment_size: u64,
+    created_at: &'a str,
+    backups: usize,
+    complete_backups: usize,
+    /// Holes in the WAL accepted with `stream --accept-gap`; no restore crosses one.
+    gaps: Vec<Gap>,
+    /// The stretches a restore can reach, oldest first (one more than there are gaps).
+    recovery_windows: Vec<Window>,
+    /// The replication slots archiver created for this repository.
+    replication_slots: Vec<SlotRecord>,
+}
+
+async fn repo_info(repo: &Repo, json: bool) -> anyhow::Result<()> {
+    let records = repo.list_backups().await?;
+    let gaps = repo.list_gaps().await?;
+    let meta = repo.meta();
+    let info = RepoInfo {
+        repository: repo.name(),
+        system_identifier: &meta.system_identifier,
+        pg_version: meta.pg_version_num,
+        wal_segment_size: meta.wal_segment_size,
+        created_at: &meta.created_at,
+        backups: records.len(),
+        complete_backups: records
+            .iter()
+            .filter(|r| r.status == crate::repo::catalog::BackupStatus::Complete)
+            .count(),
+        recovery_windows: recovery_windows(&records, &gaps),
+        gaps,
+        replication_slots: repo.list_slots().await?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("repository:        {}", info.repository);
+    println!("system identifier: {}", info.system_identifier);
+    println!("pg version:        {}", info.pg_version);
+    println!("created at:        {}", info.created_at);
+    println!(
+        "backups:           {} ({} complete)",
+        info.backups, info.complete_backups
+    );
+    for s in &info.replication_slots {
+        println!("replication slot:  {} (created {})", s.name, s.created_at);
+    }
+    if info.gaps.is_empty() {
+        println!("gaps:              none");
+        for w in &info.recovery_windows {
+            println!("recovery window:   {}", w.describe());
+        }
+    } else {
+        print!("{}", gaps_text(&records, &info.gaps));
+    }
+    Ok(())
+}
+
 pub async fn info(args: InfoArgs) -> u8 {
     let run = async {
         let repo = Repo::open(args.repo.storage_checked().await?, &args.repo.name()).await?;
-        let r = repo.get_backup(&args.id).await?;
+        let Some(id) = &args.id else {
+            return repo_info(&repo, args.json).await;
+        };
+        let r = repo.get_backup(id).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {

@@ -143,6 +143,7 @@ pub(crate) async fn inventory(repo: &Repo) -> anyhow::Result<WalInventory> {
     let mut inv = WalInventory::new(&objects, histories);
     let spool = repo.spool_wal();
     inv.add_spool(&spool);
+    inv.gaps = repo.list_gaps().await?;
     inv.newest_segment_time = repo
         .newest_segment_time()
         .await?

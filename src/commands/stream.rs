@@ -57,6 +57,12 @@ pub struct StreamArgs {
     /// After a lost connection, keep reconnecting for this long before giving up.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     reconnect_timeout: Duration,
+    /// When the WAL this repository needs next is gone from the server (dropped slot, recycled
+    /// WAL): record the gap in the catalog and continue from the oldest WAL the server still
+    /// has, instead of exiting 3. Restores stay on either side of the gap; take a base backup
+    /// at once afterwards.
+    #[arg(long)]
+    accept_gap: bool,
 }
 
 /// SQLSTATE `55006` (object_in_use): "replication slot … is active for PID …".
@@ -156,6 +162,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
             ..RetryPolicy::default()
         },
         flushed: None,
+        accept_gap: args.accept_gap,
     };
     let mut cfg = cfg;
     // Straight into S3 there is no hot tier to ship from, but the segment being received is

@@ -8,6 +8,8 @@
 //! wal/history/<TLI>.history.zst              timeline history file
 //! catalog/<id>.json                          one backup's record (sealed JSON)
 //! backups/<id>/<name>.zst                    a backup's objects (tablespace archives, manifest)
+//! gaps/<TLI>-<from LSN>.json                 a hole in the WAL accepted with `stream --accept-gap`
+//! slots.json                                 the replication slots archiver created
 //! ```
 
 use crate::wal::segment::{history_file_name, parse_history_file_name};

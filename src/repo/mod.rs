@@ -15,6 +15,7 @@ use crate::storage::{Storage, StorageError};
 use crate::wal::SegmentName;
 
 pub mod catalog;
+pub mod gaps;
 pub mod layout;
 pub mod local_wal;
 pub mod lock;

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::target::{catalog_time, format_rfc3339, Target, TimelineChoice};
 use crate::repo::catalog::{BackupRecord, BackupStatus};
+use crate::repo::gaps::Gap;
 use crate::repo::layout::WalObject;
 use crate::repo::local_wal::WalSource;
 use crate::wal::timeline::HistoryEntry;
@@ -31,6 +32,8 @@ pub struct WalInventory {
     /// When the newest complete segment was archived (microseconds since the epoch): no WAL
     /// in the archive was written after it.
     pub newest_segment_time: Option<i64>,
+    /// Holes accepted with `stream --accept-gap`, in LSN order: no plan crosses one.
+    pub gaps: Vec<Gap>,
 }
 
 impl WalInventory {
@@ -179,6 +182,13 @@ pub enum PlanError {
     },
     #[error("{target} lies beyond the archive: its newest WAL was received at {newest}, so no WAL after that can be replayed")]
     TimeBeyondArchive { target: String, newest: String },
+    #[error("{target} cannot be reached from backup {backup}: the archive has a gap after it ({gap}), and no restore crosses a gap. Recovery windows: {windows}")]
+    AcrossGap {
+        target: String,
+        backup: String,
+        gap: String,
+        windows: String,
+    },
     #[error("no backup lies on the history of timeline {tli}: {reason}")]
     TimelineUnreachable { tli: TimeLineId, reason: String },
     #[error("the WAL of backup {backup} is incomplete: segment {missing} is missing from the archive (needed up to the backup's end, {stop})")]
@@ -195,6 +205,96 @@ impl From<(TimeLineId, &WalInventory)> for PlanError {
         known.insert(0, "1".into());
         PlanError::NoHistory(tli, known.join(", "))
     }
+}
+
+/// A stretch of the archive between gaps that a restore can reach, and the backup it starts from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Window {
+    /// The oldest complete backup inside the window: restores start from it (or a newer one).
+    pub backup: Option<String>,
+    /// The window's first reachable point: that backup's end.
+    pub from_lsn: Option<Lsn>,
+    pub from_time: Option<String>,
+    /// Where the window's WAL ends: the start of the gap after it (`None`: the archive's end).
+    pub to_lsn: Option<Lsn>,
+    /// When that WAL was received, when known.
+    pub to_time: Option<String>,
+}
+
+impl Window {
+    pub fn describe(&self) -> String {
+        let end = match (self.to_lsn, &self.to_time) {
+            (None, _) => "the newest archived WAL".to_string(),
+            (Some(l), Some(t)) => format!("{l} (WAL received until {t})"),
+            (Some(l), None) => l.to_string(),
+        };
+        match (&self.backup, self.from_lsn) {
+            (Some(b), Some(l)) => format!(
+                "from the end of backup {b} ({l}, {}) to {end}",
+                self.from_time.as_deref().unwrap_or("time unknown")
+            ),
+            _ => format!(
+                "none yet up to {end}: no complete backup is inside it (take one: archiver backup)"
+            ),
+        }
+    }
+}
+
+/// The recovery windows of the archive: one per stretch between recorded gaps, oldest first.
+pub fn recovery_windows(backups: &[BackupRecord], gaps: &[Gap]) -> Vec<Window> {
+    let mut complete: Vec<&BackupRecord> = backups
+        .iter()
+        .filter(|b| b.status == BackupStatus::Complete && b.stop_lsn.is_some())
+        .collect();
+    complete.sort_by_key(|b| b.stop_lsn);
+    let mut gaps: Vec<&Gap> = gaps.iter().collect();
+    gaps.sort_by_key(|g| g.from_lsn);
+    let mut out = Vec::new();
+    let mut begin = Lsn(0);
+    for i in 0..=gaps.len() {
+        let end = gaps.get(i);
+        let b = complete.iter().find(|b| {
+            b.start_lsn >= begin && end.is_none_or_before(b.stop_lsn.unwrap_or(b.start_lsn))
+        });
+        out.push(Window {
+            backup: b.map(|b| b.id.clone()),
+            from_lsn: b.and_then(|b| b.stop_lsn),
+            from_time: b.and_then(|b| b.stop_time.clone()),
+            to_lsn: end.map(|g| g.from_lsn),
+            to_time: end.map(|g| {
+                g.last_received_before
+                    .clone()
+                    .unwrap_or_else(|| g.at.clone())
+            }),
+        });
+        if let Some(g) = end {
+            begin = g.to_lsn;
+        }
+    }
+    out
+}
+
+trait GapBound {
+    /// True when there is no gap, or `lsn` lies at or before its start.
+    fn is_none_or_before(&self, lsn: Lsn) -> bool;
+}
+
+impl GapBound for Option<&&Gap> {
+    fn is_none_or_before(&self, lsn: Lsn) -> bool {
+        match self {
+            None => true,
+            Some(g) => lsn <= g.from_lsn,
+        }
+    }
+}
+
+fn describe_windows(backups: &[BackupRecord], gaps: &[Gap]) -> String {
+    recovery_windows(backups, gaps)
+        .iter()
+        .enumerate()
+        .map(|(i, w)| format!("{}) {}", i + 1, w.describe()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The timeline a segment is read from along `path`.
@@ -391,6 +491,31 @@ pub fn plan(
             stop,
         });
     }
+    // A recorded gap after the backup ends its window: nothing beyond it is reachable from it.
+    if let Some(g) = inv.gaps.iter().find(|g| g.to_lsn > backup.start_lsn) {
+        let window_end_time = g
+            .last_received_before
+            .as_deref()
+            .and_then(catalog_time)
+            .or_else(|| catalog_time(&g.at));
+        let beyond = match &req.target {
+            // "latest" means the archive's end; from here only the gap's start is reachable.
+            Target::Latest => forced.is_none(),
+            Target::Lsn(l) => *l > g.from_lsn,
+            Target::Time(t) => window_end_time.is_some_and(|w| *t > w),
+            _ => false,
+        };
+        if beyond {
+            return Err(PlanError::AcrossGap {
+                target: target_desc,
+                backup: backup.id.clone(),
+                gap: g.describe(),
+                windows: describe_windows(backups, &inv.gaps),
+            });
+        }
+        let gap_seg = g.from_lsn.0 / seg_size;
+        segments.retain(|n| n.segment(seg_size).segno <= gap_seg);
+    }
     let later_exists = inv.segments.range((s + 1, 0)..).next().is_some();
     let gap = if later_exists && !partial_end {
         format!(" (segment {missing_name} is missing; WAL archived after it is unreachable)")
@@ -478,6 +603,7 @@ mod tests {
     ) -> WalInventory {
         WalInventory {
             newest_segment_time: None,
+            gaps: Vec::new(),
             spool_segments: Default::default(),
             spool_tail: None,
             segments: segs.iter().copied().collect(),
@@ -644,6 +770,93 @@ mod tests {
         i.spool_tail = None;
         let p = plan(&bs, &i, &req(Target::Latest), SEG).unwrap();
         assert_eq!(names(&p), ["12", "13"]);
+    }
+
+    #[test]
+    fn no_plan_crosses_a_recorded_gap() {
+        // A (segs 2-3) before a gap [5/0x4000, 9/0); B (segs 9-10) after it; WAL 2-4, 5 partial,
+        // 9-11. The WAL before the gap was last received at 01:30.
+        let bs = [
+            backup("A", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z"),
+            backup("B", 1, 9, 10 * SEG + 0x100, "2026-11-23T03:00:00Z"),
+        ];
+        let mut i = inv(
+            &[(2, 1), (3, 1), (4, 1), (9, 1), (10, 1), (11, 1)],
+            &[(5, 1)],
+            &[],
+        );
+        i.gaps = vec![Gap {
+            from_timeline: 1,
+            from_lsn: Lsn(5 * SEG + 0x4000),
+            timeline: 1,
+            to_lsn: Lsn(9 * SEG),
+            at: "2026-11-23T02:30:00Z".into(),
+            last_received_before: Some("2026-11-23T01:30:00Z".into()),
+            reason: "requested WAL segment has already been removed".into(),
+        }];
+        let t = |s: &str| Target::Time(super::super::target::parse_time_utc(s).unwrap());
+        // Each side of the gap restores; window 1 ends with the partial before the gap.
+        let p = plan(&bs, &i, &req(t("2026-11-23 01:20:00")), SEG).unwrap();
+        assert_eq!(
+            (p.backup_id.as_str(), names(&p)),
+            (
+                "A",
+                vec!["12".into(), "13".into(), "14".into(), "15p".into()]
+            )
+        );
+        let p = plan(&bs, &i, &req(Target::Lsn(Lsn(5 * SEG + 0x3000))), SEG).unwrap();
+        assert_eq!(p.backup_id, "A");
+        let p = plan(&bs, &i, &req(Target::Latest), SEG).unwrap();
+        assert_eq!((p.backup_id.as_str(), names(&p).len()), ("B", 3));
+        let p = plan(&bs, &i, &req(t("2026-11-23 03:10:00")), SEG).unwrap();
+        assert_eq!(p.backup_id, "B");
+        // A target inside the gap is refused, naming both windows.
+        for target in [
+            t("2026-11-23 02:00:00"),
+            Target::Lsn(Lsn(5 * SEG + 0x5000)),
+            Target::Lsn(Lsn(8 * SEG)),
+        ] {
+            let e = plan(&bs, &i, &req(target.clone()), SEG).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, PlanError::AcrossGap { .. }),
+                "{target:?}: {msg}"
+            );
+            assert!(
+                msg.contains("1) from the end of backup A")
+                    && msg.contains("2) from the end of backup B"),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("0/5004000") && msg.contains("0/9000000"),
+                "{msg}"
+            );
+        }
+        // "latest" from A (forced) ends at the gap; without B, latest is refused.
+        let mut r = req(Target::Latest);
+        r.backup = Some("A".into());
+        let p = plan(&bs, &i, &r, SEG).unwrap();
+        assert_eq!(names(&p).last().unwrap(), "15p");
+        assert!(matches!(
+            plan(&bs[..1], &i, &req(Target::Latest), SEG),
+            Err(PlanError::AcrossGap { .. })
+        ));
+        // The windows.
+        let w = recovery_windows(&bs, &i.gaps);
+        assert_eq!(w.len(), 2);
+        assert_eq!(
+            (w[0].backup.as_deref(), w[0].to_lsn),
+            (Some("A"), Some(Lsn(5 * SEG + 0x4000)))
+        );
+        assert_eq!(w[0].to_time.as_deref(), Some("2026-11-23T01:30:00Z"));
+        assert_eq!((w[1].backup.as_deref(), w[1].to_lsn), (Some("B"), None));
+        let w = recovery_windows(&bs[..1], &i.gaps);
+        assert_eq!(w[1].backup, None);
+        assert!(
+            w[1].describe().contains("archiver backup"),
+            "{}",
+            w[1].describe()
+        );
     }
 
     #[test]

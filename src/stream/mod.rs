@@ -11,7 +11,9 @@
 //!   crash leaves neither a gap nor a duplicate;
 //! - WAL whose page headers fail validation is never written;
 //! - if the WAL needed to continue is gone from the server, streaming stops with
-//!   [`StreamError::WalGone`] rather than archiving a hole.
+//!   [`StreamError::WalGone`] rather than archiving a hole — unless the operator accepts the gap
+//!   (`accept_gap`): then the gap is recorded in the repository ([`crate::repo::gaps`]) before
+//!   any WAL after it is streamed, and every later start skips it.
 
 use std::time::Duration;
 
@@ -46,6 +48,9 @@ pub struct StreamConfig {
     pub progress_interval: Duration,
     pub compress_level: i32,
     pub retry: RetryPolicy,
+    /// When the WAL needed to continue is gone from the server: record the gap and continue
+    /// from the oldest position the server still has (`--accept-gap`).
+    pub accept_gap: bool,
     /// Told the durable (fsync'd) position after every status update (the partial-segment
     /// shipper of a tiered repository reads it).
     pub flushed: Option<std::sync::Arc<watch::Sender<Option<crate::upload::WalPoint>>>>,
@@ -62,7 +67,7 @@ pub enum StreamError {
         context: String,
         cause: std::io::Error,
     },
-    #[error("the WAL needed to continue is no longer available on the server ({0}); the archive would have a gap. Take a new base backup, and start a new repository (or remove the repository's WAL after the last backup) to resume archiving")]
+    #[error("the WAL needed to continue is no longer available on the server ({0}); the archive would have a gap. To continue this repository from the server's current position, run `archiver stream --accept-gap` (the gap is recorded; restores stay on either side of it and never cross it), then take a base backup at once (`archiver backup`): the WAL after the gap is restorable only from a backup taken after it")]
     WalGone(String),
     #[error("refusing to archive invalid WAL")]
     InvalidWal(#[from] PageError),
@@ -172,6 +177,7 @@ async fn prepare(
     if slot.is_none() {
         if replication::create_physical_slot(conn, &cfg.slot).await? {
             info!(slot = %cfg.slot, "created physical replication slot");
+            repo.record_slot(&cfg.slot).await?;
         }
         if server.major() >= 15 {
             slot = replication::read_replication_slot(conn, &cfg.slot).await?;
@@ -203,7 +209,7 @@ async fn prepare(
         Some(r) => repo.contiguous_end(r).await?,
         None => repo.last_complete_segment().await?,
     };
-    let start = plan_start(
+    let mut start = plan_start(
         resume,
         last,
         slot.as_ref()
@@ -211,6 +217,16 @@ async fn prepare(
         &server.system,
         seg_size,
     );
+    // A recorded gap is never streamed into: continue after it.
+    for g in repo.list_gaps().await? {
+        if g.from_lsn.segment_start(seg_size) <= start.lsn && start.lsn < g.to_lsn {
+            info!(from = %g.from_lsn, to = %g.to_lsn, "continuing after the recorded gap");
+            start = StartPoint {
+                tli: g.timeline,
+                lsn: g.to_lsn,
+            };
+        }
+    }
     // Stale partials (below the start, e.g. an old timeline's) are of no further use.
     for e in entries {
         if let SpoolEntry::Partial(s) = e {
@@ -231,6 +247,119 @@ async fn prepare(
     }
     info!(tli = start.tli, start = %start.lsn, resumed = last.is_some() || resume.is_some(), "streaming start point");
     Ok(start)
+}
+
+/// The slots archiver created for this repository, other than the one in use, that still exist
+/// on the server (they retain WAL there), as "name (restart_lsn X)".
+async fn abandoned_slots(
+    conn: &mut Connection,
+    server: &ServerInfo,
+    repo: &Repo,
+    cfg: &StreamConfig,
+) -> Result<Vec<String>, StreamError> {
+    if server.major() < 15 {
+        return Ok(Vec::new()); // READ_REPLICATION_SLOT is PostgreSQL 15+
+    }
+    let mut out = Vec::new();
+    for s in repo.list_slots().await? {
+        if s.name == cfg.slot {
+            continue;
+        }
+        if let Some(info) = replication::read_replication_slot(conn, &s.name).await? {
+            let restart = info
+                .restart_lsn
+                .map_or_else(|| "none".to_string(), |l| l.to_string());
+            out.push(format!("{} (restart_lsn {restart})", s.name));
+        }
+    }
+    Ok(out)
+}
+
+/// The gap the stream accepts when the WAL at `start` is gone: from `start` (or the start of
+/// the gap already recorded there) to the slot's `restart_lsn` (`slot_restart`) when it is
+/// ahead, else the segment of the server's current position.
+async fn accept_gap(
+    server: &ServerInfo,
+    repo: &Repo,
+    spool: &Spool,
+    cfg: &StreamConfig,
+    start: StartPoint,
+    reason: &str,
+    slot_restart: Option<Lsn>,
+) -> Result<crate::repo::gaps::Gap, StreamError> {
+    let seg_size = repo.seg_size();
+    let current = server.system.xlogpos.segment_start(seg_size);
+    let to = match slot_restart {
+        Some(r) if r.segment_start(seg_size) > start.lsn => r.segment_start(seg_size),
+        _ => current,
+    };
+    if to <= start.lsn {
+        return Err(StreamError::WalGone(format!(
+            "{reason}; the server's oldest WAL is not ahead of {}",
+            start.lsn
+        )));
+    }
+    let existing = repo
+        .list_gaps()
+        .await?
+        .into_iter()
+        .find(|g| g.to_lsn == start.lsn && g.timeline == start.tli && g.from_lsn < start.lsn);
+    // The durable prefix of the segment at `start` is acknowledged WAL, and its only copy:
+    // keep it as the segment's partial object before the spool lets it go.
+    let mut from = start.lsn;
+    if let Some((seg, len)) = spool.durable_tail().filter(|(_, len)| *len > 0) {
+        if seg.start_lsn() == start.lsn && seg.tli == start.tli && existing.is_none() {
+            let raw = spool
+                .read_tail(seg, len)
+                .map_err(|e| StreamError::io("reading the spool's partial segment", e))?;
+            let (obj, _) = crate::repo::object::encode_bytes(
+                &raw,
+                crate::repo::object::ObjectKind::PartialWalSegment,
+                cfg.compress_level,
+            )
+            .map_err(|e| {
+                StreamError::io("compressing a partial segment", std::io::Error::other(e))
+            })?;
+            repo.put_encoded(&crate::repo::layout::partial_segment_key(&seg), obj)
+                .await?;
+            info!(segment = %seg, bytes = len, "kept the received prefix before the gap as a partial segment");
+            from = Lsn(start.lsn.0 + len);
+        }
+    }
+    let last_received_before = repo
+        .newest_segment_time()
+        .await?
+        .max(spool.readable().ok().and_then(|w| w.modified))
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+    let gap = match existing {
+        Some(mut g) => {
+            g.to_lsn = to;
+            g.timeline = server.system.timeline;
+            g.at = crate::repo::now_rfc3339();
+            g
+        }
+        None => crate::repo::gaps::Gap {
+            from_timeline: start.tli,
+            from_lsn: from,
+            timeline: server.system.timeline,
+            to_lsn: to,
+            at: crate::repo::now_rfc3339(),
+            last_received_before,
+            reason: reason.to_string(),
+        },
+    };
+    // The record first: nothing after the gap is streamed before the repository explains it.
+    repo.put_gap(&gap).await?;
+    spool
+        .clear_flush_record()
+        .map_err(|e| StreamError::io("resetting the spool", e))?;
+    warn!(
+        from = %gap.from_lsn,
+        to = %gap.to_lsn,
+        tli = gap.timeline,
+        "accepted a gap in the archive: WAL in between is gone from the server; take a base backup now (WAL after the gap is restorable only from a backup taken after it)"
+    );
+    Ok(gap)
 }
 
 /// Connects again after a transient failure and re-checks the server's identity.
@@ -269,6 +398,7 @@ pub async fn run(
         publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level);
     let mut next = Some((conn, server));
     let mut failing_since: Option<std::time::Instant> = None;
+    let mut gap_attempts = 0u32;
     let result = loop {
         let (mut conn, server) = match next.take() {
             Some(c) => c,
@@ -289,8 +419,17 @@ pub async fn run(
                 }
             }
         };
+        let mut started_at = None;
         let outcome = async {
             let start = prepare(&mut conn, &server, &repo, &spool, &cfg).await?;
+            started_at = Some(start);
+            let abandoned = abandoned_slots(&mut conn, &server, &repo, &cfg).await?;
+            if !abandoned.is_empty() {
+                warn!(
+                    slots = %abandoned.join(", "),
+                    "replication slots archiver created for this repository are not streamed from: they retain WAL on the server; drop each one no longer needed (SELECT pg_drop_replication_slot('NAME'))"
+                );
+            }
             let mut s = session::Session::new(
                 conn,
                 &server,
@@ -300,6 +439,7 @@ pub async fn run(
                 &mut publisher,
                 start.tli,
             );
+            s.abandoned_slots = abandoned.join(", ");
             let r = s.run(start, &mut shutdown).await;
             Ok::<_, StreamError>((r, s.bytes_received()))
         }
@@ -311,7 +451,38 @@ pub async fn run(
         match r {
             Ok(()) => break Ok(()),
             Err(StreamError::Pg(PgError::Server(e))) if e.code == SQLSTATE_UNDEFINED_FILE => {
-                break Err(StreamError::WalGone(e.message))
+                let Some(start) = started_at.filter(|_| cfg.accept_gap && gap_attempts < 3) else {
+                    break Err(StreamError::WalGone(e.message));
+                };
+                gap_attempts += 1;
+                let accepted = async {
+                    let (mut conn, server) = reconnect(&conninfo, &repo, &cfg).await?;
+                    // The slot's position on the first try; after that (the WAL went on
+                    // moving), the server's current position.
+                    let slot_restart = if server.major() >= 15 && gap_attempts == 1 {
+                        replication::read_replication_slot(&mut conn, &cfg.slot)
+                            .await?
+                            .and_then(|s| s.restart_lsn)
+                    } else {
+                        None
+                    };
+                    accept_gap(
+                        &server,
+                        &repo,
+                        &spool,
+                        &cfg,
+                        start,
+                        &e.message,
+                        slot_restart,
+                    )
+                    .await?;
+                    Ok::<_, StreamError>((conn, server))
+                }
+                .await;
+                match accepted {
+                    Ok(c) => next = Some(c),
+                    Err(e) => break Err(e),
+                }
             }
             Err(e) if e.is_transient() && !*shutdown.borrow() => {
                 if progressed {

@@ -55,6 +55,8 @@ pub struct Session<'a> {
     bytes_received: u64,
     /// Background preparation of the next segment file.
     prealloc: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Slots archiver created that nobody streams from (named in every progress line).
+    pub(crate) abandoned_slots: String,
 }
 
 /// Resolves once shutdown is requested; never, if the sender is gone without requesting it.
@@ -112,6 +114,7 @@ impl<'a> Session<'a> {
             reply_due: false,
             bytes_received: 0,
             prealloc: None,
+            abandoned_slots: String::new(),
         }
     }
 
@@ -242,6 +245,12 @@ impl<'a> Session<'a> {
             rate_mb_s = format!("{:.2}", self.progress_bytes as f64 / secs / 1e6),
             "progress"
         );
+        if !self.abandoned_slots.is_empty() {
+            warn!(
+                abandoned_slots = %self.abandoned_slots,
+                "progress: replication slots archiver created are not streamed from and retain WAL on the server"
+            );
+        }
         self.last_progress = Instant::now();
         self.progress_bytes = 0;
     }
