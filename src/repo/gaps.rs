@@ -57,6 +57,12 @@ impl Gap {
     }
 }
 
+/// `slots.json`: sealed JSON is an object, so the list is a field.
+#[derive(Serialize, Deserialize, Default)]
+struct SlotsFile {
+    slots: Vec<SlotRecord>,
+}
+
 /// A replication slot archiver created for this repository.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRecord {
@@ -92,10 +98,12 @@ impl Repo {
     /// The slots archiver created for this repository.
     pub async fn list_slots(&self) -> Result<Vec<SlotRecord>, RepoError> {
         match self.storage().get(SLOTS_KEY).await {
-            Ok(raw) => sealed::open(&raw).map_err(|e| RepoError::Corrupt {
-                key: SLOTS_KEY.into(),
-                reason: e.to_string(),
-            }),
+            Ok(raw) => sealed::open::<SlotsFile>(&raw)
+                .map(|f| f.slots)
+                .map_err(|e| RepoError::Corrupt {
+                    key: SLOTS_KEY.into(),
+                    reason: e.to_string(),
+                }),
             Err(StorageError::NotFound(_)) => Ok(Vec::new()),
             Err(e) => Err(e.into()),
         }
@@ -103,7 +111,10 @@ impl Repo {
 
     /// Replaces the list of slots archiver created.
     pub async fn put_slots(&self, slots: &[SlotRecord]) -> Result<(), RepoError> {
-        let body = sealed::seal(&slots).map_err(|e| RepoError::BadMeta(e.to_string()))?;
+        let file = SlotsFile {
+            slots: slots.to_vec(),
+        };
+        let body = sealed::seal(&file).map_err(|e| RepoError::BadMeta(e.to_string()))?;
         Ok(self.storage().put(SLOTS_KEY, body.into()).await?)
     }
 

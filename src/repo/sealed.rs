@@ -13,6 +13,8 @@ pub enum SealError {
     Json(#[from] serde_json::Error),
     #[error("checksum missing")]
     Missing,
+    #[error("only a JSON object can be sealed")]
+    NotAnObject,
     #[error("checksum mismatch: the document was altered or damaged")]
     Mismatch,
 }
@@ -27,9 +29,10 @@ fn digest(v: &serde_json::Value) -> String {
 pub fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, SealError> {
     let mut v = serde_json::to_value(value)?;
     let sum = digest(&v);
-    if let serde_json::Value::Object(m) = &mut v {
-        m.insert("checksum".into(), serde_json::Value::String(sum));
-    }
+    let serde_json::Value::Object(m) = &mut v else {
+        return Err(SealError::NotAnObject);
+    };
+    m.insert("checksum".into(), serde_json::Value::String(sum));
     let mut out = serde_json::to_vec_pretty(&v)?;
     out.push(b'\n');
     Ok(out)
