@@ -91,7 +91,7 @@ pub async fn fetch_wal(
     if next.segno > last.segno {
         return Ok(out);
     }
-    std::fs::create_dir_all(spool_dir)
+    crate::storage::fs::create_dir_all_durable(spool_dir)
         .map_err(|e| StreamError::io(format!("creating {}", spool_dir.display()), e))?;
     let spool = Spool::open(spool_dir, seg_size)
         .map_err(|e| StreamError::io(format!("opening {}", spool_dir.display()), e))?;

@@ -220,7 +220,7 @@ async fn claim_backup_id(repo: &Repo, spool: &Path) -> anyhow::Result<(String, R
             })
             .await?;
         let dir = backup_spool(spool, &id);
-        std::fs::create_dir_all(&dir)
+        crate::storage::fs::create_dir_all_durable(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         match RepoLock::acquire(&dir.join("lock")) {
             Ok(lock) => return Ok((id, lock)),

@@ -153,6 +153,26 @@ async fn adopt_remote_identity(hot: &dyn Storage, remotes: &[RemoteTier]) -> any
     Ok(())
 }
 
+/// Warns (once per directory and process) when a repository or spool directory that exists is
+/// open to other users: it holds a full copy of the database, password hashes included.
+pub(crate) fn warn_if_readable_by_others(dir: &Path, what: &str) {
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let Some(mode) = crate::storage::fs::readable_by_others(dir) else {
+        return;
+    };
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.iter().any(|d| d == dir) {
+        return;
+    }
+    warned.push(dir.to_path_buf());
+    tracing::warn!(
+        path = %dir.display(),
+        mode = format!("{mode:04o}"),
+        "the {what} directory is open to other users, and it holds a full copy of the database (password hashes included): restrict it as PostgreSQL's data directory is (chmod -R go-rwx {})",
+        dir.display()
+    );
+}
+
 /// The local directory of `stream`/`backup` into `--repo s3://…` without `--spool-dir`: one per
 /// repository URL, under `$XDG_STATE_HOME/archiver/spool` when that is set, else
 /// `/var/lib/archiver/spool` for root and `~/.local/state/archiver/spool` for others: `<bucket>-<prefix>-<8 hex digits of the URL's
@@ -215,6 +235,7 @@ impl RepoArg {
         }
         if let Some(url) = self.s3_url() {
             if let Some(d) = &self.spool_dir {
+                warn_if_readable_by_others(d, "spool");
                 return Ok(d.clone());
             }
             let d = default_spool_dir(url).ok_or_else(|| {
@@ -223,6 +244,7 @@ impl RepoArg {
                 )
             })?;
             tracing::info!(spool_dir = %d.display(), "using the default spool directory for this S3 repository");
+            warn_if_readable_by_others(&d, "spool");
             return Ok(d);
         }
         Ok(self.repo.clone().expect("clap requires --repo or --config"))
@@ -279,6 +301,7 @@ impl RepoArg {
                 dir.display()
             );
         }
+        warn_if_readable_by_others(dir, "repository");
         Ok(Arc::new(FsStorage::new(dir)))
     }
 

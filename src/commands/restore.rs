@@ -604,7 +604,7 @@ pub(crate) async fn write_restore(
     info!(files, "every restored file matches the backup manifest");
     let bytes: u64 = archives.iter().map(|a| a.size).sum();
 
-    std::fs::write(pgdata.join("backup_manifest"), &manifest_raw)?;
+    crate::storage::fs::write_private(&pgdata.join("backup_manifest"), &manifest_raw)?;
     // Tablespaces moved with --tablespace-mapping: PostgreSQL makes its pg_tblspc links from
     // tablespace_map at startup, so point it at the new places.
     if !w.mapping.is_empty() {
@@ -620,7 +620,7 @@ pub(crate) async fn write_restore(
                 .map_or(path.to_string(), |(_, n)| n.display().to_string());
             out.push_str(&format!("{oid} {new}\n"));
         }
-        std::fs::write(&map, out)?;
+        crate::storage::fs::write_private(&map, out.as_bytes())?;
     }
     let exe = std::env::current_exe().context("locating the archiver binary")?;
     let cmd = recovery::restore_command(&exe, w.repo_args);

@@ -146,7 +146,7 @@ fn start_prefetch(args: &WalFetchArgs, seg: SegmentName) {
 /// The worker: fetches the segments after WALFILE into `dir`, verified, a few at a time; stops
 /// at the archive's end.
 async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    crate::storage::fs::create_dir_all_durable(dir)?;
     let _lock = match crate::repo::lock::RepoLock::acquire(&dir.join(".lock")) {
         Ok(l) => l,
         Err(_) => return Ok(()), // another worker is at it
@@ -183,7 +183,7 @@ async fn prefetch_worker(args: &WalFetchArgs, dir: &Path) -> anyhow::Result<()> 
         let repo = repo.clone();
         running.spawn(async move {
             let tmp = path.with_extension("tmp");
-            let f = std::fs::File::create(&tmp)?;
+            let f = crate::storage::fs::create_private(&tmp)?;
             match repo.stream_verified(&key, f).await {
                 Ok((info, f)) if info.raw_size == seg_size => {
                     f.sync_all()?;
@@ -296,8 +296,8 @@ fn write_raw(raw: &[u8], dest: &Path, seg_size: u64) -> anyhow::Result<()> {
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
     let tmp = dir.join(format!(".{name}.archiver-tmp-{}", std::process::id()));
     let result = (|| -> anyhow::Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = crate::storage::fs::create_private(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(raw)?;
         if (raw.len() as u64) < seg_size {
             f.set_len(seg_size)?;
@@ -328,8 +328,8 @@ fn write_verified(
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
     let tmp = dir.join(format!(".{name}.archiver-tmp-{}", std::process::id()));
     let result = (|| -> anyhow::Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = crate::storage::fs::create_private(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
         let info = object::decode(obj, &mut w).map_err(|e| {
             anyhow::anyhow!("archived {walfile} ({key}) is corrupt: {e}; refusing to restore it")

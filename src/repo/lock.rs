@@ -2,7 +2,7 @@
 //! `flock` is released by the kernel when the process dies (kill -9 included), so a stale lock
 //! never blocks a restart. The file holds the owner's PID for humans.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -31,13 +31,7 @@ impl RepoLock {
             path: path.to_path_buf(),
             cause,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
+        let mut file = crate::storage::fs::open_private(path).map_err(io)?;
         // SAFETY: flock on a file descriptor we own.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {

@@ -81,7 +81,7 @@ pub fn write(pgdata: &Path, lines: &[(String, String)], header: &str) -> std::io
         writeln!(f, "{k} = {v}")?;
     }
     f.sync_all()?;
-    let s = std::fs::File::create(pgdata.join("recovery.signal"))?;
+    let s = crate::storage::fs::create_private(&pgdata.join("recovery.signal"))?;
     s.sync_all()
 }
 

@@ -3,6 +3,10 @@
 //! `put` writes `<dir>/.tmp-<name>-<pid>-<rand>`, fsyncs it, renames it over the final name and
 //! fsyncs the directory (and any directory it had to create), so a crash leaves either the old
 //! object or the new one. Temporary files are skipped by `list` and never valid keys.
+//!
+//! The repository holds a full copy of the database (password hashes included): every
+//! directory archiver creates is 0700 and every file 0600, as PostgreSQL's own data directory,
+//! whatever the umask ([`create_private`], [`create_dir_all_durable`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,7 +35,49 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Creates `dir` and missing parents, fsyncing each parent whose entry changed.
+/// Mode of the files archiver creates (the owner alone reads them).
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of the directories archiver creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates (or truncates) `path` for writing, mode 0600 whatever the umask.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Opens `path` for reading and writing, creating it mode 0600 if missing (never truncated).
+pub fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Writes `data` to a new file `path`, mode 0600 (not durable: for restored files that
+/// PostgreSQL fsyncs at its start).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    create_private(path)?.write_all(data)
+}
+
+/// The group/world permission bits of an existing directory, when it has any: a repository
+/// or spool others can read exposes the database.
+pub fn readable_by_others(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+/// Creates `dir` and missing parents (mode 0700), fsyncing each parent whose entry changed.
 pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
@@ -39,7 +85,8 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     if let Some(parent) = dir.parent() {
         create_dir_all_durable(parent)?;
     }
-    match std::fs::create_dir(dir) {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(e),
@@ -86,7 +133,7 @@ fn publish_temp(tmp: &Path, path: &Path, mode: WriteMode) -> std::io::Result<()>
 fn write_atomic_with(path: &Path, data: &[u8], mode: WriteMode) -> std::io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = create_private(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
@@ -243,7 +290,7 @@ impl Storage for FsStorage {
             let dir = path.parent().expect("key has a parent: the root");
             create_dir_all_durable(dir).map_err(io_err(&k))?;
             let tmp = temp_path(&path);
-            let file = std::fs::File::create(&tmp).map_err(io_err(&k))?;
+            let file = create_private(&tmp).map_err(io_err(&k))?;
             Ok((tmp, file))
         })
         .await?;

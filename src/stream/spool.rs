@@ -6,11 +6,11 @@
 //! rename (`durable_rename`); a complete spool file is removed only after its object is durable
 //! in storage. The spool is always on local disk, whatever the storage backend.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::storage::fs::{create_dir_all_durable, fsync_dir};
+use crate::storage::fs::{create_dir_all_durable, create_private, fsync_dir, open_private};
 use crate::wal::SegmentName;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,12 +138,7 @@ impl Spool {
     /// stays valid: a resumed streamer rewrites the same bytes in place).
     pub fn open_flush_record(&self) -> std::io::Result<FlushRecord> {
         let path = self.dir.join(FLUSHED_NAME);
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = open_private(&path)?;
         Ok(FlushRecord { file, last: None })
     }
 
@@ -250,12 +245,7 @@ impl Spool {
                 std::fs::rename(&prealloc, &path)?;
             }
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = open_private(&path)?;
         let len = file.metadata()?.len();
         if len < self.seg_size {
             zero_fill(&file, len, self.seg_size)?;
@@ -278,7 +268,7 @@ impl Spool {
             return Ok(());
         }
         let tmp = self.dir.join(format!("{PREALLOC_NAME}.tmp"));
-        let f = File::create(&tmp)?;
+        let f = create_private(&tmp)?;
         zero_fill(&f, 0, self.seg_size)?;
         f.sync_all()?;
         drop(f);
