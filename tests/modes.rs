@@ -164,4 +164,32 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
     std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o700)).unwrap();
     let out = archiver(&["list", "--repo", r]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("open to other users"));
+
+    // Run as root, what archiver created took the owner of the directory it went into (the
+    // test directory's: postgres), so the restored cluster's restore_command can read it; a
+    // repository its user cannot read is refused before anything is written.
+    if let Some((uid, _)) = pg_ids() {
+        use std::os::unix::fs::MetadataExt;
+        assert!(modes(&repo)
+            .iter()
+            .all(|(p, _, _)| std::fs::metadata(p).unwrap().uid() == uid));
+        std::os::unix::fs::chown(&repo, Some(0), Some(0)).unwrap();
+        let target = dir.join("refused");
+        let out = archiver(&[
+            "restore",
+            "--repo",
+            r,
+            "--pgdata",
+            target.to_str().unwrap(),
+            "--owner",
+            "postgres",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("restore_command runs as postgres") && err.contains("cannot read"),
+            "{err}"
+        );
+        assert!(!target.exists(), "nothing written");
+    }
 }

@@ -170,6 +170,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
     let major = major_of(rec.pg_version);
     let bin = find_bin(&args, major)?;
     let owner = os_user(&args)?;
+    args.repo.check_readable_by(owner, &args.os_user)?;
     let check_sql = match &args.check_sql {
         Some(f) => Some(
             std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,

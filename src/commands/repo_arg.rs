@@ -266,6 +266,28 @@ impl RepoArg {
         Some(local.join(crate::repo::SPOOL_DIR))
     }
 
+    /// The local directory a restored cluster's `restore_command` reads: the repository, a
+    /// tiered repository's hot tier, or an S3 repository's spool directory.
+    fn local_root(&self) -> Option<PathBuf> {
+        self.spool_for_reading()?.parent().map(Path::to_path_buf)
+    }
+
+    /// Run as root, a restore starts a cluster whose `restore_command` runs as `owner`: refuses
+    /// (before anything is written) when that user cannot read the local repository.
+    pub fn check_readable_by(&self, owner: Option<(u32, u32)>, who: &str) -> anyhow::Result<()> {
+        let (Some((uid, gid)), Some(root)) = (owner, self.local_root()) else {
+            return Ok(());
+        };
+        if !root.exists() {
+            return Ok(());
+        }
+        crate::storage::fs::readable_by(&root, uid, gid).map_err(|why| {
+            anyhow::anyhow!(
+                "the restored cluster's restore_command runs as {who} (uid {uid}), who cannot read the repository: {why}. Give the repository to that user (chown -R), or run archiver as that user; archiver run as root gives what it creates the owner of the directory it creates it in"
+            )
+        })
+    }
+
     /// Opens the repository for reading, with its local spool.
     pub async fn open_for_reading(&self, checked: bool) -> anyhow::Result<crate::repo::Repo> {
         let storage = if checked {

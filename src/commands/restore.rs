@@ -195,6 +195,16 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
             _ => None,
         };
         if let Some(why) = last {
+            // The chain ends at a gap: say so, and where a restore can go.
+            if let Some(g) = crate::restore::plan::gap_after(&inv.gaps, rec_start(&backups, &p)) {
+                anyhow::bail!(
+                    "no restore can reach the target: {} cannot be reached from backup {} — {why}, and the archive has a gap after it ({}); no restore crosses a gap. Recovery windows: {}",
+                    req.target.describe(),
+                    p.backup_id,
+                    g.describe(),
+                    crate::restore::plan::describe_windows(&backups, &inv.gaps)
+                );
+            }
             anyhow::bail!(
                 "no restore can reach the target: {} lies beyond the archive — {why}, and recovery stops only at a transaction after the target",
                 req.target.describe()
@@ -206,6 +216,14 @@ pub(crate) async fn make_plan(repo: &Repo, t: &TargetArgs) -> anyhow::Result<(Pl
         .find(|b| b.id == p.backup_id)
         .expect("the plan's backup is in the catalog");
     Ok((p, rec))
+}
+
+/// The start of the plan's backup.
+fn rec_start(backups: &[BackupRecord], p: &Plan) -> Lsn {
+    backups
+        .iter()
+        .find(|b| b.id == p.backup_id)
+        .map_or(Lsn(0), |b| b.start_lsn)
 }
 
 /// Where a transaction's commit/abort or a restore point lies in the archived WAL (the end of
@@ -505,6 +523,13 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         existed.push(check_empty_dir(&a.dest, what)?);
     }
     let owner = owner_for(&args)?;
+    args.repo.check_readable_by(
+        owner,
+        &args
+            .owner
+            .clone()
+            .unwrap_or_else(|| "the data directory's owner".into()),
+    )?;
 
     if args.dry_run {
         return dry_run(&args, &repo, &p, &rec, &target).await;

@@ -288,7 +288,13 @@ impl GapBound for Option<&&Gap> {
     }
 }
 
-fn describe_windows(backups: &[BackupRecord], gaps: &[Gap]) -> String {
+/// The first recorded gap after a backup that starts at `start`: the end of its window.
+pub fn gap_after(gaps: &[Gap], start: Lsn) -> Option<&Gap> {
+    gaps.iter().find(|g| g.to_lsn > start)
+}
+
+/// The recovery windows, numbered, in one line (for refusals).
+pub fn describe_windows(backups: &[BackupRecord], gaps: &[Gap]) -> String {
     recovery_windows(backups, gaps)
         .iter()
         .enumerate()
@@ -492,7 +498,7 @@ pub fn plan(
         });
     }
     // A recorded gap after the backup ends its window: nothing beyond it is reachable from it.
-    if let Some(g) = inv.gaps.iter().find(|g| g.to_lsn > backup.start_lsn) {
+    if let Some(g) = gap_after(&inv.gaps, backup.start_lsn) {
         let window_end_time = g
             .last_received_before
             .as_deref()

@@ -6,7 +6,10 @@
 //!
 //! The repository holds a full copy of the database (password hashes included): every
 //! directory archiver creates is 0700 and every file 0600, as PostgreSQL's own data directory,
-//! whatever the umask ([`create_private`], [`create_dir_all_durable`]).
+//! whatever the umask ([`create_private`], [`create_dir_all_durable`]). A repository has one
+//! owner: run as root, archiver gives what it creates the owner of the directory it creates it
+//! in (a new repository, the owner of its parent), so the cluster a restore starts, whose
+//! `restore_command` runs as that user, can read it ([`inherit_owner`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,27 +43,78 @@ pub const FILE_MODE: u32 = 0o600;
 /// Mode of the directories archiver creates.
 pub const DIR_MODE: u32 = 0o700;
 
+/// Run as root: gives `path` the owner and group of its parent directory, when they differ
+/// (a no-op for other users, who own what they create).
+pub fn inherit_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let (p, m) = (std::fs::metadata(parent)?, std::fs::symlink_metadata(path)?);
+    if (p.uid(), p.gid()) != (m.uid(), m.gid()) {
+        std::os::unix::fs::lchown(path, Some(p.uid()), Some(p.gid()))?;
+    }
+    Ok(())
+}
+
+/// Whether user `uid` (group `gid`) may read and list directory `dir`, by its mode bits:
+/// `Err` says why not.
+pub fn readable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mode = m.permissions().mode();
+    let ok = if uid == 0 {
+        true
+    } else if m.uid() == uid {
+        mode & 0o500 == 0o500
+    } else if m.gid() == gid {
+        mode & 0o050 == 0o050
+    } else {
+        mode & 0o005 == 0o005
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is owned by uid {} gid {} with mode {:04o}",
+            dir.display(),
+            m.uid(),
+            m.gid(),
+            mode & 0o777
+        ))
+    }
+}
+
 /// Creates (or truncates) `path` for writing, mode 0600 whatever the umask.
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(FILE_MODE)
-        .open(path)
+        .open(path)?;
+    inherit_owner(path)?;
+    Ok(f)
 }
 
 /// Opens `path` for reading and writing, creating it mode 0600 if missing (never truncated).
 pub fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(FILE_MODE)
-        .open(path)
+        .open(path)?;
+    inherit_owner(path)?;
+    Ok(f)
 }
 
 /// Writes `data` to a new file `path`, mode 0600 (not durable: for restored files that
@@ -87,7 +141,7 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
     }
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
-        Ok(()) => {}
+        Ok(()) => inherit_owner(dir)?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(e),
     }

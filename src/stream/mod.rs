@@ -329,7 +329,7 @@ async fn accept_gap(
     let last_received_before = repo
         .newest_segment_time()
         .await?
-        .max(spool.readable().ok().and_then(|w| w.modified))
+        .max(spool.durable_tail().and_then(|_| spool.last_flush_time()))
         .map(|t| humantime::format_rfc3339_seconds(t).to_string());
     let gap = match existing {
         Some(mut g) => {

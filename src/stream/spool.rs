@@ -147,6 +147,14 @@ impl Spool {
         self.remove(&self.dir.join(FLUSHED_NAME))
     }
 
+    /// When the streamer last recorded a durable prefix (the record's mtime: one `pwrite` after
+    /// each fsync that advanced it): when WAL was last received.
+    pub fn last_flush_time(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(self.dir.join(FLUSHED_NAME))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
     /// The durable prefix recorded by the streamer, if its `.partial` file is still there.
     pub fn durable_tail(&self) -> Option<(SegmentName, u64)> {
         let raw = std::fs::read(self.dir.join(FLUSHED_NAME)).ok()?;

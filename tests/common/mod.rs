@@ -88,6 +88,9 @@ impl TestDir {
             .tempdir()
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Owned by postgres when root: a repository archiver creates here takes its owner, so
+        // the restored clusters' restore_command (run as postgres) can read it.
+        chown_pg(dir.path());
         TestDir { dir }
     }
     pub fn path(&self) -> &Path {
