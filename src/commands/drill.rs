@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::restore::{archives, make_plan, write_restore, TargetArgs, WriteSpec};
+use super::restore::TargetArgs;
 use super::{report, RepoArg, EXIT_ERROR};
 use crate::pg::conninfo::{ConnInfo, Env};
 use crate::pg::Connection;
@@ -20,6 +20,7 @@ use crate::repo::catalog::{BackupRecord, DrillResult, MAX_DRILLS};
 use crate::repo::{now_rfc3339, Repo};
 use crate::restore::extract::Owner;
 use crate::restore::recovery::TargetAction;
+use crate::restore::run::{archives, make_plan, write_restore, WriteSpec};
 use crate::restore::target::conf_quote;
 use crate::wal::Lsn;
 
@@ -165,8 +166,9 @@ impl Drop for Scratch {
 async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
     let t0 = Instant::now();
     let repo = args.repo.open_for_reading(true).await?;
-    let (plan, rec) = make_plan(&repo, &args.target).await?;
-    let target = args.target.target();
+    let spec = args.target.spec();
+    let (plan, rec) = make_plan(&repo, &spec).await?;
+    let target = spec.target.clone();
     let major = major_of(rec.pg_version);
     let bin = find_bin(&args, major)?;
     let owner = os_user(&args)?;
@@ -224,9 +226,9 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
         ("hot_standby".into(), "on".into()),
     ];
     let repo_for_cmd = args.repo.for_restore_command()?;
-    let spec = WriteSpec {
+    let wspec = WriteSpec {
         repo_args: &repo_for_cmd,
-        target: &args.target,
+        target: &spec,
         mapping: &mapping,
         extra,
     };
@@ -235,7 +237,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
     let mut restore_s = 0.0;
     let mut recovery_s = 0.0;
     let outcome: anyhow::Result<(Option<Lsn>, Option<String>)> = async {
-        write_restore(&spec, &repo, &rec, &target, &archives, owner).await?;
+        write_restore(&wspec, &repo, &rec, &archives, owner).await?;
         restore_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let log = dir.join("postgres.log");

@@ -3,7 +3,8 @@
 //!
 //! `target` parses what the operator asks for, `plan` decides (a pure function of the catalog
 //! and the WAL inventory) which backup and WAL serve it or why nothing can, `extract` writes the
-//! backup's archives verifying every byte, and `recovery` writes the settings PostgreSQL needs.
+//! backup's archives verifying every byte, `recovery` writes the settings PostgreSQL needs, and
+//! `run` puts them together with the repository's I/O (the calls commands and the daemon make).
 //! Invariants: nothing is written before the plan holds and the destination is checked empty;
 //! every object is checked against its checksums and every file against the backup manifest;
 //! a failed restore removes what it wrote.
@@ -11,4 +12,5 @@
 pub mod extract;
 pub mod plan;
 pub mod recovery;
+pub mod run;
 pub mod target;
