@@ -1,0 +1,421 @@
+//! A base backup's life in the repository: an id claimed and locked for this process, a
+//! catalog record `running` while it runs, the backup taken and checked against the server's
+//! manifest, the WAL from its start to its stop waited for (archived by `archiver stream`) or
+//! fetched over the backup's own connection, then `complete` — or `failed` with the reason,
+//! also when interrupted. Commands and the daemon call [`take_backup`] with plain options.
+//!
+//! Invariants: a record says `complete` only once every object is durable, every file matches
+//! the manifest and the repository holds the backup's WAL; a record left `running` by a process
+//! that died is marked `failed` by the next backup (its lock is gone).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::manifest::{Manifest, ManifestError};
+use super::protocol::{BaseBackupOptions, Checkpoint};
+use super::run::{base_backup, BackupError};
+use super::store::StoreSink;
+use super::wal::{create_temporary_slot, fetch_wal, WalFetch};
+use crate::pg::replication::ServerInfo;
+use crate::pg::{Connection, PgError};
+use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
+use crate::repo::layout::wal_segment_key;
+use crate::repo::lock::{LockError, RepoLock};
+use crate::repo::{now_rfc3339, Repo, RepoError};
+use crate::stream::StreamError;
+use crate::wal::{Lsn, SegmentName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// The server or the options cannot make this backup; nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Lock(LockError),
+    #[error("BASE_BACKUP")]
+    BaseBackup(#[source] BackupError),
+    #[error("{context}")]
+    Manifest {
+        context: &'static str,
+        #[source]
+        cause: ManifestError,
+    },
+    #[error("fetching the backup's WAL")]
+    Wal(#[source] StreamError),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        cause: std::io::Error,
+    },
+    /// Timed out, WAL missing, interrupted.
+    #[error("{0}")]
+    Failed(String),
+    /// The backup started (its record says `failed` now) and did not finish.
+    #[error("backup {id} failed")]
+    BackupFailed {
+        id: String,
+        #[source]
+        cause: Box<TakeError>,
+    },
+}
+
+/// How to take a backup.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    /// Backup label [default: archiver backup <id>].
+    pub label: Option<String>,
+    pub checkpoint: Checkpoint,
+    /// Limit the server's send rate, in kB/s.
+    pub max_rate_kb: Option<u32>,
+    /// zstd level for the stored archives.
+    pub compress: i32,
+    /// Have the server compress the archives (PostgreSQL 15+).
+    pub server_compress: bool,
+    /// How long to wait for the repository to hold the backup's WAL.
+    pub wal_timeout: Duration,
+}
+
+/// Refuses a server this backup cannot be taken from (before anything is written).
+pub fn check_server(server: &ServerInfo, o: &BackupOptions) -> Result<(), TakeError> {
+    if server.major() < 13 {
+        return Err(TakeError::Refused(format!(
+            "PostgreSQL {} is not supported by `archiver backup` (needs 13 or newer: backup manifests)",
+            server.major()
+        )));
+    }
+    if o.server_compress && server.major() < 15 {
+        return Err(TakeError::Refused(format!(
+            "--server-compress needs PostgreSQL 15 or newer (the server is {})",
+            server.major()
+        )));
+    }
+    Ok(())
+}
+
+/// Converts backup_label's `START TIME: 2026-11-22 22:40:00 UTC` to RFC 3339 when it is UTC.
+pub(crate) fn label_time(label: &str) -> Option<String> {
+    let v = label.lines().find_map(|l| l.strip_prefix("START TIME: "))?;
+    let (dt, zone) = v.rsplit_once(' ')?;
+    (zone == "UTC" || zone == "GMT").then(|| format!("{}Z", dt.replace(' ', "T")))
+}
+
+/// Takes a backup over `conn` into `repo`, recorded in the catalog from start to end. `spool`
+/// is the repository's local spool directory (the locks, the WAL the backup fetches itself).
+/// When `interrupted` resolves (to the reason) first, the backup stops and is recorded failed.
+pub async fn take_backup(
+    repo: &Repo,
+    conn: &mut Connection,
+    server: &ServerInfo,
+    spool: &Path,
+    o: &BackupOptions,
+    interrupted: impl Future<Output = String>,
+) -> Result<BackupRecord, TakeError> {
+    check_server(server, o)?;
+    mark_interrupted(repo, spool).await;
+    let (id, _claim) = claim_backup_id(repo, spool).await?;
+    let mut rec = BackupRecord {
+        id: id.clone(),
+        label: o
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("archiver backup {id}")),
+        status: BackupStatus::Running,
+        start_lsn: Lsn::INVALID,
+        stop_lsn: None,
+        timeline: server.system.timeline,
+        start_time: now_rfc3339(),
+        stop_time: None,
+        pg_version: server.version_num,
+        system_identifier: server.system.system_identifier.to_string(),
+        size_bytes: 0,
+        stored_bytes: 0,
+        objects: vec![],
+        tablespaces: vec![],
+        backup_label: None,
+        archiver_version: env!("CARGO_PKG_VERSION").to_string(),
+        error: None,
+        drills: vec![],
+    };
+    repo.put_backup(&rec).await?;
+    info!(id = %id, "backup started");
+    let result = tokio::select! {
+        r = take(o, spool, repo, conn, server, &mut rec) => r,
+        why = interrupted => Err(TakeError::Failed(why)),
+    };
+    let _ = std::fs::remove_dir_all(backup_spool(spool, &id));
+    match result {
+        Ok(()) => {
+            rec.status = BackupStatus::Complete;
+            // Microseconds: restore compares target times with it, and a truncated time could
+            // make a backup look finished before a target it cannot reach.
+            rec.stop_time =
+                Some(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string());
+            repo.put_backup(&rec).await?;
+            info!(id = %id, stop_lsn = %rec.stop_lsn.unwrap_or_default(), "backup complete");
+            Ok(rec)
+        }
+        Err(e) => {
+            rec.status = BackupStatus::Failed;
+            rec.error = Some(error_chain(&e));
+            rec.stop_time = Some(now_rfc3339());
+            if let Err(e2) = repo.put_backup(&rec).await {
+                warn!(error = %e2, "could not record the failure");
+            }
+            Err(TakeError::BackupFailed {
+                id,
+                cause: Box::new(e),
+            })
+        }
+    }
+}
+
+/// An error and its sources, as "outer: inner: …".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The private spool directory of a running backup; it holds the `lock` that says the backup's
+/// process is alive, and the WAL the backup fetches itself.
+pub(crate) fn backup_spool(spool: &Path, id: &str) -> PathBuf {
+    spool.join(format!("backup-{id}"))
+}
+
+/// Picks an unused id and locks it for this process (two backups starting in the same second
+/// never share one).
+async fn claim_backup_id(repo: &Repo, spool: &Path) -> Result<(String, RepoLock), TakeError> {
+    loop {
+        let id = repo
+            .new_backup_id(std::time::SystemTime::now(), |id| {
+                RepoLock::is_held(&backup_spool(spool, id).join("lock"))
+            })
+            .await?;
+        let dir = backup_spool(spool, &id);
+        crate::storage::fs::create_dir_all_durable(&dir).map_err(|cause| TakeError::Io {
+            context: format!("cannot create {}", dir.display()),
+            cause,
+        })?;
+        match RepoLock::acquire(&dir.join("lock")) {
+            Ok(lock) => return Ok((id, lock)),
+            Err(LockError::Busy { .. }) => continue,
+            Err(e) => return Err(TakeError::Lock(e)),
+        }
+    }
+}
+
+/// Records marked `running` whose process is gone (killed, host crash) become `failed`; their
+/// spool directories are removed.
+async fn mark_interrupted(repo: &Repo, spool: &Path) {
+    let Ok(backups) = repo.list_backups().await else {
+        return;
+    };
+    for mut rec in backups {
+        let dir = backup_spool(spool, &rec.id);
+        if rec.status != BackupStatus::Running || RepoLock::is_held(&dir.join("lock")) {
+            continue;
+        }
+        rec.status = BackupStatus::Failed;
+        rec.error = Some("interrupted: the backup's process ended before it finished".into());
+        match repo.put_backup(&rec).await {
+            Ok(()) => {
+                tracing::warn!(id = %rec.id, "an earlier backup was interrupted; recorded as failed")
+            }
+            Err(e) => {
+                tracing::warn!(id = %rec.id, error = %e, "could not record an interrupted backup")
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+async fn take(
+    args: &BackupOptions,
+    spool: &Path,
+    repo: &Repo,
+    conn: &mut crate::pg::Connection,
+    server: &ServerInfo,
+    rec: &mut BackupRecord,
+) -> Result<(), TakeError> {
+    // Keeps the server's WAL from before the backup's checkpoint until we hold it, in case no
+    // streamer archives it.
+    let slot = format!("archiver_backup_{}", std::process::id());
+    let slot = match create_temporary_slot(conn, &slot, server.major()).await {
+        Ok(()) => Some(slot),
+        Err(e @ PgError::Server(_)) => {
+            warn!(error = %e, "could not create a temporary replication slot; the backup's WAL is not reserved on the server");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let opts = BaseBackupOptions {
+        label: rec.label.clone(),
+        checkpoint: args.checkpoint,
+        max_rate_kb: args.max_rate_kb,
+        server_zstd_level: args.server_compress.then_some(args.compress),
+        manifest_checksums: crate::basebackup::store::MANIFEST_CHECKSUMS,
+        legacy: server.major() < 15,
+    };
+    let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress, args.server_compress);
+    let r = base_backup(conn, &opts, &mut sink)
+        .await
+        .map_err(TakeError::BaseBackup)?;
+    sink.close().await.map_err(TakeError::BaseBackup)?;
+    rec.start_lsn = r.start_lsn;
+    rec.stop_lsn = Some(r.stop_lsn);
+    rec.timeline = r.start_tli;
+    rec.tablespaces = r
+        .tablespaces
+        .iter()
+        .filter_map(|t| {
+            Some(Tablespace {
+                oid: t.oid?,
+                location: t.location.clone()?,
+            })
+        })
+        .collect();
+    let label = String::from_utf8_lossy(&sink.backup_label).into_owned();
+    if let Some(t) = label_time(&label) {
+        rec.start_time = t;
+    }
+    rec.backup_label = Some(label);
+    rec.objects = std::mem::take(&mut sink.objects);
+    rec.size_bytes = rec.objects.iter().map(|o| o.size_bytes).sum();
+    rec.stored_bytes = rec.objects.iter().map(|o| o.stored_bytes).sum();
+    repo.put_backup(rec).await?;
+
+    let manifest = Manifest::parse(&sink.manifest).map_err(|cause| TakeError::Manifest {
+        context: "the server's backup manifest",
+        cause,
+    })?;
+    let n = manifest
+        .verify(&sink.digests)
+        .map_err(|cause| TakeError::Manifest {
+            context: "verifying the archives against the backup manifest",
+            cause,
+        })?;
+    info!(files = n, "all files match the backup manifest");
+
+    let fetch = WalFetch {
+        tli: r.start_tli,
+        start: r.start_lsn,
+        stop: r.stop_lsn,
+        slot: slot.as_deref(),
+        sysid: server.system.system_identifier,
+        major: server.major(),
+        compress_level: args.compress,
+        partial_grace: Duration::from_secs(10).min(args.wal_timeout / 3),
+    };
+    wait_for_wal(args, spool, repo, conn, &fetch, &rec.id).await
+}
+
+/// How long a running streamer gets to archive the backup's WAL before the backup fetches it.
+const STREAMER_GRACE: Duration = Duration::from_secs(30);
+
+/// The backup is usable only with the WAL from its start to its stop. If `archiver stream` runs
+/// into the repository, wait for it to archive that WAL (for [`STREAMER_GRACE`]); otherwise, or
+/// then, fetch it over `conn`.
+async fn wait_for_wal(
+    args: &BackupOptions,
+    spool: &Path,
+    repo: &Repo,
+    conn: &mut crate::pg::Connection,
+    f: &WalFetch<'_>,
+    id: &str,
+) -> Result<(), TakeError> {
+    let seg = repo.seg_size();
+    let first = SegmentName::containing(f.tli, f.start, seg);
+    let last = SegmentName::containing(f.tli, Lsn(f.stop.0.saturating_sub(1)), seg);
+    let deadline = Instant::now() + args.wal_timeout;
+    let lock_path = spool.join("stream.lock");
+    let mut next = first;
+    let mut fetched_once = false;
+    let waiting_since = Instant::now();
+    loop {
+        while next.segno <= last.segno
+            && repo
+                .storage()
+                .exists(&wal_segment_key(&next))
+                .await
+                .map_err(RepoError::from)?
+        {
+            next = next.next();
+        }
+        if next.segno > last.segno {
+            info!(from = %first, to = %last, "the repository holds the backup's WAL");
+            return Ok(());
+        }
+        let streaming = RepoLock::is_held(&lock_path);
+        // A streamer that has not delivered within the grace period (lagging, reconnecting, or
+        // on a standby whose primary has not finished the stop segment) gets help: the fetch
+        // publishes the same objects, and the temporary slot still holds the WAL.
+        let grace = STREAMER_GRACE.min(args.wal_timeout / 2);
+        let streamer_slow = streaming && waiting_since.elapsed() > grace;
+        if !fetched_once && (!streaming || streamer_slow) {
+            fetched_once = true;
+            if streaming {
+                info!(missing = %next, waited = ?grace, "`archiver stream` has not archived the backup's WAL yet; fetching it");
+            } else {
+                info!(missing = %next, "no `archiver stream` runs into this repository; fetching the backup's WAL");
+            }
+            let fetched = tokio::time::timeout(
+                args.wal_timeout,
+                fetch_wal(conn, repo, &backup_spool(spool, id), f),
+            )
+            .await
+            .map_err(|_| {
+                TakeError::Failed(format!(
+                    "timed out after {:?} fetching the backup's WAL (up to {})",
+                    args.wal_timeout, f.stop
+                ))
+            })?
+            .map_err(TakeError::Wal)?;
+            if fetched.partial == Some(last) {
+                info!(from = %first, to = %last, "the repository holds the backup's WAL (the last segment partial)");
+                return Ok(());
+            }
+            continue;
+        }
+        if !streaming {
+            return Err(TakeError::Failed(format!(
+                "WAL segment {next} is still missing after fetching the backup's WAL"
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(TakeError::Failed(format!(
+                "timed out after {:?} waiting for WAL segment {next} to be archived",
+                args.wal_timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_times() {
+        let l = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIME: 2026-11-22 22:40:00 UTC\nLABEL: x\n";
+        assert_eq!(
+            super::label_time(l).as_deref(),
+            Some("2026-11-22T22:40:00Z")
+        );
+        assert_eq!(
+            super::label_time("START TIME: 2026-11-22 22:40:00 CET\n"),
+            None
+        );
+    }
+}
