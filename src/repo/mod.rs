@@ -20,6 +20,7 @@ pub mod layout;
 pub mod local_wal;
 pub mod lock;
 pub mod object;
+pub mod open;
 pub mod sealed;
 
 use layout::{parse_wal_key, WalObject};
