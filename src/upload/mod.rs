@@ -38,6 +38,7 @@ use crate::wal::{Lsn, TimeLineId};
 
 pub mod evict;
 pub mod partial;
+pub mod tasks;
 
 /// How often a long-running uploader compares each tier with the hot tier again.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
