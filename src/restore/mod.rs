@@ -15,3 +15,4 @@ pub mod plan;
 pub mod recovery;
 pub mod run;
 pub mod target;
+pub mod wal_fetch;
