@@ -17,6 +17,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
 pub mod encrypted;
 pub mod fs;

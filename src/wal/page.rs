@@ -86,14 +86,6 @@ impl PageValidator {
         self.pos
     }
 
-    /// Moves to a new timeline (after an end-of-timeline switch) at `start`.
-    pub fn switch_timeline(&mut self, start: Lsn, max_tli: TimeLineId) {
-        *self = PageValidator {
-            last_tli: self.last_tli,
-            ..PageValidator::new(self.seg_size, self.sysid, self.magic, start, max_tli)
-        };
-    }
-
     /// Checks the headers of all pages starting within `data` (which begins at `start`).
     pub fn feed(&mut self, start: Lsn, data: &[u8]) -> Result<(), PageError> {
         if start != self.pos {

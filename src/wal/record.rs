@@ -140,13 +140,6 @@ impl RecordReader {
         self.ended
     }
 
-    /// Forgets a record in progress (the next segment does not follow this one).
-    pub fn reset(&mut self) {
-        self.pending.clear();
-        self.pending_len = None;
-        self.ended = false;
-    }
-
     /// Reads one whole segment starting at `base` (a segment boundary); calls `on` for each
     /// event. A partial segment (zero-filled after its end) is fine.
     pub fn feed_segment(&mut self, base: Lsn, seg: &[u8], on: &mut dyn FnMut(Event)) {
