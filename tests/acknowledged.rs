@@ -17,15 +17,6 @@ fn lsn(s: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
 
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn restore(repo: &str, pgdata: &Path, extra: &[&str]) -> String {
     let mut args = vec![
         "restore",
@@ -38,7 +29,7 @@ fn restore(repo: &str, pgdata: &Path, extra: &[&str]) -> String {
     if is_root() && !extra.contains(&"--dry-run") {
         args.extend_from_slice(&["--owner", "postgres"]);
     }
-    ok(archiver(&args))
+    archiver_ok(&args)
 }
 
 /// The durable prefix the streamer recorded: (segment, bytes).
@@ -59,15 +50,7 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
     pg.start();
     let ci = pg.conninfo("postgres");
     // A backup first (it fetches its own WAL), then the synchronous stream.
-    ok(archiver(&[
-        "backup",
-        "--repo",
-        r,
-        "-d",
-        &ci,
-        "--checkpoint",
-        "fast",
-    ]));
+    archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
     let mut a = Archiver::spawn(
         &dir,
         "stream",
@@ -100,7 +83,7 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
     let seg_start = committed & !((16u64 << 20) - 1);
     assert!(seg_start + rec_len >= committed, "{rec_len} {committed:X}");
     let fetched = dir.join("fetched");
-    ok(archiver(&[
+    archiver_ok(&[
         "wal-fetch",
         "--repo",
         r,
@@ -108,7 +91,7 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
         "0",
         &walfile,
         fetched.to_str().unwrap(),
-    ]));
+    ]);
     let got = std::fs::read(&fetched).unwrap();
     assert_eq!(
         got.len(),
@@ -199,15 +182,7 @@ fn without_synchronous_everything_up_to_the_last_fsync() {
         ],
     );
     a.wait_log("streaming started", T);
-    ok(archiver(&[
-        "backup",
-        "--repo",
-        r,
-        "-d",
-        &ci,
-        "--checkpoint",
-        "fast",
-    ]));
+    archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
     pg.psql("create table marker as select 7 as x");
     let committed = lsn(&pg.psql("select pg_current_wal_flush_lsn()"));
     let walfile = current_walfile(&pg);

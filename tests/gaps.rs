@@ -11,15 +11,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn stream_args<'a>(repo: &'a str, ci: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "stream",
@@ -73,7 +64,7 @@ fn a_gap_is_recorded_and_never_crossed() {
     // Window 1: backup A, commits 1 and 2.
     let mut a = Archiver::spawn(&dir, "stream1", &stream_args(r, &ci, &[]));
     a.wait_log("streaming started", T);
-    ok(archiver(&[
+    archiver_ok(&[
         "backup",
         "--repo",
         r,
@@ -83,7 +74,7 @@ fn a_gap_is_recorded_and_never_crossed() {
         "fast",
         "--label",
         "A",
-    ]));
+    ]);
     pg.psql("insert into marker values (1)");
     std::thread::sleep(Duration::from_millis(1100));
     let mid = pg.psql("select now()::text");
@@ -137,7 +128,7 @@ fn a_gap_is_recorded_and_never_crossed() {
     let mut d = Archiver::spawn(&dir, "stream-gap", &stream_args(r, &ci, &["--accept-gap"]));
     d.wait_log("accepted a gap in the archive", T);
     d.wait_log("streaming started", T);
-    ok(archiver(&[
+    archiver_ok(&[
         "backup",
         "--repo",
         r,
@@ -147,14 +138,14 @@ fn a_gap_is_recorded_and_never_crossed() {
         "fast",
         "--label",
         "B",
-    ]));
+    ]);
     pg.psql("insert into marker values (4)");
     switch_and_wait(&pg, &repo);
     assert!(d.term().success());
 
     // The catalog records the gap and the recovery windows on each side of it.
     let v: serde_json::Value =
-        serde_json::from_str(&ok(archiver(&["info", "--repo", r, "--json"]))).unwrap();
+        serde_json::from_str(&archiver_ok(&["info", "--repo", r, "--json"])).unwrap();
     let gaps = v["gaps"].as_array().unwrap();
     assert_eq!(gaps.len(), 1, "{v}");
     let g = &gaps[0];
@@ -163,7 +154,7 @@ fn a_gap_is_recorded_and_never_crossed() {
     let w = v["recovery_windows"].as_array().unwrap();
     assert_eq!(w.len(), 2, "{v}");
     let list: serde_json::Value =
-        serde_json::from_str(&ok(archiver(&["list", "--repo", r, "--json"]))).unwrap();
+        serde_json::from_str(&archiver_ok(&["list", "--repo", r, "--json"])).unwrap();
     let id_of = |label: &str| {
         list.as_array()
             .unwrap()
@@ -188,7 +179,7 @@ fn a_gap_is_recorded_and_never_crossed() {
         slots.contains(&"archiver") && slots.contains(&"second"),
         "{v}"
     );
-    let text = ok(archiver(&["list", "--repo", r]));
+    let text = archiver_ok(&["list", "--repo", r]);
     assert!(
         text.contains("gap:") && text.contains("recovery window 2: from the end of backup"),
         "{text}"
@@ -209,27 +200,27 @@ fn a_gap_is_recorded_and_never_crossed() {
     );
     assert!(!refused_dir.exists() || std::fs::read_dir(&refused_dir).unwrap().next().is_none());
     // A time before the gap is planned from A.
-    let dry = ok(archiver(&restore_args(
+    let dry = archiver_ok(&restore_args(
         r,
         dir.join("dry").to_str().unwrap(),
         &["--target-time", &mid, "--dry-run", "--json"],
-    )));
+    ));
     let p: serde_json::Value = serde_json::from_str(&dry).unwrap();
     assert_eq!(p["backup_id"], id_a.as_str(), "{dry}");
 
     // Before the gap: backup A to the end of its window (every commit it received).
     let before = dir.join("before");
-    ok(archiver(&restore_args(
+    archiver_ok(&restore_args(
         r,
         before.to_str().unwrap(),
         &["--backup", &id_a],
-    )));
+    ));
     let mut restored = start_recovering(&dir, "before", before, None);
     assert_eq!(markers(&restored), "1,2");
     restored.stop();
     // After it: latest, from B.
     let latest = dir.join("latest");
-    ok(archiver(&restore_args(r, latest.to_str().unwrap(), &[])));
+    archiver_ok(&restore_args(r, latest.to_str().unwrap(), &[]));
     let restored = start_recovering(&dir, "latest", latest, None);
     assert_eq!(markers(&restored), "1,2,3,4");
 }

@@ -15,15 +15,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Every directory and file under `root` with its permission bits, `root` included.
 fn modes(root: &Path) -> Vec<(String, bool, u32)> {
     let mut out = Vec::new();
@@ -71,15 +62,7 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
 
     let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", r, "-d", &ci]);
     a.wait_log("streaming started", T);
-    ok(archiver(&[
-        "backup",
-        "--repo",
-        r,
-        "-d",
-        &ci,
-        "--checkpoint",
-        "fast",
-    ]));
+    archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
     pg.psql("create table t as select generate_series(1, 1000) x");
     let walfile = current_walfile(&pg);
     pg.psql("select pg_switch_wal()");
@@ -100,7 +83,7 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
     if is_root() {
         args.extend_from_slice(&["--owner", "postgres"]);
     }
-    ok(archiver(&args));
+    archiver_ok(&args);
     let wrong: Vec<_> = modes(&restored)
         .into_iter()
         .filter(|(_, _, m)| m & 0o077 != 0)
@@ -130,7 +113,7 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
     std::fs::create_dir_all(&pg_wal).unwrap();
     std::fs::set_permissions(dir.join("fetch"), std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::set_permissions(&pg_wal, std::fs::Permissions::from_mode(0o700)).unwrap();
-    ok(archiver(&[
+    archiver_ok(&[
         "wal-fetch",
         "--repo",
         r,
@@ -138,7 +121,7 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
         "2",
         &first,
         pg_wal.join(&first).to_str().unwrap(),
-    ]));
+    ]);
     let prefetch = pg_wal.join(".archiver-prefetch");
     wait_until("the prefetch worker wrote a segment", T, || {
         std::fs::read_dir(&prefetch).is_ok_and(|d| {

@@ -76,6 +76,11 @@ pub fn must(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs archiver with `args` and asserts it succeeded; its stdout.
+pub fn archiver_ok(args: &[&str]) -> String {
+    must(archiver(args), &format!("archiver {}", args.join(" ")))
+}
+
 /// A temp directory every user can traverse (PostgreSQL runs as `postgres`).
 pub struct TestDir {
     dir: tempfile::TempDir,
