@@ -164,7 +164,7 @@ pub async fn take_backup(
         }
         Err(e) => {
             rec.status = BackupStatus::Failed;
-            rec.error = Some(error_chain(&e));
+            rec.error = Some(crate::retry::error_chain(&e));
             rec.stop_time = Some(now_rfc3339());
             if let Err(e2) = repo.put_backup(&rec).await {
                 warn!(error = %e2, "could not record the failure");
@@ -175,18 +175,6 @@ pub async fn take_backup(
             })
         }
     }
-}
-
-/// An error and its sources, as "outer: inner: …".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// The private spool directory of a running backup; it holds the `lock` that says the backup's

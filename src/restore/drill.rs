@@ -358,7 +358,7 @@ pub async fn drill(repo: &Repo, o: &DrillOptions) -> Result<DrillReport, DrillEr
     drop(scratch);
     let (passed, achieved, error) = match outcome {
         Ok((lsn, time)) => (true, (lsn, time), None),
-        Err(e) => (false, (None, None), Some(error_chain(&e))),
+        Err(e) => (false, (None, None), Some(crate::retry::error_chain(&e))),
     };
     let result = DrillResult {
         at: now_rfc3339(),
@@ -378,18 +378,6 @@ pub async fn drill(repo: &Repo, o: &DrillOptions) -> Result<DrillReport, DrillEr
         restore_seconds: restore_s,
         recovery_seconds: recovery_s,
     })
-}
-
-/// An error and its sources, as "outer: inner: …" (what operators read in the record).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Adds the result to the backup's record (re-read, so nothing written meanwhile is lost).

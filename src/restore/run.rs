@@ -401,6 +401,22 @@ pub struct WriteSpec<'a> {
     pub extra: Vec<(String, String)>,
 }
 
+/// The backup's manifest (read and verified): its bytes, parsed, and its checksum algorithm.
+async fn backup_manifest(
+    repo: &Repo,
+    rec: &BackupRecord,
+) -> Result<(Vec<u8>, Manifest, ChecksumAlgorithm), RestoreError> {
+    let (raw, _) = repo
+        .get_verified(&backup_object_key(&rec.id, "backup_manifest"))
+        .await?;
+    let manifest = Manifest::parse(&raw).map_err(|cause| RestoreError::Manifest {
+        context: "the backup's manifest",
+        cause,
+    })?;
+    let algo = manifest.algorithm().unwrap_or(ChecksumAlgorithm::Crc32c);
+    Ok((raw, manifest, algo))
+}
+
 /// What a restore wrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct Written {
@@ -430,14 +446,7 @@ pub async fn write_restore(
         }
     }
     let pgdata = &archives[0].dest;
-    let (manifest_raw, _) = repo
-        .get_verified(&backup_object_key(&rec.id, "backup_manifest"))
-        .await?;
-    let manifest = Manifest::parse(&manifest_raw).map_err(|cause| RestoreError::Manifest {
-        context: "the backup's manifest",
-        cause,
-    })?;
-    let algo = manifest.algorithm().unwrap_or(ChecksumAlgorithm::Crc32c);
+    let (manifest_raw, manifest, algo) = backup_manifest(repo, rec).await?;
     let digests = extract_all(repo, archives, owner, algo).await?;
     let files = manifest
         .verify(&digests)
@@ -604,14 +613,7 @@ pub async fn dry_run(
     pgdata: &Path,
     mapping: &[(PathBuf, PathBuf)],
 ) -> Result<DryRun, RestoreError> {
-    let (manifest_raw, _) = repo
-        .get_verified(&backup_object_key(&rec.id, "backup_manifest"))
-        .await?;
-    let manifest = Manifest::parse(&manifest_raw).map_err(|cause| RestoreError::Manifest {
-        context: "the backup's manifest",
-        cause,
-    })?;
-    let algo = manifest.algorithm().unwrap_or(ChecksumAlgorithm::Crc32c);
+    let (_, manifest, algo) = backup_manifest(repo, rec).await?;
     let mut all = FileDigests::new(algo);
     let mut verified = 1;
     for a in archives(rec, pgdata, mapping)? {
