@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use archiver::pg::replication::{decode_copy_data, ReplicationMessage};
 use archiver::repo::object::{self, ObjectKind};
-use archiver::stream::spool::Spool;
+use archiver::spool::Spool;
 use archiver::wal::page::{synthetic_wal, PageValidator};
 use archiver::wal::{Lsn, SegmentName};
 

@@ -1,20 +1,32 @@
 //! archiver: a native PostgreSQL WAL-streaming continuous archiver.
 //!
-//! Module map: `pg` (our replication-protocol client), `wal` (LSNs, segment names, timelines,
-//! page checks), `storage` (the object-store trait and its backends: filesystem, S3, encryption,
-//! tiers), `repo` (repository layout, object format, lock), `stream` (the WAL receiver),
-//! `basebackup`, `restore`, `upload` (shipping the hot tier to remote tiers, partial segments,
-//! hot-tier retention), `config` (the tiered repository's configuration file), `progress` (bars
-//! and progress lines), `commands` (one file per CLI command).
+//! # Module map and layers
+//!
+//! Each module may use (`crate::…`) only modules of a *lower* rank; `tests/layers.rs` reads
+//! this table and checks every `crate::` path in `src/` against it. The data path of a WAL byte
+//! and of a restore, and where each invariant is enforced: `docs/architecture.md`.
+//!
+//! | rank | modules | what they own |
+//! |------|---------|---------------|
+//! | 0 | `wal`, `retry`, `progress` | WAL vocabulary (LSN, segment names, timelines, page and record decoding, cluster identity, positions); the one retry helper and error chains; progress bars and lines |
+//! | 1 | `pg`, `storage` | our PostgreSQL client (conninfo, auth, TLS, replication commands); the object-store trait, its backends (fs, S3, encryption, tiers, retries) and the private/durable file helpers |
+//! | 2 | `config`, `spool` | the tiered repository's configuration file; the local spool (the segment being received, segments awaiting publication, the durable-prefix record) |
+//! | 3 | `repo` | the repository: layout, object format and verification, catalog, gaps and slots, lock, local WAL reads |
+//! | 4 | `stream`, `upload` | the WAL receiver (sessions, publishing, gaps); shipping the hot tier to remote tiers (uploader, partial segments, eviction, background tasks) |
+//! | 5 | `basebackup`, `open` | base backups (protocol, storing, their WAL, their life in the catalog); opening a repository from where it is (directory, S3, tiered) |
+//! | 6 | `restore` | planning, writing, dry runs, drills and `wal-fetch` |
+//! | 7 | `commands` | one file per CLI command: arguments, the call into the library, output, exit code |
 
 pub mod basebackup;
 pub mod commands;
 pub mod config;
+pub mod open;
 pub mod pg;
 pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod retry;
+pub mod spool;
 pub mod storage;
 pub mod stream;
 pub mod upload;

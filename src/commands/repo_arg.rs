@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::repo::open::RepoLocation;
-pub use crate::repo::open::Tiers;
+use crate::open::RepoLocation;
+pub use crate::open::Tiers;
 use crate::storage::s3::S3Options;
 use crate::storage::Storage;
 

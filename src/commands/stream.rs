@@ -14,8 +14,8 @@ use crate::pg::replication::validate_slot_name;
 use crate::repo::lock::RepoLock;
 use crate::repo::{Repo, SPOOL_DIR};
 use crate::retry::RetryPolicy;
+use crate::spool::Spool;
 use crate::storage::tiered::RemoteTier;
-use crate::stream::spool::Spool;
 use crate::stream::{StreamConfig, StreamError};
 use crate::upload::tasks::{TierPlan, TierTasks};
 

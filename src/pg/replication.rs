@@ -13,13 +13,7 @@ use super::conn::{Backend, Connection, ResultSet};
 use super::PgError;
 use crate::wal::{Lsn, TimeLineId};
 
-/// `IDENTIFY_SYSTEM`'s answer.
-#[derive(Clone, Debug)]
-pub struct SystemInfo {
-    pub system_identifier: u64,
-    pub timeline: TimeLineId,
-    pub xlogpos: Lsn,
-}
+pub use crate::wal::cluster::{ServerInfo, SystemInfo};
 
 fn proto(msg: impl Into<String>) -> PgError {
     PgError::Protocol(msg.into())
@@ -81,20 +75,6 @@ pub fn parse_guc_bytes(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
-}
-
-/// Server facts archiver depends on.
-#[derive(Clone, Debug)]
-pub struct ServerInfo {
-    pub system: SystemInfo,
-    pub version_num: u32,
-    pub wal_segment_size: u64,
-}
-
-impl ServerInfo {
-    pub fn major(&self) -> u32 {
-        self.version_num / 10000
-    }
 }
 
 pub async fn server_info(conn: &mut Connection) -> Result<ServerInfo, PgError> {

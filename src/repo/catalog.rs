@@ -168,8 +168,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::pg::replication::{ServerInfo, SystemInfo};
     use crate::storage::fs::FsStorage;
+    use crate::wal::cluster::{ServerInfo, SystemInfo};
 
     fn record(id: &str, start: &str) -> BackupRecord {
         BackupRecord {

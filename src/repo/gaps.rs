@@ -137,8 +137,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::pg::replication::{ServerInfo, SystemInfo};
     use crate::storage::fs::FsStorage;
+    use crate::wal::cluster::{ServerInfo, SystemInfo};
 
     #[tokio::test(flavor = "multi_thread")]
     async fn gaps_and_slots_round_trip() {

@@ -3,7 +3,7 @@
 //! reaches every byte the stream acknowledged, not only what filled a segment.
 //!
 //! Invariants: only what the streamer recorded as fsync'd is read (the spool's flush record,
-//! [`crate::stream::spool::FLUSHED_NAME`]), never bytes after it; every page header read from
+//! [`crate::spool::FLUSHED_NAME`]), never bytes after it; every page header read from
 //! the spool is checked ([`PageValidator`]) since spool files carry no checksum; a segment that
 //! completes or is published while it is being read is read again from where it went.
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::pg::replication::ServerInfo;
 use crate::storage::{Storage, StorageError};
+use crate::wal::cluster::ServerInfo;
 use crate::wal::SegmentName;
 
 pub mod catalog;
@@ -20,7 +20,6 @@ pub mod layout;
 pub mod local_wal;
 pub mod lock;
 pub mod object;
-pub mod open;
 pub mod sealed;
 
 use layout::{parse_wal_key, WalObject};
@@ -123,7 +122,7 @@ pub struct Repo {
     meta: RepoMeta,
     name: String,
     /// The local spool readers may take WAL from ([`local_wal`]), if there is one.
-    spool: Option<crate::stream::spool::Spool>,
+    spool: Option<crate::spool::Spool>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -237,12 +236,12 @@ impl Repo {
     /// Lets reads take WAL from the spool in `dir` too (when it exists): the segment being
     /// received and complete segments not yet published.
     pub fn with_spool(mut self, dir: Option<&std::path::Path>) -> Repo {
-        self.spool = dir.and_then(|d| crate::stream::spool::Spool::existing(d, self.seg_size()));
+        self.spool = dir.and_then(|d| crate::spool::Spool::existing(d, self.seg_size()));
         self
     }
 
     /// What the local spool holds for readers (nothing without one).
-    pub fn spool_wal(&self) -> crate::stream::spool::SpoolWal {
+    pub fn spool_wal(&self) -> crate::spool::SpoolWal {
         self.spool
             .as_ref()
             .and_then(|s| s.readable().ok())
@@ -481,9 +480,9 @@ impl Repo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::replication::SystemInfo;
     use crate::repo::object::ObjectKind;
     use crate::storage::fs::FsStorage;
+    use crate::wal::cluster::SystemInfo;
     use crate::wal::Lsn;
 
     fn server(sysid: u64, version_num: u32, seg: u64) -> ServerInfo {

@@ -58,7 +58,7 @@ impl WalInventory {
     }
 
     /// Adds what the local spool holds.
-    pub fn add_spool(&mut self, spool: &crate::stream::spool::SpoolWal) {
+    pub fn add_spool(&mut self, spool: &crate::spool::SpoolWal) {
         for s in &spool.complete {
             self.spool_segments.insert((s.segno, s.tli));
         }

@@ -30,9 +30,8 @@ use crate::wal::{Lsn, SegmentName, TimeLineId};
 
 pub mod publisher;
 pub mod session;
-pub mod spool;
 
-use spool::{Spool, SpoolEntry};
+use crate::spool::{Spool, SpoolEntry};
 
 /// SQLSTATE `58P01` (undefined_file): "requested WAL segment … has already been removed".
 const SQLSTATE_UNDEFINED_FILE: &str = "58P01";
@@ -53,7 +52,7 @@ pub struct StreamConfig {
     pub accept_gap: bool,
     /// Told the durable (fsync'd) position after every status update (the partial-segment
     /// shipper of a tiered repository reads it).
-    pub flushed: Option<std::sync::Arc<watch::Sender<Option<crate::upload::WalPoint>>>>,
+    pub flushed: Option<std::sync::Arc<watch::Sender<Option<crate::wal::WalPoint>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]

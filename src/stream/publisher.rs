@@ -9,11 +9,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::spool::Spool;
 use super::StreamError;
 use crate::repo::layout::wal_segment_key;
 use crate::repo::object::{self, ObjectKind};
 use crate::repo::Repo;
+use crate::spool::Spool;
 use crate::wal::SegmentName;
 
 /// Publishes one complete spool segment.

@@ -14,7 +14,6 @@ use tokio::time::Instant as TokioInstant;
 use tracing::{debug, info, warn};
 
 use super::publisher::Publisher;
-use super::spool::{FlushRecord, SegmentFile, Spool};
 use super::{StartPoint, StreamConfig, StreamError};
 use crate::pg::conn::{parse_error_fields, Backend};
 use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome};
@@ -22,6 +21,7 @@ use crate::pg::{Connection, PgError};
 use crate::repo::layout::{history_key, partial_segment_key};
 use crate::repo::object::ObjectKind;
 use crate::repo::Repo;
+use crate::spool::{FlushRecord, SegmentFile, Spool};
 use crate::wal::page::{page_magic_for_major, PageValidator};
 use crate::wal::timeline::parse_history;
 use crate::wal::{Lsn, SegmentName, TimeLineId};
@@ -304,7 +304,7 @@ impl<'a> Session<'a> {
         self.conn.flush().await?;
         debug!(write = %self.sent_write, flush = %self.sent_flush, "status update sent");
         if let Some(tx) = &self.cfg.flushed {
-            let p = crate::upload::WalPoint {
+            let p = crate::wal::WalPoint {
                 tli: self.tli,
                 lsn: self.sent_flush,
             };

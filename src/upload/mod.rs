@@ -34,7 +34,6 @@ use crate::repo::object::{self, TRAILER_LEN};
 use crate::repo::sealed;
 use crate::storage::tiered::{RemoteTier, WriteObserver};
 use crate::storage::{Storage, StorageError, WriteMode};
-use crate::wal::{Lsn, TimeLineId};
 
 pub mod evict;
 pub mod partial;
@@ -256,18 +255,7 @@ pub async fn upload_object(
     }
 }
 
-/// A WAL position on a timeline, ordered by position first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct WalPoint {
-    pub tli: TimeLineId,
-    pub lsn: Lsn,
-}
-
-impl WalPoint {
-    fn key(&self) -> (Lsn, TimeLineId) {
-        (self.lsn, self.tli)
-    }
-}
+pub use crate::wal::WalPoint;
 
 /// What one remote tier holds, as far as this process knows.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -693,6 +681,7 @@ mod tests {
     use super::*;
     use crate::repo::object::ObjectKind;
     use crate::storage::fs::FsStorage;
+    use crate::wal::Lsn;
     use crate::wal::SegmentName;
 
     fn seg_key(n: u64) -> String {

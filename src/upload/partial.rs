@@ -19,8 +19,8 @@ use tracing::{debug, warn};
 use super::{Queue, WalPoint};
 use crate::repo::layout::{partial_segment_key, wal_segment_key};
 use crate::repo::object::{self, ObjectKind};
+use crate::spool::Spool;
 use crate::storage::tiered::RemoteTier;
-use crate::stream::spool::Spool;
 use crate::wal::SegmentName;
 
 pub struct PartialShipper {

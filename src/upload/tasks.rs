@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::UploadConfig;
+use crate::spool::Spool;
 use crate::storage::tiered::RemoteTier;
-use crate::stream::spool::Spool;
 
 /// What runs beside the stream for remote storage.
 pub struct TierPlan {
@@ -33,7 +33,7 @@ impl TierTasks {
     pub fn start(
         t: TierPlan,
         spool: Spool,
-        flushed: watch::Receiver<Option<crate::upload::WalPoint>>,
+        flushed: watch::Receiver<Option<crate::wal::WalPoint>>,
         level: i32,
     ) -> TierTasks {
         let (stop, stop_rx) = watch::channel(false);
