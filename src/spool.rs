@@ -10,7 +10,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::storage::fs::{create_dir_all_durable, create_private, fsync_dir, open_private};
+use crate::storage::fs::{
+    create_dir_all_durable, create_private, durable_rename, fsync_dir, open_private,
+};
 use crate::wal::SegmentName;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,8 +282,7 @@ impl Spool {
         zero_fill(&f, 0, self.seg_size)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, &prealloc)?;
-        fsync_dir(&self.dir)
+        durable_rename(&tmp, &prealloc)
     }
 
     /// Finishes a full segment: fsync, trim anything beyond the segment, rename to its final
@@ -294,8 +295,7 @@ impl Spool {
         f.file.set_len(self.seg_size)?;
         f.sync()?;
         f.file.sync_all()?;
-        std::fs::rename(self.partial_path(&f.seg), self.complete_path(&f.seg))?;
-        fsync_dir(&self.dir)?;
+        durable_rename(&self.partial_path(&f.seg), &self.complete_path(&f.seg))?;
         Ok(f.seg)
     }
 

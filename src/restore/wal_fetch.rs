@@ -16,7 +16,7 @@ use crate::repo::layout::{history_key, partial_segment_key, wal_segment_key};
 use crate::repo::local_wal::WalSource;
 use crate::repo::lock::RepoLock;
 use crate::repo::{object, Repo, RepoError};
-use crate::storage::fs::{create_dir_all_durable, create_private, fsync_dir};
+use crate::storage::fs::{create_dir_all_durable, create_private, durable_rename};
 use crate::storage::StorageError;
 use crate::wal::segment::parse_history_file_name;
 use crate::wal::SegmentName;
@@ -79,8 +79,7 @@ pub fn take_prefetched(walfile: &str, dest: &Path) -> Option<SegmentName> {
     // Any segment size parses the name's fields; the worker wrote it for the right one.
     let seg = SegmentName::parse(walfile, 16 << 20)?;
     let src = prefetch_dir(dest).join(walfile);
-    std::fs::rename(&src, dest).ok()?;
-    fsync_dir(parent_dir(dest)).ok()?;
+    durable_rename(&src, dest).ok()?;
     tracing::debug!(%walfile, "served from the prefetch directory");
     Some(seg)
 }
@@ -175,8 +174,7 @@ fn write_atomic_segment(
         }
         f.sync_all()
             .map_err(io(format!("fsync of {}", tmp.display())))?;
-        std::fs::rename(&tmp, dest).map_err(io(format!("renaming into {}", dest.display())))?;
-        fsync_dir(dir).map_err(io(format!("fsync of {}", dir.display())))
+        durable_rename(&tmp, dest).map_err(io(format!("renaming into {}", dest.display())))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -38,6 +38,16 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Renames `from` to `to` (replacing it) and fsyncs the directory of `to`: once this returns,
+/// the new name survives a crash. `from` must already be fsync'd.
+pub fn durable_rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    fsync_dir(match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    })
+}
+
 /// Mode of the files archiver creates (the owner alone reads them).
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of the directories archiver creates.
@@ -175,13 +185,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// (atomic, never replaces), then the temporary name is removed. The directory is fsync'd.
 fn publish_temp(tmp: &Path, path: &Path, mode: WriteMode) -> std::io::Result<()> {
     match mode {
-        WriteMode::Overwrite => std::fs::rename(tmp, path)?,
+        WriteMode::Overwrite => durable_rename(tmp, path),
         WriteMode::CreateNew => {
             std::fs::hard_link(tmp, path)?;
             std::fs::remove_file(tmp)?;
+            fsync_dir(path.parent().unwrap_or(Path::new(".")))
         }
     }
-    fsync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 fn write_atomic_with(path: &Path, data: &[u8], mode: WriteMode) -> std::io::Result<()> {
