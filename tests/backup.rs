@@ -240,12 +240,7 @@ fn streamer_resumes_behind_wal_a_backup_archived_ahead_of_it() {
     for _ in 0..3 {
         pg.psql("insert into t select generate_series(1, 10000); select pg_switch_wal()");
     }
-    let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    archiver_ok(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     // The streamer restarts from where it stopped, not after the backup's WAL: no gap.
     let mut a = Archiver::spawn(&dir, "stream2", &args);
     a.wait_log("streaming started", T);
@@ -327,12 +322,7 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
         "{list}"
     );
     // The next backup is unaffected, and records the killed one as failed.
-    let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    archiver_ok(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     let out = archiver(&["list", "--repo", &r, "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[1]["status"], "failed", "{list}");

@@ -31,12 +31,7 @@ fn setup() -> Setup {
     let mut streamer = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
     streamer.wait_log("streaming started", T);
     pg.psql("create table t (id int primary key, v text); insert into t select g, 'v' || g from generate_series(1, 1000) g");
-    let out = archiver(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    archiver_ok(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     // The server runs restore_command as the postgres user: a copy of the binary it can run.
     let bin = dir.join("archiver-bin");
     std::fs::copy(archiver_bin(), &bin).unwrap();
@@ -197,12 +192,7 @@ fn dry_run_and_refusals_change_nothing() {
     // A restore point between two backups: planning finds it in the WAL and picks the older one.
     s.pg.psql("select pg_create_restore_point('between')");
     let ci = s.pg.conninfo("postgres");
-    let out = archiver(&["backup", "--repo", &s.r, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    archiver_ok(&["backup", "--repo", &s.r, "-d", &ci, "--checkpoint", "fast"]);
     // A time after the last transaction (read-only statements write none), then WAL without
     // transactions (a restore point), archived.
     let after_last = s.pg.psql("select clock_timestamp()");
@@ -545,12 +535,7 @@ fn tablespace_mapping_and_a_busy_tablespace_directory() {
     s.pg.psql(&format!("create tablespace ts location '{}'", ts.display()));
     s.pg.psql("create table in_ts tablespace ts as select generate_series(1, 5000) x");
     let ci = s.pg.conninfo("postgres");
-    let out = archiver(&["backup", "--repo", &s.r, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    archiver_ok(&["backup", "--repo", &s.r, "-d", &ci, "--checkpoint", "fast"]);
     s.archive_now();
     // The tablespace's own directory is in use (not empty): refused, nothing written.
     let out = archiver(&[
@@ -601,7 +586,7 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
     );
     a.wait_log("streaming started", T);
     primary.psql("create table t (v text); insert into t values ('base')");
-    let out = archiver(&[
+    archiver_ok(&[
         "backup",
         "--repo",
         &r,
@@ -610,11 +595,6 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
         "--checkpoint",
         "fast",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     primary.psql("insert into t values ('tli1')");
     let l1 = primary.psql("select pg_current_wal_lsn()");
     primary.psql("insert into t values ('tli1-late')");
