@@ -296,23 +296,25 @@ impl RepoLocation {
     /// published): `<repo>/spool`, a tiered repository's `<hot>/spool`, or an S3 repository's
     /// spool directory. None when there is none to read.
     pub fn spool_for_reading(&self) -> Option<PathBuf> {
-        let local = match self {
-            RepoLocation::Dir(d) => d.clone(),
-            RepoLocation::Tiered { config, .. } => config.hot.path.clone(),
+        Some(self.local_root()?.join(SPOOL_DIR))
+    }
+
+    /// The local directory readers find (the repository, the hot tier, an S3 repository's
+    /// spool directory), without creating or announcing anything.
+    fn local_root(&self) -> Option<PathBuf> {
+        match self {
+            RepoLocation::Dir(d) => Some(d.clone()),
+            RepoLocation::Tiered { config, .. } => Some(config.hot.path.clone()),
             RepoLocation::S3 { url, spool_dir, .. } => {
-                spool_dir.clone().or_else(|| default_spool_dir(url))?
+                spool_dir.clone().or_else(|| default_spool_dir(url))
             }
-        };
-        Some(local.join(SPOOL_DIR))
+        }
     }
 
     /// Run as root, a restore starts a cluster whose `restore_command` runs as `owner`: refuses
     /// (before anything is written) when that user cannot read the local repository.
     pub fn check_readable_by(&self, owner: Option<(u32, u32)>, who: &str) -> Result<(), OpenError> {
-        let root = self
-            .spool_for_reading()
-            .and_then(|s| s.parent().map(Path::to_path_buf));
-        let (Some((uid, gid)), Some(root)) = (owner, root) else {
+        let (Some((uid, gid)), Some(root)) = (owner, self.local_root()) else {
             return Ok(());
         };
         if !root.exists() {

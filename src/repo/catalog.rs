@@ -165,11 +165,7 @@ impl Repo {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::storage::fs::FsStorage;
-    use crate::wal::cluster::{ServerInfo, SystemInfo};
 
     fn record(id: &str, start: &str) -> BackupRecord {
         BackupRecord {
@@ -198,18 +194,7 @@ mod tests {
     }
 
     async fn repo(dir: &std::path::Path) -> Repo {
-        let server = ServerInfo {
-            system: SystemInfo {
-                system_identifier: 7,
-                timeline: 1,
-                xlogpos: Lsn(0),
-            },
-            version_num: 150018,
-            wal_segment_size: 16 << 20,
-        };
-        Repo::open_or_init(Arc::new(FsStorage::new(dir)), "test", &server)
-            .await
-            .unwrap()
+        crate::repo::test_repo(dir).await
     }
 
     #[tokio::test(flavor = "multi_thread")]

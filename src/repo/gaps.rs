@@ -48,7 +48,13 @@ impl Gap {
         self.from_lsn <= lsn && lsn < self.to_lsn
     }
 
-    /// "timeline 1 0/5000000 – timeline 1 0/9000000".
+    /// When the recovery window before the gap ends (RFC 3339): when its last WAL was
+    /// received, else (unknown) when the gap was accepted.
+    pub fn window_end(&self) -> &str {
+        self.last_received_before.as_deref().unwrap_or(&self.at)
+    }
+
+    /// "WAL from 0/5004000 (timeline 1) to 0/9000000 (timeline 1) is missing (…)".
     pub fn describe(&self) -> String {
         format!(
             "WAL from {} (timeline {}) to {} (timeline {}) is missing ({}; accepted at {})",
@@ -134,27 +140,12 @@ impl Repo {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::storage::fs::FsStorage;
-    use crate::wal::cluster::{ServerInfo, SystemInfo};
 
     #[tokio::test(flavor = "multi_thread")]
     async fn gaps_and_slots_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let server = ServerInfo {
-            system: SystemInfo {
-                system_identifier: 7,
-                timeline: 1,
-                xlogpos: Lsn(0),
-            },
-            version_num: 150018,
-            wal_segment_size: 16 << 20,
-        };
-        let repo = Repo::open_or_init(Arc::new(FsStorage::new(dir.path())), "t", &server)
-            .await
-            .unwrap();
+        let repo = crate::repo::test_repo(dir.path()).await;
         assert!(repo.list_gaps().await.unwrap().is_empty());
         let mut g = Gap {
             from_timeline: 1,

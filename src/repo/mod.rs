@@ -477,6 +477,28 @@ impl Repo {
     }
 }
 
+/// A new local repository in `dir` for a PostgreSQL 15 cluster (system identifier 7, 16 MiB
+/// segments), for unit tests.
+#[cfg(test)]
+pub(crate) async fn test_repo(dir: &std::path::Path) -> Repo {
+    let server = ServerInfo {
+        system: crate::wal::cluster::SystemInfo {
+            system_identifier: 7,
+            timeline: 1,
+            xlogpos: crate::wal::Lsn(0),
+        },
+        version_num: 150018,
+        wal_segment_size: 16 << 20,
+    };
+    Repo::open_or_init(
+        Arc::new(crate::storage::fs::FsStorage::new(dir)),
+        "test",
+        &server,
+    )
+    .await
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

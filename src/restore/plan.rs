@@ -251,41 +251,24 @@ pub fn recovery_windows(backups: &[BackupRecord], gaps: &[Gap]) -> Vec<Window> {
     gaps.sort_by_key(|g| g.from_lsn);
     let mut out = Vec::new();
     let mut begin = Lsn(0);
-    for i in 0..=gaps.len() {
-        let end = gaps.get(i);
+    // Each gap ends a window; the last window runs to the archive's end.
+    for end in gaps.into_iter().map(Some).chain([None]) {
         let b = complete.iter().find(|b| {
-            b.start_lsn >= begin && end.is_none_or_before(b.stop_lsn.unwrap_or(b.start_lsn))
+            b.start_lsn >= begin
+                && end.map_or(true, |g| b.stop_lsn.unwrap_or(b.start_lsn) <= g.from_lsn)
         });
         out.push(Window {
             backup: b.map(|b| b.id.clone()),
             from_lsn: b.and_then(|b| b.stop_lsn),
             from_time: b.and_then(|b| b.stop_time.clone()),
             to_lsn: end.map(|g| g.from_lsn),
-            to_time: end.map(|g| {
-                g.last_received_before
-                    .clone()
-                    .unwrap_or_else(|| g.at.clone())
-            }),
+            to_time: end.map(|g| g.window_end().to_string()),
         });
         if let Some(g) = end {
             begin = g.to_lsn;
         }
     }
     out
-}
-
-trait GapBound {
-    /// True when there is no gap, or `lsn` lies at or before its start.
-    fn is_none_or_before(&self, lsn: Lsn) -> bool;
-}
-
-impl GapBound for Option<&&Gap> {
-    fn is_none_or_before(&self, lsn: Lsn) -> bool {
-        match self {
-            None => true,
-            Some(g) => lsn <= g.from_lsn,
-        }
-    }
 }
 
 /// The first recorded gap after a backup that starts at `start`: the end of its window.
@@ -499,11 +482,7 @@ pub fn plan(
     }
     // A recorded gap after the backup ends its window: nothing beyond it is reachable from it.
     if let Some(g) = gap_after(&inv.gaps, backup.start_lsn) {
-        let window_end_time = g
-            .last_received_before
-            .as_deref()
-            .and_then(catalog_time)
-            .or_else(|| catalog_time(&g.at));
+        let window_end_time = catalog_time(g.window_end());
         let beyond = match &req.target {
             // "latest" means the archive's end; from here only the gap's start is reachable.
             Target::Latest => forced.is_none(),

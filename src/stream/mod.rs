@@ -311,25 +311,17 @@ async fn accept_gap(
             let raw = spool
                 .read_tail(seg, len)
                 .map_err(|e| StreamError::io("reading the spool's partial segment", e))?;
-            let (obj, _) = crate::repo::object::encode_bytes(
-                &raw,
+            repo.put_raw(
+                &crate::repo::layout::partial_segment_key(&seg),
+                raw.into(),
                 crate::repo::object::ObjectKind::PartialWalSegment,
                 cfg.compress_level,
             )
-            .map_err(|e| {
-                StreamError::io("compressing a partial segment", std::io::Error::other(e))
-            })?;
-            repo.put_encoded(&crate::repo::layout::partial_segment_key(&seg), obj)
-                .await?;
+            .await?;
             info!(segment = %seg, bytes = len, "kept the received prefix before the gap as a partial segment");
             from = Lsn(start.lsn.0 + len);
         }
     }
-    let last_received_before = repo
-        .newest_segment_time()
-        .await?
-        .max(spool.durable_tail().and_then(|_| spool.last_flush_time()))
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string());
     let gap = match existing {
         Some(mut g) => {
             g.to_lsn = to;
@@ -343,7 +335,11 @@ async fn accept_gap(
             timeline: server.system.timeline,
             to_lsn: to,
             at: crate::repo::now_rfc3339(),
-            last_received_before,
+            last_received_before: repo
+                .newest_segment_time()
+                .await?
+                .max(spool.durable_tail().and_then(|_| spool.last_flush_time()))
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             reason: reason.to_string(),
         },
     };
