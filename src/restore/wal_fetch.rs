@@ -16,7 +16,7 @@ use crate::repo::layout::{history_key, partial_segment_key, wal_segment_key};
 use crate::repo::local_wal::WalSource;
 use crate::repo::lock::RepoLock;
 use crate::repo::{object, Repo, RepoError};
-use crate::storage::fs::{create_dir_all_durable, create_private, durable_rename};
+use crate::storage::fs::{create_dir_all_durable, create_private, durable_rename, parent_dir};
 use crate::storage::StorageError;
 use crate::wal::segment::parse_history_file_name;
 use crate::wal::SegmentName;
@@ -56,12 +56,6 @@ pub enum Fetched {
 /// The prefetch directory for a destination.
 pub fn prefetch_dir(dest: &Path) -> PathBuf {
     parent_dir(dest).join(".archiver-prefetch")
-}
-
-fn parent_dir(p: &Path) -> &Path {
-    p.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
 }
 
 fn key_for(walfile: &str, seg_size: u64) -> Option<String> {

@@ -38,14 +38,19 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// The directory `path` is in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Renames `from` to `to` (replacing it) and fsyncs the directory of `to`: once this returns,
 /// the new name survives a crash. `from` must already be fsync'd.
 pub fn durable_rename(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)?;
-    fsync_dir(match to.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    })
+    fsync_dir(parent_dir(to))
 }
 
 /// Mode of the files archiver creates (the owner alone reads them).
@@ -61,11 +66,10 @@ pub fn inherit_owner(path: &Path) -> std::io::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let (p, m) = (std::fs::metadata(parent)?, std::fs::symlink_metadata(path)?);
+    let (p, m) = (
+        std::fs::metadata(parent_dir(path))?,
+        std::fs::symlink_metadata(path)?,
+    );
     if (p.uid(), p.gid()) != (m.uid(), m.gid()) {
         std::os::unix::fs::lchown(path, Some(p.uid()), Some(p.gid()))?;
     }
@@ -163,7 +167,7 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
 
 /// A temporary name next to `path`, never a valid key.
 fn temp_path(path: &Path) -> PathBuf {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -189,7 +193,7 @@ fn publish_temp(tmp: &Path, path: &Path, mode: WriteMode) -> std::io::Result<()>
         WriteMode::CreateNew => {
             std::fs::hard_link(tmp, path)?;
             std::fs::remove_file(tmp)?;
-            fsync_dir(path.parent().unwrap_or(Path::new(".")))
+            fsync_dir(parent_dir(path))
         }
     }
 }
