@@ -60,21 +60,24 @@ fn a_gap_is_recorded_and_never_crossed() {
     let r = repo.to_str().unwrap();
     let ci = pg.conninfo("postgres");
     pg.psql("create table filler(x int); create table marker(x int)");
+    let backup = |label: &str| {
+        archiver_ok(&[
+            "backup",
+            "--repo",
+            r,
+            "-d",
+            &ci,
+            "--checkpoint",
+            "fast",
+            "--label",
+            label,
+        ])
+    };
 
     // Window 1: backup A, commits 1 and 2.
     let mut a = Archiver::spawn(&dir, "stream1", &stream_args(r, &ci, &[]));
     a.wait_log("streaming started", T);
-    archiver_ok(&[
-        "backup",
-        "--repo",
-        r,
-        "-d",
-        &ci,
-        "--checkpoint",
-        "fast",
-        "--label",
-        "A",
-    ]);
+    backup("A");
     pg.psql("insert into marker values (1)");
     std::thread::sleep(Duration::from_millis(1100));
     let mid = pg.psql("select now()::text");
@@ -128,17 +131,7 @@ fn a_gap_is_recorded_and_never_crossed() {
     let mut d = Archiver::spawn(&dir, "stream-gap", &stream_args(r, &ci, &["--accept-gap"]));
     d.wait_log("accepted a gap in the archive", T);
     d.wait_log("streaming started", T);
-    archiver_ok(&[
-        "backup",
-        "--repo",
-        r,
-        "-d",
-        &ci,
-        "--checkpoint",
-        "fast",
-        "--label",
-        "B",
-    ]);
+    backup("B");
     pg.psql("insert into marker values (4)");
     switch_and_wait(&pg, &repo);
     assert!(d.term().success());
