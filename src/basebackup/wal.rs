@@ -14,21 +14,17 @@
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
-use postgres_protocol::message::backend::Message;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::pg::conn::{parse_error_fields, Backend};
-use crate::pg::replication::{self, ReplicationMessage, StartOutcome};
+use crate::pg::replication::{self, ReplicationMessage, StartOutcome, StreamEvent};
 use crate::pg::{Connection, PgError};
-use crate::repo::layout::{partial_segment_key, wal_segment_key};
-use crate::repo::object::ObjectKind;
+use crate::repo::layout::wal_segment_key;
 use crate::repo::Repo;
-use crate::spool::{SegmentFile, Spool};
+use crate::spool::Spool;
+use crate::stream::assembler::Assembler;
 use crate::stream::publisher::publish_segment;
 use crate::stream::StreamError;
-use crate::wal::page::{page_magic_for_major, PageValidator};
 use crate::wal::{Lsn, SegmentName, TimeLineId};
 
 /// `CREATE_REPLICATION_SLOT name TEMPORARY PHYSICAL RESERVE_WAL`: a slot that lives as long as
@@ -105,24 +101,21 @@ pub async fn fetch_wal(
             )))
         }
     }
-    let mut validator = PageValidator::new(
+    let mut wal = Assembler::new(
+        spool.clone(),
         seg_size,
         f.sysid,
-        page_magic_for_major(f.major),
-        next.start_lsn(),
+        f.major,
         f.tli,
-    );
-    let mut received = next.start_lsn();
+        next.start_lsn(),
+    )
+    .ending_at(last.end_lsn());
     let mut durable = next.start_lsn();
-    let mut cur: Option<SegmentFile> = None;
     let mut grace_until: Option<Instant> = None;
     let mut last_status = Instant::now();
     let status_every = Duration::from_secs(10);
-    loop {
-        if received >= last.end_lsn() {
-            break;
-        }
-        if received >= f.stop && grace_until.is_none() {
+    while wal.received() < last.end_lsn() {
+        if wal.received() >= f.stop && grace_until.is_none() {
             grace_until = Some(Instant::now() + f.partial_grace);
         }
         let wake = grace_until.map_or(last_status + status_every, |g| {
@@ -134,123 +127,44 @@ pub async fn fetch_wal(
                 if grace_until.is_some_and(|g| Instant::now() >= g) {
                     break;
                 }
-                send_status(conn, received, durable).await?;
+                replication::send_status(conn, wal.received(), durable, false).await?;
                 last_status = Instant::now();
                 continue;
             }
         };
-        let (start, data, reply) = match msg {
-            Backend::Msg(Message::CopyData(body)) => {
-                match replication::decode_copy_data(body.into_bytes())? {
-                    ReplicationMessage::XLogData { start, data, .. } => (start, data, false),
-                    ReplicationMessage::Keepalive {
-                        reply_requested, ..
-                    } => (received, Bytes::new(), reply_requested),
+        match replication::stream_event(msg)? {
+            Some(StreamEvent::Message(ReplicationMessage::XLogData { start, data, .. })) => {
+                for seg in wal.write(start, &data).await? {
+                    publish_segment(repo, &spool, seg, f.compress_level).await?;
+                    out.segments += 1;
+                    durable = seg.end_lsn();
+                    debug!(segment = %seg, "backup WAL segment archived");
                 }
             }
-            Backend::Msg(Message::ErrorResponse(body)) => {
-                return Err(PgError::Server(parse_error_fields(&mut body.fields())).into())
+            Some(StreamEvent::Message(ReplicationMessage::Keepalive {
+                reply_requested: true,
+                ..
+            })) => {
+                replication::send_status(conn, wal.received(), durable, false).await?;
+                last_status = Instant::now();
             }
-            Backend::Msg(Message::NoticeResponse(_)) => continue,
-            Backend::Msg(Message::CopyDone) => {
+            Some(StreamEvent::Message(ReplicationMessage::Keepalive { .. })) | None => {}
+            Some(StreamEvent::End) => {
                 return Err(StreamError::Invariant(format!(
-                "the server ended timeline {} at {received}, before the backup's WAL was complete",
-                f.tli
-            )))
-            }
-            _ => {
-                return Err(PgError::Protocol(
-                    "unexpected message in the replication stream".into(),
-                )
-                .into())
-            }
-        };
-        if reply {
-            send_status(conn, received, durable).await?;
-            last_status = Instant::now();
-        }
-        if data.is_empty() {
-            continue;
-        }
-        if start != received {
-            return Err(PgError::Protocol(format!(
-                "WAL arrived at {start}, expected {received}: the stream has a gap"
-            ))
-            .into());
-        }
-        validator.feed(start, &data)?;
-        let mut off = 0usize;
-        while off < data.len() && Lsn(start.0 + off as u64) < last.end_lsn() {
-            let pos = Lsn(start.0 + off as u64);
-            let seg_off = pos.segment_offset(seg_size);
-            if cur.is_none() {
-                let seg = SegmentName::containing(f.tli, pos, seg_size);
-                let s = spool.clone();
-                cur = Some(
-                    tokio::task::spawn_blocking(move || s.open_partial(seg))
-                        .await
-                        .expect("spool task panicked")
-                        .map_err(|e| StreamError::io("creating a spool segment", e))?,
-                );
-            }
-            let file = cur.as_mut().expect("opened above");
-            let n = (data.len() - off).min((seg_size - seg_off) as usize);
-            file.write_at(seg_off, &data[off..off + n])
-                .map_err(|e| StreamError::io("writing a spool segment", e))?;
-            off += n;
-            if file.written == seg_size {
-                let file = cur.take().expect("present");
-                let s = spool.clone();
-                let seg = tokio::task::spawn_blocking(move || s.complete(file))
-                    .await
-                    .expect("spool task panicked")
-                    .map_err(|e| StreamError::io("completing a spool segment", e))?;
-                publish_segment(repo, &spool, seg, f.compress_level).await?;
-                out.segments += 1;
-                durable = seg.end_lsn();
-                debug!(segment = %seg, "backup WAL segment archived");
+                    "the server ended timeline {} at {}, before the backup's WAL was complete",
+                    f.tli,
+                    wal.received()
+                )))
             }
         }
-        received = Lsn(start.0 + data.len() as u64);
     }
-    if let Some(file) = cur.take() {
-        // The grace period ran out inside the stop segment: archive what the server had.
-        let path = spool.partial_path(&file.seg);
-        let raw = spool
-            .read_prefix(&path, file.written)
-            .map_err(|e| StreamError::io("reading the partial segment", e))?;
-        repo.put_raw(
-            &partial_segment_key(&file.seg),
-            Bytes::from(raw),
-            ObjectKind::PartialWalSegment,
-            f.compress_level,
-        )
-        .await?;
-        info!(segment = %file.seg, bytes = file.written, "archived the stop segment as partial");
-        out.partial = Some(file.seg);
-        durable = received;
-        drop(file);
-        spool
-            .remove(&path)
-            .map_err(|e| StreamError::io("removing the partial segment", e))?;
+    // If the grace period ran out inside the stop segment: archive what the server had.
+    if let Some((segment, bytes)) = wal.archive_partial(repo, f.compress_level).await? {
+        info!(%segment, bytes, "archived the stop segment as partial");
+        out.partial = Some(segment);
+        durable = wal.received();
     }
-    send_status(conn, received, durable).await?;
-    info!(segments = out.segments, up_to = %received, "the backup's WAL is archived");
+    replication::send_status(conn, wal.received(), durable, false).await?;
+    info!(segments = out.segments, up_to = %wal.received(), "the backup's WAL is archived");
     Ok(out)
-}
-
-/// Tells the server what we received and what is archived (durable): the temporary slot may
-/// then release the WAL before `flush`.
-async fn send_status(conn: &mut Connection, write: Lsn, flush: Lsn) -> Result<(), StreamError> {
-    replication::encode_status_update(
-        conn.write_buf(),
-        write,
-        flush,
-        Lsn::INVALID,
-        replication::pg_now(),
-        false,
-    );
-    conn.flush().await?;
-    debug!(%write, %flush, "status update sent");
-    Ok(())
 }

@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
-use super::conn::{Backend, Connection, ResultSet};
+use super::conn::{parse_error_fields, Backend, Connection, ResultSet};
 use super::PgError;
 use crate::wal::{Lsn, TimeLineId};
 
@@ -285,6 +285,55 @@ pub fn decode_copy_data(mut b: Bytes) -> Result<ReplicationMessage, PgError> {
             t as char
         ))),
     }
+}
+
+/// What the CopyBoth stream delivered, for a receiver's loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamEvent {
+    Message(ReplicationMessage),
+    /// The server's CopyDone: the timeline ended (see [`finish_copy`]).
+    End,
+}
+
+/// Classifies one backend message of the CopyBoth stream: `None` for a notice (logged),
+/// the server's error as [`PgError::Server`], anything unexpected as a protocol error.
+pub fn stream_event(msg: Backend) -> Result<Option<StreamEvent>, PgError> {
+    match msg {
+        Backend::Msg(Message::CopyData(body)) => Ok(Some(StreamEvent::Message(decode_copy_data(
+            body.into_bytes(),
+        )?))),
+        Backend::Msg(Message::CopyDone) => Ok(Some(StreamEvent::End)),
+        Backend::Msg(Message::ErrorResponse(body)) => {
+            Err(PgError::Server(parse_error_fields(&mut body.fields())))
+        }
+        Backend::Msg(Message::NoticeResponse(body)) => {
+            let n = parse_error_fields(&mut body.fields());
+            tracing::info!(code = %n.code, "server notice: {}", n.message);
+            Ok(None)
+        }
+        _ => Err(proto("unexpected message in the replication stream")),
+    }
+}
+
+/// Sends a standby status update now: `write` received, `flush` durable (the server may
+/// release WAL before it), no apply position.
+pub async fn send_status(
+    conn: &mut Connection,
+    write: Lsn,
+    flush: Lsn,
+    reply_requested: bool,
+) -> Result<(), PgError> {
+    encode_status_update(
+        conn.write_buf(),
+        write,
+        flush,
+        Lsn::INVALID,
+        pg_now(),
+        reply_requested,
+    );
+    conn.flush().await?;
+    tracing::debug!(%write, %flush, "status update sent");
+    Ok(())
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch, 2000-01-01.

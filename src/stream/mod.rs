@@ -28,6 +28,7 @@ use crate::retry::{RetryPolicy, Transient};
 use crate::wal::page::PageError;
 use crate::wal::{Lsn, SegmentName, TimeLineId};
 
+pub(crate) mod assembler;
 pub mod publisher;
 pub mod session;
 

@@ -8,23 +8,22 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use postgres_protocol::message::backend::Message;
 use tokio::sync::watch;
 use tokio::time::Instant as TokioInstant;
 use tracing::{debug, info, warn};
 
+use super::assembler::Assembler;
 use super::publisher::Publisher;
 use super::{StartPoint, StreamConfig, StreamError};
-use crate::pg::conn::{parse_error_fields, Backend};
-use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome};
+use crate::pg::conn::Backend;
+use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome, StreamEvent};
 use crate::pg::{Connection, PgError};
-use crate::repo::layout::{history_key, partial_segment_key};
+use crate::repo::layout::history_key;
 use crate::repo::object::ObjectKind;
 use crate::repo::Repo;
-use crate::spool::{FlushRecord, SegmentFile, Spool};
-use crate::wal::page::{page_magic_for_major, PageValidator};
+use crate::spool::{FlushRecord, Spool};
 use crate::wal::timeline::parse_history;
-use crate::wal::{Lsn, SegmentName, TimeLineId};
+use crate::wal::{Lsn, TimeLineId};
 
 pub struct Session<'a> {
     conn: Connection,
@@ -33,15 +32,11 @@ pub struct Session<'a> {
     cfg: &'a StreamConfig,
     publisher: &'a mut Publisher,
     seg_size: u64,
-    sysid: u64,
-    magic: Option<u16>,
-    tli: TimeLineId,
-    validator: PageValidator,
-    cur: Option<SegmentFile>,
-    /// Where readers learn the durable prefix of `cur` (opened at the first fsync).
+    /// The spool segment being received, validated and written in place.
+    wal: Assembler,
+    /// Where readers learn the durable prefix of the segment being received (opened at the
+    /// first fsync).
     flush_record: Option<FlushRecord>,
-    /// Next byte expected from the server.
-    received: Lsn,
     /// Everything before this is fsync'd.
     flushed: Lsn,
     sent_write: Lsn,
@@ -53,8 +48,6 @@ pub struct Session<'a> {
     progress_bytes: u64,
     reply_due: bool,
     bytes_received: u64,
-    /// Background preparation of the next segment file.
-    prealloc: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// Slots archiver created that nobody streams from (named in every progress line).
     pub(crate) abandoned_slots: String,
 }
@@ -86,8 +79,15 @@ impl<'a> Session<'a> {
         tli: TimeLineId,
     ) -> Self {
         let seg_size = repo.seg_size();
-        let sysid = repo.system_identifier();
-        let magic = page_magic_for_major(server.major());
+        let wal = Assembler::new(
+            spool.clone(),
+            seg_size,
+            repo.system_identifier(),
+            server.major(),
+            tli,
+            Lsn(0),
+        )
+        .preallocating();
         let now = Instant::now();
         Session {
             conn,
@@ -96,13 +96,8 @@ impl<'a> Session<'a> {
             cfg,
             publisher,
             seg_size,
-            sysid,
-            magic,
-            tli,
-            validator: PageValidator::new(seg_size, sysid, magic, Lsn(0), tli),
-            cur: None,
+            wal,
             flush_record: None,
-            received: Lsn(0),
             flushed: Lsn(0),
             sent_write: Lsn(0),
             sent_flush: Lsn(0),
@@ -113,7 +108,6 @@ impl<'a> Session<'a> {
             progress_bytes: 0,
             reply_due: false,
             bytes_received: 0,
-            prealloc: None,
             abandoned_slots: String::new(),
         }
     }
@@ -156,21 +150,20 @@ impl<'a> Session<'a> {
     /// following timelines that end exactly there.
     async fn start_streaming(&mut self, mut start: Lsn) -> Result<(), StreamError> {
         debug_assert_eq!(start.segment_offset(self.seg_size), 0);
+        let mut tli = self.wal.tli();
         loop {
             let slot = Some(self.cfg.slot.as_str());
-            match replication::start_replication(&mut self.conn, slot, start, self.tli).await? {
+            match replication::start_replication(&mut self.conn, slot, start, tli).await? {
                 StartOutcome::Streaming => {
-                    info!(tli = self.tli, %start, "streaming started");
-                    self.received = start;
+                    info!(tli, %start, "streaming started");
+                    self.wal.restart(tli, start)?;
                     self.flushed = self.flushed.max(start);
-                    self.validator =
-                        PageValidator::new(self.seg_size, self.sysid, self.magic, start, self.tli);
                     return Ok(());
                 }
                 StartOutcome::TimelineEnded { next_tli, switch } => {
-                    info!(tli = self.tli, next_tli, %switch, "timeline ends at the start point; following it");
+                    info!(tli, next_tli, %switch, "timeline ends at the start point; following it");
                     self.archive_history(next_tli).await?;
-                    self.tli = next_tli;
+                    tli = next_tli;
                     start = switch.segment_start(self.seg_size);
                 }
             }
@@ -208,19 +201,15 @@ impl<'a> Session<'a> {
     fn next_deadline(&self) -> Instant {
         let mut d = self.last_status + self.cfg.status_interval;
         d = d.min(self.last_progress + self.cfg.progress_interval);
-        if self.dirty() {
+        if self.wal.dirty() {
             d = d.min(self.last_sync + self.cfg.fsync_interval);
         }
         d
     }
 
-    fn dirty(&self) -> bool {
-        self.cur.as_ref().is_some_and(|c| c.synced < c.written)
-    }
-
     async fn on_timer(&mut self) -> Result<(), StreamError> {
         self.publisher.check().await?;
-        if self.dirty() && self.last_sync.elapsed() >= self.cfg.fsync_interval {
+        if self.wal.dirty() && self.last_sync.elapsed() >= self.cfg.fsync_interval {
             self.sync()?;
             self.send_status(false).await?;
         }
@@ -237,8 +226,8 @@ impl<'a> Session<'a> {
         let secs = self.last_progress.elapsed().as_secs_f64().max(0.001);
         let lag = self.server_end.0.saturating_sub(self.flushed.0);
         info!(
-            tli = self.tli,
-            received = %self.received,
+            tli = self.wal.tli(),
+            received = %self.wal.received(),
             flushed = %self.flushed,
             server_end = %self.server_end,
             lag_bytes = lag,
@@ -257,7 +246,7 @@ impl<'a> Session<'a> {
 
     async fn after_batch(&mut self) -> Result<(), StreamError> {
         let due = self.cfg.synchronous || self.last_sync.elapsed() >= self.cfg.fsync_interval;
-        if due && self.dirty() {
+        if due && self.wal.dirty() {
             self.sync()?;
             self.reply_due = true;
         }
@@ -270,42 +259,36 @@ impl<'a> Session<'a> {
     /// fsyncs the current segment file; everything received is then durable, and the durable
     /// prefix is recorded for readers (restore, `wal-fetch`) before any status reports it.
     fn sync(&mut self) -> Result<(), StreamError> {
-        if let Some(cur) = self.cur.as_mut() {
-            tokio::task::block_in_place(|| cur.sync()).map_err(io("fsync of the spool segment"))?;
-            if cur.synced > 0 {
-                if self.flush_record.is_none() {
-                    self.flush_record = Some(
-                        self.spool
-                            .open_flush_record()
-                            .map_err(io("opening the spool's flush record"))?,
-                    );
-                }
-                let rec = self.flush_record.as_mut().expect("opened above");
-                rec.record(cur.seg, cur.synced)
-                    .map_err(io("writing the spool's flush record"))?;
+        if let Some((seg, synced)) = self.wal.sync()? {
+            if self.flush_record.is_none() {
+                self.flush_record = Some(
+                    self.spool
+                        .open_flush_record()
+                        .map_err(io("opening the spool's flush record"))?,
+                );
             }
+            let rec = self.flush_record.as_mut().expect("opened above");
+            rec.record(seg, synced)
+                .map_err(io("writing the spool's flush record"))?;
         }
-        self.flushed = self.flushed.max(self.received);
+        self.flushed = self.flushed.max(self.wal.received());
         self.last_sync = Instant::now();
         Ok(())
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), StreamError> {
-        self.sent_write = self.sent_write.max(self.received);
+        self.sent_write = self.sent_write.max(self.wal.received());
         self.sent_flush = self.sent_flush.max(self.flushed);
-        replication::encode_status_update(
-            self.conn.write_buf(),
+        replication::send_status(
+            &mut self.conn,
             self.sent_write,
             self.sent_flush,
-            Lsn::INVALID,
-            replication::pg_now(),
             reply_requested,
-        );
-        self.conn.flush().await?;
-        debug!(write = %self.sent_write, flush = %self.sent_flush, "status update sent");
+        )
+        .await?;
         if let Some(tx) = &self.cfg.flushed {
             let p = crate::wal::WalPoint {
-                tli: self.tli,
+                tli: self.wal.tli(),
                 lsn: self.sent_flush,
             };
             tx.send_if_modified(|cur| {
@@ -320,107 +303,41 @@ impl<'a> Session<'a> {
     }
 
     async fn handle(&mut self, msg: Backend) -> Result<(), StreamError> {
-        match msg {
-            Backend::Msg(Message::CopyData(body)) => {
-                match replication::decode_copy_data(body.into_bytes())? {
-                    ReplicationMessage::XLogData {
-                        start,
-                        server_end,
-                        data,
-                        ..
-                    } => {
-                        self.server_end = self.server_end.max(server_end);
-                        self.on_wal(start, data).await
-                    }
-                    ReplicationMessage::Keepalive {
-                        server_end,
-                        reply_requested,
-                        ..
-                    } => {
-                        self.server_end = self.server_end.max(server_end);
-                        self.reply_due |= reply_requested;
-                        Ok(())
-                    }
-                }
+        match replication::stream_event(msg)? {
+            Some(StreamEvent::Message(ReplicationMessage::XLogData {
+                start,
+                server_end,
+                data,
+                ..
+            })) => {
+                self.server_end = self.server_end.max(server_end);
+                self.on_wal(start, data).await
             }
-            Backend::Msg(Message::CopyDone) => self.end_of_timeline().await,
-            Backend::Msg(Message::ErrorResponse(body)) => {
-                Err(PgError::Server(parse_error_fields(&mut body.fields())).into())
-            }
-            Backend::Msg(Message::NoticeResponse(body)) => {
-                let n = parse_error_fields(&mut body.fields());
-                info!(code = %n.code, "server notice: {}", n.message);
+            Some(StreamEvent::Message(ReplicationMessage::Keepalive {
+                server_end,
+                reply_requested,
+                ..
+            })) => {
+                self.server_end = self.server_end.max(server_end);
+                self.reply_due |= reply_requested;
                 Ok(())
             }
-            _ => {
-                Err(PgError::Protocol("unexpected message in the replication stream".into()).into())
-            }
+            Some(StreamEvent::End) => self.end_of_timeline().await,
+            None => Ok(()),
         }
     }
 
-    /// Validates and writes WAL; completes and hands off segments as they fill.
+    /// Writes WAL through the assembler; hands off segments as they complete (each fsync'd).
     async fn on_wal(&mut self, start: Lsn, data: Bytes) -> Result<(), StreamError> {
-        if start != self.received {
-            return Err(PgError::Protocol(format!(
-                "WAL arrived at {start}, expected {}: the stream has a gap",
-                self.received
-            ))
-            .into());
+        for seg in self.wal.write(start, &data).await? {
+            self.flushed = self.flushed.max(seg.end_lsn());
+            self.last_sync = Instant::now();
+            self.reply_due = true;
+            debug!(segment = %seg, "segment complete");
+            self.publisher.submit(seg).await?;
         }
-        self.validator.feed(start, &data)?;
-        let mut off = 0usize;
-        while off < data.len() {
-            let pos = Lsn(start.0 + off as u64);
-            let seg_off = pos.segment_offset(self.seg_size);
-            if self.cur.is_none() {
-                if seg_off != 0 {
-                    return Err(StreamError::Invariant(format!(
-                        "segment file opened mid-segment at {pos}"
-                    )));
-                }
-                let seg = SegmentName::containing(self.tli, pos, self.seg_size);
-                let spool = self.spool;
-                let f = tokio::task::block_in_place(|| spool.open_partial(seg))
-                    .map_err(io("creating the spool segment"))?;
-                self.cur = Some(f);
-                self.prepare_next_segment().await?;
-            }
-            let cur = self.cur.as_mut().expect("opened above");
-            let n = (data.len() - off).min((self.seg_size - seg_off) as usize);
-            cur.write_at(seg_off, &data[off..off + n])
-                .map_err(io("writing the spool segment"))?;
-            off += n;
-            if cur.written == self.seg_size {
-                let f = self.cur.take().expect("present");
-                let spool = self.spool;
-                let seg = tokio::task::block_in_place(|| spool.complete(f))
-                    .map_err(io("completing a spool segment"))?;
-                self.flushed = self.flushed.max(seg.end_lsn());
-                self.last_sync = Instant::now();
-                self.reply_due = true;
-                debug!(segment = %seg, "segment complete");
-                self.publisher.submit(seg).await?;
-            }
-        }
-        self.received = Lsn(start.0 + data.len() as u64);
         self.bytes_received += data.len() as u64;
         self.progress_bytes += data.len() as u64;
-        Ok(())
-    }
-
-    /// Starts zero-filling the next segment's file in the background, if not already under way.
-    async fn prepare_next_segment(&mut self) -> Result<(), StreamError> {
-        if let Some(h) = self.prealloc.take() {
-            if !h.is_finished() {
-                self.prealloc = Some(h);
-                return Ok(());
-            }
-            h.await
-                .expect("preallocation task panicked")
-                .map_err(io("preparing the next spool segment"))?;
-        }
-        let spool = self.spool.clone();
-        self.prealloc = Some(tokio::task::spawn_blocking(move || spool.prepare_next()));
         Ok(())
     }
 
@@ -433,34 +350,21 @@ impl<'a> Session<'a> {
             StartOutcome::TimelineEnded { next_tli, switch } => (next_tli, switch),
             StartOutcome::Streaming => unreachable!("finish_copy never returns Streaming"),
         };
-        info!(old_tli = self.tli, next_tli, %switch, received = %self.received, "end of timeline");
-        if self.received != switch {
-            warn!(received = %self.received, %switch, "the old timeline's WAL does not end at the switch point");
+        let received = self.wal.received();
+        info!(old_tli = self.wal.tli(), next_tli, %switch, %received, "end of timeline");
+        if received != switch {
+            warn!(%received, %switch, "the old timeline's WAL does not end at the switch point");
         }
-        if let Some(cur) = self.cur.take() {
-            let path = self.spool.partial_path(&cur.seg);
-            if cur.written > 0 {
-                let raw = self
-                    .spool
-                    .read_prefix(&path, cur.written)
-                    .map_err(io("reading the partial segment"))?;
-                self.repo
-                    .put_raw(
-                        &partial_segment_key(&cur.seg),
-                        Bytes::from(raw),
-                        ObjectKind::PartialWalSegment,
-                        self.cfg.compress_level,
-                    )
-                    .await?;
-                info!(segment = %cur.seg, bytes = cur.written, "archived the old timeline's last segment as partial");
-            }
-            drop(cur);
-            self.spool
-                .remove(&path)
-                .map_err(io("removing the partial segment"))?;
+        let archived = self
+            .wal
+            .archive_partial(self.repo, self.cfg.compress_level)
+            .await?;
+        if let Some((segment, bytes)) = archived {
+            info!(%segment, bytes, "archived the old timeline's last segment as partial");
         }
         self.archive_history(next_tli).await?;
-        self.tli = next_tli;
+        self.wal
+            .restart(next_tli, switch.segment_start(self.seg_size))?;
         self.start_streaming(switch.segment_start(self.seg_size))
             .await
     }
