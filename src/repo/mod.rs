@@ -309,8 +309,8 @@ impl Repo {
             })
     }
 
-    /// The trailer of object `key` (its kind, raw size and checksums), without reading it all.
-    pub async fn object_info(&self, key: &str) -> Result<ObjectInfo, RepoError> {
+    /// The stored size of object `key`; an object too short to hold its trailer is corrupt.
+    async fn object_size(&self, key: &str) -> Result<u64, RepoError> {
         let size = self
             .storage
             .head(key)
@@ -323,6 +323,12 @@ impl Repo {
                 reason: format!("object too short ({size} bytes)"),
             });
         }
+        Ok(size)
+    }
+
+    /// The trailer of object `key` (its kind, raw size and checksums), without reading it all.
+    pub async fn object_info(&self, key: &str) -> Result<ObjectInfo, RepoError> {
+        let size = self.object_size(key).await?;
         let trailer = self
             .storage
             .get_range(
@@ -346,19 +352,11 @@ impl Repo {
         key: &str,
         out: W,
     ) -> Result<(ObjectInfo, W), RepoError> {
-        let size = self
-            .storage
-            .head(key)
-            .await?
-            .ok_or_else(|| StorageError::NotFound(key.to_string()))?
-            .size;
+        let size = self.object_size(key).await?;
         let corrupt = |reason: String| RepoError::Corrupt {
             key: key.to_string(),
             reason,
         };
-        if size < object::TRAILER_LEN as u64 {
-            return Err(corrupt(format!("object too short ({size} bytes)")));
-        }
         let body_len = size - object::TRAILER_LEN as u64;
         let trailer = self
             .storage

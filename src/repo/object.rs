@@ -132,6 +132,47 @@ impl Hasher {
     }
 }
 
+/// Checks a stored object's bytes as they stream by, without decompressing them: the SHA-256
+/// of its body against the one its trailer records. Used where whole objects are copied or
+/// read back (the uploader, hot-tier eviction); [`decode_body`] checks the content as well.
+pub struct StoredCheck {
+    body_len: u64,
+    seen: u64,
+    sha: Sha256,
+    trailer: Vec<u8>,
+}
+
+impl StoredCheck {
+    /// A check of an object of `stored_size` bytes (its body and its trailer).
+    pub fn new(stored_size: u64) -> Self {
+        StoredCheck {
+            body_len: stored_size.saturating_sub(TRAILER_LEN as u64),
+            seen: 0,
+            sha: Sha256::new(),
+            trailer: Vec::with_capacity(TRAILER_LEN),
+        }
+    }
+
+    /// The next bytes of the object, in order.
+    pub fn update(&mut self, b: &[u8]) {
+        let in_body = self.body_len.saturating_sub(self.seen).min(b.len() as u64) as usize;
+        self.sha.update(&b[..in_body]);
+        self.trailer.extend_from_slice(&b[in_body..]);
+        self.seen += b.len() as u64;
+    }
+
+    /// After every byte: the trailer (raw bytes and parsed), if the body matches it.
+    pub fn finish(self) -> Result<(Vec<u8>, ObjectInfo), ObjectError> {
+        let info = ObjectInfo::parse_trailer(&self.trailer)?;
+        if self.sha.finalize()[..] != info.sha256 {
+            return Err(ObjectError::Corrupt(
+                "its SHA-256 does not match its trailer".into(),
+            ));
+        }
+        Ok((self.trailer, info))
+    }
+}
+
 /// A writer that hashes what passes through it.
 struct HashingWriter<'a, W> {
     inner: W,

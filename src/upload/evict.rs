@@ -8,12 +8,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::is_immutable;
 use crate::repo::layout;
-use crate::repo::object::{ObjectInfo, TRAILER_LEN};
+use crate::repo::object::{StoredCheck, TRAILER_LEN};
 use crate::storage::tiered::RemoteTier;
 use crate::storage::{Storage, StorageError};
 
@@ -36,31 +35,22 @@ pub async fn verify_remote(
     let Some(meta) = tier.storage.head(key).await? else {
         return Ok(false);
     };
-    if meta.size < TRAILER_LEN as u64 {
-        return Ok(false);
-    }
-    let body_len = meta.size - TRAILER_LEN as u64;
-    let mut hash = Sha256::new();
+    let mut check = StoredCheck::new(meta.size);
     let mut off = 0;
-    while off < body_len {
+    while off < meta.size {
         let chunk = tier
             .storage
-            .get_range(key, off, (8 << 20).min(body_len - off))
+            .get_range(key, off, (8 << 20).min(meta.size - off))
             .await?;
         if chunk.is_empty() {
             return Ok(false);
         }
         off += chunk.len() as u64;
-        hash.update(&chunk);
+        check.update(&chunk);
     }
-    let trailer = tier
-        .storage
-        .get_range(key, body_len, TRAILER_LEN as u64)
-        .await?;
-    let Ok(info) = ObjectInfo::parse_trailer(&trailer) else {
-        return Ok(false);
-    };
-    Ok(hash.finalize()[..] == info.sha256 && trailer[..] == *expected)
+    Ok(check
+        .finish()
+        .is_ok_and(|(trailer, _)| trailer[..] == *expected))
 }
 
 fn evictable(key: &str) -> bool {

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -86,13 +85,8 @@ pub fn is_object_key(key: &str) -> bool {
 
 /// Checks bytes of a hot object as they stream by.
 enum Verifier {
-    /// An archiver object: SHA-256 of the body against the trailer.
-    Object {
-        body_len: u64,
-        seen: u64,
-        hash: Sha256,
-        trailer: Vec<u8>,
-    },
+    /// An archiver object: its stored body against its trailer.
+    Object(object::StoredCheck),
     /// Sealed JSON (small): checked whole at the end.
     Sealed(Vec<u8>),
     None,
@@ -101,12 +95,7 @@ enum Verifier {
 impl Verifier {
     fn for_key(key: &str, size: u64) -> Verifier {
         if key.ends_with(".zst") {
-            Verifier::Object {
-                body_len: size.saturating_sub(TRAILER_LEN as u64),
-                seen: 0,
-                hash: Sha256::new(),
-                trailer: Vec::with_capacity(TRAILER_LEN),
-            }
+            Verifier::Object(object::StoredCheck::new(size))
         } else if key.ends_with(".json") {
             Verifier::Sealed(Vec::new())
         } else {
@@ -116,17 +105,7 @@ impl Verifier {
 
     fn update(&mut self, b: &[u8]) {
         match self {
-            Verifier::Object {
-                body_len,
-                seen,
-                hash,
-                trailer,
-            } => {
-                let in_body = (*body_len).saturating_sub(*seen).min(b.len() as u64) as usize;
-                hash.update(&b[..in_body]);
-                trailer.extend_from_slice(&b[in_body..]);
-                *seen += b.len() as u64;
-            }
+            Verifier::Object(check) => check.update(b),
             Verifier::Sealed(v) => v.extend_from_slice(b),
             Verifier::None => {}
         }
@@ -135,14 +114,11 @@ impl Verifier {
     /// The object's trailer (for objects), or an error naming what is wrong.
     fn finish(self) -> Result<Option<Vec<u8>>, String> {
         match self {
-            Verifier::Object { hash, trailer, .. } => {
-                let info =
-                    object::ObjectInfo::parse_trailer(&trailer).map_err(|e| e.to_string())?;
-                if hash.finalize()[..] != info.sha256 {
-                    return Err("its SHA-256 does not match its trailer".into());
-                }
-                Ok(Some(trailer))
-            }
+            Verifier::Object(check) => match check.finish() {
+                Ok((trailer, _)) => Ok(Some(trailer)),
+                Err(object::ObjectError::Corrupt(reason)) => Err(reason),
+                Err(e) => Err(e.to_string()),
+            },
             Verifier::Sealed(v) => sealed::open::<serde_json::Value>(&v)
                 .map(|_| None)
                 .map_err(|e| e.to_string()),
