@@ -19,7 +19,7 @@ fn record(id: &str, start: &str, status: BackupStatus) -> BackupRecord {
         start_lsn: Lsn(0x0300_0028),
         stop_lsn: (status == BackupStatus::Complete).then_some(Lsn(0x0300_0138)),
         timeline: 1,
-        start_time: start.into(),
+        start_time: start.parse().unwrap(),
         stop_time: None,
         pg_version: 150018,
         system_identifier: "42".into(),

@@ -24,8 +24,9 @@ use crate::pg::{Connection, PgError};
 use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
 use crate::repo::layout::wal_segment_key;
 use crate::repo::lock::{LockError, RepoLock};
-use crate::repo::{now_rfc3339, Repo, RepoError};
+use crate::repo::{Repo, RepoError};
 use crate::stream::StreamError;
+use crate::time::Timestamp;
 use crate::wal::{Lsn, SegmentName};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +101,10 @@ pub fn check_server(server: &ServerInfo, o: &BackupOptions) -> Result<(), TakeEr
     Ok(())
 }
 
-/// Converts backup_label's `START TIME: 2026-11-22 22:40:00 UTC` to RFC 3339 when it is UTC.
-pub(crate) fn label_time(label: &str) -> Option<String> {
+/// backup_label's `START TIME: 2026-11-22 22:40:00 UTC`, when it is UTC.
+pub(crate) fn label_time(label: &str) -> Option<Timestamp> {
     let v = label.lines().find_map(|l| l.strip_prefix("START TIME: "))?;
-    let (dt, zone) = v.rsplit_once(' ')?;
-    (zone == "UTC" || zone == "GMT").then(|| format!("{}Z", dt.replace(' ', "T")))
+    crate::time::parse_label_time(v)
 }
 
 /// Takes a backup over `conn` into `repo`, recorded in the catalog from start to end. `spool`
@@ -131,7 +131,7 @@ pub async fn take_backup(
         start_lsn: Lsn::INVALID,
         stop_lsn: None,
         timeline: server.system.timeline,
-        start_time: now_rfc3339(),
+        start_time: crate::time::now(),
         stop_time: None,
         pg_version: server.version_num,
         system_identifier: server.system.system_identifier.to_string(),
@@ -154,10 +154,7 @@ pub async fn take_backup(
     match result {
         Ok(()) => {
             rec.status = BackupStatus::Complete;
-            // Microseconds: restore compares target times with it, and a truncated time could
-            // make a backup look finished before a target it cannot reach.
-            rec.stop_time =
-                Some(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string());
+            rec.stop_time = Some(crate::time::now());
             repo.put_backup(&rec).await?;
             info!(id = %id, stop_lsn = %rec.stop_lsn.unwrap_or_default(), "backup complete");
             Ok(rec)
@@ -165,7 +162,7 @@ pub async fn take_backup(
         Err(e) => {
             rec.status = BackupStatus::Failed;
             rec.error = Some(crate::retry::error_chain(&e));
-            rec.stop_time = Some(now_rfc3339());
+            rec.stop_time = Some(crate::time::now());
             if let Err(e2) = repo.put_backup(&rec).await {
                 warn!(error = %e2, "could not record the failure");
             }
@@ -188,7 +185,7 @@ pub(crate) fn backup_spool(spool: &Path, id: &str) -> PathBuf {
 async fn claim_backup_id(repo: &Repo, spool: &Path) -> Result<(String, RepoLock), TakeError> {
     loop {
         let id = repo
-            .new_backup_id(std::time::SystemTime::now(), |id| {
+            .new_backup_id(crate::time::now(), |id| {
                 RepoLock::is_held(&backup_spool(spool, id).join("lock"))
             })
             .await?;
@@ -398,7 +395,7 @@ mod tests {
     fn label_times() {
         let l = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIME: 2026-11-22 22:40:00 UTC\nLABEL: x\n";
         assert_eq!(
-            super::label_time(l).as_deref(),
+            super::label_time(l).map(|t| t.to_string()).as_deref(),
             Some("2026-11-22T22:40:00Z")
         );
         assert_eq!(

@@ -69,7 +69,7 @@ pub fn table(records: &[BackupRecord]) -> String {
             r.stop_lsn
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "-".into()),
-            r.start_time.clone(),
+            crate::time::short(r.start_time),
             human_bytes(r.size_bytes),
             human_bytes(r.stored_bytes),
             r.drills.last().map_or_else(
@@ -147,7 +147,7 @@ struct RepoInfo<'a> {
     system_identifier: &'a str,
     pg_version: u32,
     wal_segment_size: u64,
-    created_at: &'a str,
+    created_at: crate::time::Timestamp,
     backups: usize,
     complete_backups: usize,
     /// Holes in the WAL accepted with `stream --accept-gap`; no restore crosses one.
@@ -167,7 +167,7 @@ async fn repo_info(repo: &Repo, json: bool) -> anyhow::Result<()> {
         system_identifier: &meta.system_identifier,
         pg_version: meta.pg_version_num,
         wal_segment_size: meta.wal_segment_size,
-        created_at: &meta.created_at,
+        created_at: meta.created_at,
         backups: records.len(),
         complete_backups: records
             .iter()
@@ -217,7 +217,7 @@ pub async fn info(args: InfoArgs) -> u8 {
             println!();
             println!(
                 "stop time:         {}",
-                r.stop_time.as_deref().unwrap_or("-")
+                r.stop_time.map_or_else(|| "-".into(), |t| t.to_string())
             );
             println!("system identifier: {}", r.system_identifier);
             println!("pg version:        {}", r.pg_version);

@@ -12,7 +12,8 @@ use crate::repo::local_wal::WalSource;
 use crate::restore::extract::Owner;
 use crate::restore::recovery::TargetAction;
 use crate::restore::run::{self, RestoreOptions, TargetSpec};
-use crate::restore::target::{parse_time, Target, TimelineChoice};
+use crate::restore::target::{Target, TimelineChoice};
+use crate::time::Timestamp;
 use crate::wal::Lsn;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -20,8 +21,8 @@ use crate::wal::Lsn;
 pub struct TargetArgs {
     /// Recover up to this time: RFC 3339 (2026-11-23T01:30:00Z, '2026-11-23 02:30:00+01:00'); a
     /// time without a zone is the machine's local time (TZ); plans print the instant in UTC.
-    #[arg(long, group = "target", value_parser = parse_time, value_name = "TIME")]
-    target_time: Option<i64>,
+    #[arg(long, group = "target", value_parser = crate::time::parse, value_name = "TIME")]
+    target_time: Option<Timestamp>,
     /// Recover up to this WAL position (X/X).
     #[arg(long, group = "target", value_name = "LSN")]
     target_lsn: Option<Lsn>,

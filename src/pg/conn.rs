@@ -332,7 +332,7 @@ impl Connection {
     /// Decodes one message from the buffer, if a complete one is there.
     pub fn try_next_message(&mut self) -> Result<Option<Backend>, PgError> {
         if self.rbuf.len() >= 5 && self.rbuf[0] == b'W' {
-            let len = u32::from_be_bytes(self.rbuf[1..5].try_into().unwrap()) as usize;
+            let len = (&self.rbuf[1..5]).get_u32() as usize;
             if self.rbuf.len() < len + 1 {
                 return Ok(None);
             }

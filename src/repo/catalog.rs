@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::layout::{catalog_key, CATALOG_PREFIX};
 use super::{sealed, Repo, RepoError};
 use crate::storage::StorageError;
+use crate::time::Timestamp;
 use crate::wal::{Lsn, TimeLineId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,9 +46,9 @@ pub struct BackupRecord {
     pub start_lsn: Lsn,
     pub stop_lsn: Option<Lsn>,
     pub timeline: TimeLineId,
-    /// Server time, RFC 3339.
-    pub start_time: String,
-    pub stop_time: Option<String>,
+    /// When the backup started (the server's `backup_label` time when it is UTC, else ours).
+    pub start_time: Timestamp,
+    pub stop_time: Option<Timestamp>,
     pub pg_version: u32,
     pub system_identifier: String,
     /// Uncompressed bytes of all objects.
@@ -71,15 +72,15 @@ pub const MAX_DRILLS: usize = 10;
 /// One `archiver drill`: the backup restored into a scratch cluster and checked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DrillResult {
-    /// When the drill ran (RFC 3339).
-    pub at: String,
+    /// When the drill ran.
+    pub at: Timestamp,
     pub passed: bool,
     /// The target, as described to the operator.
     pub target: String,
     /// Where replay ended (`pg_last_wal_replay_lsn()`), when the cluster came up.
     pub achieved_lsn: Option<Lsn>,
     /// The last replayed transaction's commit time (`pg_last_xact_replay_timestamp()`).
-    pub achieved_time: Option<String>,
+    pub achieved_time: Option<Timestamp>,
     /// From the start of the drill to a promoted, checked cluster: the measured RTO.
     pub seconds: f64,
     /// Why it failed.
@@ -92,10 +93,9 @@ pub struct DrillResult {
     pub checks_skipped: Vec<String>,
 }
 
-/// A sortable backup id from a Unix time: `20261122T223000Z`.
-pub fn backup_id(t: std::time::SystemTime) -> String {
-    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-22T22:30:00Z
-    s.replace(['-', ':'], "")
+/// A sortable backup id from a time: `20261122T223000Z`.
+pub fn backup_id(t: Timestamp) -> String {
+    t.strftime("%Y%m%dT%H%M%SZ").to_string()
 }
 
 impl Repo {
@@ -104,7 +104,7 @@ impl Repo {
     /// `reserved(id)` says an id is being claimed by another process that has no record yet.
     pub async fn new_backup_id(
         &self,
-        t: std::time::SystemTime,
+        t: Timestamp,
         reserved: impl Fn(&str) -> bool,
     ) -> Result<String, RepoError> {
         let base = backup_id(t);
@@ -158,7 +158,7 @@ impl Repo {
             };
             out.push(self.get_backup(id).await?);
         }
-        out.sort_by(|a, b| (&a.start_time, &a.id).cmp(&(&b.start_time, &b.id)));
+        out.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
         Ok(out)
     }
 }
@@ -175,7 +175,7 @@ mod tests {
             start_lsn: Lsn(0x0300_0028),
             stop_lsn: None,
             timeline: 1,
-            start_time: start.into(),
+            start_time: start.parse().unwrap(),
             stop_time: None,
             pg_version: 150018,
             system_identifier: "7".into(),
@@ -243,10 +243,9 @@ mod tests {
 
     #[test]
     fn ids_sort_by_time() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_300_000);
+        let t: Timestamp = "2026-11-22T22:30:00.9Z".parse().unwrap();
         let id = backup_id(t);
-        assert_eq!(id.len(), 16);
-        assert!(id.ends_with('Z') && id.contains('T'));
+        assert_eq!(id, "20261122T223000Z");
         assert!(backup_id(t + std::time::Duration::from_secs(1)) > id);
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{sealed, Repo, RepoError};
 use crate::storage::StorageError;
+use crate::time::Timestamp;
 use crate::wal::{Lsn, TimeLineId};
 
 pub const GAPS_PREFIX: &str = "gaps/";
@@ -26,11 +27,11 @@ pub struct Gap {
     /// The timeline streaming continued on after it.
     pub timeline: TimeLineId,
     pub to_lsn: Lsn,
-    /// When the gap was accepted (RFC 3339).
-    pub at: String,
-    /// When the newest WAL before the gap was received (RFC 3339), when known: the recovery
-    /// window before the gap ends there.
-    pub last_received_before: Option<String>,
+    /// When the gap was accepted.
+    pub at: Timestamp,
+    /// When the newest WAL before the gap was received, when known: the recovery window
+    /// before the gap ends there.
+    pub last_received_before: Option<Timestamp>,
     /// What the server said.
     pub reason: String,
 }
@@ -48,10 +49,10 @@ impl Gap {
         self.from_lsn <= lsn && lsn < self.to_lsn
     }
 
-    /// When the recovery window before the gap ends (RFC 3339): when its last WAL was
-    /// received, else (unknown) when the gap was accepted.
-    pub fn window_end(&self) -> &str {
-        self.last_received_before.as_deref().unwrap_or(&self.at)
+    /// When the recovery window before the gap ends: when its last WAL was received, else
+    /// (unknown) when the gap was accepted.
+    pub fn window_end(&self) -> Timestamp {
+        self.last_received_before.unwrap_or(self.at)
     }
 
     /// "WAL from 0/5004000 (timeline 1) to 0/9000000 (timeline 1) is missing (…)".
@@ -73,8 +74,8 @@ struct SlotsFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRecord {
     pub name: String,
-    /// When it was created (RFC 3339).
-    pub created_at: String,
+    /// When it was created.
+    pub created_at: Timestamp,
 }
 
 impl Repo {
@@ -132,7 +133,7 @@ impl Repo {
         }
         slots.push(SlotRecord {
             name: name.to_string(),
-            created_at: super::now_rfc3339(),
+            created_at: crate::time::now(),
         });
         self.put_slots(&slots).await
     }
@@ -152,7 +153,7 @@ mod tests {
             from_lsn: Lsn(0x0900_0000),
             timeline: 1,
             to_lsn: Lsn(0x0C00_0000),
-            at: "2026-12-03T10:00:00Z".into(),
+            at: "2026-12-03T10:00:00Z".parse().unwrap(),
             last_received_before: None,
             reason: "removed".into(),
         };

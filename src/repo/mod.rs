@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::storage::{Storage, StorageError};
+use crate::time::Timestamp;
 use crate::wal::cluster::ServerInfo;
 use crate::wal::SegmentName;
 
@@ -71,7 +72,7 @@ pub struct RepoMeta {
     pub pg_version_num: u32,
     pub pg_major: u32,
     pub wal_segment_size: u64,
-    pub created_at: String,
+    pub created_at: Timestamp,
     pub created_by: String,
 }
 
@@ -123,10 +124,6 @@ pub struct Repo {
     name: String,
     /// The local spool readers may take WAL from ([`local_wal`]), if there is one.
     spool: Option<crate::spool::Spool>,
-}
-
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 impl Repo {
@@ -217,7 +214,7 @@ impl Repo {
             pg_version_num: server.version_num,
             pg_major: server.major(),
             wal_segment_size: server.wal_segment_size,
-            created_at: now_rfc3339(),
+            created_at: crate::time::now(),
             created_by: format!("archiver {}", env!("CARGO_PKG_VERSION")),
         };
         let body = sealed::seal(&meta).map_err(|e| RepoError::BadMeta(e.to_string()))?;
@@ -403,7 +400,7 @@ impl Repo {
 
     /// When the newest WAL segment — complete or the shipped prefix of a partial one — was
     /// stored (None: none, or the backend cannot say).
-    pub async fn newest_segment_time(&self) -> Result<Option<std::time::SystemTime>, RepoError> {
+    pub async fn newest_segment_time(&self) -> Result<Option<Timestamp>, RepoError> {
         let seg = self.seg_size();
         Ok(self
             .storage
@@ -417,7 +414,8 @@ impl Repo {
                 )
             })
             .filter_map(|m| m.modified)
-            .max())
+            .max()
+            .map(crate::time::from_system))
     }
 
     /// Every WAL object (segments, partials, history files), in key order.

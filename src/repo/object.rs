@@ -23,6 +23,7 @@
 
 use std::io::{Read, Write};
 
+use bytes::Buf;
 use sha2::{Digest, Sha256};
 
 pub const TRAILER_LEN: usize = 64;
@@ -78,8 +79,8 @@ impl ObjectInfo {
 
     pub fn parse_trailer(t: &[u8]) -> Result<Self, ObjectError> {
         if t.len() != TRAILER_LEN
-            || u32::from_le_bytes(t[0..4].try_into().unwrap()) != SKIPPABLE_MAGIC
-            || u32::from_le_bytes(t[4..8].try_into().unwrap()) != 56
+            || (&t[0..]).get_u32_le() != SKIPPABLE_MAGIC
+            || (&t[4..]).get_u32_le() != 56
             || &t[8..16] != FORMAT_MAGIC
         {
             return Err(ObjectError::Corrupt(
@@ -89,9 +90,9 @@ impl ObjectInfo {
         Ok(ObjectInfo {
             kind: ObjectKind::from_u8(t[16])
                 .ok_or_else(|| ObjectError::Corrupt(format!("unknown object kind {}", t[16])))?,
-            crc32: u32::from_le_bytes(t[20..24].try_into().unwrap()),
-            raw_size: u64::from_le_bytes(t[24..32].try_into().unwrap()),
-            sha256: t[32..64].try_into().unwrap(),
+            crc32: (&t[20..]).get_u32_le(),
+            raw_size: (&t[24..]).get_u64_le(),
+            sha256: t[32..64].try_into().expect("the length was checked"),
         })
     }
 }

@@ -21,7 +21,7 @@ use super::target::conf_quote;
 use crate::pg::conninfo::{ConnInfo, Env};
 use crate::pg::{Connection, PgError};
 use crate::repo::catalog::{BackupRecord, DrillResult, MAX_DRILLS};
-use crate::repo::{now_rfc3339, Repo};
+use crate::repo::Repo;
 use crate::wal::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +230,7 @@ pub async fn drill(repo: &Repo, o: &DrillOptions) -> Result<DrillReport, DrillEr
     let mut skipped = Vec::new();
     let mut restore_s = 0.0;
     let mut recovery_s = 0.0;
-    let outcome: Result<(Option<Lsn>, Option<String>), DrillError> = async {
+    let outcome: Result<(Option<Lsn>, Option<crate::time::Timestamp>), DrillError> = async {
         write_restore(&wspec, repo, &rec, &archives, owner).await?;
         restore_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
@@ -310,7 +310,11 @@ pub async fn drill(repo: &Repo, o: &DrillOptions) -> Result<DrillReport, DrillEr
             .first()
             .and_then(|s| s.text(0, 0))
             .and_then(|v| v.parse().ok());
-        let time = sets.first().and_then(|s| s.text(0, 1)).map(str::to_string);
+        // As the server prints it (`2026-12-04 15:40:17.123456+00`, in its `timezone`).
+        let time = sets
+            .first()
+            .and_then(|s| s.text(0, 1))
+            .and_then(|v| crate::time::parse(v).ok());
         if let Some(sql) = &o.check_sql {
             conn.simple_query(sql).await.map_err(|e| {
                 DrillError::Failed(format!(
@@ -361,7 +365,7 @@ pub async fn drill(repo: &Repo, o: &DrillOptions) -> Result<DrillReport, DrillEr
         Err(e) => (false, (None, None), Some(crate::retry::error_chain(&e))),
     };
     let result = DrillResult {
-        at: now_rfc3339(),
+        at: crate::time::now(),
         passed,
         target: target.describe(),
         achieved_lsn: achieved.0,

@@ -10,11 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::target::{catalog_time, format_rfc3339, Target, TimelineChoice};
+use super::target::{Target, TimelineChoice};
 use crate::repo::catalog::{BackupRecord, BackupStatus};
 use crate::repo::gaps::Gap;
 use crate::repo::layout::WalObject;
 use crate::repo::local_wal::WalSource;
+use crate::time::Timestamp;
 use crate::wal::timeline::HistoryEntry;
 use crate::wal::{Lsn, SegmentName, TimeLineId};
 
@@ -31,7 +32,7 @@ pub struct WalInventory {
     pub histories: BTreeMap<TimeLineId, Vec<HistoryEntry>>,
     /// When the newest complete segment was archived (microseconds since the epoch): no WAL
     /// in the archive was written after it.
-    pub newest_segment_time: Option<i64>,
+    pub newest_segment_time: Option<Timestamp>,
     /// Holes accepted with `stream --accept-gap`, in LSN order: no plan crosses one.
     pub gaps: Vec<Gap>,
 }
@@ -214,11 +215,11 @@ pub struct Window {
     pub backup: Option<String>,
     /// The window's first reachable point: that backup's end.
     pub from_lsn: Option<Lsn>,
-    pub from_time: Option<String>,
+    pub from_time: Option<Timestamp>,
     /// Where the window's WAL ends: the start of the gap after it (`None`: the archive's end).
     pub to_lsn: Option<Lsn>,
     /// When that WAL was received, when known.
-    pub to_time: Option<String>,
+    pub to_time: Option<Timestamp>,
 }
 
 impl Window {
@@ -231,7 +232,8 @@ impl Window {
         match (&self.backup, self.from_lsn) {
             (Some(b), Some(l)) => format!(
                 "from the end of backup {b} ({l}, {}) to {end}",
-                self.from_time.as_deref().unwrap_or("time unknown")
+                self.from_time
+                    .map_or_else(|| "time unknown".into(), |t| t.to_string())
             ),
             _ => format!(
                 "none yet up to {end}: no complete backup is inside it (take one: archiver backup)"
@@ -260,9 +262,9 @@ pub fn recovery_windows(backups: &[BackupRecord], gaps: &[Gap]) -> Vec<Window> {
         out.push(Window {
             backup: b.map(|b| b.id.clone()),
             from_lsn: b.and_then(|b| b.stop_lsn),
-            from_time: b.and_then(|b| b.stop_time.clone()),
+            from_time: b.and_then(|b| b.stop_time),
             to_lsn: end.map(|g| g.from_lsn),
-            to_time: end.map(|g| g.window_end().to_string()),
+            to_time: end.map(|g| g.window_end()),
         });
         if let Some(g) = end {
             begin = g.to_lsn;
@@ -313,20 +315,13 @@ fn on_path(path: &[PathStep], b: &BackupRecord) -> Result<(), String> {
     }
 }
 
-fn stop_time(b: &BackupRecord) -> Option<i64> {
-    b.stop_time.as_deref().and_then(catalog_time)
-}
-
 /// Whether backup `b` can serve `target` (its consistent point lies at or before the target).
 fn serves(b: &BackupRecord, target: &Target) -> Result<(), String> {
     let stop = b.stop_lsn.unwrap_or(b.start_lsn);
     match target {
         Target::Lsn(l) if *l < stop => Err(format!("it is consistent only from {stop}")),
-        Target::Time(t) => match stop_time(b) {
-            Some(s) if s > *t => Err(format!(
-                "it finished at {}, after the target",
-                format_rfc3339(s)
-            )),
+        Target::Time(t) => match b.stop_time {
+            Some(s) if s > *t => Err(format!("it finished at {s}, after the target")),
             None => Err("its end time is unknown".into()),
             _ => Ok(()),
         },
@@ -410,9 +405,9 @@ pub fn plan(
                 None => {
                     let first = on[0];
                     let earliest = match &req.target {
-                        Target::Time(_) => {
-                            stop_time(first).map_or_else(|| "unknown".into(), format_rfc3339)
-                        }
+                        Target::Time(_) => first
+                            .stop_time
+                            .map_or_else(|| "unknown".into(), |t| t.to_string()),
                         _ => first.stop_lsn.unwrap_or_default().to_string(),
                     };
                     return Err(PlanError::BeforeFirstBackup {
@@ -482,12 +477,11 @@ pub fn plan(
     }
     // A recorded gap after the backup ends its window: nothing beyond it is reachable from it.
     if let Some(g) = gap_after(&inv.gaps, backup.start_lsn) {
-        let window_end_time = catalog_time(g.window_end());
         let beyond = match &req.target {
             // "latest" means the archive's end; from here only the gap's start is reachable.
             Target::Latest => forced.is_none(),
             Target::Lsn(l) => *l > g.from_lsn,
-            Target::Time(t) => window_end_time.is_some_and(|w| *t > w),
+            Target::Time(t) => *t > g.window_end(),
             _ => false,
         };
         if beyond {
@@ -526,7 +520,7 @@ pub fn plan(
         if *t > newest {
             return Err(PlanError::TimeBeyondArchive {
                 target: target_desc,
-                newest: format_rfc3339(newest),
+                newest: newest.to_string(),
             });
         }
     }
@@ -566,8 +560,8 @@ mod tests {
             start_lsn: Lsn(start_seg * SEG + 0x28),
             stop_lsn: Some(Lsn(stop)),
             timeline: tli,
-            start_time: stop_time.into(),
-            stop_time: Some(stop_time.into()),
+            start_time: stop_time.parse().unwrap(),
+            stop_time: Some(stop_time.parse().unwrap()),
             pg_version: 150_000,
             system_identifier: "1".into(),
             size_bytes: 100,
@@ -639,7 +633,7 @@ mod tests {
             backup("B", 1, 6, 7 * SEG + 0x100, "2026-11-23T02:00:00Z"),
         ];
         let i = inv(&(2..=9).map(|s| (s, 1)).collect::<Vec<_>>(), &[], &[]);
-        let t = |s: &str| super::super::target::parse_time_utc(s).unwrap();
+        let t = |s: &str| crate::time::parse_utc(s).unwrap();
         let cases: Vec<(Target, &str, usize)> = vec![
             (Target::Latest, "B", 4),
             (Target::Time(t("2026-11-23 01:30:00")), "A", 8),
@@ -682,7 +676,7 @@ mod tests {
         let bs = [backup("A", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z")];
         // A gap at segment 6: WAL reaches 6/0 only.
         let i = inv(&[(2, 1), (3, 1), (4, 1), (5, 1), (7, 1)], &[], &[]);
-        let t = super::super::target::parse_time_utc("2026-11-23 00:30:00Z").unwrap();
+        let t = crate::time::parse_utc("2026-11-23 00:30:00Z").unwrap();
         match plan(&bs, &i, &req(Target::Time(t)), SEG).unwrap_err() {
             PlanError::BeforeFirstBackup { earliest, .. } => {
                 assert!(earliest.contains("2026-11-23T01:00:00"), "{earliest}")
@@ -697,14 +691,13 @@ mod tests {
         assert!(plan(&bs, &i, &req(Target::Lsn(Lsn(6 * SEG - 1))), SEG).is_ok());
         // A time after the newest archived segment was written.
         let mut late = inv(&[(2, 1), (3, 1), (4, 1)], &[], &[]);
-        late.newest_segment_time =
-            Some(super::super::target::parse_time_utc("2026-11-23 03:00:00").unwrap());
-        let t = super::super::target::parse_time_utc("2026-11-23 03:00:01").unwrap();
+        late.newest_segment_time = Some(crate::time::parse_utc("2026-11-23 03:00:00").unwrap());
+        let t = crate::time::parse_utc("2026-11-23 03:00:01").unwrap();
         assert!(matches!(
             plan(&bs, &late, &req(Target::Time(t)), SEG),
             Err(PlanError::TimeBeyondArchive { .. })
         ));
-        let t = super::super::target::parse_time_utc("2026-11-23 02:59:00").unwrap();
+        let t = crate::time::parse_utc("2026-11-23 02:59:00").unwrap();
         assert!(plan(&bs, &late, &req(Target::Time(t)), SEG).is_ok());
         // The backup's own WAL incomplete.
         let i = inv(&[(2, 1)], &[], &[]);
@@ -775,11 +768,11 @@ mod tests {
             from_lsn: Lsn(5 * SEG + 0x4000),
             timeline: 1,
             to_lsn: Lsn(9 * SEG),
-            at: "2026-11-23T02:30:00Z".into(),
-            last_received_before: Some("2026-11-23T01:30:00Z".into()),
+            at: "2026-11-23T02:30:00Z".parse().unwrap(),
+            last_received_before: Some("2026-11-23T01:30:00Z".parse().unwrap()),
             reason: "requested WAL segment has already been removed".into(),
         }];
-        let t = |s: &str| Target::Time(super::super::target::parse_time_utc(s).unwrap());
+        let t = |s: &str| Target::Time(crate::time::parse_utc(s).unwrap());
         // Each side of the gap restores; window 1 ends with the partial before the gap.
         let p = plan(&bs, &i, &req(t("2026-11-23 01:20:00")), SEG).unwrap();
         assert_eq!(
@@ -833,7 +826,10 @@ mod tests {
             (w[0].backup.as_deref(), w[0].to_lsn),
             (Some("A"), Some(Lsn(5 * SEG + 0x4000)))
         );
-        assert_eq!(w[0].to_time.as_deref(), Some("2026-11-23T01:30:00Z"));
+        assert_eq!(
+            w[0].to_time.map(|t| t.to_string()).as_deref(),
+            Some("2026-11-23T01:30:00Z")
+        );
         assert_eq!((w[1].backup.as_deref(), w[1].to_lsn), (Some("B"), None));
         let w = recovery_windows(&bs[..1], &i.gaps);
         assert_eq!(w[1].backup, None);

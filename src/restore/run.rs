@@ -18,13 +18,14 @@ use tracing::info;
 use super::extract::{extract_all, Archive, ExtractError, Owner};
 use super::plan::{describe_windows, gap_after, plan, Plan, PlanError, Request, WalInventory};
 use super::recovery::{self, TargetAction};
-use super::target::{format_rfc3339, Target, TimelineChoice};
+use super::target::{Target, TimelineChoice};
 use crate::basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest, ManifestError};
 use crate::basebackup::tar::TarReader;
 use crate::repo::catalog::{BackupRecord, BackupStatus};
 use crate::repo::layout::{backup_object_key, history_key, WalObject};
 use crate::repo::local_wal::WalSource;
 use crate::repo::{Repo, RepoError};
+use crate::time::Timestamp;
 use crate::wal::record::{Event, RecordReader};
 use crate::wal::timeline::parse_history;
 use crate::wal::Lsn;
@@ -110,9 +111,7 @@ pub async fn inventory(repo: &Repo) -> Result<WalInventory, RestoreError> {
     inv.newest_segment_time = repo
         .newest_segment_time()
         .await?
-        .max(spool.modified)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_micros() as i64);
+        .max(spool.modified.map(crate::time::from_system));
     Ok(inv)
 }
 
@@ -151,10 +150,9 @@ pub async fn make_plan(repo: &Repo, t: &TargetSpec) -> Result<(Plan, BackupRecor
     // Recovery to a time stops at the first transaction after it: there must be one.
     if let Target::Time(t) = req.target {
         let last = match last_transaction(repo, &p).await? {
-            LastTransaction::At(time, lsn) if t > time => Some(format!(
-                "its last transaction ended at {} (WAL {lsn})",
-                format_rfc3339(time)
-            )),
+            LastTransaction::At(time, lsn) if t > time => {
+                Some(format!("its last transaction ended at {time} (WAL {lsn})"))
+            }
             LastTransaction::NoneAfterBackup => Some(format!(
                 "no transaction ended after backup {} began",
                 p.backup_id
@@ -246,13 +244,10 @@ async fn locate(
     }
 }
 
-/// Microseconds between the Unix epoch and PostgreSQL's, 2000-01-01.
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
-
 /// What the end of a plan's WAL says about its last transaction.
 enum LastTransaction {
-    /// Its end time (Unix microseconds) and position.
-    At(i64, Lsn),
+    /// Its end time and position.
+    At(Timestamp, Lsn),
     /// The whole chain from the backup on holds none.
     NoneAfterBackup,
     /// None in the segments read (the last 16); earlier ones were not read.
@@ -270,7 +265,7 @@ async fn last_transaction(repo: &Repo, p: &Plan) -> Result<LastTransaction, Rest
         let mut last = None;
         reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
             if let Event::XactEnd { time, end, .. } = e {
-                last = Some(LastTransaction::At(time + PG_EPOCH_UNIX_MICROS, end));
+                last = Some(LastTransaction::At(time, end));
             }
         });
         if let Some(l) = last {

@@ -327,7 +327,7 @@ async fn accept_gap(
         Some(mut g) => {
             g.to_lsn = to;
             g.timeline = server.system.timeline;
-            g.at = crate::repo::now_rfc3339();
+            g.at = crate::time::now();
             g
         }
         None => crate::repo::gaps::Gap {
@@ -335,12 +335,13 @@ async fn accept_gap(
             from_lsn: from,
             timeline: server.system.timeline,
             to_lsn: to,
-            at: crate::repo::now_rfc3339(),
-            last_received_before: repo
-                .newest_segment_time()
-                .await?
-                .max(spool.durable_tail().and_then(|_| spool.last_flush_time()))
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            at: crate::time::now(),
+            last_received_before: repo.newest_segment_time().await?.max(
+                spool
+                    .durable_tail()
+                    .and_then(|_| spool.last_flush_time())
+                    .map(crate::time::from_system),
+            ),
             reason: reason.to_string(),
         },
     };

@@ -240,8 +240,8 @@ pub struct TierState {
     pub url: String,
     /// Everything up to here is in the tier (complete segments and the uploaded partial).
     pub durable: Option<WalPoint>,
-    /// When `durable` last moved (RFC 3339).
-    pub durable_at: Option<String>,
+    /// When `durable` last moved.
+    pub durable_at: Option<crate::time::Timestamp>,
     pub pending_objects: usize,
     pub uploaded_objects: u64,
     pub uploaded_bytes: u64,
@@ -279,7 +279,7 @@ impl TierState {
             (up, _) => up,
         };
         if d != self.durable && d.is_some() {
-            self.durable_at = Some(crate::repo::now_rfc3339());
+            self.durable_at = Some(crate::time::now());
         }
         self.durable = d;
         self.pending_objects = self.pending.len() + self.in_flight.len();
@@ -639,11 +639,11 @@ async fn worker(
 pub fn write_state(spool_dir: &std::path::Path, states: &[TierState]) -> std::io::Result<()> {
     #[derive(Serialize)]
     struct File<'a> {
-        updated_at: String,
+        updated_at: crate::time::Timestamp,
         tiers: &'a [TierState],
     }
     let body = serde_json::to_vec_pretty(&File {
-        updated_at: crate::repo::now_rfc3339(),
+        updated_at: crate::time::now(),
         tiers: states,
     })
     .map_err(std::io::Error::other)?;

@@ -4,6 +4,8 @@
 //! size, and it validates every page header whose bytes it has seen, including headers split
 //! across chunks. The stream refuses to archive WAL that fails.
 
+use bytes::Buf;
+
 use super::{Lsn, TimeLineId};
 
 /// `XLOG_BLCKSZ`: the WAL page size. Builds with another page size are not supported.
@@ -131,9 +133,9 @@ impl PageValidator {
         if self.zero_tail_segno == Some(segno) {
             return fail("a page header follows zero padding in the same segment".into());
         }
-        let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
+        let u16_at = |o: usize| (&h[o..]).get_u16_le();
+        let u32_at = |o: usize| (&h[o..]).get_u32_le();
+        let u64_at = |o: usize| (&h[o..]).get_u64_le();
 
         let magic = u16_at(0);
         match self.magic {

@@ -7,8 +7,11 @@
 //! PostgreSQL's business. A zero `xl_tot_len` ends the WAL; after `XLOG_SWITCH` the rest of the
 //! segment is skipped.
 
+use bytes::Buf;
+
 use super::page::{LONG_HEADER_LEN, SHORT_HEADER_LEN, XLOG_BLCKSZ};
 use super::Lsn;
+use crate::time::Timestamp;
 
 const RECORD_HEADER_LEN: usize = 24;
 const RM_XLOG_ID: u8 = 0;
@@ -24,17 +27,17 @@ const XLP_LONG_HEADER: u16 = 0x0002;
 /// A record a recovery target can name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A transaction ended (`committed` false: aborted) at `time` (PostgreSQL microseconds since
-    /// 2000-01-01); `end` is the end of its record, 8-aligned as PostgreSQL reports it.
+    /// A transaction ended (`committed` false: aborted) at `time` (`xl_xact_commit.xact_time`);
+    /// `end` is the end of its record, 8-aligned as PostgreSQL reports it.
     XactEnd {
         xid: u32,
         committed: bool,
-        time: i64,
+        time: Timestamp,
         end: Lsn,
     },
     RestorePoint {
         name: String,
-        time: i64,
+        time: Timestamp,
         end: Lsn,
     },
 }
@@ -51,13 +54,14 @@ pub struct RecordReader {
 }
 
 fn u16le(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+    (&b[at..]).get_u16_le()
 }
 fn u32le(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    (&b[at..]).get_u32_le()
 }
-fn i64le(b: &[u8], at: usize) -> i64 {
-    i64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+/// A `TimestampTz` field (`xact_time`, `rp_time`).
+fn time_at(b: &[u8], at: usize) -> Timestamp {
+    crate::time::from_pg((&b[at..]).get_i64_le())
 }
 
 /// The main data of a complete record (`DecodeXLogRecord`'s header walk), or None if the
@@ -216,7 +220,7 @@ impl RecordReader {
                         on(Event::XactEnd {
                             xid,
                             committed: op == XLOG_XACT_COMMIT,
-                            time: i64le(d, 0),
+                            time: time_at(d, 0),
                             end,
                         });
                     }
@@ -228,7 +232,7 @@ impl RecordReader {
                     let n = raw.iter().position(|b| *b == 0).unwrap_or(64);
                     on(Event::RestorePoint {
                         name: String::from_utf8_lossy(&raw[..n]).into_owned(),
-                        time: i64le(d, 0),
+                        time: time_at(d, 0),
                         end,
                     });
                 }
