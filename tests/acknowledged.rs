@@ -51,12 +51,7 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
     let ci = pg.conninfo("postgres");
     // A backup first (it fetches its own WAL), then the synchronous stream.
     archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
-    let mut a = Archiver::spawn(
-        &dir,
-        "stream",
-        &["stream", "--repo", r, "-d", &ci, "--synchronous"],
-    );
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &["--repo", r, "-d", &ci, "--synchronous"]);
     wait_until("archiver is the synchronous standby", T, || {
         pg.psql("select sync_state from pg_stat_replication where application_name = 'archiver'")
             == "sync"
@@ -168,20 +163,11 @@ fn without_synchronous_everything_up_to_the_last_fsync() {
     let mut pg = Pg::create(&dir, "pg", "", "");
     pg.start();
     let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "stream",
-        &[
-            "stream",
-            "--repo",
-            r,
-            "-d",
-            &ci,
-            "--fsync-interval",
-            "200ms",
-        ],
+        &["--repo", r, "-d", &ci, "--fsync-interval", "200ms"],
     );
-    a.wait_log("streaming started", T);
     archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
     pg.psql("create table marker as select 7 as x");
     let committed = lsn(&pg.psql("select pg_current_wal_flush_lsn()"));

@@ -4,11 +4,8 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
-
-const T: Duration = Duration::from_secs(60);
 
 const HBA: &str = "
 hostssl replication tls_user 127.0.0.1/32 scram-sha-256
@@ -123,11 +120,10 @@ fn streams_ok_then(
     check: &dyn Fn(),
 ) -> String {
     let repo = dir.join(&format!("repo-{name}"));
-    let mut a = Archiver::spawn_env(
+    let mut a = Archiver::stream_env(
         dir,
         name,
         &[
-            "stream",
             "--repo",
             repo.to_str().unwrap(),
             "-d",
@@ -137,7 +133,6 @@ fn streams_ok_then(
         ],
         env,
     );
-    a.wait_log("streaming started", T);
     check();
     let st = a.term();
     assert!(st.success(), "{name}: exit {st}\n{}", a.log_text());

@@ -78,23 +78,23 @@ fn backup_ok(r: &str, ci: &str, extra: &[&str]) -> (serde_json::Value, String) {
         "--json",
     ];
     args.extend_from_slice(extra);
-    let out = archiver(&args);
+    let out = succeeded(archiver(&args), "archiver");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{err}");
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     (rec, err)
 }
 
 #[test]
 fn backup_under_load_verifies_and_is_listed() {
-    let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "", "");
-    pg.start();
-    let repo = dir.join("repo");
-    let r = repo.to_str().unwrap().to_string();
-    let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
-    a.wait_log("streaming started", T);
+    // Bound in this order, dropped in the reverse: the streamer first, the directory last.
+    let Streaming {
+        dir,
+        ci,
+        r,
+        repo,
+        pg,
+        streamer: mut a,
+    } = Streaming::start("", &[]);
     pg.pgbench(&["-i", "-s", "2", "-q"]);
     let mut load = pg.pgbench_background(&["-c", "2", "-T", "4"]);
 
@@ -228,9 +228,8 @@ fn streamer_resumes_behind_wal_a_backup_archived_ahead_of_it() {
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
     let ci = pg.conninfo("postgres");
-    let args = ["stream", "--repo", &r, "-d", &ci];
-    let mut a = Archiver::spawn(&dir, "stream", &args);
-    a.wait_log("streaming started", T);
+    let args = ["--repo", &r, "-d", &ci];
+    let mut a = Archiver::stream(&dir, "stream", &args);
     pg.psql("create table t as select generate_series(1, 10000) x");
     let name = current_walfile(&pg);
     pg.psql("select pg_switch_wal()");
@@ -242,8 +241,7 @@ fn streamer_resumes_behind_wal_a_backup_archived_ahead_of_it() {
     }
     archiver_ok(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     // The streamer restarts from where it stopped, not after the backup's WAL: no gap.
-    let mut a = Archiver::spawn(&dir, "stream2", &args);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream2", &args);
     pg.psql("insert into t select generate_series(1, 10000)");
     let name = current_walfile(&pg);
     pg.psql("select pg_switch_wal()");
@@ -254,14 +252,15 @@ fn streamer_resumes_behind_wal_a_backup_archived_ahead_of_it() {
 
 #[test]
 fn backup_interrupted_by_a_terminated_walsender_is_failed() {
-    let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "", "");
-    pg.start();
-    let repo = dir.join("repo");
-    let r = repo.to_str().unwrap().to_string();
-    let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
-    a.wait_log("streaming started", T);
+    // Bound in this order, dropped in the reverse: the streamer first, the directory last.
+    let Streaming {
+        dir,
+        ci,
+        r,
+        repo,
+        pg,
+        streamer: mut a,
+    } = Streaming::start("", &[]);
     pg.pgbench(&["-i", "-s", "3", "-q"]);
     // Slow the backup down (1 MB/s) so it is surely still running when its walsender dies.
     let slow = [
@@ -355,8 +354,7 @@ fn server_compressed_backup_with_a_tablespace_and_several_databases() {
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
     let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &["--repo", &r, "-d", &ci]);
     // The server compresses; archiver stores its zstd frames and still checks every file.
     let (rec, err) = backup_ok(&r, &ci, &["--server-compress"]);
     assert!(err.contains("all files match the backup manifest"), "{err}");
@@ -402,8 +400,7 @@ fn backup_from_a_standby_restores_as_a_cluster() {
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
     let ci = standby.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &["--repo", &r, "-d", &ci]);
     // Idle primary: the backup's stop segment stays unfinished on the standby, so the streamer
     // cannot archive it. After its grace period (half of --wal-timeout) the backup fetches the
     // WAL itself and archives the stop segment partial.

@@ -4,28 +4,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use common::*;
 
-const T: Duration = Duration::from_secs(60);
-
 /// Every file under `p` with its size and mtime, to prove a refused run changed nothing.
 fn snapshot(p: &Path) -> BTreeMap<String, (u64, SystemTime)> {
-    let mut out = BTreeMap::new();
-    fn walk(root: &Path, p: &Path, out: &mut BTreeMap<String, (u64, SystemTime)>) {
-        for e in std::fs::read_dir(p).unwrap().flatten() {
-            let m = e.metadata().unwrap();
-            if m.is_dir() {
-                walk(root, &e.path(), out);
-            } else {
-                let k = e.path().strip_prefix(root).unwrap().display().to_string();
-                out.insert(k, (m.len(), m.modified().unwrap()));
-            }
-        }
-    }
-    walk(p, p, &mut out);
-    out
+    walk(p)
+        .into_iter()
+        .filter(|(_, m)| !m.is_dir())
+        .map(|(k, m)| (k, (m.len(), m.modified().unwrap())))
+        .collect()
 }
 
 fn refused(args: &[&str], needle: &str) -> String {
@@ -114,18 +103,16 @@ fn server_side_refusals() {
     let mut one = Pg::create(&dir, "one", "max_wal_senders = 1\n", "");
     one.start();
     let repo_a = dir.join("repo-a");
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "a",
         &[
-            "stream",
             "--repo",
             repo_a.to_str().unwrap(),
             "-d",
             &one.conninfo("postgres"),
         ],
     );
-    a.wait_log("streaming started", T);
     let repo_b = dir.join("repo-b");
     refused(
         &[
@@ -165,12 +152,7 @@ fn repository_refusals() {
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
 
-    let mut a = Archiver::spawn(
-        &dir,
-        "a",
-        &["stream", "--repo", &r, "-d", &pg1.conninfo("postgres")],
-    );
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "a", &["--repo", &r, "-d", &pg1.conninfo("postgres")]);
     // A second streamer on the same repository is refused while the first keeps going.
     let err = refused(
         &[

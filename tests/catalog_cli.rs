@@ -56,8 +56,7 @@ async fn list_and_info() {
     let r = r.to_str().unwrap();
 
     // Empty catalog.
-    let out = archiver(&["list", "--repo", r, "--json"]);
-    assert!(out.status.success());
+    let out = succeeded(archiver(&["list", "--repo", r, "--json"]), "archiver");
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
         serde_json::json!([])
@@ -77,12 +76,7 @@ async fn list_and_info() {
     repo.put_backup(&older).await.unwrap();
 
     // JSON: an array of the records, oldest first, with the documented fields.
-    let out = archiver(&["list", "--repo", r, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(archiver(&["list", "--repo", r, "--json"]), "archiver");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let arr = v.as_array().unwrap();
     assert_eq!(arr.len(), 2);

@@ -12,15 +12,7 @@ use common::*;
 const T: Duration = Duration::from_secs(60);
 
 fn stream_args<'a>(repo: &'a str, ci: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "stream",
-        "--repo",
-        repo,
-        "-d",
-        ci,
-        "--progress-interval",
-        "1s",
-    ];
+    let mut v = vec!["--repo", repo, "-d", ci, "--progress-interval", "1s"];
     v.extend_from_slice(extra);
     v
 }
@@ -75,8 +67,7 @@ fn a_gap_is_recorded_and_never_crossed() {
     };
 
     // Window 1: backup A, commits 1 and 2.
-    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(r, &ci, &[]));
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream1", &stream_args(r, &ci, &[]));
     backup("A");
     pg.psql("insert into marker values (1)");
     std::thread::sleep(Duration::from_millis(1100));
@@ -88,12 +79,11 @@ fn a_gap_is_recorded_and_never_crossed() {
 
     // A stream on another slot: the slot archiver created before is named as not streamed
     // from (it retains WAL on the server), at start and in its progress lines.
-    let mut b = Archiver::spawn(
+    let mut b = Archiver::stream(
         &dir,
         "stream-other-slot",
         &stream_args(r, &ci, &["--slot", "second"]),
     );
-    b.wait_log("streaming started", T);
     b.wait_log("abandoned_slots", T);
     let log = b.log_text();
     assert!(
@@ -114,7 +104,7 @@ fn a_gap_is_recorded_and_never_crossed() {
         pg.psql("insert into filler select generate_series(1, 20000); select pg_switch_wal()");
         pg.psql("checkpoint");
     }
-    let mut c = Archiver::spawn(&dir, "stream-gone", &stream_args(r, &ci, &[]));
+    let mut c = Archiver::spawn_stream(&dir, "stream-gone", &stream_args(r, &ci, &[]));
     let st = c.wait(T);
     let log = c.log_text();
     assert_eq!(st.code(), Some(3), "{log}");
@@ -128,7 +118,7 @@ fn a_gap_is_recorded_and_never_crossed() {
     );
 
     // --accept-gap continues the same repository; a backup is possible at once.
-    let mut d = Archiver::spawn(&dir, "stream-gap", &stream_args(r, &ci, &["--accept-gap"]));
+    let mut d = Archiver::spawn_stream(&dir, "stream-gap", &stream_args(r, &ci, &["--accept-gap"]));
     d.wait_log("accepted a gap in the archive", T);
     d.wait_log("streaming started", T);
     backup("B");

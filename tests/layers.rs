@@ -1,6 +1,8 @@
 //! The layer rule of `src/lib.rs`'s module map holds: every `crate::X` path in a module names a
 //! module of a lower rank than its own.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -22,24 +24,15 @@ fn ranks(lib: &str) -> BTreeMap<String, u32> {
     out
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
-
 #[test]
 fn no_module_uses_one_above_it() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let ranks = ranks(&std::fs::read_to_string(src.join("lib.rs")).unwrap());
     assert!(ranks.len() >= 10, "the table in src/lib.rs: {ranks:?}");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
+    let files = common::walk(&src)
+        .into_iter()
+        .filter(|(p, _)| p.ends_with(".rs"))
+        .map(|(p, _)| src.join(p));
     let mut wrong = Vec::new();
     for f in files {
         let rel = f.strip_prefix(&src).unwrap();

@@ -17,25 +17,15 @@ const T: Duration = Duration::from_secs(60);
 
 /// Every directory and file under `root` with its permission bits, `root` included.
 fn modes(root: &Path) -> Vec<(String, bool, u32)> {
-    let mut out = Vec::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        let m = std::fs::symlink_metadata(&p).unwrap();
-        if m.file_type().is_symlink() {
-            continue;
-        }
-        out.push((
-            p.display().to_string(),
-            m.is_dir(),
-            m.permissions().mode() & 0o777,
-        ));
-        if m.is_dir() {
-            for e in std::fs::read_dir(&p).unwrap() {
-                todo.push(e.unwrap().path());
-            }
-        }
-    }
-    out
+    let top = std::fs::symlink_metadata(root).unwrap();
+    std::iter::once((String::new(), top))
+        .chain(walk(root))
+        .filter(|(_, m)| !m.file_type().is_symlink())
+        .map(|(rel, m)| {
+            let p = root.join(rel).display().to_string();
+            (p, m.is_dir(), m.permissions().mode() & 0o777)
+        })
+        .collect()
 }
 
 fn assert_private(root: &Path) -> usize {
@@ -60,8 +50,7 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap();
 
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--repo", r, "-d", &ci]);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &["--repo", r, "-d", &ci]);
     archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
     pg.psql("create table t as select generate_series(1, 1000) x");
     let walfile = current_walfile(&pg);
@@ -135,9 +124,8 @@ fn everything_archiver_writes_is_private_whatever_the_umask() {
 
     // An existing repository open to others is warned about by every command that opens it.
     std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = archiver(&["list", "--repo", r]);
+    let out = succeeded(archiver(&["list", "--repo", r]), "archiver");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert!(
         err.contains("open to other users") && err.contains("0755"),
         "{err}"

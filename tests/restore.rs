@@ -21,15 +21,15 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let dir = TestDir::new();
     // No autovacuum: the tests know every transaction the WAL holds.
-    let mut pg = Pg::create(&dir, "pg", "autovacuum = off\n", "");
-    pg.start();
-    let repo = dir.join("repo");
-    let r = repo.to_str().unwrap().to_string();
-    let ci = pg.conninfo("postgres");
-    let mut streamer = Archiver::spawn(&dir, "stream", &["stream", "--repo", &r, "-d", &ci]);
-    streamer.wait_log("streaming started", T);
+    let Streaming {
+        streamer,
+        pg,
+        repo,
+        r,
+        ci,
+        dir,
+    } = Streaming::start("autovacuum = off\n", &[]);
     pg.psql("create table t (id int primary key, v text); insert into t select g, 'v' || g from generate_series(1, 1000) g");
     archiver_ok(&["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"]);
     // The server runs restore_command as the postgres user: a copy of the binary it can run.
@@ -77,12 +77,7 @@ impl Setup {
             all.extend_from_slice(&["--owner", "postgres"]);
         }
         all.extend_from_slice(args);
-        let out = archiver(&all);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(archiver(&all), "archiver");
         pgdata
     }
 
@@ -157,20 +152,7 @@ fn restores_to_time_lsn_xid_name_and_immediate() {
 
 /// A snapshot of every file under `p` (name, size) for "nothing changed" checks.
 fn listing(p: &Path) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let m = e.metadata().unwrap();
-            out.push((e.file_name().to_string_lossy().into_owned(), m.len()));
-            if m.is_dir() {
-                for (n, l) in listing(&e.path()) {
-                    out.push((format!("{}/{n}", e.file_name().to_string_lossy()), l));
-                }
-            }
-        }
-    }
-    out.sort();
-    out
+    walk(p).into_iter().map(|(n, m)| (n, m.len())).collect()
 }
 
 fn refused(s: &Setup, args: &[&str], code: i32, needle: &str) {
@@ -223,12 +205,7 @@ fn dry_run_and_refusals_change_nothing() {
             "--json",
         ];
         all.extend_from_slice(args);
-        let out = archiver(&all);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeeded(archiver(&all), "archiver");
         serde_json::from_slice(&out.stdout).unwrap()
     };
     assert_eq!(
@@ -240,19 +217,17 @@ fn dry_run_and_refusals_change_nothing() {
     let p = pgdata.to_str().unwrap();
 
     // Dry run: the plan lists the archived segments from the backup on, writes nothing.
-    let out = archiver(&[
-        "restore",
-        "--repo",
-        &s.r,
-        "--pgdata",
-        p,
-        "--dry-run",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        archiver(&[
+            "restore",
+            "--repo",
+            &s.r,
+            "--pgdata",
+            p,
+            "--dry-run",
+            "--json",
+        ]),
+        "archiver",
     );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!pgdata.exists());
@@ -429,12 +404,7 @@ fn drill_restores_checks_and_records() {
                 .arg(sql),
         )
     };
-    let out = drill(&good);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(drill(&good), "archiver");
     let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(res["passed"], true);
     assert!(res["seconds"].as_f64().unwrap() > 0.0);
@@ -469,17 +439,15 @@ fn drill_restores_checks_and_records() {
             std::os::unix::fs::symlink(e.path(), no_amcheck.join(e.file_name())).unwrap();
         }
     }
-    let out = archiver_cmd(
-        std::process::Command::new(&s.bin)
-            .args(["drill", "--repo", &s.r, "--json", "--pg-bin"])
-            .arg(&no_amcheck)
-            .arg("--scratch")
-            .arg(&scratch),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        archiver_cmd(
+            std::process::Command::new(&s.bin)
+                .args(["drill", "--repo", &s.r, "--json", "--pg-bin"])
+                .arg(&no_amcheck)
+                .arg("--scratch")
+                .arg(&scratch),
+        ),
+        "archiver",
     );
     let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(res["passed"], true, "{res}");
@@ -586,12 +554,11 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
     // The streamer follows the standby, so it sees the promotion.
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "stream",
-        &["stream", "--repo", &r, "-d", &standby.conninfo("postgres")],
+        &["--repo", &r, "-d", &standby.conninfo("postgres")],
     );
-    a.wait_log("streaming started", T);
     primary.psql("create table t (v text); insert into t values ('base')");
     archiver_ok(&[
         "backup",
@@ -629,12 +596,7 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
             all.extend_from_slice(&["--owner", "postgres"]);
         }
         all.extend_from_slice(args);
-        let out = archiver(&all);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(archiver(&all), "archiver");
         start_recovering(&dir, name, pgdata, None)
     };
     let rows = |pg: &Pg| pg.psql("select string_agg(v, ',' order by v) from t");
@@ -644,23 +606,21 @@ fn restores_onto_timeline_2_and_to_a_point_on_timeline_1_before_it() {
     drop(pg);
     // A point on timeline 1 before the promotion: it lies in timeline 1's last segment, which
     // the archive holds only as a partial; the plan says so.
-    let out = archiver(&[
-        "restore",
-        "--repo",
-        &r,
-        "--pgdata",
-        dir.join("unused").to_str().unwrap(),
-        "--target-timeline",
-        "1",
-        "--target-lsn",
-        &l1,
-        "--dry-run",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        archiver(&[
+            "restore",
+            "--repo",
+            &r,
+            "--pgdata",
+            dir.join("unused").to_str().unwrap(),
+            "--target-timeline",
+            "1",
+            "--target-lsn",
+            &l1,
+            "--dry-run",
+            "--json",
+        ]),
+        "archiver",
     );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let segs = plan["segments"].as_array().unwrap();

@@ -59,11 +59,10 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     assert!(err.contains("NoSuchBucket"), "{err}");
     assert!(bucket_keys(&client, "arch", "").await.is_empty());
 
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "stream",
         &[
-            "stream",
             "--repo",
             r,
             "--spool-dir",
@@ -74,7 +73,6 @@ async fn stream_backup_and_restore_entirely_in_s3() {
             "1s",
         ],
     );
-    a.wait_log("streaming started", T);
     pg.psql("create table t as select generate_series(1, 5000) x");
     // The segment being received is shipped as it grows, straight into S3 too.
     let current = current_walfile(&pg);
@@ -129,12 +127,7 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     assert!(all.iter().any(|k| k.ends_with("base.tar.zst")), "{all:?}");
 
     // list / info read the catalog from S3.
-    let out = archiver(&["list", "--repo", r, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(archiver(&["list", "--repo", r, "--json"]), "archiver");
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["status"], "complete");
     // wal-fetch serves a segment from S3, byte-identical.
@@ -155,24 +148,14 @@ async fn stream_backup_and_restore_entirely_in_s3() {
     let tt = ["--target-time", target.as_str()];
     let mut args = vec!["restore", "--repo", r, "--pgdata", p, "--dry-run", "--json"];
     args.extend_from_slice(&tt);
-    let out = archiver(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(archiver(&args), "archiver");
     assert!(!pgdata.exists());
     let mut args = vec!["restore", "--repo", r, "--pgdata", p];
     args.extend_from_slice(&tt);
     if is_root() {
         args.extend_from_slice(&["--owner", "postgres"]);
     }
-    let out = archiver(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(archiver(&args), "archiver");
     let conf_path = pgdata.join("postgresql.auto.conf");
     let text = std::fs::read_to_string(&conf_path).unwrap();
     assert!(text.contains("--repo s3://arch/site1 %f %p"), "{text}");

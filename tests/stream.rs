@@ -9,15 +9,7 @@ use common::*;
 const T: Duration = Duration::from_secs(60);
 
 fn stream_args<'a>(repo: &'a str, conninfo: &'a str) -> Vec<&'a str> {
-    vec![
-        "stream",
-        "--repo",
-        repo,
-        "-d",
-        conninfo,
-        "--progress-interval",
-        "1s",
-    ]
+    vec!["--repo", repo, "-d", conninfo, "--progress-interval", "1s"]
 }
 
 /// Writes some WAL, switches segment, and waits until the repository holds the finished segment.
@@ -65,8 +57,7 @@ fn segments_are_byte_identical_after_pgbench() {
         repo_s,
         ci,
     } = setup("");
-    let mut a = Archiver::spawn(&dir, "stream", &stream_args(&repo_s, &ci));
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &stream_args(&repo_s, &ci));
 
     pg.pgbench(&["-i", "-s", "3", "-q"]);
     // A lost connection (the walsender terminated) is retried, and streaming resumes.
@@ -118,20 +109,18 @@ fn kill_9_mid_load_resumes_without_gap_or_duplicate() {
     } = setup("");
     pg.pgbench(&["-i", "-s", "1", "-q"]);
 
-    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream1", &stream_args(&repo_s, &ci));
     // Load in the background while we kill the archiver twice.
     let mut load = pg.pgbench_background(&["-c", "2", "-T", "6"]);
     for round in 0..2 {
         std::thread::sleep(Duration::from_millis(1500));
         a.kill9();
         std::thread::sleep(Duration::from_millis(300));
-        a = Archiver::spawn(
+        a = Archiver::stream(
             &dir,
             &format!("stream{}", round + 2),
             &stream_args(&repo_s, &ci),
         );
-        a.wait_log("streaming started", T);
         assert!(a.log_text().contains("resumed=true"), "{}", a.log_text());
     }
     assert!(load.wait().unwrap().success());
@@ -168,8 +157,7 @@ fn synchronous_standby_commits_complete_and_are_durable() {
     } = setup("synchronous_standby_names = 'archiver'\n");
     let mut args = stream_args(&repo_s, &ci);
     args.push("--synchronous");
-    let mut a = Archiver::spawn(&dir, "stream", &args);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &args);
     wait_until("archiver to be the sync standby", T, || {
         pg.psql("select sync_state from pg_stat_replication where application_name='archiver'")
             == "sync"
@@ -225,8 +213,7 @@ fn promotion_archives_new_timeline_and_history() {
     let repo = dir.join("repo");
     let repo_s = repo.to_str().unwrap().to_string();
     let ci = standby.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &stream_args(&repo_s, &ci));
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &stream_args(&repo_s, &ci));
     primary.psql("insert into before_promo select generate_series(1,50000)");
     let name = current_walfile(&primary);
     primary.psql("select pg_switch_wal()");
@@ -300,8 +287,7 @@ fn wal_gone_from_the_server_stops_with_exit_3() {
     let repo = dir.join("repo");
     let repo_s = repo.to_str().unwrap().to_string();
     let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream1", &stream_args(&repo_s, &ci));
     switch_and_wait(&pg, &repo);
     assert!(a.term().success());
 
@@ -314,7 +300,7 @@ fn wal_gone_from_the_server_stops_with_exit_3() {
     let before = std::fs::read_dir(repo.join("wal/00000001"))
         .unwrap()
         .count();
-    let mut a = Archiver::spawn(&dir, "stream2", &stream_args(&repo_s, &ci));
+    let mut a = Archiver::spawn_stream(&dir, "stream2", &stream_args(&repo_s, &ci));
     let st = a.wait(T);
     let log = a.log_text();
     assert_eq!(st.code(), Some(3), "{log}");
@@ -337,8 +323,7 @@ fn damaged_wal_from_the_server_is_refused() {
         repo_s,
         ci,
     } = setup("");
-    let mut a = Archiver::spawn(&dir, "stream1", &stream_args(&repo_s, &ci));
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream1", &stream_args(&repo_s, &ci));
     switch_and_wait(&pg, &repo);
     assert!(a.term().success());
 
@@ -352,7 +337,7 @@ fn damaged_wal_from_the_server_is_refused() {
     wal[2 * 8192 + 9] ^= 0x40; // xlp_pageaddr of the third page
     std::fs::write(&path, &wal).unwrap();
 
-    let mut a = Archiver::spawn(&dir, "stream2", &stream_args(&repo_s, &ci));
+    let mut a = Archiver::spawn_stream(&dir, "stream2", &stream_args(&repo_s, &ci));
     let st = a.wait(T);
     let log = a.log_text();
     assert_eq!(st.code(), Some(1), "{log}");

@@ -130,26 +130,15 @@ region = "us-east-1"
     let mut pg = Pg::create(&dir, "pg", "", "");
     pg.start();
     let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "stream",
-        &[
-            "stream",
-            "--config",
-            c,
-            "-d",
-            &ci,
-            "--fsync-interval",
-            "200ms",
-        ],
+        &["--config", c, "-d", &ci, "--fsync-interval", "200ms"],
     );
-    a.wait_log("streaming started", T);
     pg.pgbench(&["-i", "-s", "2", "-q"]);
-    let out = archiver(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        archiver(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]),
+        "archiver",
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     // The backup returned once the remote tier held it: encrypted, under the prefix.
@@ -202,12 +191,7 @@ region = "us-east-1"
     });
     eprintln!("offsite lag of the commit: {:?}", t0.elapsed());
     // `archiver tiers` shows it, as a table or JSON.
-    let out = archiver(&["tiers", "--config", c, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(archiver(&["tiers", "--config", c, "--json"]), "archiver");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tiers"][0]["name"], "offsite");
     assert_eq!(v["tiers"][1]["name"], "second");
@@ -297,12 +281,7 @@ region = "us-east-1"
         if is_root() {
             args.extend_from_slice(&["--owner", "postgres"]);
         }
-        let out = archiver(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(archiver(&args), "archiver");
     };
     restore(&pgdata, Some(&between));
     let mut at_time = start_recovering(&dir, "restored", pgdata, None);
@@ -499,8 +478,7 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
     let mut pg = Pg::create(&dir, "pg", "", "");
     pg.start();
     let ci = pg.conninfo("postgres");
-    let mut a = Archiver::spawn(&dir, "stream", &["stream", "--config", c, "-d", &ci]);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &["--config", c, "-d", &ci]);
     // Some poorly compressible data, so the backup's archive is a multipart upload.
     pg.psql(
         "create table r as select md5(random()::text) || md5(random()::text) as v \
@@ -508,21 +486,19 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
     );
     pg.pgbench(&["-i", "-s", "1", "-q"]);
     let mut load = pg.pgbench_background(&["-c", "2", "-T", "6"]);
-    let out = archiver(&[
-        "backup",
-        "--config",
-        c,
-        "-d",
-        &ci,
-        "--compress",
-        "1",
-        "--checkpoint",
-        "fast",
-    ]);
-    assert!(
-        out.status.success(),
-        "the backup completes and ships despite the faults:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        archiver(&[
+            "backup",
+            "--config",
+            c,
+            "-d",
+            &ci,
+            "--compress",
+            "1",
+            "--checkpoint",
+            "fast",
+        ]),
+        "the backup completes and ships despite the faults",
     );
     let backup_log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(load.wait().unwrap().success());
@@ -587,24 +563,13 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
 
 /// Object keys of a hot tier (not the spool).
 fn walk_keys(hot: &Path) -> Vec<String> {
-    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel == "spool" || rel.contains(".tmp-") {
-                continue;
-            }
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(rel);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(hot, hot, &mut out);
-    out.sort();
-    out
+    walk(hot)
+        .into_iter()
+        .filter(|(k, m)| {
+            !m.is_dir() && !k.contains(".tmp-") && k != "spool" && !k.starts_with("spool/")
+        })
+        .map(|(k, _)| k)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -733,11 +698,9 @@ async fn object_lock_refuses_deleting_archived_objects() {
     pg.start();
     let ci = pg.conninfo("postgres");
     let c = cfg.to_str().unwrap();
-    let out = archiver(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        archiver(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]),
+        "archiver",
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let key = format!("r/backups/{id}/base.tar.zst");
@@ -795,7 +758,7 @@ async fn a_tier_without_write_permission_fails_the_backup_at_once() {
     };
     aws_env();
     let python = Path::new(&std::env::var("ARCHIVER_TEST_MOTO").unwrap()).with_file_name("python");
-    let out = std::process::Command::new(python)
+    let out = succeeded(std::process::Command::new(python)
         .arg("-c")
         .arg(
             r#"
@@ -814,12 +777,7 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
         .arg(&moto.endpoint)
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .unwrap(), "creating a read-only S3 user");
     let creds = String::from_utf8(out.stdout).unwrap();
     let (id, secret) = creds.trim().split_once(' ').unwrap();
     let dir = TestDir::new();
@@ -878,9 +836,9 @@ async fn streaming_goes_on_while_the_remote_tier_is_down_and_catches_up() {
     let mut pg = Pg::create(&dir, "pg", "", "");
     pg.start();
     let ci = pg.conninfo("postgres");
-    let stream = ["stream", "--config", cfg.to_str().unwrap(), "-d", &ci];
+    let stream = ["--config", cfg.to_str().unwrap(), "-d", &ci];
     // A new hot tier is not initialised while the remote tier cannot be seen.
-    let out = archiver(&stream);
+    let out = archiver(&[&["stream"][..], &stream].concat());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("holds no repository yet"), "{err}");
@@ -888,12 +846,10 @@ async fn streaming_goes_on_while_the_remote_tier_is_down_and_catches_up() {
     // The repository is set up while S3 answers; then S3 goes away.
     let moto = Moto::start_on(port, &[]).unwrap();
     moto.bucket("later", false).await;
-    let mut a = Archiver::spawn(&dir, "stream-1", &stream);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream-1", &stream);
     assert!(a.term().success());
     drop(moto);
-    let mut a = Archiver::spawn(&dir, "stream", &stream);
-    a.wait_log("streaming started", T);
+    let mut a = Archiver::stream(&dir, "stream", &stream);
     assert!(
         a.log_text().contains("unreachable for now"),
         "{}",

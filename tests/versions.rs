@@ -31,18 +31,20 @@ fn postgresql_14_backup_with_a_tablespace_restores_and_starts() {
     pg.pgbench(&["-i", "-s", "1", "-q"]);
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
-    let out = archiver(&[
-        "backup",
-        "--repo",
-        &r,
-        "-d",
-        &pg.conninfo("postgres"),
-        "--checkpoint",
-        "fast",
-        "--json",
-    ]);
+    let out = succeeded(
+        archiver(&[
+            "backup",
+            "--repo",
+            &r,
+            "-d",
+            &pg.conninfo("postgres"),
+            "--checkpoint",
+            "fast",
+            "--json",
+        ]),
+        "archiver",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert!(err.contains("all files match the backup manifest"), "{err}");
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rec["status"], "complete");
@@ -70,11 +72,9 @@ fn postgresql_14_backup_with_a_tablespace_restores_and_starts() {
     if is_root() {
         args.extend(["--owner".into(), "postgres".into()]);
     }
-    let out = archiver(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeded(
+        archiver(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        "archiver",
     );
     let restored = start_recovering(&dir, "restored", pgdata, Some(&bin));
     assert_eq!(restored.psql("select count(*) from in_ts"), "3000");

@@ -15,12 +15,11 @@ fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
     pg.start();
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "stream",
-        &["stream", "--repo", &r, "-d", &pg.conninfo("postgres")],
+        &["--repo", &r, "-d", &pg.conninfo("postgres")],
     );
-    a.wait_log("streaming started", T);
     pg.psql("create table t as select generate_series(1, 100000) x");
     let name = current_walfile(&pg);
     pg.psql("select pg_switch_wal()");
@@ -48,15 +47,13 @@ fn fetches_verified_segments_and_refuses_missing_or_corrupt() {
     );
     // ARCHIVER_REPO works in place of --repo.
     let dest_env = out_dir.join("via-env");
-    let out = archiver_cmd(
-        std::process::Command::new(archiver_bin())
-            .args(["wal-fetch", &name, dest_env.to_str().unwrap()])
-            .env("ARCHIVER_REPO", &r),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeded(
+        archiver_cmd(
+            std::process::Command::new(archiver_bin())
+                .args(["wal-fetch", &name, dest_env.to_str().unwrap()])
+                .env("ARCHIVER_REPO", &r),
+        ),
+        "archiver",
     );
 
     // Missing: exit 1 (PostgreSQL reads "not in the archive"), nothing written.
@@ -162,12 +159,11 @@ fn prefetches_the_next_segments() {
     pg.start();
     let repo = dir.join("repo");
     let r = repo.to_str().unwrap().to_string();
-    let mut a = Archiver::spawn(
+    let mut a = Archiver::stream(
         &dir,
         "stream",
-        &["stream", "--repo", &r, "-d", &pg.conninfo("postgres")],
+        &["--repo", &r, "-d", &pg.conninfo("postgres")],
     );
-    a.wait_log("streaming started", T);
     pg.psql("create table t (x int)");
     let first = current_walfile(&pg);
     let mut names = vec![];

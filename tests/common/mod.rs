@@ -65,7 +65,9 @@ pub fn chown_pg(p: &Path) {
     }
 }
 
-pub fn must(out: Output, what: &str) -> String {
+/// Asserts a command succeeded (naming it, its exit status and both outputs if not); its
+/// output, for what the test reads next.
+pub fn succeeded(out: Output, what: &str) -> Output {
     assert!(
         out.status.success(),
         "{what} failed ({}):\nstdout: {}\nstderr: {}",
@@ -73,12 +75,42 @@ pub fn must(out: Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out
+}
+
+/// [`succeeded`], then its stdout.
+pub fn must(out: Output, what: &str) -> String {
+    String::from_utf8_lossy(&succeeded(out, what).stdout).into_owned()
 }
 
 /// Runs archiver with `args` and asserts it succeeded; its stdout.
 pub fn archiver_ok(args: &[&str]) -> String {
     must(archiver(args), &format!("archiver {}", args.join(" ")))
+}
+
+/// Everything under `root` (not `root` itself; symlinks not followed): each entry's path
+/// relative to `root` and its metadata, sorted by path. A missing `root` has nothing under it.
+pub fn walk(root: &Path) -> Vec<(String, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if m.is_dir() {
+                todo.push(p.clone());
+            }
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            out.push((rel, m));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// A temp directory every user can traverse (PostgreSQL runs as `postgres`).
@@ -549,6 +581,36 @@ impl Archiver {
         }
     }
 
+    /// `archiver stream ARGS` (`--repo`/`--config`, `-d`, options), once its log says it is
+    /// streaming.
+    pub fn stream(dir: &TestDir, name: &str, args: &[&str]) -> Archiver {
+        Self::stream_env(dir, name, args, &[])
+    }
+
+    /// [`Archiver::stream`] with extra environment.
+    pub fn stream_env(dir: &TestDir, name: &str, args: &[&str], env: &[(&str, &str)]) -> Archiver {
+        let mut a = Self::spawn_stream_env(dir, name, args, env);
+        a.wait_log("streaming started", Duration::from_secs(60));
+        a
+    }
+
+    /// `archiver stream ARGS` started, not waited for (it may be meant to fail).
+    pub fn spawn_stream(dir: &TestDir, name: &str, args: &[&str]) -> Archiver {
+        Self::spawn_stream_env(dir, name, args, &[])
+    }
+
+    fn spawn_stream_env(
+        dir: &TestDir,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Archiver {
+        let all: Vec<&str> = std::iter::once("stream")
+            .chain(args.iter().copied())
+            .collect();
+        Self::spawn_env(dir, name, &all, env)
+    }
+
     pub fn log_text(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.log) {
@@ -808,4 +870,47 @@ pub fn start_recovering(root: &TestDir, name: &str, pgdata: PathBuf, bin: Option
         || pg.psql("select pg_is_in_recovery()") == "f",
     );
     pg
+}
+
+/// A cluster with `archiver stream` running into a local repository and streaming: the
+/// starting point of most end-to-end tests. Dropped in field order: the streamer, the server,
+/// then the directory.
+pub struct Streaming {
+    pub streamer: Archiver,
+    pub pg: Pg,
+    /// The repository directory, and the same as a `&str` argument.
+    pub repo: PathBuf,
+    pub r: String,
+    /// The server's conninfo (user `postgres`).
+    pub ci: String,
+    pub dir: TestDir,
+}
+
+impl Streaming {
+    /// A new cluster (`conf` added to its postgresql.conf) with a streamer given `extra`
+    /// options.
+    pub fn start(conf: &str, extra: &[&str]) -> Streaming {
+        let dir = TestDir::new();
+        let mut pg = Pg::create(&dir, "pg", conf, "");
+        pg.start();
+        Self::on(dir, pg, extra)
+    }
+
+    /// A streamer into `dir/repo` from the running `pg`.
+    pub fn on(dir: TestDir, pg: Pg, extra: &[&str]) -> Streaming {
+        let repo = dir.join("repo");
+        let r = repo.to_str().unwrap().to_string();
+        let ci = pg.conninfo("postgres");
+        let mut args = vec!["--repo", r.as_str(), "-d", ci.as_str()];
+        args.extend_from_slice(extra);
+        let streamer = Archiver::stream(&dir, "stream", &args);
+        Streaming {
+            streamer,
+            pg,
+            repo,
+            r,
+            ci,
+            dir,
+        }
+    }
 }
