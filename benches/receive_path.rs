@@ -7,11 +7,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use archiver::pg::replication::{decode_copy_data, ReplicationMessage};
-use archiver::repo::object::{self, ObjectKind};
-use archiver::spool::Spool;
-use archiver::wal::page::{synthetic_wal, PageValidator};
-use archiver::wal::{Lsn, SegmentName};
+use archiver::Spool;
+use archiver::{decode_copy_data, ReplicationMessage};
+use archiver::{encode_object, ObjectKind};
+use archiver::{synthetic_wal, PageValidator};
+use archiver::{Lsn, SegmentName};
 
 const SEG: u64 = 16 << 20;
 const SEGMENTS: u64 = 4;
@@ -65,7 +65,7 @@ fn receive_path(c: &mut Criterion) {
                     drop(f);
                     let file = std::fs::File::open(spool.partial_path(&seg)).unwrap();
                     let mut out = Vec::with_capacity(SEG as usize / 4);
-                    object::encode(file, &mut out, ObjectKind::WalSegment, 1).unwrap();
+                    encode_object(file, &mut out, ObjectKind::WalSegment, 1).unwrap();
                     stored += out.len();
                 }
             }

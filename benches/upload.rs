@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
-use archiver::storage::fs::FsStorage;
-use archiver::storage::s3::{S3Options, S3Storage};
-use archiver::storage::tiered::RemoteTier;
-use archiver::storage::Storage;
+use archiver::FsStorage;
+use archiver::RemoteTier;
+use archiver::Storage;
+use archiver::{S3Options, S3Storage};
 
 fn main() {
     let (Ok(endpoint), Ok(path)) = (
@@ -51,7 +51,7 @@ fn main() {
                 .await
                 .unwrap();
             let t = std::time::Instant::now();
-            let sent = archiver::upload::upload_object(&hot, &tier, &key, None)
+            let sent = archiver::upload_object(&hot, &tier, &key, None)
                 .await
                 .unwrap();
             let s = t.elapsed().as_secs_f64();

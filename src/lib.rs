@@ -18,18 +18,47 @@
 //! | 7 | `restore` | planning, writing, dry runs, drills and `wal-fetch` |
 //! | 8 | `commands` | one file per CLI command: arguments, the call into the library, output, exit code |
 
-pub mod basebackup;
-pub mod commands;
-pub mod config;
-pub mod open;
-pub mod pg;
-pub mod progress;
-pub mod repo;
-pub mod restore;
-pub mod retry;
-pub mod spool;
-pub mod storage;
-pub mod stream;
-pub mod time;
-pub mod upload;
-pub mod wal;
+pub(crate) mod basebackup;
+pub(crate) mod commands;
+pub(crate) mod config;
+pub(crate) mod open;
+pub(crate) mod pg;
+pub(crate) mod progress;
+pub(crate) mod repo;
+pub(crate) mod restore;
+pub(crate) mod retry;
+pub(crate) mod spool;
+pub(crate) mod storage;
+pub(crate) mod stream;
+pub(crate) mod time;
+pub(crate) mod upload;
+pub(crate) mod wal;
+
+// The public API, in one list: what the binary, the benches and the integration tests use.
+// Everything else is `pub(crate)`; the sidecar daemon lives in this crate.
+pub use basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest, ManifestError};
+pub use basebackup::protocol::{BaseBackupOptions, Checkpoint};
+pub use basebackup::run::{base_backup, BackupError, BackupSink};
+pub use basebackup::tar::TarReader;
+pub use commands::main;
+pub use pg::conninfo::{ConnInfo, ProcessEnv};
+pub use pg::replication::{decode_copy_data, identify_system, ReplicationMessage};
+pub use pg::Connection;
+pub use repo::catalog::{BackupRecord, BackupStatus, Tablespace};
+pub use repo::lock::RepoLock;
+pub use repo::object::{decode_bytes, encode as encode_object, ObjectKind};
+pub use repo::Repo;
+pub use spool::Spool;
+#[cfg(feature = "test-utils")]
+pub use storage::conformance;
+pub use storage::encrypted::{Encrypted, MasterKey};
+pub use storage::fs::FsStorage;
+pub use storage::s3::{S3Options, S3Storage, PART_SIZE};
+pub use storage::tiered::RemoteTier;
+pub use storage::Storage;
+pub use time::Timestamp;
+pub use upload::upload_object;
+pub use wal::cluster::{ServerInfo, SystemInfo};
+pub use wal::page::{synthetic_wal, PageValidator};
+pub use wal::record::{Event as WalEvent, RecordReader};
+pub use wal::{Lsn, SegmentName};

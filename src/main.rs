@@ -1,5 +1,5 @@
 //! The `archiver` binary; everything lives in the library.
 
 fn main() -> std::process::ExitCode {
-    archiver::commands::main()
+    archiver::main()
 }

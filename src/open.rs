@@ -252,22 +252,6 @@ pub fn default_spool_dir(url: &str) -> Option<PathBuf> {
 }
 
 impl RepoLocation {
-    /// The S3 URL, when the repository is in S3.
-    pub fn s3_url(&self) -> Option<&str> {
-        match self {
-            RepoLocation::S3 { url, .. } => Some(url),
-            _ => None,
-        }
-    }
-
-    /// The tiered repository's configuration.
-    pub fn config(&self) -> Option<&Config> {
-        match self {
-            RepoLocation::Tiered { config, .. } => Some(config),
-            _ => None,
-        }
-    }
-
     /// The local directory that holds the spool and locks: the repository directory, a
     /// tiered repository's hot tier, or the spool directory of an S3 repository (`command`
     /// names who needs it in the refusal when there is none).

@@ -59,6 +59,7 @@ pub fn parse(s: &str) -> Result<Timestamp, String> {
 }
 
 /// [`parse`] reading a time without a zone as UTC.
+#[cfg(test)]
 pub fn parse_utc(s: &str) -> Result<Timestamp, String> {
     parse_in(s, &TimeZone::UTC)
 }

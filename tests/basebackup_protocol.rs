@@ -4,10 +4,10 @@ mod common;
 
 use std::process::Command;
 
-use archiver::basebackup::protocol::{BaseBackupOptions, Checkpoint};
-use archiver::basebackup::run::{base_backup, BackupError, BackupSink};
-use archiver::pg::conninfo::{ConnInfo, ProcessEnv};
-use archiver::pg::Connection;
+use archiver::Connection;
+use archiver::{base_backup, BackupError, BackupSink};
+use archiver::{BaseBackupOptions, Checkpoint};
+use archiver::{ConnInfo, ProcessEnv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::*;
@@ -71,7 +71,7 @@ async fn base_backup_streams_archives_and_manifest() {
         checkpoint: Checkpoint::Fast,
         max_rate_kb: None,
         server_zstd_level: None,
-        manifest_checksums: archiver::basebackup::manifest::ChecksumAlgorithm::Sha256,
+        manifest_checksums: archiver::ChecksumAlgorithm::Sha256,
         legacy: false,
     };
     let r = base_backup(&mut conn, &opts, &mut sink).await.unwrap();
@@ -117,8 +117,8 @@ async fn base_backup_streams_archives_and_manifest() {
     );
 
     // Every file of base.tar matches the manifest (size and SHA-256), and all are present.
-    use archiver::basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest, ManifestError};
-    use archiver::basebackup::tar::TarReader;
+    use archiver::TarReader;
+    use archiver::{ChecksumAlgorithm, FileDigests, Manifest, ManifestError};
     let raw_manifest = std::fs::read(out.join("backup_manifest")).unwrap();
     let m = Manifest::parse(&raw_manifest).unwrap();
     assert_eq!(m.wal_ranges.len(), 1);
@@ -162,7 +162,5 @@ async fn base_backup_streams_archives_and_manifest() {
     ));
 
     // A second command on the same connection still works (the protocol ended cleanly).
-    archiver::pg::replication::identify_system(&mut conn)
-        .await
-        .unwrap();
+    archiver::identify_system(&mut conn).await.unwrap();
 }

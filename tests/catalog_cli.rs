@@ -4,11 +4,11 @@ mod common;
 
 use std::sync::Arc;
 
-use archiver::pg::replication::{ServerInfo, SystemInfo};
-use archiver::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
-use archiver::repo::Repo;
-use archiver::storage::fs::FsStorage;
-use archiver::wal::Lsn;
+use archiver::FsStorage;
+use archiver::Lsn;
+use archiver::Repo;
+use archiver::{BackupRecord, BackupStatus, Tablespace};
+use archiver::{ServerInfo, SystemInfo};
 use common::*;
 
 fn record(id: &str, start: &str, status: BackupStatus) -> BackupRecord {

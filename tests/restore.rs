@@ -410,12 +410,17 @@ fn drill_restores_checks_and_records() {
     assert!(res["seconds"].as_f64().unwrap() > 0.0);
     assert!(res["achieved_lsn"].as_str().is_some());
     // The last replayed commit's time, read from the server's text into an instant.
-    let achieved: archiver::time::Timestamp = res["achieved_time"]
+    let achieved: archiver::Timestamp = res["achieved_time"]
         .as_str()
         .expect("achieved_time recorded")
         .parse()
         .unwrap();
-    assert!(archiver::time::now().duration_since(achieved).as_secs() < 3600);
+    assert!(
+        archiver::Timestamp::now()
+            .duration_since(achieved)
+            .as_secs()
+            < 3600
+    );
     assert!(res["checks"]
         .as_array()
         .unwrap()

@@ -4,13 +4,13 @@ mod common;
 
 use common::Moto;
 
-use archiver::storage::fs::FsStorage;
+use archiver::FsStorage;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fs_backend_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let s = FsStorage::new(dir.path().join("store"));
-    archiver::storage::conformance::run(&s).await;
+    archiver::conformance::run(&s).await;
     // No temporary files are left behind by atomic puts.
     let leftovers: Vec<_> = common::walk(dir.path())
         .into_iter()
@@ -28,40 +28,30 @@ async fn s3_backend_conforms() {
     };
     let client = moto.client();
     client.create_bucket().bucket("repo").send().await.unwrap();
-    let s = archiver::storage::s3::S3Storage::with_client(client.clone(), "s3://repo/some/prefix")
-        .unwrap();
-    archiver::storage::conformance::run(&s).await;
+    let s = archiver::S3Storage::with_client(client.clone(), "s3://repo/some/prefix").unwrap();
+    archiver::conformance::run(&s).await;
 
     // A large object streams as a multipart upload and reads back whole and by range.
-    let big: Vec<u8> = (0..(archiver::storage::s3::PART_SIZE * 2 + 12345))
+    let big: Vec<u8> = (0..(archiver::PART_SIZE * 2 + 12345))
         .map(|i| (i % 251) as u8)
         .collect();
-    let mut w = archiver::storage::Storage::writer(&s, "big/object")
-        .await
-        .unwrap();
+    let mut w = archiver::Storage::writer(&s, "big/object").await.unwrap();
     for chunk in big.chunks(3 << 20) {
         w.write(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
     }
     assert_eq!(w.finish().await.unwrap(), big.len() as u64);
-    assert_eq!(
-        archiver::storage::Storage::get(&s, "big/object")
-            .await
-            .unwrap(),
-        big
-    );
+    assert_eq!(archiver::Storage::get(&s, "big/object").await.unwrap(), big);
     // One chunk of several parts: its whole parts go out without a copy, the rest buffered.
-    let mut w = archiver::storage::Storage::writer(&s, "big/one-chunk")
+    let mut w = archiver::Storage::writer(&s, "big/one-chunk")
         .await
         .unwrap();
     w.write(bytes::Bytes::from(big.clone())).await.unwrap();
     assert_eq!(w.finish().await.unwrap(), big.len() as u64);
     assert_eq!(
-        archiver::storage::Storage::get(&s, "big/one-chunk")
-            .await
-            .unwrap(),
+        archiver::Storage::get(&s, "big/one-chunk").await.unwrap(),
         big
     );
-    let r = archiver::storage::Storage::get_range(&s, "big/object", 8 << 20, 100)
+    let r = archiver::Storage::get_range(&s, "big/object", 8 << 20, 100)
         .await
         .unwrap();
     assert_eq!(r, big[8 << 20..(8 << 20) + 100]);
@@ -85,11 +75,10 @@ async fn s3_backend_conforms() {
     assert!(uploads.uploads().is_empty());
 
     // Client-side encryption over S3 meets the same contract.
-    let inner =
-        archiver::storage::s3::S3Storage::with_client(client.clone(), "s3://repo/enc").unwrap();
-    let enc = archiver::storage::encrypted::Encrypted::new(
+    let inner = archiver::S3Storage::with_client(client.clone(), "s3://repo/enc").unwrap();
+    let enc = archiver::Encrypted::new(
         std::sync::Arc::new(inner),
-        archiver::storage::encrypted::MasterKey::from_bytes([9; 32]),
+        archiver::MasterKey::from_bytes([9; 32]),
     );
-    archiver::storage::conformance::run(&enc).await;
+    archiver::conformance::run(&enc).await;
 }

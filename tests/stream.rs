@@ -231,7 +231,7 @@ fn promotion_archives_new_timeline_and_history() {
     // The history file is archived and matches the server's.
     let hist =
         std::fs::read(repo.join("wal/history/00000002.history.zst")).expect("history archived");
-    let (raw, _) = archiver::repo::object::decode_bytes(&hist).unwrap();
+    let (raw, _) = archiver::decode_bytes(&hist).unwrap();
     assert_eq!(
         raw,
         std::fs::read(standby.wal_dir().join("00000002.history")).unwrap()
@@ -252,16 +252,16 @@ fn promotion_archives_new_timeline_and_history() {
     // The old timeline's last segment is kept as a partial: exactly the WAL up to the switch
     // point, identical to the prefix of the server's own `.partial` file.
     let hist_text = String::from_utf8(raw).unwrap();
-    let switch: archiver::wal::Lsn = hist_text
+    let switch: archiver::Lsn = hist_text
         .split_whitespace()
         .nth(1)
         .unwrap()
         .parse()
         .unwrap();
-    let seg = archiver::wal::SegmentName::containing(1, switch, 16 << 20);
+    let seg = archiver::SegmentName::containing(1, switch, 16 << 20);
     let obj = std::fs::read(repo.join(format!("wal/00000001/{seg}.partial.zst")))
         .expect("old timeline partial archived");
-    let (partial, _) = archiver::repo::object::decode_bytes(&obj).unwrap();
+    let (partial, _) = archiver::decode_bytes(&obj).unwrap();
     assert_eq!(partial.len() as u64, switch.segment_offset(16 << 20));
     let server = std::fs::read(standby.wal_dir().join(format!("{seg}.partial")))
         .or_else(|_| std::fs::read(standby.wal_dir().join(seg.to_string())))

@@ -543,8 +543,8 @@ async fn faults_between_archiver_and_s3_lose_nothing() {
             "{k} differs in the remote tier"
         );
         if k.ends_with(".zst") {
-            archiver::repo::object::decode_bytes(&body).expect("the remote object verifies");
-            multipart |= body.len() > archiver::storage::s3::PART_SIZE;
+            archiver::decode_bytes(&body).expect("the remote object verifies");
+            multipart |= body.len() > archiver::PART_SIZE;
         }
         checked += 1;
     }

@@ -205,7 +205,6 @@ fn prefetches_the_next_segments() {
     // A later worker clears what recovery has moved past.
     fetch(&names[3]);
     wait_until("consumed segments removed", T, || {
-        !pre.join(&names[2]).exists()
-            && !archiver::repo::lock::RepoLock::is_held(&pre.join(".lock"))
+        !pre.join(&names[2]).exists() && !archiver::RepoLock::is_held(&pre.join(".lock"))
     });
 }

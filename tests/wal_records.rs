@@ -3,8 +3,8 @@
 
 mod common;
 
-use archiver::wal::record::{Event, RecordReader};
-use archiver::wal::Lsn;
+use archiver::Lsn;
+use archiver::{RecordReader, WalEvent as Event};
 use common::*;
 
 #[test]
@@ -43,7 +43,7 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
     let mut reader = RecordReader::new(seg_size, 15);
     let mut events = Vec::new();
     for n in &names {
-        let seg = archiver::wal::SegmentName::parse(n, seg_size).unwrap();
+        let seg = archiver::SegmentName::parse(n, seg_size).unwrap();
         let bytes = std::fs::read(pg.wal_dir().join(n)).unwrap();
         reader.feed_segment(seg.start_lsn(), &bytes, &mut |e| events.push(e));
     }
@@ -67,7 +67,7 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
             assert_eq!(name, "the_point");
             assert_eq!(*end, rp_lsn, "the record ends where the server said");
             // The record's time is when the test made it (PostgreSQL's epoch read right).
-            let age = archiver::time::now().duration_since(*time).as_secs();
+            let age = archiver::Timestamp::now().duration_since(*time).as_secs();
             assert!((0..600).contains(&age), "restore point made {age} s ago");
         }
         other => panic!("no restore point: {other:?}"),

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use repo_arg::{RepoArg, Tiers};
+pub use repo_arg::RepoArg;
 
 mod backup;
 mod drill;

@@ -13,4 +13,4 @@ mod tls;
 
 pub use conn::Connection;
 pub use conninfo::ConnInfo;
-pub use error::{PgError, ServerError};
+pub use error::PgError;

@@ -328,28 +328,12 @@ pub async fn send_status(
         write,
         flush,
         Lsn::INVALID,
-        pg_now(),
+        crate::time::pg_now(),
         reply_requested,
     );
     conn.flush().await?;
     tracing::debug!(%write, %flush, "status update sent");
     Ok(())
-}
-
-/// Microseconds between the Unix epoch and PostgreSQL's epoch, 2000-01-01.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-/// Now, as PostgreSQL's `TimestampTz` (microseconds since 2000-01-01 UTC).
-pub fn pg_now() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    d.as_micros() as i64 - PG_EPOCH_OFFSET_MICROS
-}
-
-/// Converts a PostgreSQL timestamp to Unix microseconds.
-pub fn pg_time_to_unix_micros(t: i64) -> i64 {
-    t + PG_EPOCH_OFFSET_MICROS
 }
 
 /// Queues a standby status update (`'r'`) in a CopyData message. Positions are "last byte + 1".
@@ -371,8 +355,9 @@ pub fn encode_status_update(
     buf.put_u8(reply_requested as u8);
 }
 
-/// Decodes a frontend CopyData carrying a status update (tests and tools).
-pub fn decode_status_update(b: &[u8]) -> Option<(Lsn, Lsn, Lsn, i64, bool)> {
+/// Decodes a frontend CopyData carrying a status update.
+#[cfg(test)]
+fn decode_status_update(b: &[u8]) -> Option<(Lsn, Lsn, Lsn, i64, bool)> {
     let mut b = b;
     if b.len() != 39 || b.get_u8() != b'd' || b.get_u32() != 38 || b.get_u8() != b'r' {
         return None;
@@ -451,11 +436,5 @@ mod tests {
         assert!(validate_slot_name("Bad-Name").is_err());
         assert!(validate_slot_name("").is_err());
         assert!(validate_slot_name(&"a".repeat(64)).is_err());
-    }
-
-    #[test]
-    fn pg_epoch() {
-        assert_eq!(pg_time_to_unix_micros(0), 946_684_800_000_000);
-        assert!(pg_now() > 0);
     }
 }

@@ -376,7 +376,8 @@ impl StreamEncoder {
     }
 
     /// Raw bytes pushed so far.
-    pub fn raw_size(&self) -> u64 {
+    #[cfg(test)]
+    fn raw_size(&self) -> u64 {
         self.hasher.size
     }
 

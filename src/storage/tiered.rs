@@ -60,14 +60,6 @@ impl Tiered {
         }
     }
 
-    pub fn hot(&self) -> &Arc<dyn Storage> {
-        &self.hot
-    }
-
-    pub fn remotes(&self) -> &[RemoteTier] {
-        &self.remotes
-    }
-
     fn written(&self, key: &str) {
         if let Some(o) = &self.observer {
             o.written(key);

@@ -8,9 +8,6 @@ use super::Lsn;
 /// PostgreSQL's `TimeLineID`.
 pub type TimeLineId = u32;
 
-/// The default `wal_segment_size`.
-pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
-
 /// Valid `wal_segment_size` values: powers of two from 1 MiB to 1 GiB (`IsValidWalSegSize`).
 pub fn is_valid_segment_size(size: u64) -> bool {
     size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size)
@@ -104,7 +101,7 @@ pub fn parse_history_file_name(name: &str) -> Option<TimeLineId> {
 mod tests {
     use super::*;
 
-    const SEG: u64 = DEFAULT_SEGMENT_SIZE;
+    const SEG: u64 = 16 * 1024 * 1024;
 
     #[test]
     fn names_match_postgres() {

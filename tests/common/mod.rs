@@ -705,8 +705,7 @@ pub fn archived_segments(repo: &Path, tli: u32) -> Vec<(String, Vec<u8>)> {
         .into_iter()
         .map(|n| {
             let obj = std::fs::read(dir.join(&n)).unwrap();
-            let (raw, _) =
-                archiver::repo::object::decode_bytes(&obj).expect("archived object verifies");
+            let (raw, _) = archiver::decode_bytes(&obj).expect("archived object verifies");
             (n.trim_end_matches(".zst").to_string(), raw)
         })
         .collect()
