@@ -219,10 +219,9 @@ pub(crate) fn warn_if_readable_by_others(dir: &Path, what: &str) {
 /// SHA-256>`.
 pub fn default_spool_dir(url: &str) -> Option<PathBuf> {
     use sha2::Digest;
-    // SAFETY: geteuid has no preconditions.
     let base = if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         PathBuf::from(x).join("archiver/spool")
-    } else if unsafe { libc::geteuid() } == 0 {
+    } else if crate::storage::fs::is_root() {
         PathBuf::from("/var/lib/archiver/spool")
     } else {
         PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?)

@@ -49,18 +49,13 @@ pub async fn run(args: DrillArgs) -> u8 {
 }
 
 fn os_user(args: &DrillArgs) -> anyhow::Result<Owner> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::storage::fs::is_root() {
         return Ok(None);
     }
-    let name = std::ffi::CString::new(args.os_user.as_str()).context("--os-user")?;
-    // SAFETY: getpwnam with a valid C string; the fields are copied at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        anyhow::bail!("--os-user: no user {:?} to run PostgreSQL as", args.os_user);
+    match crate::storage::fs::user_ids(&args.os_user) {
+        Some(ids) => Ok(Some(ids)),
+        None => anyhow::bail!("--os-user: no user {:?} to run PostgreSQL as", args.os_user),
     }
-    // SAFETY: non-null result of getpwnam.
-    Ok(Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) }))
 }
 
 async fn drill(args: DrillArgs) -> anyhow::Result<bool> {

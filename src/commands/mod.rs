@@ -17,6 +17,7 @@ mod list;
 mod repo_arg;
 mod restore;
 mod stream;
+mod text;
 mod tiers;
 mod wal_fetch;
 

@@ -2,14 +2,13 @@
 //! printed. `--dry-run` builds the same plan and verifies every object it needs, writing
 //! nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use tracing::info;
 
 use super::{report, RepoArg, EXIT_ERROR};
 use crate::repo::local_wal::WalSource;
-use crate::restore::extract::Owner;
 use crate::restore::recovery::TargetAction;
 use crate::restore::run::{self, RestoreOptions, TargetSpec};
 use crate::restore::target::{Target, TimelineChoice};
@@ -124,36 +123,6 @@ pub async fn run(args: RestoreArgs) -> u8 {
     }
 }
 
-fn owner_for(args: &RestoreArgs) -> anyhow::Result<Owner> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if args.owner.is_some() {
-            anyhow::bail!("--owner needs root");
-        }
-        return Ok(None);
-    }
-    if let Some(user) = &args.owner {
-        let name = std::ffi::CString::new(user.as_str()).context("--owner")?;
-        // SAFETY: getpwnam with a valid C string; the result is copied out at once.
-        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-        if pw.is_null() {
-            anyhow::bail!("--owner: no user {user:?}");
-        }
-        // SAFETY: non-null result of getpwnam.
-        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-        return Ok(Some((uid, gid)));
-    }
-    let parent = args
-        .pgdata
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let m =
-        std::fs::metadata(parent).with_context(|| format!("cannot read {}", parent.display()))?;
-    use std::os::unix::fs::MetadataExt;
-    Ok(Some((m.uid(), m.gid())))
-}
-
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let repo = args.repo.open_for_reading(true).await?;
     let spec = args.target.spec();
@@ -165,7 +134,7 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     // Bad input changes nothing: every check before the first write.
     let pgdata = std::path::absolute(&args.pgdata).context("--pgdata")?;
     run::check_destinations(&rec, &pgdata, &args.tablespace_mapping)?;
-    let owner = owner_for(&args)?;
+    let owner = run::restore_owner(args.owner.as_deref(), &args.pgdata)?;
     args.repo.check_readable_by(
         owner,
         &args

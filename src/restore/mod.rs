@@ -11,6 +11,7 @@
 
 pub mod drill;
 pub mod extract;
+pub mod info;
 pub mod plan;
 pub mod recovery;
 pub mod run;

@@ -279,6 +279,33 @@ async fn last_transaction(repo: &Repo, p: &Plan) -> Result<LastTransaction, Rest
     })
 }
 
+/// Who owns a restore's files: the current user unless run as root; as root, `user` (by name)
+/// or else the owner of the directory `pgdata` is created in.
+pub fn restore_owner(user: Option<&str>, pgdata: &Path) -> Result<Owner, RestoreError> {
+    use crate::storage::fs::{is_root, owner_of, user_ids};
+    match user {
+        _ if !is_root() && user.is_some() => {
+            Err(RestoreError::Refused("--owner needs root".into()))
+        }
+        _ if !is_root() => Ok(None),
+        Some(u) => user_ids(u)
+            .map(Some)
+            .ok_or_else(|| RestoreError::Refused(format!("--owner: no user {u:?}"))),
+        None => {
+            let parent = pgdata
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            owner_of(parent)
+                .map(Some)
+                .map_err(|cause| RestoreError::Io {
+                    context: format!("cannot read {}", parent.display()),
+                    cause,
+                })
+        }
+    }
+}
+
 /// A directory we may write into: absent (its parent must exist) or empty. Whether it existed.
 pub fn check_empty_dir(dir: &Path, what: &str) -> Result<bool, RestoreError> {
     if dir.exists() && !dir.is_dir() {

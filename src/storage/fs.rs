@@ -58,12 +58,33 @@ pub const FILE_MODE: u32 = 0o600;
 /// Mode of the directories archiver creates.
 pub const DIR_MODE: u32 = 0o700;
 
+/// Whether this process runs as root (and so chooses who owns what it writes).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The uid and gid of the OS user `name`, if there is one.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam with a valid C string; the fields are copied out at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    // SAFETY: a non-null result of getpwnam points to a valid passwd entry.
+    (!pw.is_null()).then(|| unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// The owner and group of `dir`.
+pub fn owner_of(dir: &Path) -> std::io::Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir)?;
+    Ok((m.uid(), m.gid()))
+}
+
 /// Run as root: gives `path` the owner and group of its parent directory, when they differ
 /// (a no-op for other users, who own what they create).
 pub fn inherit_owner(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Ok(());
     }
     let (p, m) = (

@@ -1,0 +1,104 @@
+//! Text the commands print for people: sizes, the backup table, gaps and windows.
+
+use crate::repo::catalog::BackupRecord;
+use crate::repo::gaps::Gap;
+use crate::restore::plan::recovery_windows;
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The readable table `list` prints.
+pub fn table(records: &[BackupRecord]) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "STATUS".into(),
+        "LABEL".into(),
+        "TLI".into(),
+        "START LSN".into(),
+        "STOP LSN".into(),
+        "START TIME".into(),
+        "SIZE".into(),
+        "STORED".into(),
+        "LAST DRILL".into(),
+    ]];
+    for r in records {
+        rows.push([
+            r.id.clone(),
+            serde_json::to_value(r.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            r.label.clone(),
+            r.timeline.to_string(),
+            r.start_lsn.to_string(),
+            r.stop_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
+            crate::time::short(r.start_time),
+            human_bytes(r.size_bytes),
+            human_bytes(r.stored_bytes),
+            r.drills.last().map_or_else(
+                || "-".to_string(),
+                |d| {
+                    format!(
+                        "{} {} ({:.1} s)",
+                        if d.passed { "passed" } else { "FAILED" },
+                        d.at,
+                        d.seconds
+                    )
+                },
+            ),
+        ]);
+    }
+    let widths: Vec<usize> = (0..10)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The gaps in the WAL and the recovery windows around them, one per line.
+pub fn gaps_text(records: &[BackupRecord], gaps: &[Gap]) -> String {
+    let mut out = String::new();
+    for g in gaps {
+        out.push_str(&format!("gap:               {}\n", g.describe()));
+    }
+    for (i, w) in recovery_windows(records, gaps).iter().enumerate() {
+        out.push_str(&format!("recovery window {}: {}\n", i + 1, w.describe()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 kB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GB");
+    }
+}
