@@ -10,7 +10,7 @@
 //! |------|---------|---------------|
 //! | 0 | `time`, `retry`, `progress` | the one timestamp type and its conversions (PostgreSQL's epoch, operator input); the one retry helper and error chains; progress bars and lines |
 //! | 1 | `wal` | WAL vocabulary (LSN, segment names, timelines, page and record decoding, cluster identity, positions) |
-//! | 2 | `pg`, `storage` | our PostgreSQL client (conninfo, auth, TLS, replication commands); the object-store trait, its backends (fs, S3, encryption, tiers, retries) and the private/durable file helpers |
+//! | 2 | `pg`, `storage`, `format` | our PostgreSQL client (conninfo, auth, TLS, replication commands); the object-store trait, its backends (fs, S3, encryption, tiers, retries) and the private/durable file helpers; the tar stream and backup manifest formats |
 //! | 3 | `config`, `spool` | the tiered repository's configuration file; the local spool (the segment being received, segments awaiting publication, the durable-prefix record) |
 //! | 4 | `repo` | the repository: layout, object format and verification, catalog, gaps and slots, lock, local WAL reads |
 //! | 5 | `stream`, `upload` | the WAL receiver (sessions, the segment assembler, publishing, gaps); shipping the hot tier to remote tiers (uploader, partial segments, eviction, background tasks) |
@@ -21,6 +21,7 @@
 pub(crate) mod basebackup;
 pub(crate) mod commands;
 pub(crate) mod config;
+pub(crate) mod format;
 pub(crate) mod open;
 pub(crate) mod pg;
 pub(crate) mod progress;
@@ -36,11 +37,11 @@ pub(crate) mod wal;
 
 // The public API, in one list: what the binary, the benches and the integration tests use.
 // Everything else is `pub(crate)`; the sidecar daemon lives in this crate.
-pub use basebackup::manifest::{ChecksumAlgorithm, FileDigests, Manifest, ManifestError};
 pub use basebackup::protocol::{BaseBackupOptions, Checkpoint};
 pub use basebackup::run::{base_backup, BackupError, BackupSink};
-pub use basebackup::tar::TarReader;
 pub use commands::main;
+pub use format::manifest::{ChecksumAlgorithm, FileDigests, Manifest, ManifestError};
+pub use format::tar::TarReader;
 pub use pg::conninfo::{ConnInfo, ProcessEnv};
 pub use pg::replication::{decode_copy_data, identify_system, ReplicationMessage};
 pub use pg::Connection;

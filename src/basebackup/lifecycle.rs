@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::manifest::{Manifest, ManifestError};
 use super::protocol::{BaseBackupOptions, Checkpoint};
 use super::run::{base_backup, BackupError};
 use super::store::StoreSink;
 use super::wal::{create_temporary_slot, fetch_wal, WalFetch};
+use crate::format::manifest::{Manifest, ManifestError};
 use crate::pg::replication::ServerInfo;
 use crate::pg::{Connection, PgError};
 use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};

@@ -5,9 +5,7 @@
 //! yields chunks as they arrive.
 
 pub mod lifecycle;
-pub mod manifest;
 pub mod protocol;
 pub mod run;
 pub mod store;
-pub mod tar;
 pub mod wal;

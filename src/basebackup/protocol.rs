@@ -4,7 +4,7 @@
 
 use bytes::{Buf, Bytes};
 
-use super::manifest::ChecksumAlgorithm;
+use crate::format::manifest::ChecksumAlgorithm;
 
 /// `CHECKPOINT 'fast' | 'spread'`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,9 +7,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::manifest::{ChecksumAlgorithm, FileDigests};
 use super::run::{BackupError, BackupSink, TablespaceInfo};
-use super::tar::{TarEvent, TarReader};
+use crate::format::manifest::{ChecksumAlgorithm, FileDigests};
+use crate::format::tar::{TarEvent, TarReader};
 use crate::progress::Progress;
 use crate::repo::catalog::BackupObject;
 use crate::repo::layout::backup_object_key;

@@ -14,8 +14,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use crate::basebackup::manifest::{ChecksumAlgorithm, FileDigests};
-use crate::basebackup::tar::{EntryKind, TarEvent, TarReader};
+use crate::format::manifest::{ChecksumAlgorithm, FileDigests};
+use crate::format::tar::{EntryKind, TarEvent, TarReader};
 use crate::progress::Progress;
 use crate::repo::{Repo, RepoError};
 
@@ -197,7 +197,7 @@ fn write_archive(
             w.event(&e).map_err(|e| {
                 let msg = e.to_string();
                 failed = Some(e);
-                crate::basebackup::tar::TarError(msg)
+                crate::format::tar::TarError(msg)
             })
         });
         if let Err(e) = r {
