@@ -290,22 +290,35 @@ fn backup_interrupted_by_a_terminated_walsender_is_failed() {
     assert_eq!(list[0]["status"], "failed", "{list}");
     assert!(!list[0]["error"].as_str().unwrap().is_empty());
     // A backup killed outright stays `running` until the next one finds its process gone.
-    let mut k = Archiver::spawn(&dir, "backup-killed", &slow);
-    wait_until("the second backup's walsender", T, || {
+    let walsenders = || {
         pg.psql(
             "select count(*) from pg_stat_replication where application_name = 'archiver backup'",
-        ) == "1"
+        )
+    };
+    let recorded = |n: usize| {
+        let out = archiver(&["list", "--repo", &r, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|l| l.as_array().is_some_and(|a| a.len() == n))
+    };
+    // The terminated walsender may linger a moment after its client is gone.
+    wait_until("the first backup's walsender gone", T, || {
+        walsenders() == "0"
+    });
+    let mut k = Archiver::spawn(&dir, "backup-killed", &slow);
+    wait_until("the second backup recorded and streaming", T, || {
+        walsenders() == "1" && recorded(2)
     });
     k.kill9();
     let out = archiver(&["list", "--repo", &r, "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[1]["status"], "running", "{list}");
     // A backup stopped by SIGTERM (a service stop) records itself failed before it exits.
+    wait_until("the killed backup's walsender gone", T, || {
+        walsenders() == "0"
+    });
     let mut t = Archiver::spawn(&dir, "backup-termed", &slow);
-    wait_until("the third backup's walsender", T, || {
-        pg.psql(
-            "select count(*) from pg_stat_replication where application_name = 'archiver backup'",
-        ) == "1"
+    wait_until("the third backup recorded and streaming", T, || {
+        walsenders() == "1" && recorded(3)
     });
     t.signal(libc::SIGTERM);
     let st = t.wait(T);

@@ -98,6 +98,16 @@ pub fn backup_id(t: Timestamp) -> String {
     t.strftime("%Y%m%dT%H%M%SZ").to_string()
 }
 
+/// Sort key of an id: its second, then its place among backups started in that second
+/// (`20261122T223000Z`, `…Z-2`, …, `…Z-10`). Start times cannot order backups: a record's start
+/// time becomes the server's (to the second) once the backup runs.
+fn id_order(id: &str) -> (&str, u32) {
+    match id.rsplit_once('-') {
+        Some((base, n)) => (base, n.parse().unwrap_or(u32::MAX)),
+        None => (id, 1),
+    }
+}
+
 impl Repo {
     /// A backup id for `t` not used yet in this repository: `backup_id(t)`, or with `-2`, `-3`…
     /// appended when backups start within the same second (still sorting in start order).
@@ -145,7 +155,7 @@ impl Repo {
         })
     }
 
-    /// All records, oldest first.
+    /// All records, oldest first (in the order they were started: by id).
     pub async fn list_backups(&self) -> Result<Vec<BackupRecord>, RepoError> {
         let mut out = Vec::new();
         for m in self.storage().list(CATALOG_PREFIX).await? {
@@ -158,7 +168,7 @@ impl Repo {
             };
             out.push(self.get_backup(id).await?);
         }
-        out.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
+        out.sort_by(|a, b| id_order(&a.id).cmp(&id_order(&b.id)));
         Ok(out)
     }
 }
@@ -247,5 +257,21 @@ mod tests {
         let id = backup_id(t);
         assert_eq!(id, "20261122T223000Z");
         assert!(backup_id(t + std::time::Duration::from_secs(1)) > id);
+        let mut ids = [
+            "20261122T223000Z-10",
+            "20261122T223001Z",
+            "20261122T223000Z-2",
+            "20261122T223000Z",
+        ];
+        ids.sort_by_key(|i| id_order(i));
+        assert_eq!(
+            ids,
+            [
+                "20261122T223000Z",
+                "20261122T223000Z-2",
+                "20261122T223000Z-10",
+                "20261122T223001Z"
+            ]
+        );
     }
 }
