@@ -13,7 +13,7 @@
 //! | 2 | `pg`, `storage`, `format` | our PostgreSQL client (conninfo, auth, TLS, replication commands); the object-store trait, its backends (fs, S3, encryption, tiers, retries) and the private/durable file helpers; the tar stream and backup manifest formats |
 //! | 3 | `config`, `spool` | the tiered repository's configuration file; the local spool (the segment being received, segments awaiting publication, the durable-prefix record) |
 //! | 4 | `repo` | the repository: layout, object format and verification, catalog, gaps and slots, lock, local WAL reads |
-//! | 5 | `stream`, `upload` | the WAL receiver (sessions, the segment assembler, publishing, gaps); shipping the hot tier to remote tiers (uploader, partial segments, eviction, background tasks) |
+//! | 5 | `stream`, `upload`, `retention` | the WAL receiver (sessions, the segment assembler, publishing, gaps); shipping the hot tier to remote tiers (uploader, partial segments, eviction, background tasks); retention (the pure planner and `expire`) |
 //! | 6 | `basebackup`, `open` | base backups (protocol, storing, their WAL, their life in the catalog); opening a repository from where it is (directory, S3, tiered) |
 //! | 7 | `restore` | planning, writing, dry runs, drills and `wal-fetch` |
 //! | 8 | `commands` | one file per CLI command: arguments, the call into the library, output, exit code |
@@ -27,6 +27,7 @@ pub(crate) mod pg;
 pub(crate) mod progress;
 pub(crate) mod repo;
 pub(crate) mod restore;
+pub(crate) mod retention;
 pub(crate) mod retry;
 pub(crate) mod spool;
 pub(crate) mod storage;

@@ -13,6 +13,7 @@ pub use repo_arg::RepoArg;
 
 mod backup;
 mod drill;
+mod expire;
 mod list;
 mod repo_arg;
 mod restore;
@@ -67,6 +68,9 @@ enum Command {
     Drill(drill::DrillArgs),
     /// Show each remote tier's state: how far the WAL is durable there, what is queued.
     Tiers(tiers::TiersArgs),
+    /// Apply a retention policy: remove the backups no rule keeps and the WAL no kept backup
+    /// needs (--dry-run: print the plan only).
+    Expire(expire::ExpireArgs),
 }
 
 /// Set once at start: JSON logging reports the final error as a log event, human logging as a line.
@@ -128,6 +132,7 @@ pub fn main() -> ExitCode {
             Command::Restore(a) => restore::run(a).await,
             Command::Drill(a) => drill::run(a).await,
             Command::Tiers(a) => tiers::run(a).await,
+            Command::Expire(a) => expire::run(a).await,
         }
     });
     ExitCode::from(code)

@@ -18,6 +18,8 @@ pub enum BackupStatus {
     Running,
     Complete,
     Failed,
+    /// An expire is removing it: never restorable again; the next expire finishes the job.
+    Expiring,
 }
 
 /// One stored object of a backup.

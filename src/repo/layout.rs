@@ -25,7 +25,12 @@ pub fn catalog_key(backup_id: &str) -> String {
 }
 
 pub fn backup_object_key(backup_id: &str, name: &str) -> String {
-    format!("backups/{backup_id}/{name}.zst")
+    format!("{}{name}.zst", backup_prefix(backup_id))
+}
+
+/// Where a backup's objects are: `backups/<id>/`.
+pub fn backup_prefix(backup_id: &str) -> String {
+    format!("backups/{backup_id}/")
 }
 
 pub fn wal_segment_key(seg: &SegmentName) -> String {

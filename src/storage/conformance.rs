@@ -191,6 +191,22 @@ pub async fn run(s: &dyn Storage) {
         s.delete(k).await.unwrap();
     }
 
+    // A prefix removed whole; its neighbours stay.
+    for k in ["p/x/1", "p/x/2", "p/y"] {
+        s.put(k, Bytes::from_static(b"v")).await.unwrap();
+    }
+    s.delete_prefix("p/x/").await.unwrap();
+    let left: Vec<String> = s
+        .list("p/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(left, ["p/y"]);
+    s.delete_prefix("p/none/").await.unwrap();
+    s.delete("p/y").await.unwrap();
+
     // Bad keys are refused.
     for bad in ["", "/abs", "a/../b", "a//b", "./a"] {
         assert!(

@@ -475,4 +475,18 @@ impl Storage for FsStorage {
         })
         .await
     }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        for m in self.list(prefix).await? {
+            self.delete(&m.key).await?;
+        }
+        let dir = self.path(prefix.trim_end_matches('/'))?;
+        let key = prefix.to_string();
+        blocking(move || match std::fs::remove_dir_all(&dir) {
+            Ok(()) => fsync_dir(parent_dir(&dir)).map_err(io_err(&key)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&key)(e)),
+        })
+        .await
+    }
 }

@@ -122,6 +122,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError>;
     /// Removes an object; succeeds if it is already gone.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Removes every object under `prefix` (which ends with `/`), and on a file system the
+    /// directory itself. For what no writer adds to any more (an expired backup's objects).
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        for m in self.list(prefix).await? {
+            self.delete(&m.key).await?;
+        }
+        Ok(())
+    }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {
         Ok(self.head(key).await?.is_some())

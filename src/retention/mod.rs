@@ -1,0 +1,184 @@
+//! Retention: applying a policy to a repository (`archiver expire`). [`plan`] decides, purely;
+//! this module carries the plan out.
+//!
+//! Invariants:
+//! - invariant 4 of the guide: nothing a kept backup needs is removed — the plan removes WAL
+//!   only before the oldest kept (or running) backup's start, and a backup only when no rule
+//!   keeps it;
+//! - one expire at a time per repository (a lock in its local directory); a streamer or a
+//!   backup running meanwhile is safe: the streamer only adds WAL after the head, and a running
+//!   backup is kept with the WAL from its start;
+//! - crash safety (kill -9 at any instant): a backup is first marked `expiring` in the catalog
+//!   (never restorable again), then its objects go, then its record; WAL goes oldest first, so
+//!   what remains is always one unbroken run up to the archive's head; the next expire finishes
+//!   an interrupted one (an `expiring` backup always goes).
+
+use std::path::Path;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::repo::catalog::BackupStatus;
+use crate::repo::layout::{backup_prefix, catalog_key, parse_wal_key, WAL_PREFIX};
+use crate::repo::lock::{LockError, RepoLock};
+use crate::repo::{Repo, RepoError};
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+pub mod plan;
+
+pub use plan::{Plan, Policy, PolicyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpireError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("another expire is running on this repository ({0})")]
+    Busy(String),
+    #[error("cannot lock the repository for expire")]
+    Lock(#[source] LockError),
+}
+
+impl From<StorageError> for ExpireError {
+    fn from(e: StorageError) -> Self {
+        ExpireError::Repo(e.into())
+    }
+}
+
+/// What an expire did (or, with `dry_run`, would do).
+#[derive(Debug, Serialize)]
+pub struct ExpireReport {
+    pub dry_run: bool,
+    pub now: Timestamp,
+    pub policy: Policy,
+    pub plan: Plan,
+    /// Backups whose objects and record are gone.
+    pub removed_backups: Vec<String>,
+    pub removed_wal_objects: usize,
+    pub bytes_freed: u64,
+    /// Objects the storage would not remove (still under S3 Object Lock, say), with why; their
+    /// backup stays `expiring` and a later expire removes them.
+    pub skipped: Vec<String>,
+}
+
+/// Plans an expire of `repo` under `policy` at `now` and, unless `dry_run`, carries it out.
+/// `local_dir` is the repository's local directory (where the lock lives).
+pub async fn expire(
+    repo: &Repo,
+    local_dir: &Path,
+    policy: &Policy,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<ExpireReport, ExpireError> {
+    let _lock = if dry_run {
+        None
+    } else {
+        crate::storage::fs::create_dir_all_durable(local_dir).map_err(|cause| {
+            ExpireError::Lock(LockError::Io {
+                path: local_dir.to_path_buf(),
+                cause,
+            })
+        })?;
+        Some(match RepoLock::acquire(&local_dir.join("expire.lock")) {
+            Ok(l) => l,
+            Err(LockError::Busy { .. }) => {
+                return Err(ExpireError::Busy(local_dir.display().to_string()))
+            }
+            Err(e) => return Err(ExpireError::Lock(e)),
+        })
+    };
+    let backups = repo.list_backups().await?;
+    let seg_size = repo.seg_size();
+    let wal: Vec<_> = repo
+        .storage()
+        .list(WAL_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|m| parse_wal_key(&m.key, seg_size).map(|o| (o, m.key, m.size)))
+        .collect();
+    let gaps = repo.list_gaps().await?;
+    let plan = plan::plan(&backups, &wal, &gaps, policy, now, seg_size)?;
+    let mut report = ExpireReport {
+        dry_run,
+        now,
+        policy: policy.clone(),
+        removed_backups: Vec::new(),
+        removed_wal_objects: 0,
+        bytes_freed: 0,
+        skipped: Vec::new(),
+        plan,
+    };
+    if dry_run {
+        report.bytes_freed = report.plan.bytes_freed();
+        return Ok(report);
+    }
+    let storage = repo.storage();
+    for v in report.plan.removed_backups() {
+        let Some(mut rec) = backups.iter().find(|b| b.id == v.id).cloned() else {
+            continue;
+        };
+        if rec.status != BackupStatus::Expiring {
+            rec.status = BackupStatus::Expiring;
+            repo.put_backup(&rec).await?;
+        }
+        let mut keys: Vec<String> = rec.objects.iter().map(|o| o.key.clone()).collect();
+        let prefix = backup_prefix(&rec.id);
+        keys.extend(storage.list(&prefix).await?.into_iter().map(|m| m.key));
+        keys.sort();
+        keys.dedup();
+        let mut all_gone = true;
+        for k in &keys {
+            if let Err(e) = remove(storage.as_ref(), k, &mut report.skipped).await? {
+                warn!(key = %k, error = %e, "kept for a later expire");
+                all_gone = false;
+            }
+        }
+        if all_gone {
+            storage.delete_prefix(&prefix).await?;
+            storage.delete(&catalog_key(&rec.id)).await?;
+            report.bytes_freed += v.stored_bytes;
+            report.removed_backups.push(rec.id.clone());
+            info!(backup = %rec.id, reasons = %v.reasons.join("; "), "backup expired");
+        }
+    }
+    for w in &report.plan.wal {
+        if remove(storage.as_ref(), &w.key, &mut report.skipped)
+            .await?
+            .is_ok()
+        {
+            report.removed_wal_objects += 1;
+            report.bytes_freed += w.size;
+        }
+    }
+    for g in &report.plan.gaps {
+        let _ = remove(storage.as_ref(), g, &mut report.skipped).await?;
+    }
+    info!(
+        backups = report.removed_backups.len(),
+        wal_objects = report.removed_wal_objects,
+        bytes = report.bytes_freed,
+        skipped = report.skipped.len(),
+        "expire done"
+    );
+    Ok(report)
+}
+
+/// Deletes `key`. A permanent refusal (an object under Object Lock, a permission) is recorded in
+/// `skipped` and returned as the inner error; a transient one (after the storage's retries)
+/// ends the expire.
+async fn remove(
+    storage: &dyn crate::storage::Storage,
+    key: &str,
+    skipped: &mut Vec<String>,
+) -> Result<Result<(), StorageError>, ExpireError> {
+    match storage.delete(key).await {
+        Ok(()) => Ok(Ok(())),
+        Err(e) if e.is_transient() => Err(e.into()),
+        Err(e) => {
+            skipped.push(format!("{key}: {e}"));
+            Ok(Err(e))
+        }
+    }
+}
