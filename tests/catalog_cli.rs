@@ -34,6 +34,7 @@ fn record(id: &str, start: &str, status: BackupStatus) -> BackupRecord {
         archiver_version: "test".into(),
         error: None,
         drills: vec![],
+        verified: None,
     }
 }
 

@@ -143,6 +143,7 @@ pub async fn take_backup(
         archiver_version: env!("CARGO_PKG_VERSION").to_string(),
         error: None,
         drills: vec![],
+        verified: None,
     };
     repo.put_backup(&rec).await?;
     info!(id = %id, "backup started");

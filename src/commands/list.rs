@@ -111,6 +111,13 @@ pub async fn info(args: InfoArgs) -> u8 {
                     o.sha256
                 );
             }
+            if let Some(v) = &r.verified {
+                let verdict = if v.ok { "ok" } else { "FAILED" };
+                println!("verified:          {verdict} at {}", v.at);
+                for p in &v.problems {
+                    println!("  problem:         {p}");
+                }
+            }
             if let Some(e) = &r.error {
                 println!("error:             {e}");
             }

@@ -20,6 +20,7 @@ mod restore;
 mod stream;
 mod text;
 mod tiers;
+mod verify;
 mod wal_fetch;
 
 pub const EXIT_ERROR: u8 = 1;
@@ -71,6 +72,9 @@ enum Command {
     /// Apply a retention policy: remove the backups no rule keeps and the WAL no kept backup
     /// needs (--dry-run: print the plan only).
     Expire(expire::ExpireArgs),
+    /// Read back every object and check it, every backup against its manifest, and the WAL
+    /// unbroken from every backup to the archive's head (exit 1 if anything is wrong).
+    Verify(verify::VerifyArgs),
 }
 
 /// Set once at start: JSON logging reports the final error as a log event, human logging as a line.
@@ -133,6 +137,7 @@ pub fn main() -> ExitCode {
             Command::Drill(a) => drill::run(a).await,
             Command::Tiers(a) => tiers::run(a).await,
             Command::Expire(a) => expire::run(a).await,
+            Command::Verify(a) => verify::run(a).await,
         }
     });
     ExitCode::from(code)

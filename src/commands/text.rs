@@ -32,6 +32,7 @@ pub fn table(records: &[BackupRecord]) -> String {
         "SIZE".into(),
         "STORED".into(),
         "LAST DRILL".into(),
+        "VERIFIED".into(),
     ]];
     for r in records {
         rows.push([
@@ -60,9 +61,16 @@ pub fn table(records: &[BackupRecord]) -> String {
                     )
                 },
             ),
+            r.verified.as_ref().map_or_else(
+                || "-".to_string(),
+                |v| {
+                    let verdict = if v.ok { "ok" } else { "FAILED" };
+                    format!("{verdict} {}", crate::time::short(v.at))
+                },
+            ),
         ]);
     }
-    let widths: Vec<usize> = (0..10)
+    let widths: Vec<usize> = (0..11)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     rows.iter()

@@ -66,6 +66,20 @@ pub struct BackupRecord {
     /// Restore drills of this backup, oldest first (the last [`MAX_DRILLS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drills: Vec<DrillResult>,
+    /// The last `archiver verify` of this backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verification>,
+}
+
+/// One `archiver verify` of a backup: its objects read back and checked, its files against
+/// its manifest, and the WAL from its start to the archive's head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    pub at: Timestamp,
+    pub ok: bool,
+    /// What was wrong, when not ok.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// How many drill results a record keeps.
@@ -202,6 +216,7 @@ mod tests {
             archiver_version: "test".into(),
             error: None,
             drills: vec![],
+            verified: None,
         }
     }
 

@@ -16,4 +16,5 @@ pub mod plan;
 pub mod recovery;
 pub mod run;
 pub mod target;
+pub mod verify;
 pub mod wal_fetch;

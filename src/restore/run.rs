@@ -635,10 +635,32 @@ pub async fn dry_run(
     pgdata: &Path,
     mapping: &[(PathBuf, PathBuf)],
 ) -> Result<DryRun, RestoreError> {
+    archives(rec, pgdata, mapping)?;
+    let mut verified = verify_backup(repo, rec).await?;
+    verified += verify_wal(repo, &p).await?;
+    let backup_bytes = rec.size_bytes;
+    let wal_bytes = p.segments.len() as u64 * repo.seg_size();
+    Ok(DryRun {
+        dry_run: true,
+        target: target.describe(),
+        plan: p,
+        backup_start_lsn: rec.start_lsn,
+        backup_bytes,
+        wal_bytes,
+        bytes_to_restore: backup_bytes + wal_bytes,
+        estimated_seconds: backup_bytes as f64 / EST_EXTRACT_BYTES_PER_S
+            + wal_bytes as f64 / EST_REPLAY_BYTES_PER_S,
+        objects_verified: verified,
+    })
+}
+
+/// Reads back every object of backup `rec`, checked against its checksums, and every file in
+/// its archives against its manifest. Returns how many objects were read.
+pub async fn verify_backup(repo: &Repo, rec: &BackupRecord) -> Result<usize, RestoreError> {
     let (_, manifest, algo) = backup_manifest(repo, rec).await?;
     let mut all = FileDigests::new(algo);
     let mut verified = 1;
-    for a in archives(rec, pgdata, mapping)? {
+    for a in archives(rec, Path::new("/"), &[])? {
         let mut digests = FileDigests::new(algo);
         digests.start_archive(a.tablespace);
         let sink = DigestSink {
@@ -655,21 +677,7 @@ pub async fn dry_run(
             context: "the backup's archives do not match its manifest",
             cause,
         })?;
-    verified += verify_wal(repo, &p).await?;
-    let backup_bytes = rec.size_bytes;
-    let wal_bytes = p.segments.len() as u64 * repo.seg_size();
-    Ok(DryRun {
-        dry_run: true,
-        target: target.describe(),
-        plan: p,
-        backup_start_lsn: rec.start_lsn,
-        backup_bytes,
-        wal_bytes,
-        bytes_to_restore: backup_bytes + wal_bytes,
-        estimated_seconds: backup_bytes as f64 / EST_EXTRACT_BYTES_PER_S
-            + wal_bytes as f64 / EST_REPLAY_BYTES_PER_S,
-        objects_verified: verified,
-    })
+    Ok(verified)
 }
 
 /// A restore to write.

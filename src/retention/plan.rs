@@ -366,6 +366,7 @@ mod tests {
             archiver_version: "test".into(),
             error: None,
             drills: vec![],
+            verified: None,
         }
     }
 
