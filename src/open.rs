@@ -423,6 +423,25 @@ impl RepoLocation {
         ))
     }
 
+    /// Each place the repository keeps objects, by name (`repository`, or `hot` and each
+    /// remote tier), opened on its own: what `check` probes one by one.
+    pub async fn each_tier(&self) -> Result<Vec<(String, Arc<dyn Storage>)>, OpenError> {
+        match self {
+            RepoLocation::Tiered { config: c, .. } => {
+                let key = c.encryption_key()?;
+                let mut out = vec![("hot".to_string(), Self::local_storage(&c.hot.path)?)];
+                for r in remote_tiers(c, key.as_ref(), UPLOAD_RETRY, Some(false)).await? {
+                    out.push((r.name, r.storage));
+                }
+                Ok(out)
+            }
+            _ => Ok(vec![(
+                "repository".to_string(),
+                self.storage_checked().await?,
+            )]),
+        }
+    }
+
     /// The repository as `restore_command` should name it (absolute paths).
     pub fn for_restore_command(&self) -> Result<Vec<(&'static str, PathBuf)>, OpenError> {
         let abs = |p: &Path| {

@@ -488,15 +488,16 @@ fn backup_into_a_full_disk_fails_cleanly() {
     );
     let repo = fs.0.join("repo");
     let r = repo.to_str().unwrap().to_string();
-    let out = archiver(&[
-        "backup",
-        "--repo",
-        &r,
-        "-d",
-        &pg.conninfo("postgres"),
-        "--checkpoint",
-        "fast",
-    ]);
+    let ci = pg.conninfo("postgres");
+    let args = ["backup", "--repo", &r, "-d", &ci, "--checkpoint", "fast"];
+    // Less free space than the databases' size: refused before anything is written.
+    let out = archiver(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("free") && err.contains("databases"), "{err}");
+    assert!(!repo.join("catalog").exists(), "nothing written");
+    // Past that check, the disk fills during the backup.
+    let out = archiver(&[&args[..], &["--skip-space-check"]].concat());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("No space left on device"), "{err}");

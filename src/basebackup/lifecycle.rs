@@ -19,6 +19,7 @@ use super::run::{base_backup, BackupError};
 use super::store::StoreSink;
 use super::wal::{create_temporary_slot, fetch_wal, WalFetch};
 use crate::format::manifest::{Manifest, ManifestError};
+use crate::pg::conninfo::ConnInfo;
 use crate::pg::replication::ServerInfo;
 use crate::pg::{Connection, PgError};
 use crate::repo::catalog::{BackupRecord, BackupStatus, Tablespace};
@@ -99,6 +100,30 @@ pub fn check_server(server: &ServerInfo, o: &BackupOptions) -> Result<(), TakeEr
         )));
     }
     Ok(())
+}
+
+/// Refuses a backup the repository's file system has no room for: less free space than the
+/// databases' size (read over an ordinary SQL connection; when that cannot be read, the check
+/// is skipped with a warning). `dir`: the repository's local directory (`None`: S3).
+pub async fn check_space(ci: &ConnInfo, dir: Option<&Path>) -> Result<(), TakeError> {
+    let Some(dir) = dir else { return Ok(()) };
+    let db = match crate::pg::database_bytes(ci).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "cannot read the databases' size over SQL; the free-space check is skipped");
+            return Ok(());
+        }
+    };
+    match crate::storage::fs::free_bytes(dir) {
+        Some(free) if free < db => Err(TakeError::Refused(format!(
+            "{} has {:.1} GB free, less than the databases' {:.1} GB: free at least {:.1} GB (or expire old backups) before taking a backup",
+            dir.display(),
+            free as f64 / 1e9,
+            db as f64 / 1e9,
+            (db - free) as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// backup_label's `START TIME: 2026-11-22 22:40:00 UTC`, when it is UTC.

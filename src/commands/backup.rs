@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use super::{connect_replication, report, RepoArg, EXIT_ERROR};
-use crate::basebackup::lifecycle::{check_server, take_backup, BackupOptions};
+use crate::basebackup::lifecycle::{check_server, check_space, take_backup, BackupOptions};
 use crate::basebackup::protocol::Checkpoint;
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
 use crate::repo::{Repo, SPOOL_DIR};
@@ -53,6 +53,10 @@ pub struct BackupArgs {
     /// remote tier to hold it.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     upload_timeout: Duration,
+    /// Skip the check that the repository's file system has at least the databases' size
+    /// free (for file systems whose free space says nothing, e.g. with quotas elsewhere).
+    #[arg(long)]
+    skip_space_check: bool,
     /// Print the backup's record as JSON instead of its id.
     #[arg(long)]
     json: bool,
@@ -86,6 +90,11 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         wal_timeout: args.wal_timeout,
     };
     check_server(&server, &opts)?;
+    // An S3 repository keeps only its spool locally.
+    let data_dir = args.repo.s3_url().is_none().then_some(local.as_path());
+    if !args.skip_space_check {
+        check_space(&conninfo, data_dir).await?;
+    }
     let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
         .await
         .with_context(|| format!("cannot use repository {}", args.repo.name()))?;

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub use repo_arg::RepoArg;
 
 mod backup;
+mod check;
 mod drill;
 mod expire;
 mod list;
@@ -75,6 +76,9 @@ enum Command {
     /// Read back every object and check it, every backup against its manifest, and the WAL
     /// unbroken from every backup to the archive's head (exit 1 if anything is wrong).
     Verify(verify::VerifyArgs),
+    /// Pre-flight: check the server and the repository before relying on them (exit 1 if any
+    /// check failed).
+    Check(check::CheckArgs),
 }
 
 /// Set once at start: JSON logging reports the final error as a log event, human logging as a line.
@@ -138,6 +142,7 @@ pub fn main() -> ExitCode {
             Command::Tiers(a) => tiers::run(a).await,
             Command::Expire(a) => expire::run(a).await,
             Command::Verify(a) => verify::run(a).await,
+            Command::Check(a) => check::run(a).await,
         }
     });
     ExitCode::from(code)

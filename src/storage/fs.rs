@@ -80,6 +80,22 @@ pub fn owner_of(dir: &Path) -> std::io::Result<(u32, u32)> {
     Ok((m.uid(), m.gid()))
 }
 
+/// Free bytes (for an unprivileged user) on the file system holding `dir`, or its nearest
+/// existing ancestor.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let mut p = dir;
+    while !p.exists() {
+        p = p.parent()?;
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: zeroed is a valid statvfs; statvfs with a valid C string writes only into it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Run as root: gives `path` the owner and group of its parent directory, when they differ
 /// (a no-op for other users, who own what they create).
 pub fn inherit_owner(path: &Path) -> std::io::Result<()> {
