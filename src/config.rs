@@ -172,6 +172,10 @@ impl TryFrom<RawRemote> for RemoteConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The operator's label for where this cluster runs (`environment = "prod"`), kept in
+    /// every backup's record.
+    #[serde(default)]
+    pub environment: Option<String>,
     pub hot: HotConfig,
     #[serde(default)]
     pub upload: UploadConfig,

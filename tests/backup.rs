@@ -96,11 +96,39 @@ fn backup_under_load_verifies_and_is_listed() {
         streamer: mut a,
     } = Streaming::start("", &[]);
     pg.pgbench(&["-i", "-s", "2", "-q"]);
+    pg.psql("create extension pgcrypto; analyze");
     let mut load = pg.pgbench_background(&["-c", "2", "-T", "4"]);
 
-    let (rec, _) = backup_ok(&r, &ci, &["--label", "under load"]);
+    let (rec, _) = backup_ok(&r, &ci, &["--label", "under load", "--environment", "prod"]);
     assert!(load.wait().unwrap().success());
     assert_eq!(rec["label"], "under load");
+    // What the cluster held, read over SQL: databases, tables, rows, extensions, version.
+    assert_eq!(rec["environment"], "prod");
+    let contents = &rec["contents"];
+    assert!(
+        contents["server_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("PostgreSQL "),
+        "{contents}"
+    );
+    let db = contents["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "postgres")
+        .unwrap_or_else(|| panic!("{contents}"));
+    assert_eq!(db["tables"], 4, "pgbench's four tables: {db}");
+    assert!(db["estimated_rows"].as_u64().unwrap() >= 200_000, "{db}");
+    assert!(db["size_bytes"].as_u64().unwrap() > 20 << 20, "{db}");
+    assert!(
+        db["extensions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "pgcrypto" && !e["version"].as_str().unwrap().is_empty()),
+        "{db}"
+    );
     assert!(rec["backup_label"]
         .as_str()
         .unwrap()

@@ -35,6 +35,8 @@ fn record(id: &str, start: &str, status: BackupStatus) -> BackupRecord {
         error: None,
         drills: vec![],
         verified: None,
+        contents: None,
+        environment: None,
     }
 }
 

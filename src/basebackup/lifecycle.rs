@@ -83,6 +83,11 @@ pub struct BackupOptions {
     pub server_compress: bool,
     /// How long to wait for the repository to hold the backup's WAL.
     pub wal_timeout: Duration,
+    /// An ordinary SQL connection to read what the cluster holds into the record
+    /// ([`super::contents`]); `None`: not read.
+    pub sql: Option<ConnInfo>,
+    /// The operator's label for where this cluster runs, kept in the record.
+    pub environment: Option<String>,
 }
 
 /// Refuses a server this backup cannot be taken from (before anything is written).
@@ -169,6 +174,8 @@ pub async fn take_backup(
         error: None,
         drills: vec![],
         verified: None,
+        contents: None,
+        environment: o.environment.clone(),
     };
     repo.put_backup(&rec).await?;
     info!(id = %id, "backup started");
@@ -285,6 +292,14 @@ async fn take(
         .await
         .map_err(TakeError::BaseBackup)?;
     sink.close().await.map_err(TakeError::BaseBackup)?;
+    if let Some(ci) = &args.sql {
+        match super::contents::read_contents(ci).await {
+            Ok(c) => rec.contents = Some(c),
+            Err(e) => {
+                warn!(error = %e, "cannot read the cluster's databases over SQL; the record will not list them")
+            }
+        }
+    }
     rec.start_lsn = r.start_lsn;
     rec.stop_lsn = Some(r.stop_lsn);
     rec.timeline = r.start_tli;

@@ -4,6 +4,7 @@
 //! catalog entry build on it. Invariant: nothing here buffers a whole archive — the decoder
 //! yields chunks as they arrive.
 
+pub mod contents;
 pub mod lifecycle;
 pub mod protocol;
 pub mod run;

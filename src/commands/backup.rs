@@ -53,6 +53,10 @@ pub struct BackupArgs {
     /// remote tier to hold it.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     upload_timeout: Duration,
+    /// A label for where this cluster runs (e.g. prod), kept in the backup's record [default:
+    /// `environment` in the --config file].
+    #[arg(long)]
+    environment: Option<String>,
     /// Skip the check that the repository's file system has at least the databases' size
     /// free (for file systems whose free space says nothing, e.g. with quotas elsewhere).
     #[arg(long)]
@@ -73,6 +77,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let local = args.repo.local_dir("backup")?;
     let conninfo = ConnInfo::parse(args.dbname.as_deref(), &ProcessEnv)?;
     let (storage, tiers) = args.repo.storage_for_writing().await?;
+    let config_environment = tiers.as_ref().and_then(|t| t.config.environment.clone());
     let app = conninfo
         .application_name
         .clone()
@@ -88,6 +93,8 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         compress: args.compress,
         server_compress: args.server_compress,
         wal_timeout: args.wal_timeout,
+        sql: Some(conninfo.clone()),
+        environment: args.environment.clone().or(config_environment),
     };
     check_server(&server, &opts)?;
     // An S3 repository keeps only its spool locally.

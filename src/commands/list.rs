@@ -111,6 +111,31 @@ pub async fn info(args: InfoArgs) -> u8 {
                     o.sha256
                 );
             }
+            if let Some(env) = &r.environment {
+                println!("environment:       {env}");
+            }
+            if let Some(c) = &r.contents {
+                println!("server:            {}", c.server_version);
+                for d in &c.databases {
+                    let exts: Vec<String> = d
+                        .extensions
+                        .iter()
+                        .map(|e| format!("{} {}", e.name, e.version))
+                        .collect();
+                    println!(
+                        "database:          {} ({}, {} tables, ~{} rows; extensions: {})",
+                        d.name,
+                        human_bytes(d.size_bytes),
+                        d.tables,
+                        d.estimated_rows,
+                        if exts.is_empty() {
+                            "none".into()
+                        } else {
+                            exts.join(", ")
+                        }
+                    );
+                }
+            }
             if let Some(v) = &r.verified {
                 let verdict = if v.ok { "ok" } else { "FAILED" };
                 println!("verified:          {verdict} at {}", v.at);

@@ -69,6 +69,38 @@ pub struct BackupRecord {
     /// The last `archiver verify` of this backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<Verification>,
+    /// What the cluster held at backup time (read over SQL; absent if it could not be).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contents: Option<ClusterContents>,
+    /// The operator's label for where this cluster runs (`environment = "prod"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+}
+
+/// What the cluster held when a backup was taken: what a restore brings back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterContents {
+    /// `version()`.
+    pub server_version: String,
+    pub databases: Vec<DatabaseContents>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseContents {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Ordinary and partitioned tables outside the system schemas.
+    pub tables: u64,
+    /// Their rows as the planner estimates them (`reltuples`).
+    pub estimated_rows: u64,
+    /// Installed extensions and their versions (e.g. `vector` 0.8.0).
+    pub extensions: Vec<Extension>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extension {
+    pub name: String,
+    pub version: String,
 }
 
 /// One `archiver verify` of a backup: its objects read back and checked, its files against
@@ -217,6 +249,8 @@ mod tests {
             error: None,
             drills: vec![],
             verified: None,
+            contents: None,
+            environment: None,
         }
     }
 

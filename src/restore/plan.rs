@@ -667,6 +667,8 @@ mod tests {
             error: None,
             drills: vec![],
             verified: None,
+            contents: None,
+            environment: None,
         }
     }
 

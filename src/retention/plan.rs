@@ -367,6 +367,8 @@ mod tests {
             error: None,
             drills: vec![],
             verified: None,
+            contents: None,
+            environment: None,
         }
     }
 
