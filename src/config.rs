@@ -144,6 +144,33 @@ pub struct RemoteConfig {
     pub name: String,
     pub url: String,
     pub s3: S3Options,
+    /// This tier's own retention policy (`[remote.retention]`), instead of `[retention]`.
+    pub retention: Option<RetentionConfig>,
+}
+
+/// A retention policy as written (`[retention]`, `[remote.retention]`); see `archiver expire`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub keep_within: Option<Duration>,
+    #[serde(default)]
+    pub keep_hourly: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+    #[serde(default)]
+    pub keep_quarterly: u32,
+    #[serde(default)]
+    pub keep_yearly: u32,
+    /// Failed backups go once this old (default 1 day).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub failed_grace: Option<Duration>,
 }
 
 /// A `[[remote]]` table as written: the S3 options sit beside name and url. (serde's flatten
@@ -158,13 +185,21 @@ struct RawRemote {
 
 impl TryFrom<RawRemote> for RemoteConfig {
     type Error = String;
-    fn try_from(r: RawRemote) -> Result<Self, String> {
+    fn try_from(mut r: RawRemote) -> Result<Self, String> {
+        let retention = match r.rest.remove("retention") {
+            Some(v) => Some(
+                RetentionConfig::deserialize(v)
+                    .map_err(|e| format!("remote tier {:?}, retention: {}", r.name, e.message()))?,
+            ),
+            None => None,
+        };
         let s3 = S3Options::deserialize(r.rest)
             .map_err(|e| format!("remote tier {:?}: {}", r.name, e.message()))?;
         Ok(RemoteConfig {
             name: r.name,
             url: r.url,
             s3,
+            retention,
         })
     }
 }
@@ -176,6 +211,9 @@ pub struct Config {
     /// every backup's record.
     #[serde(default)]
     pub environment: Option<String>,
+    /// The retention policy of every tier without its own (`[retention]`).
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
     pub hot: HotConfig,
     #[serde(default)]
     pub upload: UploadConfig,
@@ -291,6 +329,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retention_policies() {
+        let c = Config::parse(
+            "[hot]\npath = \"/x\"\n[retention]\nkeep_within = \"30d\"\nkeep_monthly = 12\n\
+             [[remote]]\nname = \"r\"\nurl = \"s3://b\"\n[remote.retention]\nkeep_quarterly = 28\n",
+        )
+        .unwrap();
+        let r = c.retention.unwrap();
+        assert_eq!(r.keep_within, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(r.keep_monthly, 12);
+        assert_eq!(c.remotes[0].retention.as_ref().unwrap().keep_quarterly, 28);
+    }
+
+    #[test]
     fn full_and_minimal_files() {
         let c = Config::parse(
             r#"
@@ -360,6 +411,19 @@ object_lock_days = 30
             (&format!("{hot}{remote}bucket_typo = 1\n"), "bucket_typo"),
             ("[hot]\npath = \"/x\"\nretention = \"1d\"\n", "remote tier"),
             (&format!("{hot}[encryption]\n"), "exactly one"),
+            (
+                &format!("{hot}[retention]\nkeep_within = \"3 fortnights\"\n"),
+                "not a duration",
+            ),
+            (
+                &format!("{hot}[retention]\nkeep_daily = -1\n"),
+                "keep_daily",
+            ),
+            (&format!("{hot}[retention]\nkeep_dayly = 7\n"), "keep_dayly"),
+            (
+                &format!("{hot}{remote}[remote.retention]\nkeep_last = \"x\"\n"),
+                "retention",
+            ),
             (
                 &format!("{hot}[upload]\npartial_upload_interval = \"fast\"\n"),
                 "line 4, key \"partial_upload_interval\": \"fast\" is not a duration",

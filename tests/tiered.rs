@@ -888,3 +888,94 @@ async fn streaming_goes_on_while_the_remote_tier_is_down_and_catches_up() {
     }
     assert!(a.term().success(), "{}", a.log_text());
 }
+
+/// Each tier expires under its own policy: the hot tier keeps the newest backup, the offsite
+/// tier keeps more (`[remote.retention]`), and a tier under Object Lock refuses the removal —
+/// reported as skipped, the backup still there to restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn expire_applies_each_tiers_policy_and_skips_locked_objects() {
+    let Some(moto) = moto() else { return };
+    moto.bucket("offsite", false).await;
+    let locked = moto.bucket("locked", true).await;
+    let dir = TestDir::new();
+    let hot = dir.join("hot");
+    let cfg = write_config(
+        &dir,
+        "archiver.toml",
+        &format!(
+            "[hot]\npath = \"{}\"\n[retention]\nkeep_last = 1\n\
+             [[remote]]\nname = \"offsite\"\nurl = \"s3://offsite/r\"\nendpoint = \"{e}\"\n\
+             [remote.retention]\nkeep_last = 3\n\
+             [[remote]]\nname = \"locked\"\nurl = \"s3://locked/r\"\nendpoint = \"{e}\"\n\
+             object_lock_mode = \"COMPLIANCE\"\nobject_lock_days = 1\n",
+            hot.display(),
+            e = moto.endpoint
+        ),
+    );
+    let mut pg = Pg::create(&dir, "pg", "", "");
+    pg.start();
+    let ci = pg.conninfo("postgres");
+    let c = cfg.to_str().unwrap();
+    let backup = || archiver_ok(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]);
+    let a = backup().trim().to_string();
+    pg.psql("create table t as select 1 x");
+    let b = backup().trim().to_string();
+
+    let out = archiver_ok(&["expire", "--config", c, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tier = |name: &str| {
+        v["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tier"] == name)
+            .unwrap_or_else(|| panic!("{v}"))["report"]
+            .clone()
+    };
+    // Hot: the older backup is gone there.
+    assert_eq!(
+        tier("hot")["removed_backups"],
+        serde_json::json!([a]),
+        "{v}"
+    );
+    assert!(!hot.join(format!("backups/{a}")).exists());
+    assert!(hot.join(format!("catalog/{b}.json")).exists());
+    // Offsite keeps both.
+    assert_eq!(
+        tier("offsite")["removed_backups"],
+        serde_json::json!([]),
+        "{v}"
+    );
+    // The locked tier plans the removal, and S3 refuses it: skipped, reported, still there.
+    let l = tier("locked");
+    assert_eq!(l["removed_backups"], serde_json::json!([]), "{v}");
+    assert!(
+        l["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().contains(&a)),
+        "{v}"
+    );
+    let key = format!("r/backups/{a}/base.tar.zst");
+    assert!(locked
+        .head_object()
+        .bucket("locked")
+        .key(&key)
+        .send()
+        .await
+        .is_ok());
+    // A backup is gone once no tier holds it: A is still listed, from the remote tiers.
+    let list: serde_json::Value =
+        serde_json::from_str(&archiver_ok(&["list", "--config", c, "--json"])).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&a.as_str()) && ids.contains(&b.as_str()),
+        "{list}"
+    );
+}

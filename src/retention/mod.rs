@@ -72,23 +72,81 @@ pub async fn expire(
     now: Timestamp,
     dry_run: bool,
 ) -> Result<ExpireReport, ExpireError> {
-    let _lock = if dry_run {
-        None
-    } else {
-        crate::storage::fs::create_dir_all_durable(local_dir).map_err(|cause| {
-            ExpireError::Lock(LockError::Io {
-                path: local_dir.to_path_buf(),
-                cause,
-            })
-        })?;
-        Some(match RepoLock::acquire(&local_dir.join("expire.lock")) {
-            Ok(l) => l,
-            Err(LockError::Busy { .. }) => {
-                return Err(ExpireError::Busy(local_dir.display().to_string()))
-            }
-            Err(e) => return Err(ExpireError::Lock(e)),
+    let _lock = lock(local_dir, dry_run)?;
+    expire_locked(repo, policy, now, dry_run).await
+}
+
+/// One tier of a tiered repository and its policy.
+pub struct TierPolicy {
+    pub name: String,
+    pub repo: Repo,
+    /// `None`: no policy for this tier; nothing is expired there.
+    pub policy: Option<Policy>,
+}
+
+/// Expires each tier of a tiered repository under its own policy (a hot tier keeps days, an
+/// offsite one years): each plan is made from what that tier holds, and carried out there
+/// only. A backup is gone once no tier holds it.
+pub async fn expire_tiers(
+    tiers: &[TierPolicy],
+    local_dir: &Path,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<Vec<(String, Option<ExpireReport>)>, ExpireError> {
+    let _lock = lock(local_dir, dry_run)?;
+    let mut out = Vec::new();
+    for t in tiers {
+        let report = match &t.policy {
+            Some(p) => Some(expire_locked(&t.repo, p, now, dry_run).await?),
+            None => None,
+        };
+        out.push((t.name.clone(), report));
+    }
+    Ok(out)
+}
+
+impl From<&crate::config::RetentionConfig> for Policy {
+    fn from(r: &crate::config::RetentionConfig) -> Policy {
+        Policy {
+            keep_last: r.keep_last,
+            keep_within: r.keep_within,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_quarterly: r.keep_quarterly,
+            keep_yearly: r.keep_yearly,
+            failed_grace: r
+                .failed_grace
+                .unwrap_or(std::time::Duration::from_secs(86_400)),
+        }
+    }
+}
+
+/// One expire at a time per repository (none needed for a dry run).
+fn lock(local_dir: &Path, dry_run: bool) -> Result<Option<RepoLock>, ExpireError> {
+    if dry_run {
+        return Ok(None);
+    }
+    crate::storage::fs::create_dir_all_durable(local_dir).map_err(|cause| {
+        ExpireError::Lock(LockError::Io {
+            path: local_dir.to_path_buf(),
+            cause,
         })
-    };
+    })?;
+    match RepoLock::acquire(&local_dir.join("expire.lock")) {
+        Ok(l) => Ok(Some(l)),
+        Err(LockError::Busy { .. }) => Err(ExpireError::Busy(local_dir.display().to_string())),
+        Err(e) => Err(ExpireError::Lock(e)),
+    }
+}
+
+async fn expire_locked(
+    repo: &Repo,
+    policy: &Policy,
+    now: Timestamp,
+    dry_run: bool,
+) -> Result<ExpireReport, ExpireError> {
     let backups = repo.list_backups().await?;
     let seg_size = repo.seg_size();
     let wal: Vec<_> = repo

@@ -52,6 +52,18 @@ impl Policy {
             && self.periods().iter().all(|(_, n)| *n == 0)
     }
 
+    /// Whether this policy keeps, by every rule, at least what `other` keeps.
+    pub fn keeps_at_least(&self, other: &Policy) -> bool {
+        let within = |p: &Policy| p.keep_within.unwrap_or_default();
+        self.keep_last >= other.keep_last
+            && within(self) >= within(other)
+            && self
+                .periods()
+                .iter()
+                .zip(other.periods())
+                .all(|((_, a), (_, b))| *a >= b)
+    }
+
     fn periods(&self) -> [(Period, u32); 6] {
         [
             (Period::Hourly, self.keep_hourly),

@@ -114,6 +114,46 @@ pub struct S3Storage {
     parts: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
+impl S3Storage {
+    /// Under Object Lock, deleting removes the object's versions themselves (a plain delete
+    /// would only hide them behind a delete marker while they stay, locked, in the bucket). A
+    /// version still under retention is refused by S3: that refusal is the error, so the
+    /// caller can report it and try again once the retention has passed.
+    async fn delete_versions(&self, key: &str, full: &str) -> Result<(), StorageError> {
+        let listed = self
+            .client
+            .list_object_versions()
+            .bucket(&self.bucket)
+            .prefix(full)
+            .send()
+            .await
+            .map_err(|e| remote(key, "listing the versions of", e))?;
+        let versions = listed
+            .versions()
+            .iter()
+            .filter(|v| v.key() == Some(full))
+            .filter_map(|v| v.version_id())
+            .chain(
+                listed
+                    .delete_markers()
+                    .iter()
+                    .filter(|m| m.key() == Some(full))
+                    .filter_map(|m| m.version_id()),
+            );
+        for version in versions {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .version_id(version)
+                .send()
+                .await
+                .map_err(|e| remote(key, "deleting a version of", e))?;
+        }
+        Ok(())
+    }
+}
+
 /// Applies the write options to a `PutObject` or `CreateMultipartUpload` builder (same setters).
 macro_rules! with_write_options {
     ($b:expr, $o:expr) => {{
@@ -680,6 +720,9 @@ impl Storage for S3Storage {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let full = self.full(key)?;
+        if self.opts.object_lock_mode.is_some() {
+            return self.delete_versions(key, &full).await;
+        }
         self.client
             .delete_object()
             .bucket(&self.bucket)
