@@ -201,3 +201,69 @@ async fn expire_keeps_the_window_and_every_kept_backup_restores() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], b.as_str());
 }
+
+/// kill -9 at several moments of an expire: each time the repository verifies, and the next
+/// expire finishes the job. (The kill moments are timed, so some may fall before or after the
+/// removals; the property holds at every one.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expire_killed_at_any_moment_leaves_a_repository_that_verifies() {
+    let s = Streaming::start("", &[]);
+    s.pg.psql("create table marker (x int)");
+    let repo = Repo::open(Arc::new(FsStorage::new(s.repo.clone())), "repo")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        s.pg.psql("insert into marker select generate_series(1, 50000)");
+        let name = current_walfile(&s.pg);
+        s.pg.psql("select pg_switch_wal()");
+        wait_archived(&s.repo, &name, T);
+        ids.push(backup(&s));
+        back_date(
+            &repo,
+            &ids[i as usize],
+            Duration::from_secs((10 - i) * 86400),
+        )
+        .await;
+    }
+    // The same streamer log: `expire` takes its own process.
+    for (n, delay_ms) in [5u64, 30, 80].into_iter().enumerate() {
+        let mut e = Archiver::spawn(
+            &s.dir,
+            &format!("expire-{n}"),
+            &["expire", "--repo", &s.r, "--keep-last", "1"],
+        );
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        e.kill9();
+        let out = archiver(&["verify", "--repo", &s.r, "--json"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "after a kill at {delay_ms} ms:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let done = expire(&s, &["--keep-last", "1"]);
+    assert!(done["plan"]["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| { v["keep"] == true || v["id"] != ids[3].as_str() }));
+    let list: serde_json::Value =
+        serde_json::from_str(&archiver_ok(&["list", "--repo", &s.r, "--json"])).unwrap();
+    let left: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [ids[3].as_str()]);
+    archiver_ok(&["verify", "--repo", &s.r]);
+    // One expire at a time: a second one, while the first holds the lock, is refused.
+    let _lock = archiver::RepoLock::acquire(&s.repo.join("spool/expire.lock")).unwrap();
+    let out = archiver(&["expire", "--repo", &s.r, "--keep-last", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another expire is running"), "{err}");
+}

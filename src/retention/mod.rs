@@ -64,7 +64,7 @@ pub struct ExpireReport {
 }
 
 /// Plans an expire of `repo` under `policy` at `now` and, unless `dry_run`, carries it out.
-/// `local_dir` is the repository's local directory (where the lock lives).
+/// `local_dir` is the repository's local directory (the lock lives in its `spool/`).
 pub async fn expire(
     repo: &Repo,
     local_dir: &Path,
@@ -128,13 +128,14 @@ fn lock(local_dir: &Path, dry_run: bool) -> Result<Option<RepoLock>, ExpireError
     if dry_run {
         return Ok(None);
     }
-    crate::storage::fs::create_dir_all_durable(local_dir).map_err(|cause| {
+    let dir = local_dir.join(crate::repo::SPOOL_DIR);
+    crate::storage::fs::create_dir_all_durable(&dir).map_err(|cause| {
         ExpireError::Lock(LockError::Io {
-            path: local_dir.to_path_buf(),
+            path: dir.clone(),
             cause,
         })
     })?;
-    match RepoLock::acquire(&local_dir.join("expire.lock")) {
+    match RepoLock::acquire(&dir.join("expire.lock")) {
         Ok(l) => Ok(Some(l)),
         Err(LockError::Busy { .. }) => Err(ExpireError::Busy(local_dir.display().to_string())),
         Err(e) => Err(ExpireError::Lock(e)),
