@@ -48,9 +48,11 @@ pub use pg::conninfo::{ConnInfo, ProcessEnv};
 pub use pg::replication::{decode_copy_data, identify_system, ReplicationMessage};
 pub use pg::Connection;
 pub use repo::catalog::{BackupRecord, BackupStatus, Tablespace};
+pub use repo::layout::WalObject;
 pub use repo::lock::RepoLock;
 pub use repo::object::{decode_bytes, encode as encode_object, ObjectKind};
 pub use repo::Repo;
+pub use retention::plan::{plan as plan_retention, Policy as RetentionPolicy};
 pub use spool::Spool;
 #[cfg(feature = "test-utils")]
 pub use storage::conformance;
