@@ -57,7 +57,11 @@ fn wal() -> Vec<(WalObject, String, u64)> {
                 segno,
                 seg_size: SEG,
             };
-            (WalObject::Segment(s), format!("wal/00000001/{s}.zst"), 4 << 20)
+            (
+                WalObject::Segment(s),
+                format!("wal/00000001/{s}.zst"),
+                4 << 20,
+            )
         })
         .collect()
 }

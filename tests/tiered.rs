@@ -916,10 +916,13 @@ async fn expire_applies_each_tiers_policy_and_skips_locked_objects() {
     pg.start();
     let ci = pg.conninfo("postgres");
     let c = cfg.to_str().unwrap();
+    // A streamer, so the WAL between the backups is archived too (verify checks it unbroken).
+    let mut streamer = Archiver::stream(&dir, "stream", &["--config", c, "-d", &ci]);
     let backup = || archiver_ok(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]);
     let a = backup().trim().to_string();
     pg.psql("create table t as select 1 x");
     let b = backup().trim().to_string();
+    assert!(streamer.term().success());
 
     let out = archiver_ok(&["expire", "--config", c, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -977,5 +980,41 @@ async fn expire_applies_each_tiers_policy_and_skips_locked_objects() {
     assert!(
         ids.contains(&a.as_str()) && ids.contains(&b.as_str()),
         "{list}"
+    );
+
+    // verify reads every object as reads see it, then each remote tier on its own: a backup
+    // archive missing from one tier fails that tier, named.
+    let verify = || {
+        let out = archiver(&["verify", "--config", c, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), v)
+    };
+    let (code, v) = verify();
+    assert_eq!(code, Some(0), "{v}");
+    let tiers: Vec<&str> = v["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tier"].as_str().unwrap())
+        .collect();
+    assert_eq!(tiers, ["repository", "offsite", "locked"]);
+    moto.client()
+        .delete_object()
+        .bucket("offsite")
+        .key(format!("r/backups/{b}/base.tar.zst"))
+        .send()
+        .await
+        .unwrap();
+    let (code, v) = verify();
+    assert_eq!(code, Some(1), "{v}");
+    let offsite = &v["tiers"][1]["report"];
+    assert_eq!(offsite["ok"], false, "{v}");
+    assert!(
+        offsite["backups"].to_string().contains("base.tar.zst"),
+        "{v}"
+    );
+    assert_eq!(
+        v["tiers"][0]["report"]["ok"], true,
+        "the hot tier still has it: {v}"
     );
 }

@@ -1,7 +1,10 @@
-//! `archiver verify`: the arguments, the call into [`crate::restore::verify`], the report as
-//! text or JSON, and the exit code (0 whole, 1 something damaged, missing or broken).
+//! `archiver verify`: the arguments, the call into [`crate::restore::verify`] (once for the
+//! repository, and for a tiered one once more per remote tier), the report as text or JSON, and
+//! the exit code (0 whole, 1 something damaged, missing or broken).
 
 use super::{report, RepoArg, EXIT_ERROR};
+use crate::open::RepoLocation;
+use crate::repo::Repo;
 use crate::restore::verify::{self, describe_hole, VerifyOptions, VerifyReport};
 
 #[derive(clap::Args, Debug)]
@@ -21,18 +24,43 @@ pub struct VerifyArgs {
 
 pub async fn run(args: VerifyArgs) -> u8 {
     let run = async {
-        let repo = args.repo.open_for_reading(true).await?;
+        let location = args.repo.location()?;
         let o = VerifyOptions {
             backup: args.backup.clone(),
             jobs: args.jobs as usize,
         };
-        let r = verify::verify(&repo, &o).await?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
-        } else {
-            print_report(&r);
+        // Every object as reads see it (a tiered repository: the hot tier, else the remote
+        // ones), then, for a tiered repository, each remote tier on its own.
+        let mut reports = vec![(
+            "repository".to_string(),
+            verify::verify(&location.open_for_reading(true).await?, &o).await?,
+        )];
+        if matches!(location, RepoLocation::Tiered { .. }) {
+            for (name, storage) in location.each_tier().await?.into_iter().skip(1) {
+                let repo = Repo::open(storage, &name).await?;
+                reports.push((name, verify::verify(&repo, &o).await?));
+            }
         }
-        anyhow::Ok(r.ok)
+        if args.json && reports.len() == 1 {
+            println!("{}", serde_json::to_string_pretty(&reports[0].1)?);
+        } else if args.json {
+            let v: Vec<_> = reports
+                .iter()
+                .map(|(t, r)| serde_json::json!({"tier": t, "report": r}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"tiers": v}))?
+            );
+        } else {
+            for (tier, r) in &reports {
+                if reports.len() > 1 {
+                    println!("{tier}:");
+                }
+                print_report(r);
+            }
+        }
+        anyhow::Ok(reports.iter().all(|(_, r)| r.ok))
     };
     match run.await {
         Ok(true) => 0,
