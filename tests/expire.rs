@@ -15,20 +15,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn backup(s: &Streaming) -> String {
-    archiver_ok(&[
-        "backup",
-        "--repo",
-        &s.r,
-        "-d",
-        &s.ci,
-        "--checkpoint",
-        "fast",
-    ])
-    .trim()
-    .to_string()
-}
-
 /// Sets a backup's start (and stop, a minute later) to `age` ago.
 async fn back_date(repo: &Repo, id: &str, age: Duration) {
     let mut rec = repo.get_backup(id).await.unwrap();
@@ -63,11 +49,11 @@ async fn expire_keeps_the_window_and_every_kept_backup_restores() {
     };
     s.pg.psql("create table marker (x int)");
     switch(0);
-    let a = backup(&s);
+    let a = s.backup();
     switch(1);
-    let b = backup(&s);
+    let b = s.backup();
     switch(2);
-    let c = backup(&s);
+    let c = s.backup();
     switch(3);
     let repo = Repo::open(Arc::new(FsStorage::new(s.repo.clone())), "repo")
         .await
@@ -218,7 +204,7 @@ async fn an_expire_killed_at_any_moment_leaves_a_repository_that_verifies() {
         let name = current_walfile(&s.pg);
         s.pg.psql("select pg_switch_wal()");
         wait_archived(&s.repo, &name, T);
-        ids.push(backup(&s));
+        ids.push(s.backup());
         back_date(
             &repo,
             &ids[i as usize],

@@ -86,23 +86,10 @@ fn verify_names_every_kind_of_damage() {
     };
     s.pg.psql("create table t (x int)");
     switch();
-    let backup = || {
-        archiver_ok(&[
-            "backup",
-            "--repo",
-            &s.r,
-            "-d",
-            &s.ci,
-            "--checkpoint",
-            "fast",
-        ])
-        .trim()
-        .to_string()
-    };
-    let a = backup();
+    let a = s.backup();
     let middle = switch();
     switch();
-    let b = backup();
+    let b = s.backup();
     switch();
 
     // Clean: exit 0, every object read, each backup recorded as verified.

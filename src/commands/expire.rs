@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::text::human_bytes;
+use super::text::{human_bytes, print_tiers_json};
 use super::{report, RepoArg, EXIT_ERROR};
 use crate::open::RepoLocation;
 use crate::repo::Repo;
@@ -109,14 +109,7 @@ pub async fn run(args: ExpireArgs) -> u8 {
             let tiers = tier_policies(&args, config, &location).await?;
             let done = retention::expire_tiers(&tiers, &local, now, args.dry_run).await?;
             if args.json {
-                let v: Vec<_> = done
-                    .iter()
-                    .map(|(t, r)| serde_json::json!({"tier": t, "report": r}))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"tiers": v}))?
-                );
+                print_tiers_json(&done)?;
             }
             for (tier, r) in done.iter().filter(|_| !args.json) {
                 println!("tier {tier}:");

@@ -87,6 +87,17 @@ pub fn table(records: &[BackupRecord]) -> String {
         .join("\n")
 }
 
+/// Per-tier results as one JSON document: `{"tiers": [{"tier": …, "report": …}, …]}`.
+pub fn print_tiers_json<T: serde::Serialize>(tiers: &[(String, T)]) -> anyhow::Result<()> {
+    let v: Vec<_> = tiers
+        .iter()
+        .map(|(t, r)| serde_json::json!({"tier": t, "report": r}))
+        .collect();
+    let doc = serde_json::json!({ "tiers": v });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
 /// The gaps in the WAL and the recovery windows around them, one per line.
 pub fn gaps_text(records: &[BackupRecord], gaps: &[Gap]) -> String {
     let mut out = String::new();

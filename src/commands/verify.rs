@@ -2,6 +2,7 @@
 //! repository, and for a tiered one once more per remote tier), the report as text or JSON, and
 //! the exit code (0 whole, 1 something damaged, missing or broken).
 
+use super::text::print_tiers_json;
 use super::{report, RepoArg, EXIT_ERROR};
 use crate::open::RepoLocation;
 use crate::repo::Repo;
@@ -44,14 +45,7 @@ pub async fn run(args: VerifyArgs) -> u8 {
         if args.json && reports.len() == 1 {
             println!("{}", serde_json::to_string_pretty(&reports[0].1)?);
         } else if args.json {
-            let v: Vec<_> = reports
-                .iter()
-                .map(|(t, r)| serde_json::json!({"tier": t, "report": r}))
-                .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({"tiers": v}))?
-            );
+            print_tiers_json(&reports)?;
         } else {
             for (tier, r) in &reports {
                 if reports.len() > 1 {

@@ -895,6 +895,20 @@ impl Streaming {
         Self::on(dir, pg, extra)
     }
 
+    /// `archiver backup` (checkpoint fast) into the repository; its id.
+    pub fn backup(&self) -> String {
+        let args = [
+            "backup",
+            "--repo",
+            &self.r,
+            "-d",
+            &self.ci,
+            "--checkpoint",
+            "fast",
+        ];
+        archiver_ok(&args).trim().to_string()
+    }
+
     /// A streamer into `dir/repo` from the running `pg`.
     pub fn on(dir: TestDir, pg: Pg, extra: &[&str]) -> Streaming {
         let repo = dir.join("repo");
