@@ -97,6 +97,10 @@ async fn expire_keeps_the_window_and_every_kept_backup_restores() {
         .unwrap()
         .contains("PITR reaches its start"));
     let to_remove = plan["plan"]["wal"].as_array().unwrap().len();
+    let ranges = plan["plan"]["wal_ranges"].as_array().unwrap();
+    assert_eq!(ranges.len(), 1, "{plan}");
+    assert_eq!(ranges[0]["timeline"], 1);
+    assert_eq!(ranges[0]["objects"].as_u64().unwrap() as usize, to_remove);
     assert!(to_remove >= 2, "{plan}");
     assert!(plan["bytes_freed"].as_u64().unwrap() > 0);
     assert_eq!(wal_objects(&s.repo), wal_before);

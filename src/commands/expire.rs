@@ -188,6 +188,16 @@ fn print_report(r: &ExpireReport) {
             v.reasons.join("; ")
         );
     }
+    for w in &r.plan.wal_ranges {
+        println!(
+            "remove WAL timeline {}: {} … {} ({} object(s), {})",
+            w.timeline,
+            w.first,
+            w.last,
+            w.objects,
+            human_bytes(w.bytes)
+        );
+    }
     match r.plan.wal_cutoff {
         Some(cut) => println!("WAL before {cut}: {} object(s) to remove", r.plan.wal.len()),
         None => println!("WAL: nothing removed (no backup holds a start point)"),

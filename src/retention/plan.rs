@@ -174,6 +174,18 @@ pub struct Plan {
     pub wal: Vec<WalRemoval>,
     /// Gap records that go (the WAL around them is gone).
     pub gaps: Vec<String>,
+    /// The WAL that goes, as ranges of segments per timeline.
+    pub wal_ranges: Vec<WalRange>,
+}
+
+/// Consecutive segments of one timeline that go (partials counted with their segment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WalRange {
+    pub timeline: u32,
+    pub first: String,
+    pub last: String,
+    pub objects: usize,
+    pub bytes: u64,
 }
 
 impl Plan {
@@ -328,6 +340,7 @@ pub fn plan(
         }
     }
     removals.sort_by(|a, b| (a.0, a.1, &a.2.key).cmp(&(b.0, b.1, &b.2.key)));
+    let wal_ranges = ranges(&removals, seg_size);
     let gaps = match wal_cutoff {
         Some(cut) => gaps
             .iter()
@@ -340,8 +353,55 @@ pub fn plan(
         backups: verdicts,
         wal_cutoff,
         wal: removals.into_iter().map(|(_, _, r)| r).collect(),
+        wal_ranges,
         gaps,
     })
+}
+
+/// Groups removals (sorted by segment, timeline) into runs of consecutive segments per timeline.
+fn ranges(removals: &[(u64, u32, WalRemoval)], seg_size: u64) -> Vec<WalRange> {
+    let name = |tli, segno| {
+        crate::wal::SegmentName {
+            tli,
+            segno,
+            seg_size,
+        }
+        .to_string()
+    };
+    let mut by_tli: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
+    for (segno, tli, r) in removals {
+        by_tli.entry(*tli).or_default().push((*segno, r.size));
+    }
+    let mut out = Vec::new();
+    for (tli, segs) in by_tli {
+        let mut cur: Option<(u64, u64, usize, u64)> = None; // first, last, objects, bytes
+        for (segno, size) in segs {
+            cur = match cur {
+                Some((f, l, n, b)) if segno <= l + 1 => Some((f, segno, n + 1, b + size)),
+                Some((f, l, n, b)) => {
+                    out.push(WalRange {
+                        timeline: tli,
+                        first: name(tli, f),
+                        last: name(tli, l),
+                        objects: n,
+                        bytes: b,
+                    });
+                    Some((segno, segno, 1, size))
+                }
+                None => Some((segno, segno, 1, size)),
+            };
+        }
+        if let Some((f, l, n, b)) = cur {
+            out.push(WalRange {
+                timeline: tli,
+                first: name(tli, f),
+                last: name(tli, l),
+                objects: n,
+                bytes: b,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -650,6 +710,18 @@ mod tests {
             ]
         );
         assert_eq!(plan.gaps, [gap.key()]);
+        let r: Vec<(u32, &str, &str, usize)> = plan
+            .wal_ranges
+            .iter()
+            .map(|r| (r.timeline, r.first.as_str(), r.last.as_str(), r.objects))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                (1, "000000010000000000000004", "000000010000000000000005", 3),
+                (2, "000000020000000000000005", "000000020000000000000005", 1)
+            ]
+        );
         assert_eq!(plan.bytes_freed(), 10 + 4 * 1000);
         // Nothing complete or running: no WAL goes.
         let only_failed = [backup("f", "2026-08-01 01:00:00", 3, BackupStatus::Failed)];
