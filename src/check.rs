@@ -204,33 +204,33 @@ fn human(b: u64) -> String {
     format!("{:.1} GB", b as f64 / 1e9)
 }
 
-/// Runs every check. Without a replication connection only that check is reported (it says
-/// why); without an ordinary one, the checks that need SQL say they could not run.
+/// Runs every check. The replication connection gives the server's identity, version and
+/// `wal_level`; an ordinary SQL connection everything else (and those again, when replication
+/// is refused, so a `wal_level = minimal` server still says why). Without SQL, the checks that
+/// need it say they could not run.
 pub async fn run(ci: &ConnInfo, location: &RepoLocation, slot_name: &str) -> Vec<Check> {
     let mut out = Vec::new();
     let mut f = Facts::default();
     let needed = "a replication connection (pg_hba.conf `replication` line, REPLICATION role)";
     let mut identity = None;
-    match Connection::connect(ci, Some("true"), "archiver check").await {
-        Ok(mut repl) => {
-            match crate::pg::replication::server_info(&mut repl).await {
-                Ok(s) => {
-                    out.push(check(
-                        "replication connection",
-                        Status::Ok,
-                        "connected",
-                        needed,
-                    ));
-                    identity = Some(s.system.system_identifier);
-                }
-                Err(e) => out.push(check(
-                    "replication connection",
-                    Status::Failed,
-                    crate::retry::error_chain(&e),
-                    needed,
-                )),
-            }
-            repl.close().await;
+    let repl = async {
+        let mut c = Connection::connect(ci, Some("true"), "archiver check").await?;
+        let server = crate::pg::replication::server_info(&mut c).await;
+        let wal_level = crate::pg::replication::show(&mut c, "wal_level").await;
+        c.close().await;
+        Ok::<_, crate::pg::PgError>((server?, wal_level?))
+    };
+    match repl.await {
+        Ok((s, wal_level)) => {
+            out.push(check(
+                "replication connection",
+                Status::Ok,
+                "connected",
+                needed,
+            ));
+            identity = Some(s.system.system_identifier);
+            f.major = s.major();
+            f.wal_level = wal_level;
         }
         Err(e) => out.push(check(
             "replication connection",

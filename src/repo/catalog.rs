@@ -222,28 +222,30 @@ impl Repo {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(id: &str, start: &str) -> BackupRecord {
+impl BackupRecord {
+    /// A record for unit tests: `status`, started at `start_lsn` and `start_time`; the rest
+    /// empty or neutral, for each test to set what it needs.
+    pub(crate) fn for_test(
+        id: &str,
+        status: BackupStatus,
+        start_lsn: Lsn,
+        start_time: Timestamp,
+    ) -> BackupRecord {
         BackupRecord {
             id: id.into(),
-            label: "nightly".into(),
-            status: BackupStatus::Running,
-            start_lsn: Lsn(0x0300_0028),
+            label: id.into(),
+            status,
+            start_lsn,
             stop_lsn: None,
             timeline: 1,
-            start_time: start.parse().unwrap(),
+            start_time,
             stop_time: None,
-            pg_version: 150018,
-            system_identifier: "7".into(),
-            size_bytes: 0,
-            stored_bytes: 0,
+            pg_version: 150_000,
+            system_identifier: "1".into(),
+            size_bytes: 100,
+            stored_bytes: 10,
             objects: vec![],
-            tablespaces: vec![Tablespace {
-                oid: 16384,
-                location: "/srv/ts".into(),
-            }],
+            tablespaces: vec![],
             backup_label: None,
             archiver_version: "test".into(),
             error: None,
@@ -252,6 +254,26 @@ mod tests {
             contents: None,
             environment: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, start: &str) -> BackupRecord {
+        let mut r = BackupRecord::for_test(
+            id,
+            BackupStatus::Running,
+            Lsn(0x0300_0028),
+            start.parse().unwrap(),
+        );
+        r.label = "nightly".into();
+        r.tablespaces = vec![Tablespace {
+            oid: 16384,
+            location: "/srv/ts".into(),
+        }];
+        r
     }
 
     async fn repo(dir: &std::path::Path) -> Repo {

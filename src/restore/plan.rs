@@ -647,29 +647,13 @@ mod tests {
         stop: u64,
         stop_time: &str,
     ) -> BackupRecord {
-        BackupRecord {
-            id: id.into(),
-            label: id.into(),
-            status: BackupStatus::Complete,
-            start_lsn: Lsn(start_seg * SEG + 0x28),
-            stop_lsn: Some(Lsn(stop)),
-            timeline: tli,
-            start_time: stop_time.parse().unwrap(),
-            stop_time: Some(stop_time.parse().unwrap()),
-            pg_version: 150_000,
-            system_identifier: "1".into(),
-            size_bytes: 100,
-            stored_bytes: 10,
-            objects: vec![],
-            tablespaces: vec![],
-            backup_label: None,
-            archiver_version: "0".into(),
-            error: None,
-            drills: vec![],
-            verified: None,
-            contents: None,
-            environment: None,
-        }
+        let t = stop_time.parse().unwrap();
+        let mut b =
+            BackupRecord::for_test(id, BackupStatus::Complete, Lsn(start_seg * SEG + 0x28), t);
+        b.stop_lsn = Some(Lsn(stop));
+        b.timeline = tli;
+        b.stop_time = Some(t);
+        b
     }
 
     fn inv(

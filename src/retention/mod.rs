@@ -174,10 +174,12 @@ async fn expire_locked(
         return Ok(report);
     }
     let storage = repo.storage();
-    for v in report.plan.removed_backups() {
-        let Some(mut rec) = backups.iter().find(|b| b.id == v.id).cloned() else {
+    // The plan's verdicts are in catalog order.
+    for (rec, v) in backups.iter().zip(&report.plan.backups) {
+        if v.keep {
             continue;
-        };
+        }
+        let mut rec = rec.clone();
         if rec.status != BackupStatus::Expiring {
             rec.status = BackupStatus::Expiring;
             repo.put_backup(&rec).await?;

@@ -91,7 +91,7 @@ mod opt_duration {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Some(d) => super::humantime_duration::serialize(d, s),
             None => s.serialize_none(),
         }
     }
@@ -103,8 +103,7 @@ pub enum PolicyError {
     Empty,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Period {
     Hourly,
     Daily,
@@ -129,6 +128,18 @@ impl Period {
             Period::Monthly => (y, m, 0, 0),
             Period::Quarterly => (y, (m - 1) / 3 + 1, 0, 0),
             Period::Yearly => (y, 0, 0, 0),
+        }
+    }
+
+    /// The rule's name: `hourly` … `yearly`.
+    fn name(self) -> &'static str {
+        match self {
+            Period::Hourly => "hourly",
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Quarterly => "quarterly",
+            Period::Yearly => "yearly",
         }
     }
 
@@ -256,10 +267,7 @@ pub fn plan(
                 seen.push(key);
                 reasons[i].push(format!(
                     "keep-{}: the newest of {}",
-                    serde_json::to_value(period)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    period.name(),
                     period.label(backups[i].start_time)
                 ));
             }
@@ -374,32 +382,23 @@ fn ranges(removals: &[(u64, u32, WalRemoval)], seg_size: u64) -> Vec<WalRange> {
     }
     let mut out = Vec::new();
     for (tli, segs) in by_tli {
-        let mut cur: Option<(u64, u64, usize, u64)> = None; // first, last, objects, bytes
+        // Runs of consecutive segments: (first, last, objects, bytes).
+        let mut runs: Vec<(u64, u64, usize, u64)> = Vec::new();
         for (segno, size) in segs {
-            cur = match cur {
-                Some((f, l, n, b)) if segno <= l + 1 => Some((f, segno, n + 1, b + size)),
-                Some((f, l, n, b)) => {
-                    out.push(WalRange {
-                        timeline: tli,
-                        first: name(tli, f),
-                        last: name(tli, l),
-                        objects: n,
-                        bytes: b,
-                    });
-                    Some((segno, segno, 1, size))
+            match runs.last_mut() {
+                Some((_, last, n, b)) if segno <= *last + 1 => {
+                    (*last, *n, *b) = (segno, *n + 1, *b + size);
                 }
-                None => Some((segno, segno, 1, size)),
-            };
+                _ => runs.push((segno, segno, 1, size)),
+            }
         }
-        if let Some((f, l, n, b)) = cur {
-            out.push(WalRange {
-                timeline: tli,
-                first: name(tli, f),
-                last: name(tli, l),
-                objects: n,
-                bytes: b,
-            });
-        }
+        out.extend(runs.into_iter().map(|(f, l, objects, bytes)| WalRange {
+            timeline: tli,
+            first: name(tli, f),
+            last: name(tli, l),
+            objects,
+            bytes,
+        }));
     }
     out
 }
@@ -418,30 +417,11 @@ mod tests {
     /// A backup started at `start` (UTC), at WAL segment `segno`.
     fn backup(id: &str, start: &str, segno: u64, status: BackupStatus) -> BackupRecord {
         let start_time = t(start);
-        BackupRecord {
-            id: id.into(),
-            label: id.into(),
-            status,
-            start_lsn: Lsn(segno * SEG + 0x28),
-            stop_lsn: (status == BackupStatus::Complete).then_some(Lsn(segno * SEG + 0x100)),
-            timeline: 1,
-            start_time,
-            stop_time: (status != BackupStatus::Running)
-                .then(|| start_time + std::time::Duration::from_secs(600)),
-            pg_version: 150000,
-            system_identifier: "1".into(),
-            size_bytes: 100,
-            stored_bytes: 10,
-            objects: vec![],
-            tablespaces: vec![],
-            backup_label: None,
-            archiver_version: "test".into(),
-            error: None,
-            drills: vec![],
-            verified: None,
-            contents: None,
-            environment: None,
-        }
+        let mut b = BackupRecord::for_test(id, status, Lsn(segno * SEG + 0x28), start_time);
+        b.stop_lsn = (status == BackupStatus::Complete).then_some(Lsn(segno * SEG + 0x100));
+        b.stop_time = (status != BackupStatus::Running)
+            .then(|| start_time + std::time::Duration::from_secs(600));
+        b
     }
 
     fn complete(id: &str, start: &str, segno: u64) -> BackupRecord {
