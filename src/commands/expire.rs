@@ -6,8 +6,7 @@ use std::time::Duration;
 use super::text::{human_bytes, print_tiers_json};
 use super::{report, RepoArg, EXIT_ERROR};
 use crate::open::RepoLocation;
-use crate::repo::Repo;
-use crate::retention::{self, ExpireReport, Policy, TierPolicy};
+use crate::retention::{self, ExpireReport, Policy};
 
 #[derive(clap::Args, Debug)]
 pub struct ExpireArgs {
@@ -106,7 +105,9 @@ pub async fn run(args: ExpireArgs) -> u8 {
         let now = crate::time::now();
         let local = location.local_dir("expire")?;
         if let RepoLocation::Tiered { config, .. } = &location {
-            let tiers = tier_policies(&args, config, &location).await?;
+            let flags = Some(args.policy()).filter(|p| !p.is_empty());
+            let tiers =
+                retention::tier_policies(config, location.each_tier().await?, flags).await?;
             let done = retention::expire_tiers(&tiers, &local, now, args.dry_run).await?;
             if args.json {
                 print_tiers_json(&done)?;
@@ -137,45 +138,6 @@ pub async fn run(args: ExpireArgs) -> u8 {
         Ok(()) => 0,
         Err(e) => report(&e, EXIT_ERROR),
     }
-}
-
-/// Each tier with its policy: the flags when given (for every tier), else `[remote.retention]`
-/// for a remote tier and `[retention]` for the rest.
-async fn tier_policies(
-    args: &ExpireArgs,
-    config: &crate::config::Config,
-    location: &RepoLocation,
-) -> anyhow::Result<Vec<TierPolicy>> {
-    let flags = args.policy();
-    let mut out = Vec::new();
-    for (name, storage) in location.each_tier().await? {
-        let own = config
-            .remotes
-            .iter()
-            .find(|r| r.name == name)
-            .and_then(|r| r.retention.as_ref());
-        let policy = if !flags.is_empty() {
-            Some(flags.clone())
-        } else {
-            own.or(config.retention.as_ref()).map(Policy::from)
-        };
-        if policy.as_ref().is_some_and(Policy::is_empty) {
-            anyhow::bail!("tier {name}: {}", retention::PolicyError::Empty);
-        }
-        let repo = Repo::open(storage, &name).await?;
-        out.push(TierPolicy { name, repo, policy });
-    }
-    if let Some(hot) = out.first().and_then(|t| t.policy.clone()) {
-        for t in &out[1..] {
-            if t.policy.as_ref().is_some_and(|p| !p.keeps_at_least(&hot)) {
-                tracing::warn!(tier = %t.name, "this tier's retention keeps less than the hot tier's: what it expires while the hot tier still holds it is shipped to it again");
-            }
-        }
-    }
-    if out.iter().all(|t| t.policy.is_none()) {
-        return Err(retention::PolicyError::Empty.into());
-    }
-    Ok(out)
 }
 
 fn print_report(r: &ExpireReport) {

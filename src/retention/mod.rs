@@ -14,6 +14,7 @@
 //!   an interrupted one (an `expiring` backup always goes).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -22,7 +23,7 @@ use crate::repo::catalog::BackupStatus;
 use crate::repo::layout::{backup_prefix, catalog_key, parse_wal_key, WAL_PREFIX};
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{Repo, RepoError};
-use crate::storage::StorageError;
+use crate::storage::{Storage, StorageError};
 use crate::time::Timestamp;
 
 pub mod plan;
@@ -101,6 +102,44 @@ pub async fn expire_tiers(
             None => None,
         };
         out.push((t.name.clone(), report));
+    }
+    Ok(out)
+}
+
+/// Each tier of a tiered repository with its policy: `flags` when given (for every tier), else
+/// `[remote.retention]` for a remote tier and `[retention]` for the rest. `tiers`: each
+/// tier's name and storage, the hot tier first (as `RepoLocation::each_tier` lists them). Refuses when no
+/// tier has a policy, or one is empty; warns when a remote tier keeps less than the hot one.
+pub async fn tier_policies(
+    config: &crate::config::Config,
+    tiers: Vec<(String, Arc<dyn Storage>)>,
+    flags: Option<Policy>,
+) -> Result<Vec<TierPolicy>, ExpireError> {
+    let mut out = Vec::new();
+    for (name, storage) in tiers {
+        let own = config
+            .remotes
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.retention.as_ref());
+        let policy = flags
+            .clone()
+            .or_else(|| own.or(config.retention.as_ref()).map(Policy::from));
+        if policy.as_ref().is_some_and(Policy::is_empty) {
+            return Err(ExpireError::Policy(PolicyError::Empty));
+        }
+        let repo = Repo::open(storage, &name).await?;
+        out.push(TierPolicy { name, repo, policy });
+    }
+    if let Some(hot) = out.first().and_then(|t| t.policy.clone()) {
+        for t in &out[1..] {
+            if t.policy.as_ref().is_some_and(|p| !p.keeps_at_least(&hot)) {
+                warn!(tier = %t.name, "this tier's retention keeps less than the hot tier's: what it expires while the hot tier still holds it is shipped to it again");
+            }
+        }
+    }
+    if out.iter().all(|t| t.policy.is_none()) {
+        return Err(ExpireError::Policy(PolicyError::Empty));
     }
     Ok(out)
 }
