@@ -19,8 +19,16 @@
 //! name = "offsite"
 //! url = "s3://bucket/prefix"
 //! # endpoint, region, path_style, storage_class, sse ("AES256" | "aws:kms"),
-//! # sse_kms_key_id, object_lock_mode ("GOVERNANCE" | "COMPLIANCE"), object_lock_days
+//! # sse_kms_key_id, object_lock_mode ("GOVERNANCE" | "COMPLIANCE"), object_lock_days,
+//! # rpo_objective = "1m" (the hot tier takes it too; default 15 minutes)
 //! ```
+//!
+//! `archiver run` reads more sections of the same file ([`daemon`]). Any key of a table can be
+//! overridden from the environment, so that one file serves every environment:
+//! `ARCHIVER_<TABLE>__<KEY>` (`ARCHIVER_SERVER__CONNINFO`, `ARCHIVER_SCHEDULE__BACKUP`,
+//! `ARCHIVER_HTTP__LISTEN`), and `ARCHIVER_ENVIRONMENT` for the top-level label; the value is
+//! read as a TOML value when it is one (`3`, `true`, `["a", "b"]`), else as a string. Overridden
+//! keys are logged by name, never by value.
 //!
 //! Invariants: a configuration is validated whole before anything is opened or written (unknown
 //! keys, bad values, duplicate tier names, a key source that cannot be read are all refused with
@@ -30,6 +38,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub mod daemon;
 
 use crate::storage::encrypted::{KeyError, MasterKey};
 use crate::storage::s3::S3Options;
@@ -100,6 +110,9 @@ pub struct HotConfig {
     pub path: PathBuf,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub retention: Option<Duration>,
+    /// How far (in time) the hot tier may trail the server before `archiver run` alerts.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub rpo_objective: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +159,8 @@ pub struct RemoteConfig {
     pub s3: S3Options,
     /// This tier's own retention policy (`[remote.retention]`), instead of `[retention]`.
     pub retention: Option<RetentionConfig>,
+    /// How far (in time) this tier may trail the server before `archiver run` alerts.
+    pub rpo_objective: Option<Duration>,
 }
 
 /// A retention policy as written (`[retention]`, `[remote.retention]`); see `archiver expire`.
@@ -193,6 +208,19 @@ impl TryFrom<RawRemote> for RemoteConfig {
             ),
             None => None,
         };
+        let rpo_objective = match r.rest.remove("rpo_objective") {
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(|s| humantime::parse_duration(s).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "remote tier {:?}: rpo_objective {v} is not a duration; write e.g. \"1m\"",
+                            r.name
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         let s3 = S3Options::deserialize(r.rest)
             .map_err(|e| format!("remote tier {:?}: {}", r.name, e.message()))?;
         Ok(RemoteConfig {
@@ -200,6 +228,7 @@ impl TryFrom<RawRemote> for RemoteConfig {
             url: r.url,
             s3,
             retention,
+            rpo_objective,
         })
     }
 }
@@ -220,9 +249,61 @@ pub struct Config {
     pub encryption: Option<EncryptionConfig>,
     #[serde(default, rename = "remote")]
     pub remotes: Vec<RemoteConfig>,
+    /// `archiver run`: the server to archive.
+    #[serde(default)]
+    pub server: daemon::ServerConfig,
+    /// `archiver run`: backups, verifies and drills by the clock.
+    #[serde(default)]
+    pub schedule: daemon::ScheduleConfig,
+    /// `archiver run`: metrics and health.
+    #[serde(default)]
+    pub http: daemon::HttpConfig,
+    /// `archiver run`: when conditions become alerts.
+    #[serde(default)]
+    pub alerts: daemon::AlertsConfig,
+    /// `archiver run`: where alerts go.
+    #[serde(default)]
+    pub notify: Vec<daemon::NotifyConfig>,
     /// The file it was read from (absolute), for restore_command.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// The top-level keys an `ARCHIVER_<KEY>` variable sets (other `ARCHIVER_` variables without
+/// `__` are not configuration: `ARCHIVER_LOG`, `ARCHIVER_CONFIG`).
+const TOP_LEVEL_OVERRIDES: &[&str] = &["environment"];
+
+/// `(table, key, value)` for every `ARCHIVER_TABLE__KEY` (and `ARCHIVER_ENVIRONMENT`).
+fn env_overrides(vars: &[(String, String)]) -> Vec<(Option<String>, String, toml::Value)> {
+    let mut out = Vec::new();
+    for (k, v) in vars {
+        let Some(rest) = k.strip_prefix("ARCHIVER_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let (section, key) = match rest.split_once("__") {
+            Some((s, k)) if !s.is_empty() && !k.is_empty() => (Some(s.to_string()), k.to_string()),
+            Some(_) => continue,
+            None if TOP_LEVEL_OVERRIDES.contains(&rest.as_str()) => (None, rest),
+            None => continue,
+        };
+        let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(v.clone()));
+        out.push((section, key, value));
+    }
+    out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    out
+}
+
+fn names(o: &[(Option<String>, String, toml::Value)]) -> Vec<String> {
+    o.iter()
+        .map(|(s, k, _)| match s {
+            Some(s) => format!("{s}.{k}"),
+            None => k.clone(),
+        })
+        .collect()
 }
 
 /// A parse error with the line and the key it is about (`line 3, key "retention": …`).
@@ -248,10 +329,15 @@ impl Config {
             path: path.display().to_string(),
             cause,
         })?;
-        let mut c = Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        })?;
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        let (mut c, overridden) =
+            Self::parse_with_env(&text, &vars).map_err(|message| ConfigError::Invalid {
+                path: path.display().to_string(),
+                message,
+            })?;
+        if !overridden.is_empty() {
+            tracing::info!(keys = %overridden.join(", "), "configuration keys set from ARCHIVER_… variables");
+        }
         c.source = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         if c.hot.path.is_relative() {
             // Relative to the file, not to wherever the command runs (restore_command).
@@ -262,9 +348,48 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| locate_error(text, &e))?;
+        Self::parse_with_env(text, &[]).map(|(c, _)| c)
+    }
+
+    /// Parses `text` with the overrides among `vars` (see the module documentation); also
+    /// returns the keys overridden (`server.conninfo`).
+    pub fn parse_with_env(
+        text: &str,
+        vars: &[(String, String)],
+    ) -> Result<(Config, Vec<String>), String> {
+        let overrides = env_overrides(vars);
+        let c: Config = if overrides.is_empty() {
+            toml::from_str(text).map_err(|e| locate_error(text, &e))?
+        } else {
+            let mut table: toml::Table =
+                toml::from_str(text).map_err(|e| locate_error(text, &e))?;
+            for (section, key, value) in &overrides {
+                let t = match section {
+                    None => &mut table,
+                    Some(s) => match table
+                        .entry(s.clone())
+                        .or_insert_with(|| toml::Value::Table(Default::default()))
+                    {
+                        toml::Value::Table(t) => t,
+                        _ => {
+                            return Err(format!(
+                                "{s} is not a table; it cannot take {key} from the environment"
+                            ))
+                        }
+                    },
+                };
+                t.insert(key.clone(), value.clone());
+            }
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+                format!(
+                    "{} (with keys from the environment: {})",
+                    e.message(),
+                    names(&overrides).join(", ")
+                )
+            })?
+        };
         c.validate()?;
-        Ok(c)
+        Ok((c, names(&overrides)))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -301,6 +426,32 @@ impl Config {
         }
         if self.hot.retention.is_some() && self.remotes.is_empty() {
             return Err("hot.retention needs at least one remote tier (objects are evicted only once a remote tier holds them)".into());
+        }
+        if !(0.0..=100.0).contains(&self.alerts.disk_usage_percent) {
+            return Err("alerts.disk_usage_percent must be between 0 and 100".into());
+        }
+        if self.alerts.queue == 0 {
+            return Err("alerts.queue must be at least 1".into());
+        }
+        if !matches!(self.schedule.backup_checkpoint.as_str(), "fast" | "spread") {
+            return Err("schedule.backup_checkpoint must be \"fast\" or \"spread\"".into());
+        }
+        for (what, level) in [
+            ("server.compress_level", self.server.compress_level),
+            (
+                "schedule.backup_compress_level",
+                self.schedule.backup_compress_level,
+            ),
+        ] {
+            if !(1..=19).contains(&level) {
+                return Err(format!("{what} must be between 1 and 19"));
+            }
+        }
+        crate::pg::replication::validate_slot_name(&self.server.slot)
+            .map_err(|e| format!("server.slot: {e}"))?;
+        for (i, n) in self.notify.iter().enumerate() {
+            n.validate()
+                .map_err(|e| format!("notify channel {}: {e}", n.label(i)))?;
         }
         if let Some(e) = &self.encryption {
             match (&e.key_file, &e.key_env) {
@@ -432,6 +583,152 @@ object_lock_days = 30
             let e = Config::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn daemon_sections() {
+        let c = Config::parse(
+            r#"
+environment = "prod"
+[hot]
+path = "/x"
+rpo_objective = "30s"
+[server]
+conninfo = "host=db user=archiver password=hunter2"
+synchronous = true
+[schedule]
+backup = "0 2 * * *"
+verify = "*/5 * * * * *"
+timezone = "Europe/Paris"
+backup_retries = 5
+[http]
+listen = ""
+[alerts]
+disconnected_after = "2m"
+slot_retained = "1GB"
+[[notify]]
+type = "webhook"
+url = "http://127.0.0.1:9/hook"
+[[notify]]
+type = "slack"
+url = "https://hooks.slack.example/T/B/secret"
+name = "ops"
+[[notify]]
+type = "email"
+host = "smtp.example.com"
+from = "archiver@example.com"
+to = ["ops@example.com"]
+username = "archiver"
+password_env = "SMTP_PASSWORD"
+[[remote]]
+name = "r"
+url = "s3://b"
+rpo_objective = "2m"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.hot.rpo_objective, Some(Duration::from_secs(30)));
+        assert_eq!(c.remotes[0].rpo_objective, Some(Duration::from_secs(120)));
+        assert!(c.server.synchronous);
+        assert_eq!(c.server.slot, "archiver");
+        assert!(!format!("{:?}", c.server).contains("hunter2"));
+        assert!(!format!("{:?}", c.notify).contains("secret"));
+        assert_eq!(c.schedule.backup.as_ref().unwrap().text, "0 2 * * *");
+        assert_eq!(c.schedule.backup_retries, 5);
+        assert_eq!(c.schedule.timezone.0.iana_name(), Some("Europe/Paris"));
+        assert_eq!(c.http.listen, None);
+        assert_eq!(c.alerts.disconnected_after, Duration::from_secs(120));
+        assert_eq!(c.alerts.slot_retained, 1_000_000_000);
+        assert_eq!(c.alerts.rto_objective, Duration::from_secs(900));
+        assert_eq!(c.notify.len(), 3);
+        assert_eq!(c.notify[0].label(0), "webhook-1");
+        assert_eq!(c.notify[1].label(1), "ops");
+
+        let d = Config::parse("[hot]\npath = \"/x\"\n").unwrap();
+        assert_eq!(d.http.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(d.schedule.backup_retries, 3);
+        assert!(d.schedule.backup.is_none());
+        assert!(d.notify.is_empty());
+    }
+
+    #[test]
+    fn bad_daemon_sections_are_refused() {
+        let hot = "[hot]\npath = \"/x\"\n";
+        for (text, needle) in [
+            ("[schedule]\nbackup = \"every night\"\n", "not a cron schedule"),
+            ("[schedule]\nbackup = \"0 25 * * *\"\n", "not a cron schedule"),
+            ("[schedule]\ntimezone = \"Mars/Olympus\"\n", "not a time zone"),
+            ("[schedule]\nbackup_checkpoint = \"slow\"\n", "fast"),
+            ("[http]\nlisten = \"localhost\"\n", "not an address"),
+            ("[alerts]\ndisk_usage_percent = 120.0\n", "between 0 and 100"),
+            ("[alerts]\nslot_retained = \"lots\"\n", "size"),
+            ("[server]\nslot = \"Bad-Slot\"\n", "server.slot"),
+            ("[[notify]]\ntype = \"pager\"\n", "pager"),
+            ("[[notify]]\ntype = \"webhook\"\n", "url"),
+            ("[[notify]]\ntype = \"webhook\"\nurl = \"ftp://x\"\n", "http://"),
+            ("[[notify]]\ntype = \"slack\"\nurl = \"http://x\"\nchannel = \"#x\"\n", "channel"),
+            (
+                "[[notify]]\ntype = \"email\"\nhost = \"h\"\nfrom = \"not an address\"\nto = [\"a@b.c\"]\n",
+                "not an email address",
+            ),
+            (
+                "[[notify]]\ntype = \"email\"\nhost = \"h\"\nfrom = \"a@b.c\"\nto = []\n",
+                "at least one",
+            ),
+            (
+                "[[notify]]\ntype = \"email\"\nhost = \"h\"\nfrom = \"a@b.c\"\nto = [\"a@b.c\"]\nusername = \"u\"\n",
+                "password",
+            ),
+        ] {
+            let e = Config::parse(&format!("{hot}{text}")).unwrap_err();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let text =
+            "environment = \"dev\"\n[hot]\npath = \"/x\"\n[schedule]\nbackup = \"0 2 * * *\"\n";
+        let vars = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let (c, keys) = Config::parse_with_env(
+            text,
+            &vars(&[
+                ("ARCHIVER_ENVIRONMENT", "prod"),
+                ("ARCHIVER_SCHEDULE__BACKUP", "30 3 * * *"),
+                ("ARCHIVER_SCHEDULE__BACKUP_RETRIES", "7"),
+                ("ARCHIVER_SERVER__CONNINFO", "host=prod"),
+                ("ARCHIVER_HTTP__LISTEN", "0.0.0.0:9999"),
+                ("ARCHIVER_LOG", "debug"),
+                ("ARCHIVER_KEY", "not configuration"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.environment.as_deref(), Some("prod"));
+        assert_eq!(c.schedule.backup.unwrap().text, "30 3 * * *");
+        assert_eq!(c.schedule.backup_retries, 7);
+        assert_eq!(c.server.conninfo.unwrap().expose(), "host=prod");
+        assert_eq!(c.http.listen, Some("0.0.0.0:9999".parse().unwrap()));
+        assert_eq!(
+            keys,
+            [
+                "environment",
+                "http.listen",
+                "schedule.backup",
+                "schedule.backup_retries",
+                "server.conninfo"
+            ]
+        );
+        let e =
+            Config::parse_with_env(text, &vars(&[("ARCHIVER_SCHEDULE__BAKUP", "x")])).unwrap_err();
+        assert!(e.contains("bakup") && e.contains("schedule.bakup"), "{e}");
+        let e = Config::parse_with_env(text, &vars(&[("ARCHIVER_SCHEDULE__BACKUP", "soon")]))
+            .unwrap_err();
+        assert!(e.contains("not a cron schedule"), "{e}");
     }
 
     #[test]
