@@ -16,12 +16,14 @@
 //! | 5 | `stream`, `upload`, `retention` | the WAL receiver (sessions, the segment assembler, publishing, gaps); shipping the hot tier to remote tiers (uploader, partial segments, eviction, background tasks); retention (the pure planner and `expire`) |
 //! | 6 | `basebackup`, `open` | base backups (protocol, storing, their WAL, their life in the catalog); opening a repository from where it is (directory, S3, tiered) |
 //! | 7 | `restore`, `check` | planning, writing, dry runs, drills, `wal-fetch` and `verify`; the pre-flight checks |
-//! | 8 | `commands` | one file per CLI command: arguments, the call into the library, output, exit code |
+//! | 8 | `daemon` | `archiver run`: supervision of the stream, uploader and scheduled jobs; metrics, health, alerts |
+//! | 9 | `commands` | one file per CLI command: arguments, the call into the library, output, exit code |
 
 pub(crate) mod basebackup;
 pub(crate) mod check;
 pub(crate) mod commands;
 pub(crate) mod config;
+pub(crate) mod daemon;
 pub(crate) mod format;
 pub(crate) mod open;
 pub(crate) mod pg;

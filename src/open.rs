@@ -89,6 +89,20 @@ pub struct Tiers {
     pub queue: Arc<Queue>,
 }
 
+impl Tiers {
+    /// What runs beside a stream into these tiers (uploader, partial shipper, hot-tier
+    /// retention).
+    pub fn plan(self) -> crate::upload::tasks::TierPlan {
+        crate::upload::tasks::TierPlan {
+            queue: self.queue,
+            hot: Some(self.hot),
+            remotes: self.remotes,
+            upload: self.config.upload,
+            retention: self.config.hot.retention,
+        }
+    }
+}
+
 /// Whether (and how) to check a bucket before using it: `Some(outage_ok)`, see
 /// [`check_reachable`].
 type Check = Option<bool>;

@@ -18,6 +18,7 @@ mod expire;
 mod list;
 mod repo_arg;
 mod restore;
+mod run;
 mod stream;
 mod text;
 mod tiers;
@@ -79,6 +80,8 @@ enum Command {
     /// Pre-flight: check the server and the repository before relying on them (exit 1 if any
     /// check failed).
     Check(check::CheckArgs),
+    /// The sidecar: stream, scheduled backups/verify/drills, metrics, health and alerts.
+    Run(run::RunArgs),
 }
 
 /// Set once at start: JSON logging reports the final error as a log event, human logging as a line.
@@ -143,22 +146,14 @@ pub fn main() -> ExitCode {
             Command::Expire(a) => expire::run(a).await,
             Command::Verify(a) => verify::run(a).await,
             Command::Check(a) => check::run(a).await,
+            Command::Run(a) => run::run(a).await,
         }
     });
     ExitCode::from(code)
 }
 
 fn explain_connect_error(e: crate::pg::PgError) -> anyhow::Error {
-    let hint = match e.sqlstate() {
-        Some("53300") => {
-            Some("no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)")
-        }
-        Some("42501") => {
-            Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)")
-        }
-        Some("28000") => Some("check pg_hba.conf: a `host replication` line must allow this user"),
-        _ => None,
-    };
+    let hint = e.connect_hint();
     let e = anyhow::Error::new(e).context("cannot start a replication connection");
     match hint {
         Some(h) => e.context(h),

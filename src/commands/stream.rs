@@ -161,19 +161,14 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
             ..RetryPolicy::default()
         },
         flushed: None,
+        status: None,
         accept_gap: args.accept_gap,
     };
     let mut cfg = cfg;
     // Straight into S3 there is no hot tier to ship from, but the segment being received is
     // still shipped as it grows: the same offsite RPO.
     let plan = match (tiers, args.repo.s3_url()) {
-        (Some(t), _) => Some(TierPlan {
-            queue: t.queue,
-            hot: Some(t.hot),
-            remotes: t.remotes,
-            upload: t.config.upload,
-            retention: t.config.hot.retention,
-        }),
+        (Some(t), _) => Some(t.plan()),
         (None, Some(url)) => {
             let remotes = vec![RemoteTier {
                 name: "s3".into(),

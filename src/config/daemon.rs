@@ -50,9 +50,6 @@ use super::{de_duration, parse_rate};
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(s: String) -> Secret {
-        Secret(s)
-    }
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -347,6 +347,7 @@ impl Config {
         Ok(c)
     }
 
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<Config, String> {
         Self::parse_with_env(text, &[]).map(|(c, _)| c)
     }

@@ -71,6 +71,18 @@ impl PgError {
         }
     }
 
+    /// What to do about a failed replication connection, when the SQLSTATE says.
+    pub fn connect_hint(&self) -> Option<&'static str> {
+        match self.sqlstate()? {
+            "53300" => Some(
+                "no free WAL sender: raise max_wal_senders (wal_level must be replica or logical)",
+            ),
+            "42501" => Some("the user needs the REPLICATION attribute (ALTER ROLE … REPLICATION)"),
+            "28000" => Some("check pg_hba.conf: a `host replication` line must allow this user"),
+            _ => None,
+        }
+    }
+
     /// The SQLSTATE, for server errors.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

@@ -311,6 +311,13 @@ pub fn stream_event(msg: Backend) -> Result<Option<StreamEvent>, PgError> {
             tracing::info!(code = %n.code, "server notice: {}", n.message);
             Ok(None)
         }
+        // A walsender that shuts down with everything sent and acknowledged ends the COPY
+        // with CommandComplete alone, no CopyDone (walsender.c, WalSndDone): the server is
+        // going away, which is transient, not a protocol violation.
+        Backend::Msg(Message::CommandComplete(_)) => {
+            tracing::info!("the server ended the replication stream (it is shutting down)");
+            Err(PgError::Closed)
+        }
         _ => Err(proto("unexpected message in the replication stream")),
     }
 }

@@ -351,7 +351,7 @@ pub fn recovery_windows(backups: &[BackupRecord], gaps: &[Gap]) -> Vec<Window> {
     for end in gaps.into_iter().map(Some).chain([None]) {
         let b = complete.iter().find(|b| {
             b.start_lsn >= begin
-                && end.map_or(true, |g| b.stop_lsn.unwrap_or(b.start_lsn) <= g.from_lsn)
+                && end.is_none_or(|g| b.stop_lsn.unwrap_or(b.start_lsn) <= g.from_lsn)
         });
         out.push(Window {
             backup: b.map(|b| b.id.clone()),

@@ -48,7 +48,7 @@ impl Policy {
     /// Whether no rule keeps anything: such a policy is refused, never read as "delete all".
     pub fn is_empty(&self) -> bool {
         self.keep_last == 0
-            && self.keep_within.map_or(true, |d| d.is_zero())
+            && self.keep_within.is_none_or(|d| d.is_zero())
             && self.periods().iter().all(|(_, n)| *n == 0)
     }
 
@@ -248,7 +248,7 @@ pub fn plan(
         }
         // The base of the window's first instant: the newest backup finished before it.
         let base = complete.iter().copied().find(|&i| {
-            backups[i].start_time < start && backups[i].stop_time.map_or(true, |t| t <= start)
+            backups[i].start_time < start && backups[i].stop_time.is_none_or(|t| t <= start)
         });
         if let Some(i) = base {
             reasons[i].push(format!(

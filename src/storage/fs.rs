@@ -83,6 +83,15 @@ pub fn owner_of(dir: &Path) -> std::io::Result<(u32, u32)> {
 /// Free bytes (for an unprivileged user) on the file system holding `dir`, or its nearest
 /// existing ancestor.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
+    statvfs(dir).map(|st| st.f_bavail * st.f_frsize)
+}
+
+/// The size of the file system holding `dir` (or its nearest existing parent).
+pub fn total_bytes(dir: &Path) -> Option<u64> {
+    statvfs(dir).map(|st| st.f_blocks * st.f_frsize)
+}
+
+fn statvfs(dir: &Path) -> Option<libc::statvfs> {
     let mut p = dir;
     while !p.exists() {
         p = p.parent()?;
@@ -93,7 +102,7 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    Some(st)
 }
 
 /// Run as root: gives `path` the owner and group of its parent directory, when they differ

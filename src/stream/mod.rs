@@ -15,6 +15,7 @@
 //!   (`accept_gap`): then the gap is recorded in the repository ([`crate::repo::gaps`]) before
 //!   any WAL after it is streamed, and every later start skips it.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -54,6 +55,37 @@ pub struct StreamConfig {
     /// Told the durable (fsync'd) position after every status update (the partial-segment
     /// shipper of a tiered repository reads it).
     pub flushed: Option<std::sync::Arc<watch::Sender<Option<crate::wal::WalPoint>>>>,
+    /// Told where the stream is, for a supervisor's metrics and health (`archiver run`).
+    pub status: Option<std::sync::Arc<StreamStatus>>,
+}
+
+/// Where a running stream is, published without locks for whoever watches it (the daemon's
+/// metrics and readiness). Positions only grow while a session lasts; `connected` is true
+/// from `START_REPLICATION` until the session ends.
+#[derive(Debug, Default)]
+pub struct StreamStatus {
+    pub connected: AtomicBool,
+    /// WAL received (written to the spool, maybe not yet fsync'd).
+    pub received: AtomicU64,
+    /// WAL fsync'd and acknowledged to the server.
+    pub flushed: AtomicU64,
+    /// The server's WAL end, from its last message.
+    pub server_end: AtomicU64,
+    pub timeline: AtomicU32,
+}
+
+impl StreamStatus {
+    pub fn lsn(a: &AtomicU64) -> Lsn {
+        Lsn(a.load(Ordering::Relaxed))
+    }
+}
+
+impl StreamConfig {
+    fn report(&self, f: impl FnOnce(&StreamStatus)) {
+        if let Some(s) = &self.status {
+            f(s)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -438,6 +470,7 @@ pub async fn run(
             );
             s.abandoned_slots = abandoned.join(", ");
             let r = s.run(start, &mut shutdown).await;
+            cfg.report(|st| st.connected.store(false, Ordering::Relaxed));
             Ok::<_, StreamError>((r, s.bytes_received()))
         }
         .await;

@@ -5,6 +5,7 @@
 //! completion of a segment, which fsyncs), and status updates report at most `flushed`.
 //! Reported positions never go backwards.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -156,6 +157,10 @@ impl<'a> Session<'a> {
             match replication::start_replication(&mut self.conn, slot, start, tli).await? {
                 StartOutcome::Streaming => {
                     info!(tli, %start, "streaming started");
+                    self.cfg.report(|st| {
+                        st.timeline.store(tli, Ordering::Relaxed);
+                        st.connected.store(true, Ordering::Relaxed);
+                    });
                     self.wal.restart(tli, start)?;
                     self.flushed = self.flushed.max(start);
                     return Ok(());
@@ -286,6 +291,13 @@ impl<'a> Session<'a> {
             reply_requested,
         )
         .await?;
+        self.cfg.report(|st| {
+            st.received.fetch_max(self.sent_write.0, Ordering::Relaxed);
+            st.flushed.fetch_max(self.sent_flush.0, Ordering::Relaxed);
+            st.server_end
+                .fetch_max(self.server_end.0, Ordering::Relaxed);
+            st.timeline.store(self.wal.tli(), Ordering::Relaxed);
+        });
         if let Some(tx) = &self.cfg.flushed {
             let p = crate::wal::WalPoint {
                 tli: self.wal.tli(),
@@ -319,6 +331,8 @@ impl<'a> Session<'a> {
                 ..
             })) => {
                 self.server_end = self.server_end.max(server_end);
+                self.cfg
+                    .report(|st| _ = st.server_end.fetch_max(server_end.0, Ordering::Relaxed));
                 self.reply_due |= reply_requested;
                 Ok(())
             }

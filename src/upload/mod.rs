@@ -286,7 +286,7 @@ impl TierState {
     }
 
     fn uploaded_point(&mut self, p: WalPoint) {
-        if !self.max_uploaded.is_some_and(|m| p.key() <= m.key()) {
+        if self.max_uploaded.is_none_or(|m| p.key() > m.key()) {
             self.max_uploaded = Some(p);
         }
     }

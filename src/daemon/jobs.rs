@@ -1,0 +1,427 @@
+//! The daemon's scheduled jobs as library calls: a backup (retried with backoff, then
+//! alerted; expire after it), a whole-repository verify, and a restore drill that records the
+//! measured RTO. Each returns what happened; none panics the daemon.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::alerts::{Event, Severity};
+use super::Ctx;
+use crate::basebackup::lifecycle::{check_space, take_backup, BackupOptions};
+use crate::basebackup::protocol::Checkpoint;
+use crate::pg::replication;
+use crate::pg::Connection;
+use crate::repo::catalog::BackupRecord;
+use crate::repo::Repo;
+use crate::restore::drill::{drill, DrillOptions};
+use crate::restore::recovery::TargetAction;
+use crate::restore::run::TargetSpec;
+use crate::restore::target::{Target, TimelineChoice};
+use crate::restore::verify::{verify, VerifyOptions};
+use crate::retry::{error_chain, RetryPolicy};
+
+/// Resolves once shutdown is requested.
+async fn stopping(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// One backup attempt: a replication connection of its own, the same checks as `archiver
+/// backup`, then the backup. On shutdown it may go on for `stop_timeout`, then it is stopped
+/// and recorded failed.
+async fn attempt(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<BackupRecord, String> {
+    let s = &ctx.settings().schedule;
+    let app = "archiver run backup";
+    let mut conn = Connection::connect(&ctx.conninfo, Some("true"), app)
+        .await
+        .map_err(|e| {
+            let hint = e
+                .connect_hint()
+                .map(|h| format!("{h}: "))
+                .unwrap_or_default();
+            format!(
+                "{hint}cannot start a replication connection: {}",
+                error_chain(&e)
+            )
+        })?;
+    let server = replication::server_info(&mut conn)
+        .await
+        .map_err(|e| format!("cannot read the server's identity: {}", error_chain(&e)))?;
+    Repo::check_compatible(ctx.repo.meta(), &server).map_err(|e| e.to_string())?;
+    check_space(&ctx.conninfo, Some(&ctx.local_dir))
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let opts = BackupOptions {
+        label: Some(format!(
+            "archiver run {}",
+            crate::time::short(crate::time::now())
+        )),
+        checkpoint: if s.backup_checkpoint == "spread" {
+            Checkpoint::Spread
+        } else {
+            Checkpoint::Fast
+        },
+        max_rate_kb: None,
+        compress: s.backup_compress_level,
+        server_compress: false,
+        wal_timeout: Duration::from_secs(600),
+        sql: Some(ctx.conninfo.clone()),
+        environment: ctx.environment.clone(),
+    };
+    let grace = s.stop_timeout;
+    let interrupted = async move {
+        stopping(stop).await;
+        info!(
+            grace_s = grace.as_secs(),
+            "stopping: the running backup may finish within the grace period"
+        );
+        tokio::time::sleep(grace).await;
+        "interrupted: archiver run is stopping".to_string()
+    };
+    let r = take_backup(
+        &ctx.repo,
+        &mut conn,
+        &server,
+        &ctx.spool_dir,
+        &opts,
+        interrupted,
+    )
+    .await;
+    conn.close().await;
+    r.map_err(|e| error_chain(&e))
+}
+
+/// A scheduled backup: up to `1 + backup_retries` attempts with backoff and jitter, then an
+/// alert; after a success, expire under the configured retention.
+pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, String> {
+    let s = ctx.settings().schedule.clone();
+    let policy = RetryPolicy {
+        initial: s.backup_retry_delay,
+        max_delay: s.backup_retry_delay.saturating_mul(16),
+        give_up_after: Duration::MAX,
+    };
+    let attempts = s.backup_retries + 1;
+    let mut last = String::new();
+    for n in 0..attempts {
+        if n > 0 {
+            let d = policy.delay(n - 1).max(s.backup_retry_delay / 2);
+            warn!(attempt = n + 1, of = attempts, delay_s = d.as_secs_f64(), error = %last, "backup failed; retrying");
+            ctx.shared
+                .metrics
+                .retries
+                .with_label_values(&["backup"])
+                .inc();
+            let mut st = stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = stopping(st.clone()) => {
+                    let _ = st.borrow_and_update();
+                    last = format!("{last} (not retried: archiver run is stopping)");
+                    break;
+                }
+            }
+        }
+        if *stop.borrow() && n > 0 {
+            break;
+        }
+        match attempt(ctx, stop.clone()).await {
+            Ok(rec) => {
+                ctx.shared
+                    .metrics
+                    .backups
+                    .with_label_values(&["success"])
+                    .inc();
+                let secs = rec
+                    .stop_time
+                    .map(|t| (t.as_millisecond() - rec.start_time.as_millisecond()) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                if ctx.shared.alerts.backup_success_enabled() {
+                    ctx.shared.alerts.send(Event::new(
+                        "backup_succeeded",
+                        Severity::Info,
+                        format!("backup {} complete", rec.id),
+                        format!(
+                            "{:.1} s, {} bytes stored, from {} to {}",
+                            secs,
+                            rec.stored_bytes,
+                            rec.start_lsn,
+                            rec.stop_lsn.unwrap_or_default()
+                        ),
+                    ));
+                }
+                expire(ctx).await;
+                return Ok(format!("backup {} complete", rec.id));
+            }
+            Err(e) => last = e,
+        }
+    }
+    ctx.shared
+        .metrics
+        .backups
+        .with_label_values(&["failure"])
+        .inc();
+    ctx.shared.alerts.send(Event::new(
+        "backup_failed",
+        Severity::Critical,
+        format!("the scheduled backup failed after {attempts} attempts"),
+        last.clone(),
+    ));
+    Err(last)
+}
+
+/// Expires every tier under its policy after a backup, when one is configured.
+async fn expire(ctx: &Ctx) {
+    let c = &ctx.config;
+    let any_policy = c.retention.is_some() || c.remotes.iter().any(|r| r.retention.is_some());
+    if !ctx.settings().schedule.expire_after_backup || !any_policy {
+        return;
+    }
+    let r = async {
+        let tiers = ctx
+            .location
+            .each_tier()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let policies = crate::retention::tier_policies(c, tiers, None)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        crate::retention::expire_tiers(&policies, &ctx.local_dir, crate::time::now(), false)
+            .await
+            .map_err(|e| error_chain(&e))
+    }
+    .await;
+    match r {
+        Ok(reports) => {
+            ctx.shared
+                .metrics
+                .expires
+                .with_label_values(&["success"])
+                .inc();
+            for (tier, rep) in reports {
+                if let Some(rep) = rep {
+                    info!(%tier, removed_backups = rep.removed_backups.len(), removed_wal = rep.removed_wal_objects, bytes_freed = rep.bytes_freed, "expired");
+                }
+            }
+        }
+        Err(e) => {
+            ctx.shared
+                .metrics
+                .expires
+                .with_label_values(&["failure"])
+                .inc();
+            warn!(error = %e, "expire after the backup failed; the next backup tries again");
+        }
+    }
+}
+
+/// Verifies the repository (every tier's view of it and each remote tier on its own).
+pub async fn verify_all(ctx: &Ctx) -> Result<String, String> {
+    let o = VerifyOptions {
+        backup: None,
+        jobs: 4,
+    };
+    let r = async {
+        let mut out = vec![(
+            "repository".to_string(),
+            verify(
+                &ctx.location
+                    .open_for_reading(true)
+                    .await
+                    .map_err(|e| error_chain(&e))?,
+                &o,
+            )
+            .await
+            .map_err(|e| error_chain(&e))?,
+        )];
+        for (name, storage) in ctx
+            .location
+            .each_tier()
+            .await
+            .map_err(|e| error_chain(&e))?
+            .into_iter()
+            .skip(1)
+        {
+            let repo = Repo::open(storage, &name)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            out.push((name, verify(&repo, &o).await.map_err(|e| error_chain(&e))?));
+        }
+        Ok::<_, String>(out)
+    }
+    .await;
+    let m = &ctx.shared.metrics;
+    match r {
+        Ok(reports) => {
+            let mut problems = Vec::new();
+            for (tier, rep) in &reports {
+                for b in rep.backups.iter().filter(|b| !b.ok) {
+                    problems.push(format!(
+                        "{tier}: backup {}: {}",
+                        b.id,
+                        b.problems.join("; ")
+                    ));
+                }
+                for d in &rep.damaged {
+                    problems.push(format!("{tier}: damaged {}: {}", d.key, d.problem));
+                }
+                for h in &rep.wal_holes {
+                    problems.push(format!(
+                        "{tier}: missing {}",
+                        crate::restore::verify::describe_hole(h)
+                    ));
+                }
+                for p in &rep.wal_problems {
+                    problems.push(format!("{tier}: {p}"));
+                }
+            }
+            if problems.is_empty() {
+                m.verifies.with_label_values(&["success"]).inc();
+                let objects: usize = reports.iter().map(|(_, r)| r.objects_checked).sum();
+                Ok(format!("verified {objects} objects: ok"))
+            } else {
+                m.verifies.with_label_values(&["problems"]).inc();
+                ctx.shared.alerts.send(Event::new(
+                    "verify_failed",
+                    Severity::Critical,
+                    format!(
+                        "verify found {} problem(s) in the repository",
+                        problems.len()
+                    ),
+                    problems.join("\n"),
+                ));
+                Err(problems.join("; "))
+            }
+        }
+        Err(e) => {
+            m.verifies.with_label_values(&["error"]).inc();
+            ctx.shared.alerts.send(Event::new(
+                "verify_failed",
+                Severity::Critical,
+                "verify could not run".into(),
+                e.clone(),
+            ));
+            Err(e)
+        }
+    }
+}
+
+/// A restore drill of the newest backup to the end of the archive, in a scratch cluster; its
+/// measured recovery time is the RTO, recorded in the catalog and compared to the objective.
+pub async fn drill_latest(ctx: &Ctx) -> Result<String, String> {
+    let settings = ctx.settings();
+    let s = &settings.schedule;
+    let objective = settings.alerts.rto_objective;
+    let r = async {
+        let owner = if crate::storage::fs::is_root() {
+            Some(
+                crate::storage::fs::user_ids(&s.drill_os_user).ok_or_else(|| {
+                    format!("schedule.drill_os_user: no user {:?}", s.drill_os_user)
+                })?,
+            )
+        } else {
+            None
+        };
+        let check_sql = match &s.drill_check_sql {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+            ),
+            None => None,
+        };
+        let repo = ctx
+            .location
+            .open_for_reading(true)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let o = DrillOptions {
+            target: TargetSpec {
+                target: Target::Latest,
+                timeline: TimelineChoice::Latest,
+                action: TargetAction::Promote,
+                exclusive: false,
+                backup: None,
+            },
+            check_sql,
+            pg_bin: s.drill_pg_bin.clone(),
+            scratch: s.drill_scratch.clone(),
+            owner,
+            pg_user: s.drill_pg_user.clone(),
+            timeout: s.drill_timeout,
+            repo_args: ctx
+                .location
+                .for_restore_command()
+                .map_err(|e| error_chain(&e))?,
+        };
+        drill(&repo, &o).await.map_err(|e| error_chain(&e))
+    }
+    .await;
+    let m = &ctx.shared.metrics;
+    match r {
+        Ok(rep) if rep.result.passed => {
+            m.drills.with_label_values(&["success"]).inc();
+            m.last_drill_rto.set(rep.result.seconds);
+            let over = rep.result.seconds > objective.as_secs_f64();
+            let e = Event::new(
+                "drill_rto_exceeded",
+                Severity::Warning,
+                format!(
+                    "the restore drill of backup {} took {:.0} s, over the RTO objective of {:.0} s",
+                    rep.backup_id,
+                    rep.result.seconds,
+                    objective.as_secs_f64()
+                ),
+                format!(
+                    "restore {:.1} s, recovery {:.1} s",
+                    rep.restore_seconds, rep.recovery_seconds
+                ),
+            );
+            ctx.shared.alerts.condition(over, e, || {
+                format!(
+                    "the restore drill of backup {} took {:.0} s, within the RTO objective",
+                    rep.backup_id, rep.result.seconds
+                )
+            });
+            ctx.shared.alerts.condition(
+                false,
+                Event::new(
+                    "drill_failed",
+                    Severity::Critical,
+                    String::new(),
+                    String::new(),
+                ),
+                || format!("the restore drill of backup {} passed", rep.backup_id),
+            );
+            Ok(format!(
+                "drill of backup {} passed: RTO {:.1} s",
+                rep.backup_id, rep.result.seconds
+            ))
+        }
+        other => {
+            let why = match other {
+                Ok(rep) => format!(
+                    "backup {}: {}",
+                    rep.backup_id,
+                    rep.result.error.unwrap_or_default()
+                ),
+                Err(e) => e,
+            };
+            m.drills.with_label_values(&["failure"]).inc();
+            ctx.shared.alerts.condition(
+                true,
+                Event::new(
+                    "drill_failed",
+                    Severity::Critical,
+                    "the restore drill failed".into(),
+                    why.clone(),
+                ),
+                String::new,
+            );
+            Err(why)
+        }
+    }
+}
