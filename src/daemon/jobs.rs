@@ -326,6 +326,9 @@ pub async fn drill_latest(ctx: &Ctx) -> Result<String, String> {
         } else {
             None
         };
+        ctx.location
+            .check_readable_by(owner, &s.drill_os_user)
+            .map_err(|e| error_chain(&e))?;
         let check_sql = match &s.drill_check_sql {
             Some(f) => Some(
                 std::fs::read_to_string(f)

@@ -368,7 +368,8 @@ pub async fn run(
     .map_err(DaemonError::Config)?;
     let local_dir = config.hot.path.clone();
     let spool_dir = local_dir.join(SPOOL_DIR);
-    std::fs::create_dir_all(&spool_dir).map_err(|cause| DaemonError::Io {
+    // Owned as the hot tier is (run as root: by its parent's owner), as the commands do.
+    crate::storage::fs::create_dir_all_durable(&spool_dir).map_err(|cause| DaemonError::Io {
         context: format!("cannot create {}", spool_dir.display()),
         cause,
     })?;
