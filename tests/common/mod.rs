@@ -927,3 +927,157 @@ impl Streaming {
         }
     }
 }
+
+/// A TCP proxy in front of the S3 server that misbehaves: every third connection answers its
+/// first request with 503 SlowDown or 500 InternalError, is dropped at once, or is cut after
+/// some bytes (in turn); every third is delayed; every proxied connection also lives at most a
+/// second or two, so faults keep coming on fresh connections. Stops with the test.
+pub struct FaultyProxy {
+    pub endpoint: String,
+    pub faults: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyProxy {
+    pub fn start(upstream: &str) -> FaultyProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let up = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let faults = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (f, s, c) = (faults.clone(), stop.clone(), connections.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let (f, up, conns) = (f.clone(), up.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let mut client = client;
+                    // Every third connection fails, cycling through the kinds; every third is
+                    // delayed; the rest pass (then maybe cut).
+                    let n = conns.fetch_add(1, Ordering::Relaxed);
+                    let roll = match (n % 3, (n / 3) % 4) {
+                        (0, 0) => 0,
+                        (0, 1) => 10,
+                        (0, 2) => 17,
+                        (0, _) => 36, // passes, then cut below
+                        (1, _) => 23,
+                        _ => 99,
+                    };
+                    let answer = |client: &mut TcpStream, status: &str, code: &str| {
+                        // Read the request head, answer, close: the request never reaches S3.
+                        let mut head = Vec::new();
+                        let mut b = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") && client.read(&mut b).unwrap_or(0) == 1
+                        {
+                            head.push(b[0]);
+                        }
+                        let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
+                        let _ = write!(client, "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                        let _ = client.shutdown(Shutdown::Both);
+                    };
+                    match roll {
+                        0..=9 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            return answer(&mut client, "503 Slow Down", "SlowDown");
+                        }
+                        10..=16 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            return answer(
+                                &mut client,
+                                "500 Internal Server Error",
+                                "InternalError",
+                            );
+                        }
+                        17..=22 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            let _ = client.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        23..=35 => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(fastrand::u64(200..800)));
+                        }
+                        _ => {}
+                    }
+                    let Ok(server) = TcpStream::connect(&up) else {
+                        return;
+                    };
+                    // Cut after some bytes (mid-request or mid-response) for a share of the rest.
+                    let cut_after = (roll == 36).then(|| fastrand::u64(2_000..400_000));
+                    if cut_after.is_some() {
+                        f.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let lifetime = Duration::from_millis(fastrand::u64(300..2000));
+                    let pipe = |mut from: TcpStream, mut to: TcpStream, limit: Option<u64>| {
+                        std::thread::spawn(move || {
+                            let start = Instant::now();
+                            let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                            let mut buf = vec![0u8; 64 << 10];
+                            let mut n_total = 0u64;
+                            loop {
+                                if start.elapsed() > lifetime {
+                                    break;
+                                }
+                                match from.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        n_total += n as u64;
+                                        if limit.is_some_and(|l| n_total > l) {
+                                            break;
+                                        }
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                                    {
+                                        continue
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            let _ = from.shutdown(Shutdown::Both);
+                            let _ = to.shutdown(Shutdown::Both);
+                        })
+                    };
+                    let a = pipe(
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        cut_after,
+                    );
+                    let b = pipe(server, client, None);
+                    let _ = a.join();
+                    let _ = b.join();
+                });
+            }
+        });
+        FaultyProxy {
+            endpoint,
+            faults,
+            connections,
+            stop,
+        }
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
