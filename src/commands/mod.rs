@@ -123,6 +123,9 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format, &cli.log_level);
+    if matches!(cli.command, Command::Run(_)) {
+        run::tune_allocator();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

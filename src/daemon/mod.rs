@@ -795,6 +795,16 @@ async fn run_job(ctx: &Arc<Ctx>, job: Job, shutdown: watch::Receiver<bool>) {
     if let Ok(b) = ctx.repo.list_backups().await {
         *ctx.shared.backups.lock().unwrap() = b.iter().map(backup_view).collect();
     }
+    release_freed_memory();
+}
+
+/// Gives the memory a job freed back to the system (glibc keeps it otherwise).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn backup_view(r: &crate::repo::catalog::BackupRecord) -> BackupView {
