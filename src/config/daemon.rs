@@ -193,6 +193,11 @@ pub struct ScheduleConfig {
         deserialize_with = "de_duration"
     )]
     pub backup_retry_delay: Duration,
+    /// After a backup, how long to wait for every remote tier to hold it before expiring
+    /// (expire is skipped this time when it takes longer: a tier must never lose the last
+    /// record of a backup the hot tier still had to ship).
+    #[serde(default = "default_upload_timeout", deserialize_with = "de_duration")]
+    pub backup_upload_timeout: Duration,
     /// On SIGTERM, how long a running backup may go on before it is stopped (recorded failed).
     #[serde(default = "default_stop_timeout", deserialize_with = "de_duration")]
     pub stop_timeout: Duration,
@@ -227,6 +232,9 @@ fn default_backup_retries() -> u32 {
 }
 fn default_backup_retry_delay() -> Duration {
     Duration::from_secs(30)
+}
+fn default_upload_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_stop_timeout() -> Duration {
     Duration::from_secs(300)

@@ -22,15 +22,6 @@ use crate::restore::target::{Target, TimelineChoice};
 use crate::restore::verify::{verify, VerifyOptions};
 use crate::retry::{error_chain, RetryPolicy};
 
-/// Resolves once shutdown is requested.
-async fn stopping(mut rx: watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 /// One backup attempt: a replication connection of its own, the same checks as `archiver
 /// backup`, then the backup. On shutdown it may go on for `stop_timeout`, then it is stopped
 /// and recorded failed.
@@ -75,7 +66,7 @@ async fn attempt(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<BackupRecord,
     };
     let grace = s.stop_timeout;
     let interrupted = async move {
-        stopping(stop).await;
+        super::session_stopped(stop).await;
         info!(
             grace_s = grace.as_secs(),
             "stopping: the running backup may finish within the grace period"
@@ -119,7 +110,7 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
             let mut st = stop.clone();
             tokio::select! {
                 _ = tokio::time::sleep(d) => {}
-                _ = stopping(st.clone()) => {
+                _ = super::session_stopped(st.clone()) => {
                     let _ = st.borrow_and_update();
                     last = format!("{last} (not retried: archiver run is stopping)");
                     break;
@@ -154,7 +145,9 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
                         ),
                     ));
                 }
-                expire(ctx).await;
+                if shipped(ctx, &rec.id, stop.clone()).await {
+                    expire(ctx).await;
+                }
                 return Ok(format!("backup {} complete", rec.id));
             }
             Err(e) => last = e,
@@ -172,6 +165,34 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
         last.clone(),
     ));
     Err(last)
+}
+
+/// Waits until every remote tier holds backup `id` (its objects and its final record), for at
+/// most `backup_upload_timeout`. Expiring before that could remove from the hot tier a backup
+/// whose final record a remote tier does not have yet, leaving it there `running` for ever.
+async fn shipped(ctx: &Ctx, id: &str, stop: watch::Receiver<bool>) -> bool {
+    let Some(q) = ctx.shared.queue.get() else {
+        return true;
+    };
+    let record = crate::repo::layout::catalog_key(id);
+    let objects = crate::repo::layout::backup_prefix(id);
+    let pending = || q.any_pending(|k| k == record || k.starts_with(&objects));
+    let limit = ctx.settings().schedule.backup_upload_timeout;
+    let wait = async {
+        while pending() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(limit, wait) => {}
+        _ = super::session_stopped(stop) => {}
+    }
+    if pending() {
+        warn!(backup = %id, "the backup is not yet in every remote tier; expire is skipped until the next backup");
+        return false;
+    }
+    info!(backup = %id, "the backup is in every tier");
+    true
 }
 
 /// Expires every tier under its policy after a backup, when one is configured.

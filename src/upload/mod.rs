@@ -400,6 +400,16 @@ impl Queue {
         })
     }
 
+    /// Whether a key that `matches` still waits for (or is being) uploaded to some tier.
+    pub fn any_pending(&self, matches: impl Fn(&str) -> bool) -> bool {
+        self.tiers.lock().unwrap().iter().any(|t| {
+            t.pending
+                .iter()
+                .chain(t.in_flight.iter())
+                .any(|k| matches(k))
+        })
+    }
+
     fn is_idle(&self) -> bool {
         self.tiers
             .lock()
