@@ -435,9 +435,10 @@ fn run_alerts_once_per_outage_and_after_failed_backup_retries() {
     let ci = pg.conninfo("arch");
     let body = |schedule: &str| {
         format!(
-            "environment = \"staging\"\n[hot]\npath = \"{}\"\n[server]\nconninfo = \"{}\"\n[schedule]\n{schedule}\nbackup_retries = 3\nbackup_retry_delay = \"1s\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\ndisconnected_after = \"2s\"\ndisk_usage_percent = 99.9\n[[notify]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/hook?token=sekrit\"\n[[notify]]\ntype = \"email\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"archiver@example.com\"\nto = [\"ops@example.com\"]\n",
+            "environment = \"staging\"\n[hot]\npath = \"{}\"\n[server]\nconninfo = \"{}\"\n[schedule]\n{schedule}\nbackup_retries = 3\nbackup_retry_delay = \"1s\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\ndisconnected_after = \"2s\"\ndisk_usage_percent = 99.9\n[[notify]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/hook?token=sekrit\"\n[[notify]]\ntype = \"slack\"\nurl = \"http://127.0.0.1:{}/slack\"\n[[notify]]\ntype = \"email\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"archiver@example.com\"\nto = [\"ops@example.com\"]\n",
             hot.display(),
             ci,
+            hook.port,
             hook.port,
             smtp.port,
         )
@@ -477,7 +478,25 @@ fn run_alerts_once_per_outage_and_after_failed_backup_retries() {
     // A server shutdown is an outage, not a failure of the stream.
     assert_eq!(hook.of("stream_failed"), Vec::<String>::new());
     assert_eq!(smtp.with(&["stream_disconnected"]), 2);
-    let first = hook.bodies.lock().unwrap()[0].clone();
+    // The Slack channel got the same two, as text.
+    let slack: Vec<String> = hook
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["text"].as_str().map(str::to_string))
+        .filter(|t| t.contains("stream_disconnected"))
+        .collect();
+    assert_eq!(slack.len(), 2, "{slack:?}");
+    assert!(slack[0].starts_with("[staging] FIRING") && slack[1].starts_with("[staging] RESOLVED"));
+    let first = hook
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|b| b.get("event").is_some())
+        .cloned()
+        .unwrap();
     assert_eq!(
         first["event"],
         "stream_disconnected",
@@ -502,7 +521,7 @@ fn run_alerts_once_per_outage_and_after_failed_backup_retries() {
         metric(
             &s,
             "archiver_alert_deliveries_total",
-            Some(("channel", "email-2"))
+            Some(("channel", "email-3"))
         )
         .unwrap()
             >= 2.0
