@@ -413,7 +413,17 @@ async fn run_schedules_backups_expires_and_serves_metrics() {
 
     // SIGTERM: exit 0, nothing left running.
     assert!(d.term().success(), "{}", d.log_text());
-    assert_eq!(count_status(&list_json(c), "running"), 0);
+    let after = list_json(c);
+    assert_eq!(
+        count_status(&after, "running"),
+        0,
+        "{:?}\n{}",
+        after
+            .iter()
+            .map(|b| (b["id"].clone(), b["status"].clone()))
+            .collect::<Vec<_>>(),
+        d.log_text()
+    );
     assert!(d.log_text().contains("stopped cleanly"));
 }
 

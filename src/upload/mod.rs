@@ -388,10 +388,18 @@ impl Queue {
         });
     }
 
-    /// Takes up to `n` queued keys for tier `i`, in key order.
+    /// Takes up to `n` queued keys for tier `i`, in key order. A key still in flight (a
+    /// catalog record rewritten while its previous version uploads) waits: two uploads of one
+    /// key at once could land in the wrong order and leave the tier the older version.
     fn take(&self, i: usize, n: usize) -> Vec<String> {
         self.with_tier(i, |t| {
-            let keys: Vec<String> = t.pending.iter().take(n).cloned().collect();
+            let keys: Vec<String> = t
+                .pending
+                .iter()
+                .filter(|k| !t.in_flight.contains(*k))
+                .take(n)
+                .cloned()
+                .collect();
             for k in &keys {
                 t.pending.remove(k);
                 t.in_flight.insert(k.clone());
@@ -672,6 +680,29 @@ mod tests {
 
     fn seg_key(n: u64) -> String {
         layout::wal_segment_key(&SegmentName::new(1, n, 16 << 20))
+    }
+
+    #[test]
+    fn a_key_rewritten_during_its_upload_is_uploaded_again_after_it() {
+        let q = Queue::new(&[RemoteTier {
+            name: "r".into(),
+            url: "s3://b".into(),
+            storage: Arc::new(FsStorage::new("/nonexistent")),
+        }]);
+        let rec = "catalog/20261204T000000Z.json";
+        q.written(rec);
+        assert_eq!(q.take(0, 4), [rec]);
+        q.written(rec); // the record is rewritten (running -> complete) while it uploads
+        assert!(q.take(0, 4).is_empty(), "not twice at once");
+        assert!(q.any_pending(|k| k == rec));
+        q.record_done(0, rec, 10);
+        assert!(
+            q.any_pending(|k| k == rec),
+            "the new version is still to go"
+        );
+        assert_eq!(q.take(0, 4), [rec]);
+        q.record_done(0, rec, 10);
+        assert!(!q.any_pending(|k| k == rec));
     }
 
     #[test]
