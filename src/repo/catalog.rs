@@ -214,7 +214,12 @@ impl Repo {
             else {
                 continue;
             };
-            out.push(self.get_backup(id).await?);
+            match self.get_backup(id).await {
+                Ok(r) => out.push(r),
+                // Expired between the listing and the read (an expire runs beside us).
+                Err(RepoError::UnknownBackup(_)) => continue,
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| id_order(&a.id).cmp(&id_order(&b.id)));
         Ok(out)
