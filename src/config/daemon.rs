@@ -45,27 +45,9 @@ use serde::Deserialize;
 
 use super::{de_duration, parse_rate};
 
-/// A value that must never be printed: its `Debug` shows `"***"`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Secret)
-    }
-}
+/// Secrets in the file (the conninfo, webhook URLs, SMTP passwords) are the client's own
+/// never-printed type.
+pub use crate::pg::conninfo::Secret;
 
 /// `[server]`: the cluster `archiver run` archives.
 #[derive(Debug, Clone, Deserialize)]
@@ -463,11 +445,11 @@ impl NotifyConfig {
             let s = std::fs::read_to_string(f)
                 .map_err(|e| format!("cannot read the SMTP password file {}: {e}", f.display()))?;
             let line = s.lines().next().unwrap_or("").to_string();
-            return Ok(Some(Secret(line)));
+            return Ok(Some(Secret::new(line)));
         }
         if let Some(v) = password_env {
             return std::env::var(v)
-                .map(|s| Some(Secret(s)))
+                .map(|s| Some(Secret::new(s)))
                 .map_err(|_| format!("the SMTP password variable {v} is not set"));
         }
         Ok(None)

@@ -107,18 +107,13 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
                 .retries
                 .with_label_values(&["backup"])
                 .inc();
-            let mut st = stop.clone();
             tokio::select! {
                 _ = tokio::time::sleep(d) => {}
-                _ = super::session_stopped(st.clone()) => {
-                    let _ = st.borrow_and_update();
+                _ = super::session_stopped(stop.clone()) => {
                     last = format!("{last} (not retried: archiver run is stopping)");
                     break;
                 }
             }
-        }
-        if *stop.borrow() && n > 0 {
-            break;
         }
         match attempt(ctx, stop.clone()).await {
             Ok(rec) => {

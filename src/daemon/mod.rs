@@ -199,6 +199,10 @@ impl Shared {
     /// Why the daemon is not ready (empty: ready): the stream must be connected and every
     /// tier within its RPO objective.
     pub fn not_ready(&self, now: Timestamp) -> Vec<String> {
+        self.not_ready_with(&self.tiers_now(now))
+    }
+
+    fn not_ready_with(&self, tiers: &[TierNow]) -> Vec<String> {
         let mut why = Vec::new();
         if !self.stream.connected.load(Ordering::Relaxed) {
             why.push(format!(
@@ -206,7 +210,7 @@ impl Shared {
                 self.server
             ));
         }
-        for t in self.tiers_now(now) {
+        for t in tiers {
             if t.rpo_seconds > t.rpo_objective_seconds {
                 why.push(format!(
                     "tier {}: RPO {:.0} s is over its objective of {:.0} s",
@@ -284,6 +288,8 @@ impl Shared {
     pub fn status(&self) -> serde_json::Value {
         let now = crate::time::now();
         let s = &self.stream;
+        let tiers = self.tiers_now(now);
+        let not_ready = self.not_ready_with(&tiers);
         serde_json::json!({
             "environment": self.environment,
             "version": env!("CARGO_PKG_VERSION"),
@@ -297,9 +303,9 @@ impl Shared {
                 "flushed_lsn": StreamStatus::lsn(&s.flushed),
                 "server_lsn": StreamStatus::lsn(&s.server_end),
             },
-            "ready": self.not_ready(now).is_empty(),
-            "not_ready": self.not_ready(now),
-            "tiers": self.tiers_now(now),
+            "ready": not_ready.is_empty(),
+            "not_ready": not_ready,
+            "tiers": tiers,
             "slot_retained_bytes": *self.slot_retained.lock().unwrap(),
             "hot_disk": self.disk.lock().unwrap().map(|(free, total)| serde_json::json!({"free_bytes": free, "total_bytes": total})),
             "jobs": self.jobs.lock().unwrap().values().cloned().collect::<Vec<_>>(),
