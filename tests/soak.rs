@@ -82,7 +82,7 @@ fn soak_under_load_with_s3_faults() {
     std::fs::write(
         &cfg,
         format!(
-            "environment = \"soak\"\n[hot]\npath = \"{}\"\n[upload]\npartial_upload_interval = \"1s\"\n[retention]\nkeep_last = 2\n[server]\nconninfo = \"{}\"\nsynchronous = true\n[schedule]\nbackup = \"{backup_every}\"\nbackup_retry_delay = \"1s\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\ndisk_usage_percent = 99.9\n{remote}",
+            "environment = \"soak\"\n[hot]\npath = \"{}\"\n[upload]\npartial_upload_interval = \"1s\"\n[retention]\nkeep_last = 2\n[server]\nconninfo = \"{}\"\nsynchronous = true\n[schedule]\nbackup = \"{backup_every}\"\nbackup_retry_delay = \"1s\"\nstop_timeout = \"5s\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\ndisk_usage_percent = 99.9\n{remote}",
             hot.display(),
             pg.conninfo("postgres"),
         ),
