@@ -48,10 +48,12 @@ if [ -x "$OTHER/bin/postgres" ] && { [ "$(id -u)" -ne 0 ] || runuser -u postgres
 fi
 
 # A real S3 API server for the S3 tests: moto, in a virtualenv under target/ (about 25 s, once).
+# Pinned: a new moto release once changed which IAM action a listing needs and turned CI red.
+MOTO_VERSION=5.2.6
 MOTO="$PWD/target/moto-venv/bin/moto_server"
-if [ ! -x "$MOTO" ]; then
+if [ ! -x "$MOTO" ] || [ "$("$PWD/target/moto-venv/bin/pip" show moto 2>/dev/null | sed -n 's/^Version: //p')" != "$MOTO_VERSION" ]; then
     { python3 -m venv "$PWD/target/moto-venv" \
-        && "$PWD/target/moto-venv/bin/pip" install -q 'moto[server]'; } \
+        && "$PWD/target/moto-venv/bin/pip" install -q "moto[server]==$MOTO_VERSION"; } \
         || echo "note: could not install moto; the S3 tests will say they are skipped"
 fi
 if [ -x "$MOTO" ]; then export ARCHIVER_TEST_MOTO="$MOTO"; fi

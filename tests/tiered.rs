@@ -598,16 +598,18 @@ async fn object_lock_refuses_deleting_archived_objects() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tier_without_write_permission_fails_the_backup_at_once() {
     // moto checking credentials and IAM policies: a user who may list and read, not write.
+    // AWS authorizes ListObjectsV2 as s3:ListBucket; moto 5.2 checks s3:ListObjectsV2; both named.
     let Some(moto) = Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]) else {
         eprintln!("skipped: no moto_server (scripts/test.sh installs it)");
         return;
     };
     aws_env();
     let python = Path::new(&std::env::var("ARCHIVER_TEST_MOTO").unwrap()).with_file_name("python");
-    let out = succeeded(std::process::Command::new(python)
-        .arg("-c")
-        .arg(
-            r#"
+    let out = succeeded(
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg(
+                r#"
 import boto3, json, sys
 ep = sys.argv[1]
 boto3.client("s3", endpoint_url=ep).create_bucket(Bucket="readonly")
@@ -615,15 +617,19 @@ iam = boto3.client("iam", endpoint_url=ep)
 iam.create_user(UserName="ro")
 iam.put_user_policy(UserName="ro", PolicyName="read", PolicyDocument=json.dumps({
     "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}]}))
+    "Statement": [{"Effect": "Allow",
+                   "Action": ["s3:ListBucket", "s3:ListObjectsV2", "s3:GetObject"],
+                   "Resource": "*"}]}))
 k = iam.create_access_key(UserName="ro")["AccessKey"]
 print(k["AccessKeyId"], k["SecretAccessKey"])
 "#,
-        )
-        .arg(&moto.endpoint)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .output()
-        .unwrap(), "creating a read-only S3 user");
+            )
+            .arg(&moto.endpoint)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .output()
+            .unwrap(),
+        "creating a read-only S3 user",
+    );
     let creds = String::from_utf8(out.stdout).unwrap();
     let (id, secret) = creds.trim().split_once(' ').unwrap();
     let dir = TestDir::new();
