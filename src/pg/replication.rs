@@ -140,6 +140,38 @@ pub async fn read_replication_slot(
     }))
 }
 
+/// A slot as `pg_replication_slots` shows it, over an ordinary SQL connection: for
+/// PostgreSQL 13 and 14, whose walsender has no `READ_REPLICATION_SLOT`. The view gives no
+/// timeline (`restart_tli` is `None`: the caller takes the server's). `Ok(None)` when the slot
+/// does not exist; an error when the SQL connection is refused (pg_hba often allows the
+/// replication user replication connections only).
+pub async fn read_slot_over_sql(
+    ci: &crate::pg::ConnInfo,
+    slot: &str,
+) -> Result<Option<SlotInfo>, PgError> {
+    validate_slot_name(slot).map_err(proto)?;
+    let mut c = Connection::connect(ci, None, "archiver").await?;
+    // The name is validated above (letters, digits, underscores): safe to inline.
+    let sets = c
+        .simple_query(&format!(
+            "select slot_type, restart_lsn from pg_replication_slots where slot_name = '{slot}'"
+        ))
+        .await;
+    c.close().await;
+    let sets = sets?;
+    let Some(rs) = sets.first() else {
+        return Ok(None);
+    };
+    let Some(slot_type) = rs.text(0, 0) else {
+        return Ok(None);
+    };
+    Ok(Some(SlotInfo {
+        slot_type: slot_type.to_string(),
+        restart_lsn: rs.text(0, 1).and_then(|s| s.parse().ok()),
+        restart_tli: None,
+    }))
+}
+
 /// `CREATE_REPLICATION_SLOT slot PHYSICAL RESERVE_WAL`. Returns false if it already existed.
 pub async fn create_physical_slot(conn: &mut Connection, slot: &str) -> Result<bool, PgError> {
     match conn

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::binaries;
 use super::extract::Owner;
 use super::recovery::TargetAction;
 use super::run::{archives, make_plan, write_restore, RestoreError, TargetSpec, WriteSpec};
@@ -90,41 +91,14 @@ fn major_of(version_num: u32) -> u32 {
     version_num / 10000
 }
 
-/// The major version in `postgres --version` output
-/// (`postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)`, `postgres (PostgreSQL) 17beta1`).
-fn version_major(text: &str) -> Option<u32> {
-    let v = text.split_whitespace().nth(2)?;
-    let digits: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-/// The binaries directory, checked to be of `major`.
+/// The binaries directory (`--pg-bin`, else PATH's, else Debian's for `major`), checked to
+/// be of `major`.
 fn find_bin(pg_bin: Option<&PathBuf>, major: u32) -> Result<PathBuf, DrillError> {
-    let dir = match pg_bin {
-        Some(d) => d.clone(),
-        None => std::env::var_os("PATH")
-            .and_then(|p| {
-                std::env::split_paths(&p)
-                    .find(|d| d.join("pg_ctl").is_file() && d.join("postgres").is_file())
-            })
-            .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"))),
-    };
-    let out = Command::new(dir.join("postgres"))
-        .arg("--version")
-        .output()
-        .map_err(io(format!("cannot run {}", dir.join("postgres").display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match version_major(&text) {
-        Some(m) if m == major => Ok(dir),
-        Some(m) => Err(DrillError::Refused(format!(
-            "{} is PostgreSQL {m}; the backup is PostgreSQL {major} (use --pg-bin)",
-            dir.display()
-        ))),
-        None => Err(DrillError::Refused(format!(
-            "cannot tell the version of {}: {text}",
-            dir.display()
-        ))),
-    }
+    let dir = pg_bin
+        .cloned()
+        .unwrap_or_else(|| binaries::default_bin_dir(major));
+    binaries::check_binaries(&dir, major).map_err(DrillError::Refused)?;
+    Ok(dir)
 }
 
 /// A command run as the owner.
@@ -400,20 +374,5 @@ async fn record(repo: &Repo, rec: &BackupRecord, result: &DrillResult) {
     }
     if let Err(e) = repo.put_backup(&fresh).await {
         warn!(error = %e, "cannot record the drill result");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn version_lines() {
-        use super::version_major;
-        assert_eq!(
-            version_major("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
-            Some(15)
-        );
-        assert_eq!(version_major("postgres (PostgreSQL) 17beta1"), Some(17));
-        assert_eq!(version_major("postgres (PostgreSQL) 9.6.24"), Some(9));
-        assert_eq!(version_major("garbage"), None);
     }
 }

@@ -9,6 +9,7 @@
 //! every object is checked against its checksums and every file against the backup manifest;
 //! a failed restore removes what it wrote.
 
+pub(crate) mod binaries;
 pub mod drill;
 pub mod extract;
 pub mod info;

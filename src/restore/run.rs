@@ -717,6 +717,15 @@ pub fn check_destinations(
     mapping: &[(PathBuf, PathBuf)],
 ) -> Result<(Vec<Archive>, Vec<bool>), RestoreError> {
     let archives = archives(rec, pgdata, mapping)?;
+    // An existing cluster of another major: say so, naming both (it is refused below anyway,
+    // not being empty, but this is the mistake worth naming).
+    let backup_major = rec.pg_version / 10000;
+    if let Some(m) = super::binaries::data_dir_major(pgdata).filter(|&m| m != backup_major) {
+        return Err(RestoreError::Refused(format!(
+            "--pgdata {} holds a PostgreSQL {m} cluster; the backup is PostgreSQL {backup_major} (restore into an empty directory)",
+            pgdata.display()
+        )));
+    }
     let mut existed = Vec::new();
     for a in &archives {
         let what = if a.tablespace.is_some() {

@@ -192,28 +192,48 @@ pub async fn recover_spool(repo: &Repo, spool: &Spool, level: i32) -> Result<(),
     Ok(())
 }
 
+/// Where the server holds `slot`. PostgreSQL 15+: `READ_REPLICATION_SLOT` on the replication
+/// connection. PostgreSQL 13 and 14 have no such command: `pg_replication_slots` over an
+/// ordinary SQL connection with the same conninfo, and when pg_hba does not allow one (a
+/// replication-only user), `None`. That loses little: the start point comes from the
+/// repository's own end whenever it holds WAL (the slot retains WAL from there, since only
+/// stored WAL was acknowledged), and for an empty repository from the server's current
+/// position, which is where a slot archiver has just created reserves WAL from anyway.
+async fn read_slot(
+    conn: &mut Connection,
+    conninfo: &ConnInfo,
+    server: &ServerInfo,
+    slot: &str,
+) -> Result<Option<replication::SlotInfo>, StreamError> {
+    if server.major() >= 15 {
+        return Ok(replication::read_replication_slot(conn, slot).await?);
+    }
+    match replication::read_slot_over_sql(conninfo, slot).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            info!(%slot, error = %e, "PostgreSQL {} has no READ_REPLICATION_SLOT and pg_replication_slots cannot be read over SQL; the start point comes from the repository (or the server's current position)", server.major());
+            Ok(None)
+        }
+    }
+}
+
 /// Makes sure the slot exists and decides where to start.
 async fn prepare(
     conn: &mut Connection,
+    conninfo: &ConnInfo,
     server: &ServerInfo,
     repo: &Repo,
     spool: &Spool,
     cfg: &StreamConfig,
 ) -> Result<StartPoint, StreamError> {
     let seg_size = repo.seg_size();
-    let mut slot = if server.major() >= 15 {
-        replication::read_replication_slot(conn, &cfg.slot).await?
-    } else {
-        None
-    };
+    let mut slot = read_slot(conn, conninfo, server, &cfg.slot).await?;
     if slot.is_none() {
         if replication::create_physical_slot(conn, &cfg.slot).await? {
             info!(slot = %cfg.slot, "created physical replication slot");
             repo.record_slot(&cfg.slot).await?;
         }
-        if server.major() >= 15 {
-            slot = replication::read_replication_slot(conn, &cfg.slot).await?;
-        }
+        slot = read_slot(conn, conninfo, server, &cfg.slot).await?;
     }
     if let Some(s) = &slot {
         if s.slot_type != "physical" {
@@ -285,19 +305,17 @@ async fn prepare(
 /// on the server (they retain WAL there), as "name (restart_lsn X)".
 async fn abandoned_slots(
     conn: &mut Connection,
+    conninfo: &ConnInfo,
     server: &ServerInfo,
     repo: &Repo,
     cfg: &StreamConfig,
 ) -> Result<Vec<String>, StreamError> {
-    if server.major() < 15 {
-        return Ok(Vec::new()); // READ_REPLICATION_SLOT is PostgreSQL 15+
-    }
     let mut out = Vec::new();
     for s in repo.list_slots().await? {
         if s.name == cfg.slot {
             continue;
         }
-        if let Some(info) = replication::read_replication_slot(conn, &s.name).await? {
+        if let Some(info) = read_slot(conn, conninfo, server, &s.name).await? {
             let restart = info
                 .restart_lsn
                 .map_or_else(|| "none".to_string(), |l| l.to_string());
@@ -450,9 +468,9 @@ pub async fn run(
         };
         let mut started_at = None;
         let outcome = async {
-            let start = prepare(&mut conn, &server, &repo, &spool, &cfg).await?;
+            let start = prepare(&mut conn, &conninfo, &server, &repo, &spool, &cfg).await?;
             started_at = Some(start);
-            let abandoned = abandoned_slots(&mut conn, &server, &repo, &cfg).await?;
+            let abandoned = abandoned_slots(&mut conn, &conninfo, &server, &repo, &cfg).await?;
             if !abandoned.is_empty() {
                 warn!(
                     slots = %abandoned.join(", "),
@@ -489,8 +507,8 @@ pub async fn run(
                     let (mut conn, server) = reconnect(&conninfo, &repo, &cfg).await?;
                     // The slot's position on the first try; after that (the WAL went on
                     // moving), the server's current position.
-                    let slot_restart = if server.major() >= 15 && gap_attempts == 1 {
-                        replication::read_replication_slot(&mut conn, &cfg.slot)
+                    let slot_restart = if gap_attempts == 1 {
+                        read_slot(&mut conn, &conninfo, &server, &cfg.slot)
                             .await?
                             .and_then(|s| s.restart_lsn)
                     } else {

@@ -19,9 +19,26 @@ pub struct ServerInfo {
     pub wal_segment_size: u64,
 }
 
+/// The PostgreSQL majors archiver supports: the WAL page magic, record formats, replication
+/// commands, `BASE_BACKUP` forms and recovery settings of each are known and tested.
+pub const SUPPORTED_MAJORS: std::ops::RangeInclusive<u32> = 13..=18;
+
 impl ServerInfo {
     /// The major version (`server_version_num / 10000`).
     pub fn major(&self) -> u32 {
         self.version_num / 10000
+    }
+
+    /// Refuses a major outside [`SUPPORTED_MAJORS`], saying which are supported.
+    pub fn check_supported(&self) -> Result<(), String> {
+        if SUPPORTED_MAJORS.contains(&self.major()) {
+            return Ok(());
+        }
+        Err(format!(
+            "PostgreSQL {} is not supported (archiver supports {} to {})",
+            self.major(),
+            SUPPORTED_MAJORS.start(),
+            SUPPORTED_MAJORS.end()
+        ))
     }
 }
