@@ -165,6 +165,24 @@ fn end_to_end(major: u32) {
     let restored = start_recovering(&dir, "restored", pgdata, Some(&bin));
     assert_eq!(state(&restored), wanted);
     drop(restored);
+
+    // A drill of the newest backup with this major's binaries (run by the copy of archiver
+    // the postgres user can execute: it becomes the drill's restore_command).
+    let scratch = dir.join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let out = succeeded(
+        archiver_cmd(
+            std::process::Command::new(dir.join("archiver-bin"))
+                .args(["drill", "--repo", &r, "--json", "--pg-bin"])
+                .arg(&bin)
+                .arg("--scratch")
+                .arg(&scratch),
+        ),
+        "archiver drill",
+    );
+    let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(res["passed"], true, "{res}");
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
     assert!(streamer.term().success());
 }
 
