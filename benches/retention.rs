@@ -44,6 +44,7 @@ fn catalog(now: Timestamp) -> Vec<BackupRecord> {
                 verified: None,
                 contents: None,
                 environment: None,
+                parent: None,
             }
         })
         .collect()

@@ -73,6 +73,7 @@ async fn base_backup_streams_archives_and_manifest() {
         server_zstd_level: None,
         manifest_checksums: archiver::ChecksumAlgorithm::Sha256,
         legacy: false,
+        incremental: false,
     };
     let r = base_backup(&mut conn, &opts, &mut sink).await.unwrap();
     assert_eq!(sink.names, ["base.tar", "backup_manifest"]);

@@ -37,6 +37,7 @@ fn record(id: &str, start: &str, status: BackupStatus) -> BackupRecord {
         verified: None,
         contents: None,
         environment: None,
+        parent: None,
     }
 }
 

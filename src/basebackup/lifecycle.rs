@@ -88,6 +88,105 @@ pub struct BackupOptions {
     pub sql: Option<ConnInfo>,
     /// The operator's label for where this cluster runs, kept in the record.
     pub environment: Option<String>,
+    /// Take an incremental backup (PostgreSQL 17+) on top of this one; `None`: a full backup.
+    pub incremental: Option<Incremental>,
+}
+
+/// Which backup an incremental backup builds on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incremental {
+    /// The newest complete backup of the server's cluster, major and timeline.
+    Newest,
+    /// This backup (`--from ID`).
+    From(String),
+}
+
+/// Why a full backup is the way on, appended to every refusal of an incremental one.
+const TAKE_FULL: &str = "take a full backup (archiver backup without --incremental)";
+
+/// The backup an incremental backup of `server` builds on, or why none can be. The parent
+/// must be complete, of the same cluster, major and timeline, and its own chain whole.
+pub fn choose_parent<'a>(
+    backups: &'a [BackupRecord],
+    server: &ServerInfo,
+    want: &Incremental,
+) -> Result<&'a BackupRecord, String> {
+    let sysid = server.system.system_identifier.to_string();
+    let tli = server.system.timeline;
+    let usable = |b: &BackupRecord| -> Result<(), String> {
+        if b.system_identifier != sysid {
+            return Err(format!("backup {} is of another cluster", b.id));
+        }
+        if b.pg_version / 10000 != server.major() {
+            return Err(format!(
+                "backup {} is of PostgreSQL {}, the server is {}",
+                b.id,
+                b.pg_version / 10000,
+                server.major()
+            ));
+        }
+        if b.timeline != tli {
+            return Err(format!(
+                "backup {} is on timeline {}, the server on timeline {tli}",
+                b.id, b.timeline
+            ));
+        }
+        crate::repo::catalog::chain(backups, &b.id).map(|_| ())
+    };
+    match want {
+        Incremental::From(id) => {
+            let b = backups.iter().find(|b| &b.id == id).ok_or_else(|| {
+                format!("no backup {id} to build on (archiver list shows them); {TAKE_FULL}")
+            })?;
+            usable(b).map_err(|e| format!("backup {id} cannot be built on: {e}; {TAKE_FULL}"))?;
+            Ok(b)
+        }
+        Incremental::Newest => backups
+            .iter()
+            .filter(|b| b.status == BackupStatus::Complete && usable(b).is_ok())
+            .max_by_key(|b| (b.start_time, b.start_lsn))
+            .ok_or_else(|| {
+                format!(
+                    "no complete backup of this cluster on timeline {tli} to build on; {TAKE_FULL}"
+                )
+            }),
+    }
+}
+
+/// Whether the server's WAL summaries (`pg_available_wal_summaries()`: timeline, start, end)
+/// cover timeline `tli` without a hole from `from` (the parent's start) onwards — what
+/// `BASE_BACKUP (INCREMENTAL)` needs. The summarizer trails the server: summaries that stop
+/// at or before `from` are fine (the server waits for the rest); a hole is not.
+pub fn summaries_cover(rows: &[(u32, Lsn, Lsn)], tli: u32, from: Lsn) -> Result<(), String> {
+    let mut ranges: Vec<(Lsn, Lsn)> = rows
+        .iter()
+        .filter(|r| r.0 == tli)
+        .map(|r| (r.1, r.2))
+        .collect();
+    if ranges.is_empty() {
+        return Err(format!(
+            "the server holds no WAL summary of timeline {tli} (removed after wal_summary_keep_time, or summarize_wal was off)"
+        ));
+    }
+    ranges.sort();
+    let mut pos: Option<Lsn> = None;
+    for (start, end) in ranges.into_iter().filter(|r| r.1 >= from) {
+        match pos {
+            None if start > from => {
+                return Err(format!(
+                    "the server's WAL summaries of timeline {tli} begin at {start}, after the parent's start {from} (removed after wal_summary_keep_time, or summarize_wal was off then)"
+                ))
+            }
+            None => pos = Some(end),
+            Some(p) if start > p => {
+                return Err(format!(
+                    "the server's WAL summaries of timeline {tli} have a hole from {p} to {start}"
+                ))
+            }
+            Some(p) => pos = Some(p.max(end)),
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a server this backup cannot be taken from (before anything is written).
@@ -149,6 +248,11 @@ pub async fn take_backup(
     interrupted: impl Future<Output = String>,
 ) -> Result<BackupRecord, TakeError> {
     check_server(server, o)?;
+    // An incremental backup's parent and its manifest, or the refusal (nothing written yet).
+    let parent = match &o.incremental {
+        Some(want) => Some(prepare_incremental(repo, conn, server, o, want).await?),
+        None => None,
+    };
     mark_interrupted(repo, spool).await;
     let (id, _claim) = claim_backup_id(repo, spool).await?;
     let mut rec = BackupRecord {
@@ -176,11 +280,12 @@ pub async fn take_backup(
         verified: None,
         contents: None,
         environment: o.environment.clone(),
+        parent: parent.as_ref().map(|(id, _)| id.clone()),
     };
     repo.put_backup(&rec).await?;
     info!(id = %id, "backup started");
     let result = tokio::select! {
-        r = take(o, spool, repo, conn, server, &mut rec) => r,
+        r = take(o, spool, repo, conn, server, &mut rec, parent.as_ref().map(|(_, m)| m.as_slice())) => r,
         why = interrupted => Err(TakeError::Failed(why)),
     };
     let _ = std::fs::remove_dir_all(backup_spool(spool, &id));
@@ -260,6 +365,54 @@ async fn mark_interrupted(repo: &Repo, spool: &Path) {
     }
 }
 
+/// Checks that an incremental backup can be taken from `server` on top of `want`: PostgreSQL
+/// 17+, `summarize_wal = on`, a usable parent, and (over SQL, when there is a connection) WAL
+/// summaries from the parent's start on. Returns the parent's id and its manifest, read back
+/// and verified, for `UPLOAD_MANIFEST`.
+async fn prepare_incremental(
+    repo: &Repo,
+    conn: &mut Connection,
+    server: &ServerInfo,
+    o: &BackupOptions,
+    want: &Incremental,
+) -> Result<(String, Vec<u8>), TakeError> {
+    if server.major() < 17 {
+        return Err(TakeError::Refused(format!(
+            "incremental backups need PostgreSQL 17 or newer (the server is {}); {TAKE_FULL}",
+            server.major()
+        )));
+    }
+    let summarize = crate::pg::replication::show(conn, "summarize_wal").await?;
+    if summarize != "on" {
+        return Err(TakeError::Refused(format!(
+            "the server has summarize_wal = {summarize}: incremental backups need WAL summaries (ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf(); then a full backup to build on); {TAKE_FULL}"
+        )));
+    }
+    let backups = repo.list_backups().await?;
+    let parent = choose_parent(&backups, server, want).map_err(TakeError::Refused)?;
+    if let Some(ci) = &o.sql {
+        match crate::pg::wal_summaries(ci).await {
+            Ok(rows) => summaries_cover(&rows, parent.timeline, parent.start_lsn).map_err(|e| {
+                TakeError::Refused(format!(
+                    "backup {} cannot be built on: {e}; {TAKE_FULL}",
+                    parent.id
+                ))
+            })?,
+            Err(e) => {
+                warn!(error = %e, "cannot read the server's WAL summaries over SQL; the server checks them when the backup starts")
+            }
+        }
+    }
+    let (manifest, _) = repo
+        .get_verified(&crate::repo::layout::backup_object_key(
+            &parent.id,
+            "backup_manifest",
+        ))
+        .await?;
+    info!(parent = %parent.id, kind = parent.kind(), "incremental backup on top of");
+    Ok((parent.id.clone(), manifest))
+}
+
 async fn take(
     args: &BackupOptions,
     spool: &Path,
@@ -267,6 +420,7 @@ async fn take(
     conn: &mut crate::pg::Connection,
     server: &ServerInfo,
     rec: &mut BackupRecord,
+    parent_manifest: Option<&[u8]>,
 ) -> Result<(), TakeError> {
     // Keeps the server's WAL from before the backup's checkpoint until we hold it, in case no
     // streamer archives it.
@@ -286,11 +440,20 @@ async fn take(
         server_zstd_level: args.server_compress.then_some(args.compress),
         manifest_checksums: crate::basebackup::store::MANIFEST_CHECKSUMS,
         legacy: server.major() < 15,
+        incremental: parent_manifest.is_some(),
     };
+    if let Some(m) = parent_manifest {
+        conn.copy_in("UPLOAD_MANIFEST", m).await?;
+    }
     let mut sink = StoreSink::new(repo.clone(), &rec.id, args.compress, args.server_compress);
-    let r = base_backup(conn, &opts, &mut sink)
-        .await
-        .map_err(TakeError::BaseBackup)?;
+    let r = base_backup(conn, &opts, &mut sink).await.map_err(|e| {
+        let chain = crate::retry::error_chain(&e);
+        if opts.incremental && chain.contains("WAL summar") {
+            TakeError::Failed(format!("{chain}; {TAKE_FULL}"))
+        } else {
+            TakeError::BaseBackup(e)
+        }
+    })?;
     sink.close().await.map_err(TakeError::BaseBackup)?;
     if let Some(ci) = &args.sql {
         match super::contents::read_contents(ci).await {
@@ -443,5 +606,125 @@ mod tests {
             super::label_time("START TIME: 2026-11-22 22:40:00 CET\n"),
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod incremental_tests {
+    use super::*;
+    use crate::pg::replication::SystemInfo;
+
+    fn l(x: u64) -> Lsn {
+        Lsn(x)
+    }
+
+    #[test]
+    fn summaries() {
+        let rows = [(1, l(10), l(20)), (1, l(20), l(30)), (2, l(30), l(40))];
+        assert_eq!(summaries_cover(&rows, 1, l(15)), Ok(()));
+        assert_eq!(
+            summaries_cover(&rows, 1, l(30)),
+            Ok(()),
+            "ends at the start: trailing"
+        );
+        assert_eq!(
+            summaries_cover(&rows, 1, l(50)),
+            Ok(()),
+            "summarizer behind"
+        );
+        assert!(summaries_cover(&rows, 1, l(5))
+            .unwrap_err()
+            .contains("begin at 0/A"));
+        assert!(summaries_cover(&rows, 3, l(5))
+            .unwrap_err()
+            .contains("no WAL summary"));
+        let holed = [(1, l(10), l(20)), (1, l(25), l(30))];
+        assert!(summaries_cover(&holed, 1, l(12))
+            .unwrap_err()
+            .contains("hole from 0/14 to 0/19"));
+        assert_eq!(summaries_cover(&holed, 1, l(26)), Ok(()));
+    }
+
+    fn server(tli: u32) -> ServerInfo {
+        ServerInfo {
+            system: SystemInfo {
+                system_identifier: 7,
+                timeline: tli,
+                xlogpos: l(0),
+            },
+            version_num: 170_002,
+            wal_segment_size: 16 << 20,
+        }
+    }
+
+    fn rec(
+        id: &str,
+        status: BackupStatus,
+        tli: u32,
+        parent: Option<&str>,
+        secs: i64,
+    ) -> BackupRecord {
+        let mut r = BackupRecord::for_test(
+            id,
+            status,
+            l(secs as u64),
+            Timestamp::from_second(secs).unwrap(),
+        );
+        r.system_identifier = "7".into();
+        r.pg_version = 170_002;
+        r.timeline = tli;
+        r.parent = parent.map(String::from);
+        r
+    }
+
+    #[test]
+    fn parents() {
+        use BackupStatus::*;
+        let all = vec![
+            rec("full", Complete, 1, None, 10),
+            rec("inc", Complete, 1, Some("full"), 20),
+            rec("failed", Failed, 1, None, 30),
+            rec("tli2", Complete, 2, None, 5),
+        ];
+        let s1 = server(1);
+        assert_eq!(
+            choose_parent(&all, &s1, &Incremental::Newest).unwrap().id,
+            "inc"
+        );
+        assert_eq!(
+            choose_parent(&all, &s1, &Incremental::From("full".into()))
+                .unwrap()
+                .id,
+            "full"
+        );
+        let e = choose_parent(&all, &s1, &Incremental::From("failed".into())).unwrap_err();
+        assert!(
+            e.contains("failed, not complete") && e.contains(TAKE_FULL),
+            "{e}"
+        );
+        let e = choose_parent(&all, &s1, &Incremental::From("tli2".into())).unwrap_err();
+        assert!(e.contains("on timeline 2, the server on timeline 1"), "{e}");
+        assert!(choose_parent(&all, &s1, &Incremental::From("nope".into()))
+            .unwrap_err()
+            .contains("no backup nope"));
+        assert_eq!(
+            choose_parent(&all, &server(2), &Incremental::Newest)
+                .unwrap()
+                .id,
+            "tli2"
+        );
+        assert!(choose_parent(&all, &server(3), &Incremental::Newest)
+            .unwrap_err()
+            .contains("timeline 3"));
+        // Another cluster's or major's backups are never parents.
+        let mut other = all.clone();
+        other[1].system_identifier = "8".into();
+        assert_eq!(
+            choose_parent(&other, &s1, &Incremental::Newest).unwrap().id,
+            "full"
+        );
+        other[0].pg_version = 160_000;
+        let e = choose_parent(&other, &s1, &Incremental::From("full".into())).unwrap_err();
+        assert!(e.contains("PostgreSQL 16, the server is 17"), "{e}");
     }
 }

@@ -26,6 +26,9 @@ pub struct BaseBackupOptions {
     pub manifest_checksums: ChecksumAlgorithm,
     /// PostgreSQL 13 and 14: the unparenthesised command and one COPY per archive.
     pub legacy: bool,
+    /// `INCREMENTAL` (PostgreSQL 17+): relative to the manifest uploaded just before on the
+    /// same connection (`UPLOAD_MANIFEST`).
+    pub incremental: bool,
 }
 
 /// Quotes a string literal for a replication command (`'` doubled; no backslash escapes, as
@@ -59,6 +62,9 @@ impl BaseBackupOptions {
         ];
         if let Some(r) = self.max_rate_kb {
             opts.push(format!("MAX_RATE {r}"));
+        }
+        if self.incremental {
+            opts.push("INCREMENTAL".to_string());
         }
         if let Some(level) = self.server_zstd_level {
             opts.push("COMPRESSION 'zstd'".to_string());
@@ -175,6 +181,7 @@ mod tests {
             server_zstd_level: Some(3),
             manifest_checksums: ChecksumAlgorithm::Sha256,
             legacy: false,
+            incremental: false,
         };
         assert_eq!(
             o.command(),
@@ -189,8 +196,10 @@ mod tests {
             server_zstd_level: None,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             legacy: false,
+            incremental: true,
         };
         assert!(o.command().contains("CHECKPOINT 'spread'") && !o.command().contains("MAX_RATE"));
+        assert!(o.command().contains(", INCREMENTAL"));
         assert!(o.command().contains("MANIFEST_CHECKSUMS 'CRC32C'"));
         let o = BaseBackupOptions {
             label: "it's old".into(),
@@ -199,6 +208,7 @@ mod tests {
             server_zstd_level: None,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             legacy: true,
+            incremental: false,
         };
         assert_eq!(
             o.command(),

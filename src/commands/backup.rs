@@ -1,5 +1,5 @@
 //! `archiver backup`: the arguments, the connection, the call into
-//! [`crate::basebackup::lifecycle`] (a full base backup recorded in the catalog), the upload to
+//! [`crate::basebackup::lifecycle`] (a full or incremental base backup recorded in the catalog), the upload to
 //! a tiered repository's remote tiers, and what is printed.
 
 use std::time::Duration;
@@ -10,7 +10,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use super::{connect_replication, report, RepoArg, EXIT_ERROR};
-use crate::basebackup::lifecycle::{check_server, check_space, take_backup, BackupOptions};
+use crate::basebackup::lifecycle::{
+    check_server, check_space, take_backup, BackupOptions, Incremental,
+};
 use crate::basebackup::protocol::Checkpoint;
 use crate::pg::conninfo::{ConnInfo, ProcessEnv};
 use crate::repo::{Repo, SPOOL_DIR};
@@ -61,6 +63,14 @@ pub struct BackupArgs {
     /// free (for file systems whose free space says nothing, e.g. with quotas elsewhere).
     #[arg(long)]
     skip_space_check: bool,
+    /// An incremental backup (PostgreSQL 17+, `summarize_wal = on`): only the blocks changed
+    /// since its parent, which restores then combine with. The parent is the newest complete
+    /// backup of the cluster's timeline unless `--from` names one.
+    #[arg(long)]
+    incremental: bool,
+    /// The backup an incremental backup builds on (full or incremental).
+    #[arg(long, value_name = "ID", requires = "incremental")]
+    from: Option<String>,
     /// Print the backup's record as JSON instead of its id.
     #[arg(long)]
     json: bool,
@@ -95,6 +105,10 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         wal_timeout: args.wal_timeout,
         sql: Some(conninfo.clone()),
         environment: args.environment.clone().or(config_environment),
+        incremental: args.incremental.then(|| match &args.from {
+            Some(id) => Incremental::From(id.clone()),
+            None => Incremental::Newest,
+        }),
     };
     check_server(&server, &opts)?;
     // An S3 repository keeps only its spool locally.

@@ -96,6 +96,10 @@ pub async fn info(args: InfoArgs) -> u8 {
                 "stop time:         {}",
                 r.stop_time.map_or_else(|| "-".into(), |t| t.to_string())
             );
+            match &r.parent {
+                Some(p) => println!("type:              incremental, on top of {p}"),
+                None => println!("type:              full"),
+            }
             println!("system identifier: {}", r.system_identifier);
             println!("pg version:        {}", r.pg_version);
             println!("archiver version:  {}", r.archiver_version);

@@ -24,6 +24,8 @@ pub fn table(records: &[BackupRecord]) -> String {
     let mut rows = vec![[
         "ID".to_string(),
         "STATUS".into(),
+        "TYPE".into(),
+        "PARENT".into(),
         "LABEL".into(),
         "TLI".into(),
         "START LSN".into(),
@@ -41,6 +43,8 @@ pub fn table(records: &[BackupRecord]) -> String {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
+            r.kind().to_string(),
+            r.parent.clone().unwrap_or_else(|| "-".into()),
             r.label.clone(),
             r.timeline.to_string(),
             r.start_lsn.to_string(),
@@ -70,7 +74,7 @@ pub fn table(records: &[BackupRecord]) -> String {
             ),
         ]);
     }
-    let widths: Vec<usize> = (0..11)
+    let widths: Vec<usize> = (0..13)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     rows.iter()

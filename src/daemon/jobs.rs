@@ -63,6 +63,7 @@ async fn attempt(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<BackupRecord,
         wal_timeout: Duration::from_secs(600),
         sql: Some(ctx.conninfo.clone()),
         environment: ctx.environment.clone(),
+        incremental: None,
     };
     let grace = s.stop_timeout;
     let interrupted = async move {

@@ -178,20 +178,20 @@ impl Manifest {
 }
 
 /// A running checksum of one file.
-enum FileHasher {
+pub enum FileHasher {
     Crc32c(u32),
     Sha256(Box<Sha256>),
 }
 
 impl FileHasher {
-    fn new(algo: ChecksumAlgorithm) -> Self {
+    pub fn new(algo: ChecksumAlgorithm) -> Self {
         match algo {
             ChecksumAlgorithm::Crc32c => FileHasher::Crc32c(0),
             ChecksumAlgorithm::Sha256 => FileHasher::Sha256(Box::default()),
         }
     }
 
-    fn update(&mut self, d: &[u8]) {
+    pub fn update(&mut self, d: &[u8]) {
         match self {
             FileHasher::Crc32c(c) => *c = crc32c::crc32c_append(*c, d),
             FileHasher::Sha256(h) => h.update(d),
@@ -201,7 +201,7 @@ impl FileHasher {
     /// Hex as PostgreSQL writes it: a CRC-32C is its four bytes in memory order
     /// (`pg_checksum_final` copies the `uint32`), i.e. little-endian on every supported platform
     /// we run on.
-    fn finish(self) -> String {
+    pub fn finish(self) -> String {
         match self {
             FileHasher::Crc32c(c) => hex::encode(c.to_le_bytes()),
             FileHasher::Sha256(h) => hex::encode(h.finalize()),

@@ -452,6 +452,31 @@ impl Connection {
         }
     }
 
+    /// Runs a command the server answers with `CopyInResponse` (`UPLOAD_MANIFEST`), sends
+    /// `data` as CopyData messages and CopyDone, and reads the result up to `ReadyForQuery`.
+    /// An error before the COPY starts (e.g. the command is unknown to the server) is returned
+    /// as the server said it.
+    pub async fn copy_in(&mut self, sql: &str, data: &[u8]) -> Result<(), PgError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        match self.next_plain().await? {
+            Message::CopyInResponse(_) => {}
+            other => {
+                self.read_results_from(Some(other)).await?;
+                return Err(PgError::Protocol(format!(
+                    "{sql}: the server did not start a COPY"
+                )));
+            }
+        }
+        for chunk in data.chunks(256 * 1024) {
+            frontend::CopyData::new(chunk)?.write(&mut self.wbuf);
+            self.flush().await?;
+        }
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        self.read_results().await.map(|_| ())
+    }
+
     /// Says goodbye politely.
     pub async fn close(&mut self) {
         frontend::terminate(&mut self.wbuf);

@@ -29,3 +29,28 @@ pub async fn database_bytes(ci: &ConnInfo) -> Result<u64, PgError> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0))
 }
+
+/// The server's WAL summaries (`pg_available_wal_summaries()`, PostgreSQL 17+) as
+/// (timeline, start, end), over an ordinary SQL connection.
+pub async fn wal_summaries(
+    ci: &ConnInfo,
+) -> Result<Vec<(u32, crate::wal::Lsn, crate::wal::Lsn)>, PgError> {
+    let mut c = Connection::connect(ci, None, "archiver").await?;
+    let sets = c
+        .simple_query("select tli, start_lsn, end_lsn from pg_available_wal_summaries()")
+        .await;
+    c.close().await;
+    let sets = sets?;
+    let mut out = Vec::new();
+    if let Some(rs) = sets.first() {
+        for i in 0..rs.rows.len() {
+            let (Some(t), Some(s), Some(e)) = (rs.text(i, 0), rs.text(i, 1), rs.text(i, 2)) else {
+                continue;
+            };
+            if let (Ok(t), Ok(s), Ok(e)) = (t.parse(), s.parse(), e.parse()) {
+                out.push((t, s, e));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -75,6 +75,57 @@ pub struct BackupRecord {
     /// The operator's label for where this cluster runs (`environment = "prod"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// The backup this one is incremental to (PostgreSQL 17+ `BASE_BACKUP (INCREMENTAL)`):
+    /// restoring it needs the whole chain down to a full backup. `None`: a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// The chain a backup restores from, the full backup first and `id` last: `id` and each
+/// parent in turn, every one complete. Why not, when a link is missing or not complete.
+pub fn chain<'a>(backups: &'a [BackupRecord], id: &str) -> Result<Vec<&'a BackupRecord>, String> {
+    let mut out: Vec<&BackupRecord> = Vec::new();
+    let mut next = Some(id);
+    while let Some(id) = next {
+        if out.iter().any(|b| b.id == id) {
+            return Err(format!("backup {id} is its own ancestor"));
+        }
+        let b = backups
+            .iter()
+            .find(|b| b.id == id)
+            .ok_or_else(|| match out.last() {
+                Some(child) => format!(
+                    "backup {id}, the parent of incremental backup {}, is gone",
+                    child.id
+                ),
+                None => format!("no backup {id}"),
+            })?;
+        if b.status != BackupStatus::Complete {
+            let status = format!("{:?}", b.status).to_lowercase();
+            return Err(match out.last() {
+                Some(child) => format!(
+                    "backup {id}, the parent of incremental backup {}, is {status}, not complete",
+                    child.id
+                ),
+                None => format!("backup {id} is {status}, not complete"),
+            });
+        }
+        out.push(b);
+        next = b.parent.as_deref();
+    }
+    out.reverse();
+    Ok(out)
+}
+
+impl BackupRecord {
+    /// `full` or `incremental`.
+    pub fn kind(&self) -> &'static str {
+        if self.parent.is_some() {
+            "incremental"
+        } else {
+            "full"
+        }
+    }
 }
 
 /// What the cluster held when a backup was taken: what a restore brings back.
@@ -227,6 +278,41 @@ impl Repo {
 }
 
 #[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    fn rec(id: &str, status: BackupStatus, parent: Option<&str>) -> BackupRecord {
+        let mut r = BackupRecord::for_test(id, status, Lsn(0), Timestamp::UNIX_EPOCH);
+        r.parent = parent.map(String::from);
+        r
+    }
+
+    #[test]
+    fn chains() {
+        use BackupStatus::*;
+        let all = vec![
+            rec("f", Complete, None),
+            rec("i1", Complete, Some("f")),
+            rec("i2", Complete, Some("i1")),
+            rec("bad", Failed, Some("i2")),
+            rec("orphan", Complete, Some("gone")),
+            rec("on-failed", Complete, Some("bad")),
+        ];
+        let ids = |id| chain(&all, id).map(|c| c.iter().map(|b| b.id.clone()).collect::<Vec<_>>());
+        assert_eq!(ids("f").unwrap(), ["f"]);
+        assert_eq!(ids("i2").unwrap(), ["f", "i1", "i2"]);
+        assert!(ids("bad").unwrap_err().contains("not complete"));
+        assert!(ids("orphan")
+            .unwrap_err()
+            .contains("backup gone, the parent of incremental backup orphan, is gone"));
+        assert!(ids("on-failed")
+            .unwrap_err()
+            .contains("the parent of incremental backup on-failed, is failed"));
+        assert!(ids("nope").unwrap_err().contains("no backup nope"));
+    }
+}
+
+#[cfg(test)]
 impl BackupRecord {
     /// A record for unit tests: `status`, started at `start_lsn` and `start_time`; the rest
     /// empty or neutral, for each test to set what it needs.
@@ -258,6 +344,7 @@ impl BackupRecord {
             verified: None,
             contents: None,
             environment: None,
+            parent: None,
         }
     }
 }

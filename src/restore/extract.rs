@@ -44,6 +44,8 @@ pub enum ExtractError {
     Tar { key: String, reason: String },
     #[error("archive {key} holds an entry outside its directory: {path:?}")]
     UnsafePath { key: String, path: String },
+    #[error("archive {key}: combining an incremental backup: {reason}")]
+    Combine { key: String, reason: String },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExtractError {
@@ -97,13 +99,35 @@ fn chown(path: &Path, owner: Owner) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How an archive is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// Into empty directories (a full backup, or the first of a chain).
+    Fresh,
+    /// Over what earlier backups of an incremental chain wrote ([`super::combine`]): whole
+    /// files replace theirs, `INCREMENTAL.*` files are applied to them. `checksums`: compute
+    /// the reconstructed files' manifest checksums (the newest layer).
+    Over { checksums: bool },
+}
+
+/// Where the current entry's bytes go.
+enum Sink {
+    File(File, PathBuf),
+    Incremental(Box<super::combine::Applier>, String, PathBuf),
+}
+
 /// The tar writer of one archive: creates entries under `root`, feeding `digests`.
 struct TarWriter<'a> {
     key: &'a str,
     root: &'a Path,
     owner: Owner,
+    layer: Layer,
+    algo: ChecksumAlgorithm,
+    prefix: String,
     digests: &'a mut FileDigests,
-    file: Option<(File, PathBuf)>,
+    file: Option<Sink>,
+    /// Reconstructed files (manifest path) with their final size and checksum.
+    rebuilt: &'a mut std::collections::HashMap<String, (u64, String)>,
     written: &'a std::sync::atomic::AtomicU64,
 }
 
@@ -133,10 +157,35 @@ impl TarWriter<'_> {
                             .map_err(io(format!("changing the owner of {}", target.display())))?;
                     }
                     EntryKind::File => {
+                        if let (Layer::Over { .. }, Some(name)) =
+                            (self.layer, super::combine::reconstructed_name(path))
+                        {
+                            let dest = confined(self.root, &name).ok_or_else(|| {
+                                ExtractError::UnsafePath {
+                                    key: self.key.to_string(),
+                                    path: path.clone(),
+                                }
+                            })?;
+                            let a = super::combine::Applier::open(&dest).map_err(|e| {
+                                ExtractError::Combine {
+                                    key: self.key.to_string(),
+                                    reason: e,
+                                }
+                            })?;
+                            self.file = Some(Sink::Incremental(
+                                Box::new(a),
+                                format!("{}{name}", self.prefix),
+                                dest,
+                            ));
+                            return Ok(());
+                        }
                         let m = if *mode == 0 { 0o600 } else { mode & 0o640 };
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
+                        let mut o = OpenOptions::new();
+                        match self.layer {
+                            Layer::Fresh => o.write(true).create_new(true),
+                            Layer::Over { .. } => o.write(true).create(true).truncate(true),
+                        };
+                        let f = o
                             .mode(m)
                             .open(&target)
                             .map_err(io(format!("creating {}", target.display())))?;
@@ -145,9 +194,13 @@ impl TarWriter<'_> {
                                 format!("changing the owner of {}", target.display()),
                             ))?;
                         }
-                        self.file = Some((f, target));
+                        self.file = Some(Sink::File(f, target));
                     }
                     EntryKind::Symlink => {
+                        if self.layer != Layer::Fresh && target.symlink_metadata().is_ok() {
+                            std::fs::remove_file(&target)
+                                .map_err(io(format!("replacing {}", target.display())))?;
+                        }
                         std::os::unix::fs::symlink(link, &target)
                             .map_err(io(format!("creating the symlink {}", target.display())))?;
                         chown(&target, self.owner)
@@ -157,38 +210,69 @@ impl TarWriter<'_> {
                 }
             }
             TarEvent::Data(d) => {
-                if let Some((f, p)) = self.file.as_mut() {
-                    f.write_all(d)
-                        .map_err(io(format!("writing {}", p.display())))?;
-                    self.written
-                        .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                match self.file.as_mut() {
+                    Some(Sink::File(f, p)) => f
+                        .write_all(d)
+                        .map_err(io(format!("writing {}", p.display())))?,
+                    Some(Sink::Incremental(a, _, _)) => {
+                        a.feed(d).map_err(|reason| ExtractError::Combine {
+                            key: self.key.to_string(),
+                            reason,
+                        })?
+                    }
+                    None => {}
+                }
+                self.written
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            TarEvent::EntryEnd => {
+                if let Some(Sink::Incremental(a, name, dest)) = self.file.take() {
+                    let combine = |reason| ExtractError::Combine {
+                        key: self.key.to_string(),
+                        reason,
+                    };
+                    let len = a.finish().map_err(combine)?;
+                    if self.layer == (Layer::Over { checksums: true }) {
+                        let (size, sum) = super::combine::file_digest(&dest, self.algo)
+                            .map_err(io(format!("reading back {}", dest.display())))?;
+                        debug_assert_eq!(size, len);
+                        self.rebuilt.insert(name, (size, sum));
+                    }
                 }
             }
-            TarEvent::EntryEnd => self.file = None,
         }
         Ok(())
     }
 }
 
 /// Runs the tar writer of one archive until the decompressor's pipe closes.
+#[allow(clippy::too_many_arguments)]
 fn write_archive(
     key: &str,
     root: &Path,
     owner: Owner,
     algo: ChecksumAlgorithm,
+    layer: Layer,
     tablespace: Option<u32>,
     rx: Receiver<Vec<u8>>,
     written: &std::sync::atomic::AtomicU64,
-) -> Result<FileDigests, ExtractError> {
+) -> Result<(FileDigests, Rebuilt), ExtractError> {
     let mut digests = FileDigests::new(algo);
     digests.start_archive(tablespace);
+    let mut rebuilt = Rebuilt::new();
     let mut reader = TarReader::new();
     let mut w = TarWriter {
         key,
         root,
         owner,
+        layer,
+        algo,
+        prefix: tablespace
+            .map(|o| format!("pg_tblspc/{o}/"))
+            .unwrap_or_default(),
         digests: &mut digests,
         file: None,
+        rebuilt: &mut rebuilt,
         written,
     };
     let mut failed: Option<ExtractError> = None;
@@ -214,16 +298,21 @@ fn write_archive(
         });
     }
     drop(w);
-    Ok(digests)
+    Ok((digests, rebuilt))
 }
 
-/// Extracts every archive (in parallel), returning the digests of all files written.
+/// Reconstructed files by manifest path: their final size and manifest checksum.
+pub type Rebuilt = std::collections::HashMap<String, (u64, String)>;
+
+/// Extracts every archive (in parallel), returning the digests of all files written and the
+/// files reconstructed from incremental ones (with [`Layer::Over`]).
 pub async fn extract_all(
     repo: &Repo,
     archives: &[Archive],
     owner: Owner,
     algo: ChecksumAlgorithm,
-) -> Result<FileDigests, ExtractError> {
+    layer: Layer,
+) -> Result<(FileDigests, Rebuilt), ExtractError> {
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let total: u64 = archives.iter().map(|a| a.size).sum();
     let mut tasks = Vec::new();
@@ -232,7 +321,7 @@ pub async fn extract_all(
         let (key, dest, ts) = (a.key.clone(), a.dest.clone(), a.tablespace);
         let w = written.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            write_archive(&key, &dest, owner, algo, ts, rx, &w)
+            write_archive(&key, &dest, owner, algo, layer, ts, rx, &w)
         });
         let repo = repo.clone();
         let key = a.key.clone();
@@ -248,6 +337,7 @@ pub async fn extract_all(
     let mut progress = Progress::new("restore");
     progress.set_total(total);
     let mut all = FileDigests::new(algo);
+    let mut rebuilt = Rebuilt::new();
     let mut first_error: Option<ExtractError> = None;
     for (reader, writer) in tasks {
         while !writer.is_finished() {
@@ -264,7 +354,10 @@ pub async fn extract_all(
             (Ok(_), Ok(d)) => Ok(d),
         };
         match outcome {
-            Ok(d) => all.merge(d),
+            Ok((d, r)) => {
+                all.merge(d);
+                rebuilt.extend(r);
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -274,7 +367,7 @@ pub async fn extract_all(
     progress.finish();
     match first_error {
         Some(e) => Err(e),
-        None => Ok(all),
+        None => Ok((all, rebuilt)),
     }
 }
 

@@ -10,6 +10,7 @@
 //! a failed restore removes what it wrote.
 
 pub(crate) mod binaries;
+pub mod combine;
 pub mod drill;
 pub mod extract;
 pub mod info;

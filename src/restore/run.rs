@@ -15,7 +15,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::info;
 
-use super::extract::{extract_all, Archive, ExtractError, Owner};
+use super::extract::{extract_all, Archive, ExtractError, Layer, Owner};
 use super::plan::{describe_windows, gap_after, plan, Plan, PlanError, Request, WalInventory};
 use super::recovery::{self, TargetAction};
 use super::target::{Target, TimelineChoice};
@@ -468,16 +468,68 @@ pub async fn write_restore(
         }
     }
     let pgdata = &archives[0].dest;
-    let (manifest_raw, manifest, algo) = backup_manifest(repo, rec).await?;
-    let digests = extract_all(repo, archives, owner, algo).await?;
-    let files = manifest
-        .verify(&digests)
-        .map_err(|cause| RestoreError::Manifest {
-            context: "the restored files do not match the backup manifest",
-            cause,
-        })?;
+    // An incremental backup restores as its chain: the full backup, then each incremental
+    // over it ([`super::combine`]).
+    let all;
+    let chain: Vec<&BackupRecord> = if rec.parent.is_some() {
+        all = repo.list_backups().await?;
+        crate::repo::catalog::chain(&all, &rec.id).map_err(RestoreError::Refused)?
+    } else {
+        vec![rec]
+    };
+    let mut files = 0;
+    let mut bytes = 0u64;
+    let mut manifest_raw = Vec::new();
+    for (i, layer) in chain.iter().enumerate() {
+        let layer_archives = if i + 1 == chain.len() {
+            archives.to_vec()
+        } else {
+            super::run::archives(layer, pgdata, w.mapping)?
+        };
+        for a in &layer_archives {
+            std::fs::create_dir_all(&a.dest)
+                .map_err(io(format!("cannot create {}", a.dest.display())))?;
+        }
+        let (raw, manifest, algo) = backup_manifest(repo, layer).await?;
+        let mode = match i {
+            0 => Layer::Fresh,
+            _ => Layer::Over {
+                checksums: i + 1 == chain.len(),
+            },
+        };
+        if chain.len() > 1 {
+            info!(backup = %layer.id, kind = layer.kind(), "restoring link {} of {} of the chain", i + 1, chain.len());
+        }
+        let (digests, rebuilt) = extract_all(repo, &layer_archives, owner, algo, mode).await?;
+        files = manifest
+            .verify(&digests)
+            .map_err(|cause| RestoreError::Manifest {
+                context: "the restored files do not match the backup manifest",
+                cause,
+            })?;
+        bytes += layer_archives.iter().map(|a| a.size).sum::<u64>();
+        manifest_raw = raw;
+        if i > 0 {
+            let removed = super::combine::remove_unlisted(&layer_archives, &manifest)
+                .map_err(io("removing files the newer backup no longer has"))?;
+            if removed > 0 {
+                info!(backup = %layer.id, removed, "files gone since the previous backup removed");
+            }
+        }
+        if i + 1 == chain.len() && i > 0 {
+            let mut rebuilt = rebuilt;
+            let label = super::combine::make_label_full(pgdata, algo)
+                .map_err(io("rewriting backup_label"))?;
+            rebuilt.insert("backup_label".into(), label);
+            manifest_raw = super::combine::rewrite_manifest(&manifest_raw, &rebuilt, algo)
+                .map_err(RestoreError::Refused)?;
+            info!(
+                reconstructed = rebuilt.len(),
+                "files reconstructed from the incremental chain; the restored manifest lists them as they are now"
+            );
+        }
+    }
     info!(files, "every restored file matches the backup manifest");
-    let bytes: u64 = archives.iter().map(|a| a.size).sum();
 
     crate::storage::fs::write_private(&pgdata.join("backup_manifest"), &manifest_raw)
         .map_err(io("writing backup_manifest"))?;
