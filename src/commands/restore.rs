@@ -220,6 +220,16 @@ fn print_dry_run(
         d.target,
         p.wal_end
     );
+    if d.chain.len() > 1 {
+        println!(
+            "chain (every link read and checked against its own manifest): {}",
+            d.chain
+                .iter()
+                .map(|l| format!("{} ({})", l.id, l.kind))
+                .collect::<Vec<_>>()
+                .join(" ← ")
+        );
+    }
     for s in &p.segments {
         let note = match s.source {
             WalSource::Object => "",

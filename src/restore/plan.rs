@@ -256,6 +256,9 @@ pub enum PlanError {
     UnknownBackup(String),
     #[error("backup {0} is not complete ({1})")]
     BackupNotComplete(String, String),
+    /// An incremental backup whose chain down to a full backup is not whole.
+    #[error("backup {0} cannot be restored: {1}")]
+    BrokenChain(String, String),
     #[error("timeline {0} has no history file in the archive; archived timelines: {1}")]
     NoHistory(TimeLineId, String),
     #[error(
@@ -338,10 +341,8 @@ impl Window {
 
 /// The recovery windows of the archive: one per stretch between recorded gaps, oldest first.
 pub fn recovery_windows(backups: &[BackupRecord], gaps: &[Gap]) -> Vec<Window> {
-    let mut complete: Vec<&BackupRecord> = backups
-        .iter()
-        .filter(|b| b.status == BackupStatus::Complete && b.stop_lsn.is_some())
-        .collect();
+    let mut complete: Vec<&BackupRecord> =
+        backups.iter().filter(|b| restorable(backups, b)).collect();
     complete.sort_by_key(|b| b.stop_lsn);
     let mut gaps: Vec<&Gap> = gaps.iter().collect();
     gaps.sort_by_key(|g| g.from_lsn);
@@ -423,6 +424,13 @@ fn serves(b: &BackupRecord, target: &Target) -> Result<(), String> {
     }
 }
 
+/// Whether `b` can be restored: complete, and when incremental, its whole chain too.
+pub fn restorable(backups: &[BackupRecord], b: &BackupRecord) -> bool {
+    b.status == BackupStatus::Complete
+        && b.stop_lsn.is_some()
+        && (b.parent.is_none() || crate::repo::catalog::chain(backups, &b.id).is_ok())
+}
+
 /// Builds the plan. `backups` may be in any order and include failed ones (ignored).
 pub fn plan(
     backups: &[BackupRecord],
@@ -430,10 +438,8 @@ pub fn plan(
     req: &Request,
     seg_size: u64,
 ) -> Result<Plan, PlanError> {
-    let mut complete: Vec<&BackupRecord> = backups
-        .iter()
-        .filter(|b| b.status == BackupStatus::Complete && b.stop_lsn.is_some())
-        .collect();
+    let mut complete: Vec<&BackupRecord> =
+        backups.iter().filter(|b| restorable(backups, b)).collect();
     complete.sort_by_key(|b| (b.stop_lsn, b.id.clone()));
     let target_desc = req.target.describe();
 
@@ -449,6 +455,9 @@ pub fn plan(
                     id.clone(),
                     format!("{:?}", b.status).to_lowercase(),
                 ));
+            }
+            if let Err(why) = crate::repo::catalog::chain(backups, id) {
+                return Err(PlanError::BrokenChain(id.clone(), why));
             }
             Some(b)
         }
@@ -704,6 +713,47 @@ mod tests {
                 ) + if s.partial { "p" } else { "" }
             })
             .collect()
+    }
+
+    #[test]
+    fn an_incremental_backup_serves_only_with_its_whole_chain() {
+        // Full A (segs 2-3), incremental B on A (6-7), incremental C on a failed one (8).
+        let mut bs = vec![
+            backup("A", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z"),
+            backup("B", 1, 6, 7 * SEG + 0x100, "2026-11-23T02:00:00Z"),
+            backup("X", 1, 7, 7 * SEG + 0x200, "2026-11-23T02:10:00Z"),
+            backup("C", 1, 8, 8 * SEG + 0x100, "2026-11-23T03:00:00Z"),
+        ];
+        bs[1].parent = Some("A".into());
+        bs[2].status = BackupStatus::Failed;
+        bs[3].parent = Some("X".into());
+        let i = inv(&(2..=9).map(|s| (s, 1)).collect::<Vec<_>>(), &[], &[]);
+        assert_eq!(
+            plan(&bs, &i, &req(Target::Latest), SEG).unwrap().backup_id,
+            "B"
+        );
+        let mut forced = req(Target::Latest);
+        forced.backup = Some("C".into());
+        match plan(&bs, &i, &forced, SEG) {
+            Err(PlanError::BrokenChain(id, why)) => {
+                assert_eq!(id, "C");
+                assert!(
+                    why.contains("backup X, the parent of incremental backup C, is failed"),
+                    "{why}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The parent gone: B no longer serves; A does.
+        bs.remove(0);
+        bs.insert(
+            0,
+            backup("A2", 1, 2, 3 * SEG + 0x100, "2026-11-23T01:00:00Z"),
+        );
+        assert_eq!(
+            plan(&bs, &i, &req(Target::Latest), SEG).unwrap().backup_id,
+            "A2"
+        );
     }
 
     #[test]

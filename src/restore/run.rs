@@ -675,6 +675,17 @@ pub struct DryRun {
     pub bytes_to_restore: u64,
     pub estimated_seconds: f64,
     pub objects_verified: usize,
+    /// The backups restored, the full one first: the chain of an incremental backup, each
+    /// link read and checked against its own manifest; just the backup for a full one.
+    pub chain: Vec<ChainLink>,
+}
+
+/// One backup of a restore's chain.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChainLink {
+    pub id: String,
+    pub kind: &'static str,
+    pub size_bytes: u64,
 }
 
 /// Reads and verifies everything the restore of `p` would read (the backup's archives against
@@ -688,9 +699,19 @@ pub async fn dry_run(
     mapping: &[(PathBuf, PathBuf)],
 ) -> Result<DryRun, RestoreError> {
     archives(rec, pgdata, mapping)?;
-    let mut verified = verify_backup(repo, rec).await?;
+    let all;
+    let chain: Vec<&BackupRecord> = if rec.parent.is_some() {
+        all = repo.list_backups().await?;
+        crate::repo::catalog::chain(&all, &rec.id).map_err(RestoreError::Refused)?
+    } else {
+        vec![rec]
+    };
+    let mut verified = 0;
+    for link in &chain {
+        verified += verify_backup(repo, link).await?;
+    }
     verified += verify_wal(repo, &p).await?;
-    let backup_bytes = rec.size_bytes;
+    let backup_bytes: u64 = chain.iter().map(|b| b.size_bytes).sum();
     let wal_bytes = p.segments.len() as u64 * repo.seg_size();
     Ok(DryRun {
         dry_run: true,
@@ -703,6 +724,14 @@ pub async fn dry_run(
         estimated_seconds: backup_bytes as f64 / EST_EXTRACT_BYTES_PER_S
             + wal_bytes as f64 / EST_REPLAY_BYTES_PER_S,
         objects_verified: verified,
+        chain: chain
+            .iter()
+            .map(|b| ChainLink {
+                id: b.id.clone(),
+                kind: b.kind(),
+                size_bytes: b.size_bytes,
+            })
+            .collect(),
     })
 }
 

@@ -224,9 +224,16 @@ pub fn plan(
         return Err(PolicyError::Empty);
     }
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); backups.len()];
-    // Complete backups, newest first (by start time, then catalog order).
+    // Restorable points: complete backups (an incremental one with its whole chain), newest
+    // first (by start time, then catalog order).
+    let broken = |i: usize| {
+        backups[i]
+            .parent
+            .as_ref()
+            .and_then(|_| crate::repo::catalog::chain(backups, &backups[i].id).err())
+    };
     let mut complete: Vec<usize> = (0..backups.len())
-        .filter(|&i| backups[i].status == BackupStatus::Complete)
+        .filter(|&i| backups[i].status == BackupStatus::Complete && broken(i).is_none())
         .collect();
     complete.sort_by(|&a, &b| (backups[b].start_time, b).cmp(&(backups[a].start_time, a)));
     for (n, &i) in complete.iter().enumerate() {
@@ -278,7 +285,10 @@ pub fn plan(
         let mut why = std::mem::take(&mut reasons[i]);
         let keep = match b.status {
             BackupStatus::Complete if why.is_empty() => {
-                why.push("no rule keeps it".into());
+                why.push(match broken(i) {
+                    Some(e) => format!("cannot be restored: {e}"),
+                    None => "no rule keeps it".into(),
+                });
                 false
             }
             BackupStatus::Complete => true,
@@ -317,6 +327,33 @@ pub fn plan(
             reasons: why,
             stored_bytes: b.stored_bytes,
         });
+    }
+    // A chain is a unit: every backup a kept incremental backup builds on stays with it.
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for i in 0..backups.len() {
+            let Some(parent) = backups[i].parent.as_ref().filter(|_| verdicts[i].keep) else {
+                continue;
+            };
+            let Some(j) = backups.iter().position(|b| &b.id == parent) else {
+                continue;
+            };
+            if backups[j].status != BackupStatus::Complete {
+                continue;
+            }
+            let reason = format!(
+                "the parent of incremental backup {}, kept with its chain",
+                backups[i].id
+            );
+            if !verdicts[j].keep {
+                verdicts[j].keep = true;
+                verdicts[j].reasons = vec![reason];
+                changed = true;
+            } else if !verdicts[j].reasons.contains(&reason) {
+                verdicts[j].reasons.push(reason);
+            }
+        }
     }
     // The oldest start among what stays; WAL before its segment goes.
     let kept_starts = backups
@@ -466,6 +503,47 @@ mod tests {
                 Err(PolicyError::Empty)
             );
         }
+    }
+
+    #[test]
+    fn chains_are_kept_whole() {
+        // full f0 ← i1 ← i2, full f3 ← i4; a broken incremental x5 on a failed backup.
+        let mut b = daily("2026-03-01 01:00:00", 6);
+        for (i, parent) in [(1, "b000"), (2, "b001"), (4, "b003"), (5, "failed")] {
+            b[i].parent = Some(parent.into());
+        }
+        b.push(backup(
+            "failed",
+            "2026-03-07 01:00:00",
+            9,
+            BackupStatus::Failed,
+        ));
+        let keep = |n| Policy {
+            keep_last: n,
+            ..Policy::default()
+        };
+        let now = "2026-03-07 00:00:00";
+        // keep-last 1: the newest restorable point is i4 (x5 cannot be restored): f3 with it.
+        let p = run(&b, keep(1), now);
+        assert_eq!(kept(&p), ["b003", "b004", "failed"]);
+        assert_eq!(
+            p.backups[3].reasons,
+            ["the parent of incremental backup b004, kept with its chain"]
+        );
+        assert!(
+            p.backups[5].reasons[0].starts_with("cannot be restored: backup failed"),
+            "{:?}",
+            p.backups[5].reasons
+        );
+        // keep-last 3: i4, f3, i2 — and i2's whole chain.
+        let p = run(&b, keep(3), now);
+        assert_eq!(kept(&p), ["b000", "b001", "b002", "b003", "b004", "failed"]);
+        assert_eq!(
+            p.backups[0].reasons,
+            ["the parent of incremental backup b001, kept with its chain"]
+        );
+        // WAL from the chain's full backup on stays.
+        assert_eq!(p.wal_cutoff, Some(Lsn(SEG)));
     }
 
     #[test]
