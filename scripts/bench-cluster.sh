@@ -2,7 +2,8 @@
 # on a free port in a new directory $W (removed on exit with the cluster), with pgbench data at
 # scale $SCALE. Sets BIN, W, AS (run-as-postgres prefix when root), PORT and PSQL. A script may
 # define bench_cleanup (called first on exit) to stop its own processes.
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+# BENCH_PG_BIN: other server binaries; BENCH_PG_CONF: extra postgresql.conf lines.
+BIN=${BENCH_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}
 W=$(mktemp -d /tmp/archiver-bench-XXXXXX)
 chmod 755 "$W"
 AS=()
@@ -18,6 +19,7 @@ max_wal_size = '4GB'
 wal_level = replica
 max_wal_senders = 5
 dynamic_shared_memory_type = mmap
+${BENCH_PG_CONF:-}
 CONF
 cleanup() {
     declare -F bench_cleanup >/dev/null && bench_cleanup

@@ -484,7 +484,26 @@ pub async fn write_restore(
         let layer_archives = if i + 1 == chain.len() {
             archives.to_vec()
         } else {
-            super::run::archives(layer, pgdata, w.mapping)?
+            // (A tablespace mapped for the newest backup may not exist yet in an older one.)
+            let mapping: Vec<(PathBuf, PathBuf)> = w
+                .mapping
+                .iter()
+                .filter(|(old, _)| {
+                    layer
+                        .tablespaces
+                        .iter()
+                        .any(|t| Path::new(&t.location) == old)
+                })
+                .cloned()
+                .collect();
+            // Tablespaces the newest backup no longer has are not restored at all.
+            self::archives(layer, pgdata, &mapping)?
+                .into_iter()
+                .filter(|a| {
+                    a.tablespace
+                        .is_none_or(|oid| rec.tablespaces.iter().any(|t| t.oid == oid))
+                })
+                .collect()
         };
         for a in &layer_archives {
             std::fs::create_dir_all(&a.dest)
