@@ -372,16 +372,25 @@ async fn run_schedules_backups_expires_and_serves_metrics() {
             Some(("tier", "offsite")),
         )
         .unwrap();
-        let tiers: serde_json::Value =
-            serde_json::from_str(&archiver_ok(&["tiers", "--config", c, "--json"])).unwrap();
-        let t = tiers["tiers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "offsite")
-            .unwrap();
-        let from_tiers = t["durable"]["lsn"].as_str().map(lsn_of).unwrap();
-        assert!(m as u64 <= from_tiers, "metrics {m} vs tiers {from_tiers}");
+        // (`tiers` reads spool/tiers.json, which the uploader rewrites once a second: it
+        // catches up to the metric, never the other way round.)
+        let from_tiers = || {
+            let tiers: serde_json::Value =
+                serde_json::from_str(&archiver_ok(&["tiers", "--config", c, "--json"])).unwrap();
+            let t = tiers["tiers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "offsite")
+                .unwrap()
+                .clone();
+            t["durable"]["lsn"].as_str().map(lsn_of).unwrap_or(0)
+        };
+        wait_until(
+            "the tier state file reaches the metric's durable position",
+            Duration::from_secs(10),
+            || m as u64 <= from_tiers(),
+        );
     }
 
     wait_until("a scheduled verify", T, || {
