@@ -45,7 +45,25 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
     for n in &names {
         let seg = archiver::SegmentName::parse(n, seg_size).unwrap();
         let bytes = std::fs::read(pg.wal_dir().join(n)).unwrap();
-        reader.feed_segment(seg.start_lsn(), &bytes, &mut |e| events.push(e));
+        reader
+            .feed_segment(seg.start_lsn(), &bytes, &mut |e| events.push(e))
+            .unwrap();
+    }
+    // One byte flipped inside a record (the restore point's name): its CRC-32C refuses it.
+    let seg = archiver::SegmentName::containing(1, rp_lsn, seg_size);
+    let mut bytes = std::fs::read(pg.wal_dir().join(seg.to_string())).unwrap();
+    let at = (rp_lsn.0 - seg.start_lsn().0) as usize;
+    let name_at = bytes[..at]
+        .windows(9)
+        .rposition(|w| w == b"the_point")
+        .expect("the restore point's name in its segment");
+    bytes[name_at] ^= 0x20;
+    let mut reader = RecordReader::new(seg_size, 15);
+    match reader.feed_segment(seg.start_lsn(), &bytes, &mut |_| {}) {
+        Err(archiver::RecordError::Crc { at, .. }) => {
+            assert!(at < rp_lsn && rp_lsn.0 - at.0 < 200, "the record at {at}")
+        }
+        other => panic!("a flipped byte was not refused: {other:?}"),
     }
     let commit = events.iter().find(
         |e| matches!(e, Event::XactEnd { xid, committed: true, .. } if *xid as u64 == committed),

@@ -219,13 +219,15 @@ async fn locate(
     for s in &chain.segments {
         let name = s.segment(seg_size);
         let raw = repo.read_wal(name, s.source).await?;
-        reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
-            if found.is_none() && matches(&e) {
-                found = Some(match e {
-                    Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } => end,
-                });
-            }
-        });
+        reader
+            .feed_segment(name.start_lsn(), &raw, &mut |e| {
+                if found.is_none() && matches(&e) {
+                    found = Some(match e {
+                        Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } => end,
+                    });
+                }
+            })
+            .map_err(damaged_wal(name))?;
         if found.is_some() || reader.ended() {
             break;
         }
@@ -241,6 +243,16 @@ async fn locate(
             chain.segments.first().map_or("-", |s| s.name.as_str()),
             chain.wal_end
         ))),
+    }
+}
+
+/// A WAL record that fails its CRC: the archive is damaged there, refused like a bad object.
+fn damaged_wal(
+    name: crate::wal::SegmentName,
+) -> impl FnOnce(crate::wal::record::RecordError) -> RestoreError {
+    move |e| RestoreError::Damaged {
+        what: format!("WAL segment {name}"),
+        cause: Box::new(e),
     }
 }
 
@@ -263,11 +275,13 @@ async fn last_transaction(repo: &Repo, p: &Plan) -> Result<LastTransaction, Rest
         let raw = repo.read_wal(name, s.source).await?;
         let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
         let mut last = None;
-        reader.feed_segment(name.start_lsn(), &raw, &mut |e| {
-            if let Event::XactEnd { time, end, .. } = e {
-                last = Some(LastTransaction::At(time, end));
-            }
-        });
+        reader
+            .feed_segment(name.start_lsn(), &raw, &mut |e| {
+                if let Event::XactEnd { time, end, .. } = e {
+                    last = Some(LastTransaction::At(time, end));
+                }
+            })
+            .map_err(damaged_wal(name))?;
         if let Some(l) = last {
             return Ok(l);
         }

@@ -3,9 +3,10 @@
 //! Feed it whole segments in order; it reassembles records across pages and segments
 //! (`XLogReadRecord` / `DecodeXLogRecord` in `src/backend/access/transam/xlogreader.c`).
 //!
-//! It reads, it does not validate: page headers and CRCs are the page validator's and
-//! PostgreSQL's business. A zero `xl_tot_len` ends the WAL; after `XLOG_SWITCH` the rest of the
-//! segment is skipped.
+//! Every complete record's CRC-32C is checked as `ValidXLogRecord` does (the data after the
+//! header, then the header up to `xl_crc`): a mismatch is an error, never skipped — the archived
+//! WAL is damaged there. Page headers are the page validator's business. A zero `xl_tot_len`
+//! ends the WAL; after `XLOG_SWITCH` the rest of the segment is skipped.
 
 use bytes::Buf;
 
@@ -42,13 +43,39 @@ pub enum Event {
     },
 }
 
+/// A record that cannot be what PostgreSQL wrote.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("WAL record at {at} fails its CRC-32C check (xl_crc {want:08x}, computed {got:08x}): the archived WAL is damaged there")]
+    Crc { at: Lsn, want: u32, got: u32 },
+}
+
+/// `offsetof(XLogRecord, xl_crc)`.
+const XL_CRC_OFFSET: usize = 20;
+
+/// Checks a complete record's `xl_crc` (`ValidXLogRecord` in xlogreader.c).
+pub fn check_crc(rec: &[u8], at: Lsn) -> Result<(), RecordError> {
+    let want = u32le(rec, XL_CRC_OFFSET);
+    let got = crc32c::crc32c_append(
+        crc32c::crc32c(&rec[RECORD_HEADER_LEN..]),
+        &rec[..XL_CRC_OFFSET],
+    );
+    if got == want {
+        Ok(())
+    } else {
+        Err(RecordError::Crc { at, want, got })
+    }
+}
+
 /// Reassembles records from segments fed in order.
 #[derive(Debug)]
 pub struct RecordReader {
     seg_size: u64,
     major: u32,
-    /// The record being assembled, and its total length once its header is complete.
+    /// The record being assembled, where it starts, and its total length once its header is
+    /// complete.
     pending: Vec<u8>,
+    pending_start: Lsn,
     pending_len: Option<usize>,
     ended: bool,
 }
@@ -134,6 +161,7 @@ impl RecordReader {
             seg_size,
             major,
             pending: Vec::new(),
+            pending_start: Lsn(0),
             pending_len: None,
             ended: false,
         }
@@ -145,10 +173,16 @@ impl RecordReader {
     }
 
     /// Reads one whole segment starting at `base` (a segment boundary); calls `on` for each
-    /// event. A partial segment (zero-filled after its end) is fine.
-    pub fn feed_segment(&mut self, base: Lsn, seg: &[u8], on: &mut dyn FnMut(Event)) {
+    /// event. A partial segment (zero-filled after its end) is fine. A record whose CRC fails
+    /// is an error.
+    pub fn feed_segment(
+        &mut self,
+        base: Lsn,
+        seg: &[u8],
+        on: &mut dyn FnMut(Event),
+    ) -> Result<(), RecordError> {
         if self.ended {
-            return;
+            return Ok(());
         }
         let page = XLOG_BLCKSZ as usize;
         let mut off = 0usize;
@@ -175,7 +209,10 @@ impl RecordReader {
                 // Continue or start a record.
                 if self.pending.is_empty() && cur + 4 <= page_end && u32le(seg, cur) == 0 {
                     self.ended = true;
-                    return;
+                    return Ok(());
+                }
+                if self.pending.is_empty() {
+                    self.pending_start = Lsn(base.0 + cur as u64);
                 }
                 let want = match self.pending_len {
                     Some(n) => n - self.pending.len(),
@@ -188,7 +225,7 @@ impl RecordReader {
                     let tot = u32le(&self.pending, 0) as usize;
                     if tot < RECORD_HEADER_LEN {
                         self.ended = true;
-                        return;
+                        return Ok(());
                     }
                     self.pending_len = Some(tot);
                 }
@@ -197,10 +234,11 @@ impl RecordReader {
                     let end = Lsn((base.0 + cur as u64).next_multiple_of(8));
                     let rec = std::mem::take(&mut self.pending);
                     self.pending_len = None;
+                    check_crc(&rec, self.pending_start)?;
                     let rmid = rec[17];
                     let info = rec[16];
                     if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
-                        return; // the rest of the segment is padding
+                        return Ok(()); // the rest of the segment is padding
                     }
                     self.event(&rec, end, on);
                     cur = cur.next_multiple_of(8);
@@ -208,6 +246,7 @@ impl RecordReader {
             }
             off += page;
         }
+        Ok(())
     }
 
     fn event(&self, rec: &[u8], end: Lsn, on: &mut dyn FnMut(Event)) {
@@ -239,5 +278,41 @@ impl RecordReader {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod crc_tests {
+    use super::*;
+
+    /// A record of `body` with its `xl_crc` as PostgreSQL computes it.
+    fn record(body: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; RECORD_HEADER_LEN];
+        r[..4].copy_from_slice(&((RECORD_HEADER_LEN + body.len()) as u32).to_le_bytes());
+        r[4..8].copy_from_slice(&42u32.to_le_bytes());
+        r[17] = RM_XACT_ID;
+        r.extend_from_slice(body);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(body), &r[..XL_CRC_OFFSET]);
+        r[XL_CRC_OFFSET..XL_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn record_crc() {
+        let r = record(b"\xff\x08some main data");
+        assert_eq!(check_crc(&r, Lsn(0x100)), Ok(()));
+        // A flipped bit in the data, in the header, or in the stored CRC: refused.
+        for i in [RECORD_HEADER_LEN + 3, 4, 17, XL_CRC_OFFSET + 1] {
+            let mut bad = r.clone();
+            bad[i] ^= 0x01;
+            match check_crc(&bad, Lsn(0x100)) {
+                Err(RecordError::Crc { at, .. }) => assert_eq!(at, Lsn(0x100)),
+                other => panic!("byte {i}: {other:?}"),
+            }
+        }
+        // The padding bytes between xl_rmid and xl_crc are covered as well.
+        let mut pad = r.clone();
+        pad[18] = 1;
+        assert!(check_crc(&pad, Lsn(0)).is_err());
     }
 }
