@@ -16,20 +16,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn bin_of(var: &str) -> Option<PathBuf> {
-    std::env::var(var)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-fn state(pg: &Pg) -> String {
-    pg.psql(
-        "select (select md5(string_agg(aid || ':' || abalance, ',' order by aid)) from pgbench_accounts) \
-         || '/' || (select md5(coalesce(string_agg(id || ':' || v, ',' order by id), '')) from t)",
-    )
-}
-
 fn json(out: std::process::Output, what: &str) -> serde_json::Value {
     let out = succeeded(out, what);
     serde_json::from_slice(&out.stdout).unwrap()
@@ -65,18 +51,21 @@ fn checkpoint_in_time(pg: &Pg, round: &str) -> (String, String) {
     ));
     pg.pgbench(&["-t", "100", "-c", "2"]);
     std::thread::sleep(Duration::from_millis(1100));
-    let s = state(pg);
+    let s = accounts_and_t(pg);
     let time = pg.psql("select clock_timestamp()");
     std::thread::sleep(Duration::from_millis(1100));
     (s, time)
 }
 
 fn chain_end_to_end(major: u32) {
-    let Some(bin) = bin_of(&format!("ARCHIVER_TEST_PG{major}_BIN")) else {
+    let Some(bin) = pg_bin_of_major(major) else {
         eprintln!("skipped: no PostgreSQL {major} binaries (scripts/test.sh fetches them)");
         return;
     };
-    let tools = bin_of("ARCHIVER_TEST_PG18_TOOLS");
+    let tools = std::env::var("ARCHIVER_TEST_PG18_TOOLS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     let dir = TestDir::new();
     let mut pg = Pg::create_with_bin(&dir, "pg", "summarize_wal = on\n", &bin);
     pg.start();
@@ -195,22 +184,11 @@ fn chain_end_to_end(major: u32) {
             must(v, "pg_verifybackup of the combined directory");
         }
         let restored = start_recovering(&dir, name, pgdata, Some(&bin));
-        assert_eq!(&state(&restored), wanted, "{name}");
+        assert_eq!(&accounts_and_t(&restored), wanted, "{name}");
     }
 
     // A drill of the newest (incremental) backup.
-    let scratch = dir.join("scratch");
-    std::fs::create_dir(&scratch).unwrap();
-    let drill = json(
-        archiver_cmd(
-            std::process::Command::new(dir.join("archiver-bin"))
-                .args(["drill", "--repo", &r, "--json", "--pg-bin"])
-                .arg(&bin)
-                .arg("--scratch")
-                .arg(&scratch),
-        ),
-        "archiver drill",
-    );
+    let drill = drill_with(&dir, &r, &bin);
     assert_eq!(drill["passed"], true, "{drill}");
 
     // The middle link's object damaged: refused, nothing left behind.

@@ -8,31 +8,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn bin_of(major: u32) -> Option<PathBuf> {
-    std::env::var(format!("ARCHIVER_TEST_PG{major}_BIN"))
-        .ok()
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-/// What the restore must reproduce: pgbench's accounts and the test's table.
-fn state(pg: &Pg) -> String {
-    pg.psql(
-        "select (select md5(string_agg(aid || ':' || abalance, ',' order by aid)) from pgbench_accounts) \
-         || '/' || (select md5(coalesce(string_agg(id || ':' || v, ',' order by id), '')) from t)",
-    )
-}
-
 /// The run described above, on the major whose binaries are in `bin`.
 fn end_to_end(major: u32) {
-    let Some(bin) = bin_of(major) else {
+    let Some(bin) = pg_bin_of_major(major) else {
         eprintln!("skipped: no PostgreSQL {major} binaries (scripts/test.sh fetches them)");
         return;
     };
@@ -112,7 +97,7 @@ fn end_to_end(major: u32) {
     pg.psql("insert into t select g, 'after the backup' from generate_series(1, 1000) g");
     pg.pgbench(&["-t", "100", "-c", "2"]);
     std::thread::sleep(Duration::from_millis(1100));
-    let wanted = state(&pg);
+    let wanted = accounts_and_t(&pg);
     let time = pg.psql("select clock_timestamp()");
     std::thread::sleep(Duration::from_millis(1100));
     pg.psql("update t set v = 'too late'");
@@ -163,26 +148,12 @@ fn end_to_end(major: u32) {
     // Restored to the time and started with this major's binaries: exactly the data then.
     succeeded(restore(&pgdata, &bin), "archiver restore");
     let restored = start_recovering(&dir, "restored", pgdata, Some(&bin));
-    assert_eq!(state(&restored), wanted);
+    assert_eq!(accounts_and_t(&restored), wanted);
     drop(restored);
 
-    // A drill of the newest backup with this major's binaries (run by the copy of archiver
-    // the postgres user can execute: it becomes the drill's restore_command).
-    let scratch = dir.join("scratch");
-    std::fs::create_dir(&scratch).unwrap();
-    let out = succeeded(
-        archiver_cmd(
-            std::process::Command::new(dir.join("archiver-bin"))
-                .args(["drill", "--repo", &r, "--json", "--pg-bin"])
-                .arg(&bin)
-                .arg("--scratch")
-                .arg(&scratch),
-        ),
-        "archiver drill",
-    );
-    let res: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // A drill of the newest backup with this major's binaries.
+    let res = drill_with(&dir, &r, &bin);
     assert_eq!(res["passed"], true, "{res}");
-    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
     assert!(streamer.term().success());
 }
 
@@ -213,7 +184,7 @@ fn postgresql_18_end_to_end() {
 
 #[test]
 fn postgresql_14_backup_with_a_tablespace_restores_and_starts() {
-    let Some(bin) = bin_of(14) else {
+    let Some(bin) = pg_bin_of_major(14) else {
         eprintln!("skipped: no PostgreSQL 14 binaries (scripts/test.sh fetches them)");
         return;
     };

@@ -462,6 +462,20 @@ pub struct Written {
     pub recovery_settings: Vec<String>,
 }
 
+/// The backups a restore of `rec` writes, the full one first: `rec` alone, or the chain of an
+/// incremental backup (refused when a link is missing or not complete).
+async fn chain_of(repo: &Repo, rec: &BackupRecord) -> Result<Vec<BackupRecord>, RestoreError> {
+    if rec.parent.is_none() {
+        return Ok(vec![rec.clone()]);
+    }
+    let all = repo.list_backups().await?;
+    Ok(crate::repo::catalog::chain(&all, &rec.id)
+        .map_err(RestoreError::Refused)?
+        .into_iter()
+        .cloned()
+        .collect())
+}
+
 /// Writes the backup's archives (verified, every file against the manifest) and the recovery
 /// settings. The destinations must have been checked ([`check_empty_dir`]).
 pub async fn write_restore(
@@ -484,13 +498,7 @@ pub async fn write_restore(
     let pgdata = &archives[0].dest;
     // An incremental backup restores as its chain: the full backup, then each incremental
     // over it ([`super::combine`]).
-    let all;
-    let chain: Vec<&BackupRecord> = if rec.parent.is_some() {
-        all = repo.list_backups().await?;
-        crate::repo::catalog::chain(&all, &rec.id).map_err(RestoreError::Refused)?
-    } else {
-        vec![rec]
-    };
+    let chain = chain_of(repo, rec).await?;
     let mut files = 0;
     let mut bytes = 0u64;
     let mut manifest_raw = Vec::new();
@@ -732,13 +740,7 @@ pub async fn dry_run(
     mapping: &[(PathBuf, PathBuf)],
 ) -> Result<DryRun, RestoreError> {
     archives(rec, pgdata, mapping)?;
-    let all;
-    let chain: Vec<&BackupRecord> = if rec.parent.is_some() {
-        all = repo.list_backups().await?;
-        crate::repo::catalog::chain(&all, &rec.id).map_err(RestoreError::Refused)?
-    } else {
-        vec![rec]
-    };
+    let chain = chain_of(repo, rec).await?;
     let mut verified = 0;
     for link in &chain {
         verified += verify_backup(repo, link).await?;

@@ -1081,3 +1081,46 @@ impl Drop for FaultyProxy {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Server binaries of another major that scripts/test.sh fetched
+/// (`ARCHIVER_TEST_PG<major>_BIN`), if any.
+pub fn pg_bin_of_major(major: u32) -> Option<PathBuf> {
+    std::env::var(format!("ARCHIVER_TEST_PG{major}_BIN"))
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// A checksum of pgbench's accounts and the test table `t (id, v)`: what a restore must bring
+/// back exactly.
+pub fn accounts_and_t(pg: &Pg) -> String {
+    pg.psql(
+        "select (select md5(string_agg(aid || ':' || abalance, ',' order by aid)) from pgbench_accounts) \
+         || '/' || (select md5(coalesce(string_agg(id || ':' || v, ',' order by id), '')) from t)",
+    )
+}
+
+/// `archiver drill --json` of repository `r` with the server binaries in `bin`, run by the copy
+/// of archiver in `dir` the postgres user can execute (it becomes the drill's
+/// restore_command; [`start_recovering`] made it), in a new scratch directory, which must be
+/// left empty. Its result.
+pub fn drill_with(dir: &TestDir, r: &str, bin: &Path) -> serde_json::Value {
+    let scratch = dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let out = succeeded(
+        archiver_cmd(
+            Command::new(dir.join("archiver-bin"))
+                .args(["drill", "--repo", r, "--json", "--pg-bin"])
+                .arg(bin)
+                .arg("--scratch")
+                .arg(&scratch),
+        ),
+        "archiver drill",
+    );
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "the drill leaves nothing"
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
