@@ -67,5 +67,5 @@ pub use time::Timestamp;
 pub use upload::upload_object;
 pub use wal::cluster::{ServerInfo, SystemInfo};
 pub use wal::page::{synthetic_wal, PageValidator};
-pub use wal::record::{Event as WalEvent, RecordError, RecordReader};
+pub use wal::record::{Event as WalEvent, RecordError, RecordReader, RelFile};
 pub use wal::{Lsn, SegmentName};

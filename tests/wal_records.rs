@@ -12,6 +12,25 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
     let dir = TestDir::new();
     let mut pg = Pg::create(&dir, "pg", "wal_keep_size = '1GB'\n", "");
     pg.start();
+    read_real_wal(&pg, 15);
+}
+
+/// The oldest and newest supported majors' WAL (their record formats differ in details).
+#[test]
+fn reads_postgresql_13_and_18_wal() {
+    for major in [13, 18] {
+        let Some(bin) = pg_bin_of_major(major) else {
+            eprintln!("skipped: no PostgreSQL {major} binaries (scripts/test.sh fetches them)");
+            continue;
+        };
+        let dir = TestDir::new();
+        let mut pg = Pg::create_with_bin(&dir, "pg", "wal_keep_size = '1GB'\n", &bin);
+        pg.start();
+        read_real_wal(&pg, major);
+    }
+}
+
+fn read_real_wal(pg: &Pg, major: u32) {
     let first = pg.psql("select pg_walfile_name(pg_current_wal_insert_lsn())");
     pg.psql("create table t (id int, v text)");
     // Full-page images (records larger than a page) and enough WAL to cross segments.
@@ -23,6 +42,25 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
     let committed: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
     let out = pg.psql("begin; insert into t values (-2, 'a'); select txid_current(); rollback;");
     let aborted: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
+    // A drop in a transaction with a subtransaction, and a truncate: each commit names the
+    // relation files it removes.
+    pg.psql("create table dropped (x int); create table truncated (x int); insert into truncated values (1)");
+    let db: u32 = pg
+        .psql("select oid from pg_database where datname = current_database()")
+        .parse()
+        .unwrap();
+    let file_of = |t: &str| -> u32 {
+        pg.psql(&format!("select pg_relation_filenode('{t}')"))
+            .parse()
+            .unwrap()
+    };
+    let (dropped_file, truncated_file) = (file_of("dropped"), file_of("truncated"));
+    let out = pg.psql(
+        "begin; savepoint s; insert into t values (-4, 'sub'); release s; drop table dropped;          select txid_current(); commit;",
+    );
+    let drop_xid: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
+    let out = pg.psql("begin; truncate truncated; select txid_current(); commit;");
+    let truncate_xid: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
     let rp_lsn: Lsn = pg
         .psql("select pg_create_restore_point('the_point')")
         .parse()
@@ -40,7 +78,7 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
         .collect();
     names.sort();
     assert!(names.len() >= 3, "{names:?}");
-    let mut reader = RecordReader::new(seg_size, 15);
+    let mut reader = RecordReader::new(seg_size, major);
     let mut events = Vec::new();
     for n in &names {
         let seg = archiver::SegmentName::parse(n, seg_size).unwrap();
@@ -58,7 +96,7 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
         .rposition(|w| w == b"the_point")
         .expect("the restore point's name in its segment");
     bytes[name_at] ^= 0x20;
-    let mut reader = RecordReader::new(seg_size, 15);
+    let mut reader = RecordReader::new(seg_size, major);
     match reader.feed_segment(seg.start_lsn(), &bytes, &mut |_| {}) {
         Err(archiver::RecordError::Crc { at, .. }) => {
             assert!(at < rp_lsn && rp_lsn.0 - at.0 < 200, "the record at {at}")
@@ -77,6 +115,33 @@ fn finds_commits_aborts_and_restore_points_in_real_wal() {
         |e| matches!(e, Event::XactEnd { xid, committed: false, .. } if *xid as u64 == aborted),
     );
     assert!(abort.is_some(), "abort of {aborted} not found");
+    let dropped_by = |x: u64| -> Vec<archiver::RelFile> {
+        events
+            .iter()
+            .find_map(|e| match e {
+                Event::XactEnd {
+                    xid,
+                    committed: true,
+                    dropped,
+                    ..
+                } if *xid as u64 == x => Some(dropped.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no commit of {x}"))
+    };
+    for (xid, file, what) in [
+        (drop_xid, dropped_file, "drop table"),
+        (truncate_xid, truncated_file, "truncate"),
+    ] {
+        let files = dropped_by(xid);
+        assert!(
+            files
+                .iter()
+                .any(|f| f.db == db && f.rel == file && f.spc == 1663),
+            "{what}: {file} in database {db} not among {files:?}"
+        );
+    }
+    assert!(dropped_by(committed).is_empty());
     match events
         .iter()
         .find(|e| matches!(e, Event::RestorePoint { .. }))
