@@ -97,8 +97,20 @@ fn chain_end_to_end(major: u32) {
     };
     refused(&["--incremental"], "no complete backup of this cluster");
 
+    // A tablespace the full backup holds and the incrementals no longer do.
+    let gone = dir.join("ts-gone");
+    std::fs::create_dir(&gone).unwrap();
+    chown_pg(&gone);
+    pg.psql(&format!(
+        "create tablespace gone location '{}'",
+        gone.display()
+    ));
+    pg.psql("create table in_gone tablespace gone as select generate_series(1, 1000) x");
     let full = backup_json(&r, &ci, &[]);
     assert!(full.get("parent").is_none());
+    assert_eq!(full["tablespaces"].as_array().unwrap().len(), 1);
+    pg.psql("drop table in_gone");
+    pg.psql("drop tablespace gone");
     refused(&["--incremental", "--from", "nope"], "no backup nope");
     pg.psql("alter system set summarize_wal = off");
     pg.psql("select pg_reload_conf()");
@@ -186,6 +198,9 @@ fn chain_end_to_end(major: u32) {
         let restored = start_recovering(&dir, name, pgdata, Some(&bin));
         assert_eq!(&accounts_and_t(&restored), wanted, "{name}");
     }
+
+    // The dropped tablespace was neither restored from the full backup nor checked against it.
+    assert_eq!(std::fs::read_dir(&gone).unwrap().count(), 0);
 
     // A drill of the newest (incremental) backup.
     let drill = drill_with(&dir, &r, &bin);

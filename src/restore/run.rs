@@ -462,6 +462,15 @@ pub struct Written {
     pub recovery_settings: Vec<String>,
 }
 
+/// The tablespace a manifest path lies in (`pg_tblspc/<oid>/…`), if any.
+fn tablespace_of(path: &str) -> Option<u32> {
+    path.strip_prefix("pg_tblspc/")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The backups a restore of `rec` writes, the full one first: `rec` alone, or the chain of an
 /// incremental backup (refused when a link is missing or not complete).
 async fn chain_of(repo: &Repo, rec: &BackupRecord) -> Result<Vec<BackupRecord>, RestoreError> {
@@ -531,7 +540,14 @@ pub async fn write_restore(
             std::fs::create_dir_all(&a.dest)
                 .map_err(io(format!("cannot create {}", a.dest.display())))?;
         }
-        let (raw, manifest, algo) = backup_manifest(repo, layer).await?;
+        let (raw, mut manifest, algo) = backup_manifest(repo, layer).await?;
+        if i + 1 < chain.len() {
+            // Nor are their files checked against this link's manifest.
+            manifest.files.retain(|path, _| {
+                tablespace_of(path)
+                    .is_none_or(|oid| layer_archives.iter().any(|a| a.tablespace == Some(oid)))
+            });
+        }
         let mode = match i {
             0 => Layer::Fresh,
             _ => Layer::Over {
@@ -541,7 +557,7 @@ pub async fn write_restore(
         if chain.len() > 1 {
             info!(backup = %layer.id, kind = layer.kind(), "restoring link {} of {} of the chain", i + 1, chain.len());
         }
-        let (digests, rebuilt) = extract_all(repo, &layer_archives, owner, algo, mode).await?;
+        let (digests, mut rebuilt) = extract_all(repo, &layer_archives, owner, algo, mode).await?;
         files = manifest
             .verify(&digests)
             .map_err(|cause| RestoreError::Manifest {
@@ -558,7 +574,6 @@ pub async fn write_restore(
             }
         }
         if i + 1 == chain.len() && i > 0 {
-            let mut rebuilt = rebuilt;
             let label = super::combine::make_label_full(pgdata, algo)
                 .map_err(io("rewriting backup_label"))?;
             rebuilt.insert("backup_label".into(), label);
