@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -262,6 +262,12 @@ fn incremental_backups_need_postgresql_17() {
     let r = dir.join("repo");
     let r = r.to_str().unwrap();
     let ci = pg.conninfo("postgres");
+    // Into a repository that does not exist yet: refused, and none is initialised.
+    let out = archiver(&["backup", "--repo", r, "-d", &ci, "--incremental"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not an archiver repository"), "{err}");
+    assert!(!dir.join("repo").join("repo.json").exists());
     archiver_ok(&["backup", "--repo", r, "-d", &ci, "--checkpoint", "fast"]);
     let out = archiver(&["backup", "--repo", r, "-d", &ci, "--incremental"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -271,5 +277,4 @@ fn incremental_backups_need_postgresql_17() {
         "{err}"
     );
     assert_eq!(catalog_len(r), 1);
-    let _ = Path::new(r);
 }

@@ -116,9 +116,16 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     if !args.skip_space_check {
         check_space(&conninfo, data_dir).await?;
     }
-    let repo = Repo::open_or_init(storage, &args.repo.name(), &server)
-        .await
-        .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
+    // An incremental backup builds on what the repository holds: it never initialises one.
+    let repo = if args.incremental {
+        Repo::open(storage, &args.repo.name()).await.and_then(|r| {
+            Repo::check_compatible(r.meta(), &server)?;
+            Ok(r)
+        })
+    } else {
+        Repo::open_or_init(storage, &args.repo.name(), &server).await
+    }
+    .with_context(|| format!("cannot use repository {}", args.repo.name()))?;
 
     // A tiered repository: this backup's objects are shipped to the remote tiers as they are
     // written, and the backup returns once every tier holds them.
