@@ -131,10 +131,12 @@ impl Applier {
                 }
                 let n = u32_at(&self.header, 4);
                 let trunc = u32_at(&self.header, 8);
+                // A sanity bound (4 times a default 1 GB relation segment), so a damaged
+                // count cannot make us allocate gigabytes for its block numbers.
                 if n as u64 > (1 << 30) / BLCKSZ * 4 {
                     return Err(err(
                         &self.path,
-                        format!("{n} blocks is more than a relation segment holds"),
+                        format!("{n} blocks: implausibly many for one relation segment"),
                     ));
                 }
                 let mut hlen = 12 + 4 * n as usize;
