@@ -61,6 +61,15 @@ fn read_real_wal(pg: &Pg, major: u32) {
     let drop_xid: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
     let out = pg.psql("begin; truncate truncated; select txid_current(); commit;");
     let truncate_xid: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
+    let new_truncated_file = file_of("truncated");
+    // VACUUM cuts the empty tail of a table: an SMGR truncate record.
+    pg.psql("create table shrunk (x int) with (autovacuum_enabled = off)");
+    pg.psql("insert into shrunk select generate_series(1, 20000)");
+    pg.psql("delete from shrunk where x > 100");
+    let shrunk_file = file_of("shrunk");
+    pg.psql("vacuum shrunk");
+    pg.psql("checkpoint");
+    let next_xid: u64 = pg.psql("select txid_current()").parse().unwrap();
     let rp_lsn: Lsn = pg
         .psql("select pg_create_restore_point('the_point')")
         .parse()
@@ -146,7 +155,13 @@ fn read_real_wal(pg: &Pg, major: u32) {
         .iter()
         .find(|e| matches!(e, Event::RestorePoint { .. }))
     {
-        Some(Event::RestorePoint { name, end, time }) => {
+        Some(Event::RestorePoint {
+            name,
+            end,
+            time,
+            start,
+        }) => {
+            assert!(start < end);
             assert_eq!(name, "the_point");
             assert_eq!(*end, rp_lsn, "the record ends where the server said");
             // The record's time is when the test made it (PostgreSQL's epoch read right).
@@ -155,14 +170,69 @@ fn read_real_wal(pg: &Pg, major: u32) {
         }
         other => panic!("no restore point: {other:?}"),
     }
-    // Commits come in WAL order with non-decreasing positions, and one follows the switch.
-    let ends: Vec<Lsn> = events
+    // The truncate created the table's new file, in the same transaction when it had one.
+    let created = events.iter().find_map(|e| match e {
+        Event::FileCreated { file, xid, .. } if file.rel == new_truncated_file => Some(*xid),
+        _ => None,
+    });
+    match created {
+        Some(x) => assert!(x == 0 || x as u64 == truncate_xid, "created by {x}"),
+        None => panic!("no creation of {new_truncated_file}"),
+    }
+    let cut = events.iter().find_map(|e| match e {
+        Event::FileTruncated { file, blocks, .. } if file.rel == shrunk_file => Some(*blocks),
+        _ => None,
+    });
+    assert!(
+        matches!(cut, Some(b) if b >= 1 && b < 20),
+        "vacuum's truncation: {cut:?}"
+    );
+    // Checkpoints: the redo point precedes the record, the time is now, the next xid is past
+    // every xid the test saw; running-xacts snapshots bound the transactions.
+    let checkpoints: Vec<_> = events
         .iter()
-        .map(|e| match e {
-            Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } => *end,
+        .filter_map(|e| match e {
+            Event::Checkpoint {
+                redo,
+                time,
+                next_xid: nx,
+                shutdown,
+                start,
+                ..
+            } => Some((*redo, *time, *nx, *shutdown, *start)),
+            _ => None,
         })
         .collect();
-    assert!(ends.windows(2).all(|w| w[0] < w[1]));
-    assert!(*ends.last().unwrap() > rp_lsn);
-    assert!(events.len() >= 8, "{events:?}");
+    // (The cluster's own start may have left a shutdown checkpoint at the beginning.)
+    let online = checkpoints.iter().filter(|c| !c.3).count();
+    assert!(online >= 3, "{checkpoints:?}");
+    for (redo, time, nx, _, start) in &checkpoints {
+        assert!(redo <= start, "{checkpoints:?}");
+        let age = archiver::Timestamp::now().duration_since(*time).as_secs();
+        assert!((0..600).contains(&age), "checkpoint of {age} s ago");
+        assert!(*nx & 0xFFFF_FFFF <= next_xid);
+    }
+    let (_, _, last_nx, _, _) = checkpoints.last().unwrap();
+    assert!(
+        *last_nx & 0xFFFF_FFFF > truncate_xid,
+        "{last_nx} after {truncate_xid}"
+    );
+    let running: Vec<(u32, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RunningXacts {
+                next_xid,
+                oldest_running,
+                ..
+            } => Some((*next_xid, *oldest_running)),
+            _ => None,
+        })
+        .collect();
+    assert!(running.len() >= 3, "{running:?}");
+    assert!(running.iter().all(|(n, o)| o <= n));
+    assert!(running.windows(2).all(|w| w[0].0 <= w[1].0));
+    // Records come in WAL order, and one follows the switch.
+    let starts: Vec<Lsn> = events.iter().map(|e| e.start()).collect();
+    assert!(starts.windows(2).all(|w| w[0] < w[1]));
+    assert!(*starts.last().unwrap() > rp_lsn);
 }

@@ -222,9 +222,9 @@ async fn locate(
         reader
             .feed_segment(name.start_lsn(), &raw, &mut |e| {
                 if found.is_none() && matches(&e) {
-                    found = Some(match e {
-                        Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } => end,
-                    });
+                    if let Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } = e {
+                        found = Some(end);
+                    }
                 }
             })
             .map_err(damaged_wal(name))?;

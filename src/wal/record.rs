@@ -1,5 +1,7 @@
-//! A sans-IO reader of WAL *records*, enough to find what recovery targets name: transaction
-//! commits and aborts (`RM_XACT_ID`, with their time) and restore points (`XLOG_RESTORE_POINT`).
+//! A sans-IO reader of WAL *records*, enough to index what recovery targets name and what an
+//! operator asks about: transaction commits and aborts (`RM_XACT_ID`: xid, time, the relation
+//! files they remove), restore points and checkpoints (`RM_XLOG_ID`), relation files created
+//! and truncated (`RM_SMGR_ID`) and running-transaction snapshots (`RM_STANDBY_ID`).
 //! Feed it whole segments in order; it reassembles records across pages and segments
 //! (`XLogReadRecord` / `DecodeXLogRecord` in `src/backend/access/transam/xlogreader.c`).
 //!
@@ -17,7 +19,21 @@ use crate::time::Timestamp;
 const RECORD_HEADER_LEN: usize = 24;
 const RM_XLOG_ID: u8 = 0;
 const RM_XACT_ID: u8 = 1;
+const RM_SMGR_ID: u8 = 2;
+const RM_STANDBY_ID: u8 = 8;
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
+const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 const XLOG_SWITCH: u8 = 0x40;
+/// `XLOG_SMGR_CREATE` / `XLOG_SMGR_TRUNCATE` (storage_xlog.h).
+const XLOG_SMGR_CREATE: u8 = 0x10;
+const XLOG_SMGR_TRUNCATE: u8 = 0x20;
+/// `XLOG_RUNNING_XACTS` (standbydefs.h).
+const XLOG_RUNNING_XACTS: u8 = 0x10;
+/// `MAIN_FORKNUM`: only the main fork of a relation names it.
+const MAIN_FORKNUM: u32 = 0;
+/// `offsetof(CheckPoint, nextXid)` and `offsetof(CheckPoint, time)` (pg_control.h, 13–18).
+const CHECKPOINT_NEXT_XID: usize = 24;
+const CHECKPOINT_TIME: usize = 64;
 const XLOG_RESTORE_POINT: u8 = 0x70;
 const XLOG_XACT_OPMASK: u8 = 0x70;
 const XLOG_XACT_COMMIT: u8 = 0x00;
@@ -39,26 +55,72 @@ pub struct RelFile {
     pub rel: u32,
 }
 
-/// A record a recovery target can name.
+/// A record the index keeps. `start` is where its record begins (what `recovery_target_lsn`
+/// with `recovery_target_inclusive = off` stops before), `end` where it ends, 8-aligned as
+/// PostgreSQL reports record ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A transaction ended (`committed` false: aborted) at `time` (`xl_xact_commit.xact_time`);
-    /// `end` is the end of its record, 8-aligned as PostgreSQL reports it. `dropped`: the
-    /// relation files the end of the transaction removes — on commit those of dropped,
-    /// truncated and rewritten relations (`DROP TABLE`, `TRUNCATE`, `VACUUM FULL`), on abort
-    /// those the transaction created.
+    /// A transaction ended (`committed` false: aborted) at `time` (`xl_xact_commit.xact_time`).
+    /// `dropped`: the relation files the end of the transaction removes — on commit those of
+    /// dropped, truncated and rewritten relations (`DROP TABLE`, `TRUNCATE`, `VACUUM FULL`), on
+    /// abort those the transaction created.
     XactEnd {
         xid: u32,
         committed: bool,
         time: Timestamp,
+        start: Lsn,
         end: Lsn,
         dropped: Vec<RelFile>,
     },
     RestorePoint {
         name: String,
         time: Timestamp,
+        start: Lsn,
         end: Lsn,
     },
+    /// A checkpoint record (`CheckPoint`): where its redo starts, its time (to the second),
+    /// the next full transaction id, and whether it is a shutdown checkpoint.
+    Checkpoint {
+        redo: Lsn,
+        time: Timestamp,
+        next_xid: u64,
+        shutdown: bool,
+        start: Lsn,
+        end: Lsn,
+    },
+    /// `xl_running_xacts`: transactions below `oldest_running` had ended before this record;
+    /// `next_xid` had not been assigned when its snapshot was taken.
+    RunningXacts {
+        next_xid: u32,
+        oldest_running: u32,
+        start: Lsn,
+        end: Lsn,
+    },
+    /// A relation's main fork was created (`xl_smgr_create`): a new table, index, or the new
+    /// file of a truncated or rewritten one. `xid` is the record's (0 when none was assigned).
+    FileCreated { file: RelFile, xid: u32, start: Lsn },
+    /// A relation file was cut to `blocks` blocks (`xl_smgr_truncate`: VACUUM's truncation,
+    /// or a truncate of a table created in the same transaction).
+    FileTruncated {
+        file: RelFile,
+        blocks: u32,
+        xid: u32,
+        start: Lsn,
+    },
+}
+
+impl Event {
+    /// Where the record begins.
+    pub fn start(&self) -> Lsn {
+        match self {
+            Event::XactEnd { start, .. }
+            | Event::RestorePoint { start, .. }
+            | Event::Checkpoint { start, .. }
+            | Event::RunningXacts { start, .. }
+            | Event::FileCreated { start, .. }
+            | Event::FileTruncated { start, .. } => *start,
+        }
+    }
 }
 
 /// A record that cannot be what PostgreSQL wrote.
@@ -196,15 +258,7 @@ fn dropped_files(d: &[u8], info: u8) -> Option<Vec<RelFile>> {
     let n = u32le(d.get(p..p + 4)?, 0) as usize;
     p += 4;
     let raw = d.get(p..p.checked_add(n.checked_mul(12)?)?)?;
-    Some(
-        raw.chunks_exact(12)
-            .map(|c| RelFile {
-                spc: u32le(c, 0),
-                db: u32le(c, 4),
-                rel: u32le(c, 8),
-            })
-            .collect(),
-    )
+    Some(raw.chunks_exact(12).map(|c| rel_file(c, 0)).collect())
 }
 
 impl RecordReader {
@@ -259,11 +313,29 @@ impl RecordReader {
             }
             while cur < page_end {
                 // Continue or start a record.
-                if self.pending.is_empty() && cur + 4 <= page_end && u32le(seg, cur) == 0 {
-                    self.ended = true;
-                    return Ok(());
-                }
                 if self.pending.is_empty() {
+                    if cur + 4 <= page_end && u32le(seg, cur) == 0 {
+                        self.ended = true;
+                        return Ok(());
+                    }
+                    // The common case: the whole record on this page, read in place.
+                    if cur + RECORD_HEADER_LEN <= page_end {
+                        let tot = u32le(seg, cur) as usize;
+                        if tot < RECORD_HEADER_LEN {
+                            self.ended = true;
+                            return Ok(());
+                        }
+                        if cur + tot <= page_end {
+                            let start = Lsn(base.0 + cur as u64);
+                            cur += tot;
+                            let end = Lsn((base.0 + cur as u64).next_multiple_of(8));
+                            if self.record(&seg[cur - tot..cur], start, end, on)? {
+                                return Ok(());
+                            }
+                            cur = cur.next_multiple_of(8);
+                            continue;
+                        }
+                    }
                     self.pending_start = Lsn(base.0 + cur as u64);
                 }
                 let want = match self.pending_len {
@@ -282,17 +354,14 @@ impl RecordReader {
                     self.pending_len = Some(tot);
                 }
                 if self.pending_len == Some(self.pending.len()) {
-                    // As PostgreSQL reports record ends (XLogInsert's result): aligned.
                     let end = Lsn((base.0 + cur as u64).next_multiple_of(8));
                     let rec = std::mem::take(&mut self.pending);
                     self.pending_len = None;
-                    check_crc(&rec, self.pending_start)?;
-                    let rmid = rec[17];
-                    let info = rec[16];
-                    if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
-                        return Ok(()); // the rest of the segment is padding
+                    if self.record(&rec, self.pending_start, end, on)? {
+                        return Ok(());
                     }
-                    self.event(&rec, end, on);
+                    self.pending = rec; // keep the allocation
+                    self.pending.clear();
                     cur = cur.next_multiple_of(8);
                 }
             }
@@ -301,36 +370,106 @@ impl RecordReader {
         Ok(())
     }
 
-    fn event(&self, rec: &[u8], end: Lsn, on: &mut dyn FnMut(Event)) {
+    /// One complete record: its CRC checked, its event reported. True after `XLOG_SWITCH`
+    /// (the rest of the segment is padding).
+    fn record(
+        &self,
+        rec: &[u8],
+        start: Lsn,
+        end: Lsn,
+        on: &mut dyn FnMut(Event),
+    ) -> Result<bool, RecordError> {
+        check_crc(rec, start)?;
+        let (info, rmid) = (rec[16], rec[17]);
+        if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
+            return Ok(true);
+        }
+        if matches!(rmid, RM_XLOG_ID | RM_XACT_ID | RM_SMGR_ID | RM_STANDBY_ID) {
+            self.event(rec, start, end, on);
+        }
+        Ok(false)
+    }
+
+    fn event(&self, rec: &[u8], start: Lsn, end: Lsn, on: &mut dyn FnMut(Event)) {
         let (info, rmid, xid) = (rec[16], rec[17], u32le(rec, 4));
+        let Some(d) = main_data(rec, self.major) else {
+            return;
+        };
         match rmid {
             RM_XACT_ID => {
                 let op = info & XLOG_XACT_OPMASK;
-                if op == XLOG_XACT_COMMIT || op == XLOG_XACT_ABORT {
-                    if let Some(d) = main_data(rec, self.major).filter(|d| d.len() >= 8) {
-                        on(Event::XactEnd {
-                            xid,
-                            committed: op == XLOG_XACT_COMMIT,
-                            time: time_at(d, 0),
-                            end,
-                            dropped: dropped_files(d, info).unwrap_or_default(),
-                        });
-                    }
+                if (op == XLOG_XACT_COMMIT || op == XLOG_XACT_ABORT) && d.len() >= 8 {
+                    on(Event::XactEnd {
+                        xid,
+                        committed: op == XLOG_XACT_COMMIT,
+                        time: time_at(d, 0),
+                        start,
+                        end,
+                        dropped: dropped_files(d, info).unwrap_or_default(),
+                    });
                 }
             }
-            RM_XLOG_ID if info & 0xF0 == XLOG_RESTORE_POINT => {
-                if let Some(d) = main_data(rec, self.major).filter(|d| d.len() >= 8 + 64) {
+            RM_XLOG_ID => match info & 0xF0 {
+                XLOG_RESTORE_POINT if d.len() >= 8 + 64 => {
                     let raw = &d[8..8 + 64];
                     let n = raw.iter().position(|b| *b == 0).unwrap_or(64);
                     on(Event::RestorePoint {
                         name: String::from_utf8_lossy(&raw[..n]).into_owned(),
                         time: time_at(d, 0),
+                        start,
                         end,
                     });
                 }
+                op @ (XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE)
+                    if d.len() >= CHECKPOINT_TIME + 8 =>
+                {
+                    let secs = (&d[CHECKPOINT_TIME..]).get_i64_le();
+                    on(Event::Checkpoint {
+                        redo: Lsn((&d[..]).get_u64_le()),
+                        time: Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH),
+                        next_xid: (&d[CHECKPOINT_NEXT_XID..]).get_u64_le(),
+                        shutdown: op == XLOG_CHECKPOINT_SHUTDOWN,
+                        start,
+                        end,
+                    });
+                }
+                _ => {}
+            },
+            RM_SMGR_ID => match info & 0xF0 {
+                XLOG_SMGR_CREATE if d.len() >= 16 && u32le(d, 12) == MAIN_FORKNUM => {
+                    on(Event::FileCreated {
+                        file: rel_file(d, 0),
+                        xid,
+                        start,
+                    });
+                }
+                XLOG_SMGR_TRUNCATE if d.len() >= 16 => on(Event::FileTruncated {
+                    file: rel_file(d, 4),
+                    blocks: u32le(d, 0),
+                    xid,
+                    start,
+                }),
+                _ => {}
+            },
+            RM_STANDBY_ID if info & 0xF0 == XLOG_RUNNING_XACTS && d.len() >= 24 => {
+                on(Event::RunningXacts {
+                    next_xid: u32le(d, 12),
+                    oldest_running: u32le(d, 16),
+                    start,
+                    end,
+                });
             }
             _ => {}
         }
+    }
+}
+
+/// A `RelFileLocator` at `at`.
+fn rel_file(d: &[u8], at: usize) -> RelFile {
+    RelFile {
+        spc: u32le(d, at),
+        db: u32le(d, at + 4),
+        rel: u32le(d, at + 8),
     }
 }
 
