@@ -184,7 +184,7 @@ fn read_real_wal(pg: &Pg, major: u32) {
         _ => None,
     });
     assert!(
-        matches!(cut, Some(b) if b >= 1 && b < 20),
+        matches!(cut, Some(b) if (1..20).contains(&b)),
         "vacuum's truncation: {cut:?}"
     );
     // Checkpoints: the redo point precedes the record, the time is now, the next xid is past
