@@ -110,6 +110,7 @@ pub async fn fetch_wal(
         next.start_lsn(),
     )
     .ending_at(last.end_lsn());
+    let mut indexer = crate::stream::publisher::indexer_for(repo, true);
     let mut durable = next.start_lsn();
     let mut grace_until: Option<Instant> = None;
     let mut last_status = Instant::now();
@@ -135,7 +136,7 @@ pub async fn fetch_wal(
         match replication::stream_event(msg)? {
             Some(StreamEvent::Message(ReplicationMessage::XLogData { start, data, .. })) => {
                 for seg in wal.write(start, &data).await? {
-                    publish_segment(repo, &spool, seg, f.compress_level).await?;
+                    publish_segment(repo, &spool, seg, f.compress_level, &mut indexer).await?;
                     out.segments += 1;
                     durable = seg.end_lsn();
                     debug!(segment = %seg, "backup WAL segment archived");

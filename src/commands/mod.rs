@@ -16,6 +16,7 @@ mod check;
 mod drill;
 mod expire;
 mod list;
+mod reindex;
 mod repo_arg;
 mod restore;
 mod run;
@@ -77,6 +78,9 @@ enum Command {
     /// Read back every object and check it, every backup against its manifest, and the WAL
     /// unbroken from every backup to the archive's head (exit 1 if anything is wrong).
     Verify(verify::VerifyArgs),
+    /// Index the records of archived WAL that has no index yet (commit times, restore points,
+    /// dropped relations), for WAL archived before the index or with `stream --no-index`.
+    Reindex(reindex::ReindexArgs),
     /// Pre-flight: check the server and the repository before relying on them (exit 1 if any
     /// check failed).
     Check(check::CheckArgs),
@@ -148,6 +152,7 @@ pub fn main() -> ExitCode {
             Command::Tiers(a) => tiers::run(a).await,
             Command::Expire(a) => expire::run(a).await,
             Command::Verify(a) => verify::run(a).await,
+            Command::Reindex(a) => reindex::run(a).await,
             Command::Check(a) => check::run(a).await,
             Command::Run(a) => run::run(a).await,
         }

@@ -62,6 +62,10 @@ pub struct StreamArgs {
     /// at once afterwards.
     #[arg(long)]
     accept_gap: bool,
+    /// Do not index the WAL's records (commit times, restore points, dropped relations) as
+    /// segments are archived; restores then read the WAL to find their targets.
+    #[arg(long)]
+    no_index: bool,
 }
 
 /// SQLSTATE `55006` (object_in_use): "replication slot … is active for PID …".
@@ -158,6 +162,7 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
         flushed: None,
         status: None,
         accept_gap: args.accept_gap,
+        index: !args.no_index,
     };
     let mut cfg = cfg;
     // Straight into S3 there is no hot tier to ship from, but the segment being received is

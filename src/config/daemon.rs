@@ -67,6 +67,9 @@ pub struct ServerConfig {
     /// Without `synchronous`, fsync at least this often.
     #[serde(default = "default_fsync_interval", deserialize_with = "de_duration")]
     pub fsync_interval: Duration,
+    /// Index the WAL's records as segments are archived (`wal::index`).
+    #[serde(default = "default_true")]
+    pub index: bool,
 }
 
 fn default_slot() -> String {
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
             application_name: None,
             compress_level: default_wal_level(),
             fsync_interval: default_fsync_interval(),
+            index: true,
         }
     }
 }

@@ -477,6 +477,7 @@ pub async fn run(
         flushed: None,
         status: Some(shared.stream.clone()),
         accept_gap: false,
+        index: config.server.index,
     };
     let background = match tier_handles {
         Some(t) if !t.remotes.is_empty() => {

@@ -10,6 +10,8 @@
 //! backups/<id>/<name>.zst                    a backup's objects (tablespace archives, manifest)
 //! gaps/<TLI>-<from LSN>.json                 a hole in the WAL accepted with `stream --accept-gap`
 //! slots.json                                 the replication slots archiver created
+//! index/<TLI>/<segment>.zst                  what a complete segment's records say (wal::index)
+//! index/<TLI>/<segment>.points.zst           its restore points, where it has any
 //! ```
 
 use crate::wal::segment::{history_file_name, parse_history_file_name};
@@ -43,6 +45,47 @@ pub fn partial_segment_key(seg: &SegmentName) -> String {
 
 pub fn history_key(tli: TimeLineId) -> String {
     format!("{HISTORY_PREFIX}{}.zst", history_file_name(tli))
+}
+
+pub const INDEX_PREFIX: &str = "index/";
+
+/// The index of a complete segment.
+pub fn wal_index_key(seg: &SegmentName) -> String {
+    format!("{INDEX_PREFIX}{:08X}/{seg}.zst", seg.tli)
+}
+
+/// The restore points of a segment (only for segments that have some: a listing finds every
+/// restore point of the archive without reading the indexes).
+pub fn restore_points_key(seg: &SegmentName) -> String {
+    format!("{INDEX_PREFIX}{:08X}/{seg}.points.zst", seg.tli)
+}
+
+/// What a key under `index/` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexObject {
+    Index(SegmentName),
+    Points(SegmentName),
+}
+
+/// Parses a key under `index/`; `None` for anything else.
+pub fn parse_index_key(key: &str, seg_size: u64) -> Option<IndexObject> {
+    let rest = key.strip_prefix(INDEX_PREFIX)?;
+    let (dir, file) = rest.split_once('/')?;
+    let tli = u32::from_str_radix(dir, 16).ok()?;
+    let stem = file.strip_suffix(".zst")?;
+    let (name, points) = match stem.strip_suffix(".points") {
+        Some(n) => (n, true),
+        None => (stem, false),
+    };
+    let seg = SegmentName::parse(name, seg_size)?;
+    if seg.tli != tli || dir.len() != 8 {
+        return None;
+    }
+    Some(if points {
+        IndexObject::Points(seg)
+    } else {
+        IndexObject::Index(seg)
+    })
 }
 
 /// What a key under `wal/` names.
@@ -109,6 +152,20 @@ mod tests {
         );
         assert_eq!(parse_wal_key("wal/00000001/junk.zst", SEG), None);
         assert_eq!(parse_wal_key("repo.json", SEG), None);
+        assert_eq!(
+            wal_index_key(&s),
+            "index/00000002/0000000200000001000000FF.zst"
+        );
+        assert_eq!(
+            parse_index_key(&wal_index_key(&s), SEG),
+            Some(IndexObject::Index(s))
+        );
+        assert_eq!(
+            parse_index_key(&restore_points_key(&s), SEG),
+            Some(IndexObject::Points(s))
+        );
+        assert_eq!(parse_index_key(&wal_segment_key(&s), SEG), None);
+        assert_eq!(parse_wal_key(&wal_index_key(&s), SEG), None);
     }
 
     #[test]

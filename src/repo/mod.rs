@@ -22,6 +22,7 @@ pub mod local_wal;
 pub mod lock;
 pub mod object;
 pub mod sealed;
+pub mod wal_index;
 
 use layout::{parse_wal_key, WalObject};
 use object::{ObjectError, ObjectInfo, ObjectKind};

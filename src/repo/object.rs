@@ -37,6 +37,8 @@ pub enum ObjectKind {
     PartialWalSegment = 2,
     History = 3,
     Other = 4,
+    /// A WAL segment's index or restore points (`wal::index`).
+    WalIndex = 5,
 }
 
 impl ObjectKind {
@@ -46,6 +48,7 @@ impl ObjectKind {
             2 => ObjectKind::PartialWalSegment,
             3 => ObjectKind::History,
             4 => ObjectKind::Other,
+            5 => ObjectKind::WalIndex,
             _ => return None,
         })
     }

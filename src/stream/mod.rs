@@ -52,6 +52,8 @@ pub struct StreamConfig {
     /// When the WAL needed to continue is gone from the server: record the gap and continue
     /// from the oldest position the server still has (`--accept-gap`).
     pub accept_gap: bool,
+    /// Index the records of each segment as it is published (`wal::index`).
+    pub index: bool,
     /// Told the durable (fsync'd) position after every status update (the partial-segment
     /// shipper of a tiered repository reads it).
     pub flushed: Option<std::sync::Arc<watch::Sender<Option<crate::wal::WalPoint>>>>,
@@ -178,14 +180,20 @@ pub fn plan_start(
 }
 
 /// Publishes complete segments left in the spool by an earlier run (before anything else).
-pub async fn recover_spool(repo: &Repo, spool: &Spool, level: i32) -> Result<(), StreamError> {
+pub async fn recover_spool(
+    repo: &Repo,
+    spool: &Spool,
+    level: i32,
+    index: bool,
+) -> Result<(), StreamError> {
+    let mut indexer = publisher::indexer_for(repo, index);
     for e in spool
         .scan()
         .map_err(|e| StreamError::io("scanning the spool", e))?
     {
         if let SpoolEntry::Complete(seg) = e {
             info!(segment = %seg, "publishing a complete segment left in the spool");
-            publisher::publish_segment(repo, spool, seg, level).await?;
+            publisher::publish_segment(repo, spool, seg, level, &mut indexer).await?;
             publisher::record_next(spool, seg).await?;
         }
     }
@@ -440,9 +448,9 @@ pub async fn run(
     cfg: StreamConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
-    recover_spool(&repo, &spool, cfg.compress_level).await?;
+    recover_spool(&repo, &spool, cfg.compress_level, cfg.index).await?;
     let mut publisher =
-        publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level);
+        publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level, cfg.index);
     let mut next = Some((conn, server));
     let mut failing_since: Option<std::time::Instant> = None;
     let mut gap_attempts = 0u32;

@@ -1,50 +1,145 @@
-//! Compresses complete spool segments into objects and publishes them, off the receive path.
+//! Compresses complete spool segments into objects and publishes them, off the receive path,
+//! indexing their records on the way (`wal::index`, one pass over the bytes).
 //!
 //! The receiver hands each completed segment over a bounded channel (back-pressure, never an
-//! unbounded queue). Publication order: encode (zstd + checksums) → `Storage::put` (atomic and
-//! durable) → remove the spool file. A crash at any point leaves the spool file, and the next
-//! start publishes it again (an identical object).
+//! unbounded queue). Publication order: encode (zstd + checksums) and index → put the index
+//! objects → `Storage::put` of the segment (atomic and durable) → remove the spool file. A
+//! crash at any point leaves the spool file, and the next start publishes it again (identical
+//! objects). A segment whose records cannot be read (a record CRC fails) is still archived —
+//! it is what the server wrote — but gets no index, and the error is logged: a restore that
+//! has to read it refuses it as damaged.
+
+use std::io::Read;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::StreamError;
 use crate::repo::layout::wal_segment_key;
 use crate::repo::object::{self, ObjectKind};
 use crate::repo::Repo;
 use crate::spool::Spool;
+use crate::wal::index::{Indexer, SegmentIndex};
+use crate::wal::page::XLOG_BLCKSZ;
 use crate::wal::SegmentName;
 
-/// Publishes one complete spool segment.
+/// Reads a segment file for the encoder and feeds the indexer whole pages as they go by.
+struct IndexingReader<'a, R> {
+    inner: R,
+    indexer: &'a mut Indexer,
+    ix: SegmentIndex,
+    seg: SegmentName,
+    /// Bytes read but not yet fed (less than a page), and where they start.
+    carry: Vec<u8>,
+    fed: u64,
+    failed: Option<crate::wal::record::RecordError>,
+}
+
+impl<R: Read> IndexingReader<'_, R> {
+    fn feed(&mut self, pages: &[u8]) {
+        if self.failed.is_none() && !pages.is_empty() {
+            if let Err(e) = self.indexer.feed(&mut self.ix, &self.seg, self.fed, pages) {
+                self.failed = Some(e);
+            }
+        }
+        self.fed += pages.len() as u64;
+    }
+}
+
+impl<R: Read> Read for IndexingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let page = XLOG_BLCKSZ as usize;
+        let mut b = &buf[..n];
+        if !self.carry.is_empty() {
+            let take = (page - self.carry.len()).min(b.len());
+            self.carry.extend_from_slice(&b[..take]);
+            b = &b[take..];
+            if self.carry.len() == page || n == 0 {
+                let c = std::mem::take(&mut self.carry);
+                self.feed(&c);
+            }
+        }
+        let whole = b.len() / page * page;
+        self.feed(&b[..whole]);
+        self.carry.extend_from_slice(&b[whole..]);
+        Ok(n)
+    }
+}
+
+/// Publishes one complete spool segment, with its index when `indexer` is given.
 pub async fn publish_segment(
     repo: &Repo,
     spool: &Spool,
     seg: SegmentName,
     level: i32,
+    indexer: &mut Option<Indexer>,
 ) -> Result<(), StreamError> {
     let path = spool.complete_path(&seg);
     let seg_size = repo.seg_size();
     let p = path.clone();
-    let (obj, info) = tokio::task::spawn_blocking(move || -> Result<_, StreamError> {
-        let f = std::fs::File::open(&p)
-            .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
-        let mut out = Vec::with_capacity(seg_size as usize / 4);
-        let info = object::encode(f, &mut out, ObjectKind::WalSegment, level).map_err(|e| {
-            StreamError::io(
-                format!("compressing {}", p.display()),
-                std::io::Error::other(e),
-            )
-        })?;
-        Ok((out, info))
-    })
-    .await
-    .expect("compression task panicked")?;
+    let mut taken = indexer.take();
+    if let Some(ix) = taken.as_mut().filter(|ix| !ix.continues(&seg)) {
+        repo.prime_indexer(ix, &seg).await;
+    }
+    let (obj, info, taken, index) =
+        tokio::task::spawn_blocking(move || -> Result<_, StreamError> {
+            let f = std::fs::File::open(&p)
+                .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
+            let mut out = Vec::with_capacity(seg_size as usize / 4);
+            let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
+                object::encode(r, out, ObjectKind::WalSegment, level).map_err(|e| {
+                    StreamError::io(
+                        format!("compressing {}", p.display()),
+                        std::io::Error::other(e),
+                    )
+                })
+            };
+            let mut f = f;
+            let (info, index) = match taken {
+                None => (encode(&mut f, &mut out)?, None),
+                Some(ref mut ixr) => {
+                    let ix = ixr.begin(&seg);
+                    let mut r = IndexingReader {
+                        inner: f,
+                        indexer: ixr,
+                        ix,
+                        seg,
+                        carry: Vec::with_capacity(XLOG_BLCKSZ as usize),
+                        fed: 0,
+                        failed: None,
+                    };
+                    let info = encode(&mut r, &mut out)?;
+                    let rest = std::mem::take(&mut r.carry);
+                    r.feed(&rest);
+                    let IndexingReader { ix, failed, .. } = r;
+                    match failed {
+                        None => {
+                            ixr.finish(&seg);
+                            (info, Some(Ok(ix)))
+                        }
+                        Some(e) => (info, Some(Err(e))),
+                    }
+                }
+            };
+            Ok((out, info, taken, index))
+        })
+        .await
+        .expect("compression task panicked")?;
+    *indexer = taken;
     if info.raw_size != seg_size {
         return Err(StreamError::Invariant(format!(
             "spool segment {seg} has {} bytes, expected {seg_size}",
             info.raw_size
         )));
+    }
+    match index {
+        Some(Ok(ix)) => repo.put_segment_index(&seg, &ix).await?,
+        Some(Err(e)) => {
+            error!(segment = %seg, error = %e, "the segment's WAL records do not read back; archived without an index")
+        }
+        None => {}
     }
     let stored = obj.len();
     repo.put_encoded(&wal_segment_key(&seg), obj).await?;
@@ -70,13 +165,19 @@ pub struct Publisher {
     handle: JoinHandle<Result<u64, StreamError>>,
 }
 
+/// An indexer for the repository's WAL, if indexing is on.
+pub fn indexer_for(repo: &Repo, on: bool) -> Option<Indexer> {
+    on.then(|| Indexer::new(repo.seg_size(), repo.meta().pg_major))
+}
+
 impl Publisher {
-    pub fn start(repo: Repo, spool: Spool, level: i32) -> Publisher {
+    pub fn start(repo: Repo, spool: Spool, level: i32, index: bool) -> Publisher {
         let (tx, mut rx) = mpsc::channel::<SegmentName>(2);
         let handle = tokio::spawn(async move {
             let mut n = 0;
+            let mut indexer = indexer_for(&repo, index);
             while let Some(seg) = rx.recv().await {
-                publish_segment(&repo, &spool, seg, level).await?;
+                publish_segment(&repo, &spool, seg, level, &mut indexer).await?;
                 record_next(&spool, seg).await?;
                 n += 1;
             }

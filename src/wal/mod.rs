@@ -5,6 +5,7 @@
 //! layouts follow PostgreSQL's `src/include/access/xlog_internal.h` and `xlogdefs.h`.
 
 pub mod cluster;
+pub mod index;
 pub mod lsn;
 pub mod page;
 pub mod record;

@@ -48,7 +48,9 @@ const XLP_LONG_HEADER: u16 = 0x0002;
 
 /// A relation's storage (`RelFileLocator`, `RelFileNode` before 16): tablespace, database and
 /// the relation's file number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct RelFile {
     pub spc: u32,
     pub db: u32,
@@ -158,6 +160,8 @@ pub struct RecordReader {
     pending_start: Lsn,
     pending_len: Option<usize>,
     ended: bool,
+    /// After `XLOG_SWITCH`: the next segment's start; bytes before it are padding.
+    skip_until: Option<Lsn>,
 }
 
 fn u16le(b: &[u8], at: usize) -> u16 {
@@ -270,6 +274,7 @@ impl RecordReader {
             pending_start: Lsn(0),
             pending_len: None,
             ended: false,
+            skip_until: None,
         }
     }
 
@@ -278,9 +283,9 @@ impl RecordReader {
         self.ended
     }
 
-    /// Reads one whole segment starting at `base` (a segment boundary); calls `on` for each
-    /// event. A partial segment (zero-filled after its end) is fine. A record whose CRC fails
-    /// is an error.
+    /// Reads WAL from `base`: a whole segment, or any run of whole pages of one (fed in order);
+    /// calls `on` for each event. A partial segment (zero-filled after its end) is fine. A
+    /// record whose CRC fails is an error.
     pub fn feed_segment(
         &mut self,
         base: Lsn,
@@ -292,6 +297,13 @@ impl RecordReader {
         }
         let page = XLOG_BLCKSZ as usize;
         let mut off = 0usize;
+        if let Some(until) = self.skip_until {
+            if base < until {
+                off = (until.0 - base.0).min(seg.len() as u64) as usize;
+            } else {
+                self.skip_until = None;
+            }
+        }
         while off + SHORT_HEADER_LEN <= seg.len() && (off as u64) < self.seg_size {
             let info = u16le(seg, off + 2);
             let hlen = if info & XLP_LONG_HEADER != 0 {
@@ -330,6 +342,7 @@ impl RecordReader {
                             cur += tot;
                             let end = Lsn((base.0 + cur as u64).next_multiple_of(8));
                             if self.record(&seg[cur - tot..cur], start, end, on)? {
+                                self.switched(end);
                                 return Ok(());
                             }
                             cur = cur.next_multiple_of(8);
@@ -358,6 +371,7 @@ impl RecordReader {
                     let rec = std::mem::take(&mut self.pending);
                     self.pending_len = None;
                     if self.record(&rec, self.pending_start, end, on)? {
+                        self.switched(end);
                         return Ok(());
                     }
                     self.pending = rec; // keep the allocation
@@ -368,6 +382,13 @@ impl RecordReader {
             off += page;
         }
         Ok(())
+    }
+
+    /// An `XLOG_SWITCH` record ended at `end`: the rest of its segment is padding.
+    fn switched(&mut self, end: Lsn) {
+        self.skip_until = Some(Lsn(
+            (end.0 - 1) / self.seg_size * self.seg_size + self.seg_size
+        ));
     }
 
     /// One complete record: its CRC checked, its event reported. True after `XLOG_SWITCH`
