@@ -200,6 +200,32 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The transactions on either side of the target, as the WAL index found them.
+pub(crate) fn print_located(l: &crate::restore::locate::Located) {
+    let x = |x: &Option<crate::wal::index::XactRef>| match x {
+        Some(x) => format!(
+            "transaction {} {} at {} (WAL {})",
+            x.xid,
+            if x.committed { "committed" } else { "aborted" },
+            x.time,
+            x.end
+        ),
+        None => "none in the archive".to_string(),
+    };
+    if let Some(rp) = &l.restore_point {
+        println!(
+            "restore point {:?} made at {} (WAL {})",
+            rp.name, rp.time, rp.end
+        );
+    }
+    println!("last applied:      {}", x(&l.last_applied));
+    println!("first not applied: {}", x(&l.first_not_applied));
+    println!(
+        "(found in {:.3} s: {} index object(s) read, {} WAL segment(s) decoded)",
+        l.search_seconds, l.index_objects_read, l.wal_segments_decoded
+    );
+}
+
 fn print_dry_run(
     d: &run::DryRun,
     rec: &crate::repo::catalog::BackupRecord,
@@ -243,6 +269,9 @@ fn print_dry_run(
     }
     if let Some(end) = run::partial_end_note(p) {
         println!("{end}");
+    }
+    if let Some(l) = &p.located {
+        print_located(l);
     }
     println!(
         "{} objects verified; {:.1} MB to restore, about {:.0} s. Nothing was written.",

@@ -14,6 +14,7 @@ pub mod combine;
 pub mod drill;
 pub mod extract;
 pub mod info;
+pub mod locate;
 pub mod plan;
 pub mod recovery;
 pub mod run;

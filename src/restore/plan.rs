@@ -246,6 +246,10 @@ pub struct Plan {
     /// When the WAL ends in a partial segment: how far its durable prefix reaches (None when
     /// that is not known yet: a partial object before it is read).
     pub partial_reaches: Option<Lsn>,
+    /// Where the target's search found it (time, xid and name targets; set by the caller that
+    /// reads the WAL index, never by the pure planner).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub located: Option<super::locate::Located>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -640,6 +644,7 @@ pub fn plan(
         history_files,
         wal_end,
         partial_reaches,
+        located: None,
     })
 }
 

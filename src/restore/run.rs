@@ -16,6 +16,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::extract::{extract_all, Archive, ExtractError, Layer, Owner};
+use super::locate::{ChainIndex, Located};
 use super::plan::{describe_windows, gap_after, plan, Plan, PlanError, Request, WalInventory};
 use super::recovery::{self, TargetAction};
 use super::target::{Target, TimelineChoice};
@@ -25,8 +26,6 @@ use crate::repo::catalog::{BackupRecord, BackupStatus};
 use crate::repo::layout::{backup_object_key, history_key, WalObject};
 use crate::repo::local_wal::WalSource;
 use crate::repo::{Repo, RepoError};
-use crate::time::Timestamp;
-use crate::wal::record::{Event, RecordReader};
 use crate::wal::timeline::parse_history;
 use crate::wal::Lsn;
 
@@ -124,8 +123,10 @@ pub async fn make_plan(repo: &Repo, t: &TargetSpec) -> Result<(Plan, BackupRecor
         timeline: t.timeline,
         backup: t.backup.clone(),
     };
-    // A transaction or restore point: find it in the WAL, then plan as for its position.
-    if let Some(end) = locate(repo, &backups, &inv, &req).await? {
+    // A time, transaction or restore point: found through the WAL index (or the WAL), then
+    // a transaction or restore point is planned for as its position.
+    let located = locate(repo, &backups, &inv, &req, t.exclusive).await?;
+    if let Some(end) = located.as_ref().and_then(|l| l.target_end) {
         info!(%end, "{} found in the archived WAL", req.target.describe());
         req.target = Target::Lsn(end);
     }
@@ -148,18 +149,14 @@ pub async fn make_plan(repo: &Repo, t: &TargetSpec) -> Result<(Plan, BackupRecor
         .cloned()
         .expect("the plan's backup is in the catalog");
     // Recovery to a time stops at the first transaction after it: there must be one.
-    if let Target::Time(t) = req.target {
-        let last = match last_transaction(repo, &p).await? {
-            LastTransaction::At(time, lsn) if t > time => {
-                Some(format!("its last transaction ended at {time} (WAL {lsn})"))
-            }
-            LastTransaction::NoneAfterBackup => Some(format!(
-                "no transaction ended after backup {} began",
-                p.backup_id
-            )),
-            _ => None,
-        };
-        if let Some(why) = last {
+    if let (Target::Time(_), Some(l)) = (&req.target, &located) {
+        if l.first_not_applied.is_none() {
+            let why = match l.last_applied {
+                Some(x) if x.end > rec.start_lsn => {
+                    format!("its last transaction ended at {} (WAL {})", x.time, x.end)
+                }
+                _ => format!("no transaction ended after backup {} began", p.backup_id),
+            };
             // The chain ends at a gap: say so, and where a restore can go.
             if let Some(g) = gap_after(&inv.gaps, rec.start_lsn) {
                 return Err(RestoreError::Unreachable(format!(
@@ -176,24 +173,24 @@ pub async fn make_plan(repo: &Repo, t: &TargetSpec) -> Result<(Plan, BackupRecor
             )));
         }
     }
+    p.located = located;
     Ok((p, rec))
 }
 
-/// Where a transaction's commit/abort or a restore point lies in the archived WAL (the end of
-/// its record), scanning the chain from the oldest usable backup; None for other targets.
-/// Refuses a target the archive does not hold.
+/// Where recovery to a time, transaction or restore point stops in the archived WAL, found
+/// along the longest chain (from the oldest usable backup) through the WAL index; None for
+/// other targets. Refuses a transaction or restore point the archive does not hold.
 async fn locate(
     repo: &Repo,
     backups: &[BackupRecord],
     inv: &WalInventory,
     req: &Request,
-) -> Result<Option<Lsn>, RestoreError> {
-    let matches = |e: &Event| match (&req.target, e) {
-        (Target::Xid(x), Event::XactEnd { xid, .. }) => *xid == (*x & 0xFFFF_FFFF) as u32,
-        (Target::Name(n), Event::RestorePoint { name, .. }) => name == n,
-        _ => false,
-    };
-    if !matches!(req.target, Target::Xid(_) | Target::Name(_)) {
+    exclusive: bool,
+) -> Result<Option<Located>, RestoreError> {
+    if !matches!(
+        req.target,
+        Target::Xid(_) | Target::Name(_) | Target::Time(_)
+    ) {
         return Ok(None);
     }
     let mut complete: Vec<&BackupRecord> = backups
@@ -214,83 +211,43 @@ async fn locate(
     let Some(chain) = chain else {
         return Ok(None); // the planner explains why nothing serves
     };
-    let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
-    let mut found = None;
-    for s in &chain.segments {
-        let name = s.segment(seg_size);
-        let raw = repo.read_wal(name, s.source).await?;
-        reader
-            .feed_segment(name.start_lsn(), &raw, &mut |e| {
-                if found.is_none() && matches(&e) {
-                    if let Event::XactEnd { end, .. } | Event::RestorePoint { end, .. } = e {
-                        found = Some(end);
-                    }
-                }
-            })
-            .map_err(damaged_wal(name))?;
-        if found.is_some() || reader.ended() {
-            break;
+    let segs = chain
+        .segments
+        .iter()
+        .map(|s| (s.segment(seg_size), s.source))
+        .collect();
+    let mut ix = ChainIndex::new(repo, segs).await?;
+    let found = ix.locate(&req.target, exclusive).await?;
+    if let Some(l) = &found {
+        info!(
+            index_objects = l.index_objects_read,
+            wal_segments = l.wal_segments_decoded,
+            seconds = l.search_seconds,
+            "target searched"
+        );
+        if matches!(req.target, Target::Xid(_) | Target::Name(_)) && l.target_end.is_none() {
+            return Err(RestoreError::Unreachable(format!(
+                "{} is not in the archived WAL (searched from {} to {}): the archive cannot reach it",
+                match &req.target {
+                    Target::Xid(x) => format!("the end (commit or abort) of transaction {x}"),
+                    t => t.describe(),
+                },
+                chain.segments.first().map_or("-", |s| s.name.as_str()),
+                chain.wal_end
+            )));
         }
     }
-    match found {
-        Some(end) => Ok(Some(end)),
-        None => Err(RestoreError::Unreachable(format!(
-            "{} is not in the archived WAL (searched from {} to {}): the archive cannot reach it",
-            match &req.target {
-                Target::Xid(x) => format!("the end (commit or abort) of transaction {x}"),
-                t => t.describe(),
-            },
-            chain.segments.first().map_or("-", |s| s.name.as_str()),
-            chain.wal_end
-        ))),
-    }
+    Ok(found)
 }
 
 /// A WAL record that fails its CRC: the archive is damaged there, refused like a bad object.
-fn damaged_wal(
+pub(crate) fn damaged_wal(
     name: crate::wal::SegmentName,
 ) -> impl FnOnce(crate::wal::record::RecordError) -> RestoreError {
     move |e| RestoreError::Damaged {
         what: format!("WAL segment {name}"),
         cause: Box::new(e),
     }
-}
-
-/// What the end of a plan's WAL says about its last transaction.
-enum LastTransaction {
-    /// Its end time and position.
-    At(Timestamp, Lsn),
-    /// The whole chain from the backup on holds none.
-    NoneAfterBackup,
-    /// None in the segments read (the last 16); earlier ones were not read.
-    Unknown,
-}
-
-/// Reads the plan's WAL backwards from its end (at most 16 segments) for the last transaction.
-async fn last_transaction(repo: &Repo, p: &Plan) -> Result<LastTransaction, RestoreError> {
-    const MAX: usize = 16;
-    let seg_size = repo.seg_size();
-    for s in p.segments.iter().rev().take(MAX) {
-        let name = s.segment(seg_size);
-        let raw = repo.read_wal(name, s.source).await?;
-        let mut reader = RecordReader::new(seg_size, repo.meta().pg_major);
-        let mut last = None;
-        reader
-            .feed_segment(name.start_lsn(), &raw, &mut |e| {
-                if let Event::XactEnd { time, end, .. } = e {
-                    last = Some(LastTransaction::At(time, end));
-                }
-            })
-            .map_err(damaged_wal(name))?;
-        if let Some(l) = last {
-            return Ok(l);
-        }
-    }
-    Ok(if p.segments.len() <= MAX {
-        LastTransaction::NoneAfterBackup
-    } else {
-        LastTransaction::Unknown
-    })
 }
 
 /// Who owns a restore's files: the current user unless run as root; as root, `user` (by name)
