@@ -129,3 +129,105 @@ fn streaming_indexes_every_segment_and_reindex_rebuilds_the_same() {
         "{text}"
     );
 }
+
+/// A dry run finds time, transaction and restore-point targets through the index, and names
+/// the transactions on either side of each.
+#[test]
+fn dry_run_locates_targets_through_the_index() {
+    let s = Streaming::start("autovacuum = off\n", &[]);
+    s.pg.psql("create table mark (x int)");
+    s.backup();
+    s.pg.pgbench(&["-i", "-s", "2", "-q"]);
+    s.pg.pgbench(&["-T", "2", "-c", "2"]);
+    let xid = |sql: &str| -> u64 {
+        let out =
+            s.pg.psql(&format!("begin; {sql}; select txid_current(); commit;"));
+        out.lines().find_map(|l| l.parse().ok()).unwrap()
+    };
+    let x = xid("insert into mark values (1)");
+    std::thread::sleep(Duration::from_millis(100));
+    let t = s.pg.psql(
+        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let y = xid("insert into mark values (2)");
+    s.pg.psql("select pg_create_restore_point('after_y')");
+    let z = xid("insert into mark values (3)");
+    s.pg.psql("checkpoint"); // a running-xacts snapshot after them
+    s.pg.pgbench(&["-T", "2", "-c", "2"]);
+    let last = current_walfile(&s.pg);
+    s.pg.psql("select pg_switch_wal()");
+    wait_archived(&s.repo, &last, Duration::from_secs(60));
+
+    let dry = |target: &[&str]| -> serde_json::Value {
+        let dest = s.dir.join(&format!("dry{}", unique()));
+        let d = dest.to_str().unwrap();
+        let mut args = vec![
+            "restore",
+            "--repo",
+            &s.r,
+            "--pgdata",
+            d,
+            "--dry-run",
+            "--json",
+        ];
+        args.extend_from_slice(target);
+        let v: serde_json::Value = serde_json::from_str(&archiver_ok(&args)).unwrap();
+        v["located"].clone()
+    };
+    let xid_of = |v: &serde_json::Value| v["xid"].as_u64().unwrap();
+    // A time between x and y: x is the last applied, y the first not.
+    let l = dry(&["--target-time", &t]);
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (x, y),
+        "{l}"
+    );
+    assert!(l["index_objects_read"].as_u64().unwrap() >= 1, "{l}");
+    // Transaction y: applied (inclusive), z next; exclusive: x applied, y not.
+    let l = dry(&["--target-xid", &y.to_string()]);
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (y, z),
+        "{l}"
+    );
+    assert_eq!(l["wal_segments_decoded"], 0, "{l}");
+    let l = dry(&["--target-xid", &y.to_string(), "--exclusive"]);
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (x, y),
+        "{l}"
+    );
+    // The restore point: from its own object and its segment's index (two reads, no WAL).
+    let l = dry(&["--target-name", "after_y"]);
+    assert_eq!(l["restore_point"]["name"], "after_y");
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (y, z),
+        "{l}"
+    );
+    assert_eq!(
+        (
+            l["index_objects_read"].as_u64(),
+            l["wal_segments_decoded"].as_u64()
+        ),
+        (Some(2), Some(0)),
+        "{l}"
+    );
+    // Without the index, the same answers from the WAL itself.
+    std::fs::remove_dir_all(s.repo.join("index")).unwrap();
+    let l = dry(&["--target-time", &t]);
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (x, y),
+        "{l}"
+    );
+    assert_eq!(l["index_objects_read"], 0);
+    assert!(l["wal_segments_decoded"].as_u64().unwrap() >= 1);
+}
+
+fn unique() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
