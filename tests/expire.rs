@@ -123,6 +123,25 @@ async fn expire_keeps_the_window_and_every_kept_backup_restores() {
             + u64::from_str_radix(&k[17..25], 16).unwrap();
         assert!(segno >= b_seg, "{k} lies before backup {b}'s start");
     }
+    // The index objects went with their segments, and only those.
+    let indexed: Vec<String> = std::fs::read_dir(s.repo.join("index/00000001"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().replace(".points", ""))
+        .filter(|n| n.ends_with(".zst"))
+        .collect();
+    let segments: Vec<String> = wal_after
+        .iter()
+        .filter(|k| !k.contains(".partial") && !k.contains("history"))
+        .map(|k| k.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert!(!indexed.is_empty());
+    for n in &indexed {
+        assert!(segments.contains(n), "index {n} left without its segment");
+    }
+    for n in &segments {
+        assert!(indexed.contains(n), "segment {n} lost its index");
+    }
     // A second expire finds nothing more to do.
     let again = expire(&s, &["--keep-within", "7d"]);
     assert_eq!(again["removed_backups"], serde_json::json!([]));

@@ -20,7 +20,10 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::repo::catalog::BackupStatus;
-use crate::repo::layout::{backup_prefix, catalog_key, parse_wal_key, WAL_PREFIX};
+use crate::repo::layout::{
+    backup_prefix, catalog_key, parse_wal_key, restore_points_key, wal_index_key, WalObject,
+    WAL_PREFIX,
+};
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{Repo, RepoError};
 use crate::storage::{Storage, StorageError};
@@ -250,6 +253,12 @@ async fn expire_locked(
         {
             report.removed_wal_objects += 1;
             report.bytes_freed += w.size;
+            // The segment's index goes with it (deleting a missing key succeeds).
+            if let Some(WalObject::Segment(seg)) = parse_wal_key(&w.key, seg_size) {
+                for k in [wal_index_key(&seg), restore_points_key(&seg)] {
+                    let _ = remove(storage.as_ref(), &k, &mut report.skipped).await?;
+                }
+            }
         }
     }
     for g in &report.plan.gaps {
