@@ -456,6 +456,7 @@ async fn take(
     })?;
     sink.close().await.map_err(TakeError::BaseBackup)?;
     if let Some(ci) = &args.sql {
+        crate::repo::relmap::snapshot(repo, ci, "archiver backup").await;
         match super::contents::read_contents(ci).await {
             Ok(c) => rec.contents = Some(c),
             Err(e) => {

@@ -69,7 +69,7 @@ async fn drill(args: DrillArgs) -> anyhow::Result<bool> {
         None => None,
     };
     let opts = DrillOptions {
-        target: args.target.spec(),
+        target: args.target.resolve(&repo).await?,
         check_sql,
         pg_bin: args.pg_bin.clone(),
         scratch: args.scratch.clone(),

@@ -14,6 +14,7 @@ pub use repo_arg::RepoArg;
 mod backup;
 mod check;
 mod drill;
+mod events;
 mod expire;
 mod list;
 mod reindex;
@@ -81,6 +82,9 @@ enum Command {
     /// Index the records of archived WAL that has no index yet (commit times, restore points,
     /// dropped relations), for WAL archived before the index or with `stream --no-index`.
     Reindex(reindex::ReindexArgs),
+    /// What happened, from the WAL index: commits per interval, restore points, and each table
+    /// dropped, truncated or rewritten (name, time, transaction, WAL position).
+    Events(events::EventsArgs),
     /// Pre-flight: check the server and the repository before relying on them (exit 1 if any
     /// check failed).
     Check(check::CheckArgs),
@@ -153,6 +157,7 @@ pub fn main() -> ExitCode {
             Command::Expire(a) => expire::run(a).await,
             Command::Verify(a) => verify::run(a).await,
             Command::Reindex(a) => reindex::run(a).await,
+            Command::Events(a) => events::run(a).await,
             Command::Check(a) => check::run(a).await,
             Command::Run(a) => run::run(a).await,
         }

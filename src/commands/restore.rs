@@ -34,6 +34,17 @@ pub struct TargetArgs {
     /// Stop as soon as the backup is consistent.
     #[arg(long, group = "target")]
     target_immediate: bool,
+    /// Recover to the instant just before the transaction that dropped (or truncated, or
+    /// rewrote) this table — the newest such, found in the WAL index and named through the
+    /// relation-name snapshots; the others are listed. A bare name means `public.NAME`.
+    #[arg(long, group = "target", value_name = "SCHEMA.TABLE")]
+    before_drop: Option<String>,
+    /// With --before-drop: the table's database (default: any).
+    #[arg(long, requires = "before_drop", value_name = "NAME")]
+    database: Option<String>,
+    /// Recover to just before the end of this transaction (--target-xid XID --exclusive).
+    #[arg(long, group = "target", value_name = "XID")]
+    before_xid: Option<u64>,
     /// Timeline to recover along: `latest` (default), `current` or a number.
     #[arg(long, default_value = "latest")]
     target_timeline: TimelineChoice,
@@ -49,15 +60,47 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
-    /// The library's view of these arguments.
-    pub fn spec(&self) -> TargetSpec {
-        TargetSpec {
+    /// The library's view of these arguments (`--before-drop` is looked up in `repo`'s WAL
+    /// index, and what was chosen is printed on stderr).
+    pub async fn resolve(&self, repo: &crate::repo::Repo) -> anyhow::Result<TargetSpec> {
+        let mut spec = TargetSpec {
             target: self.target(),
             timeline: self.target_timeline,
             action: self.target_action,
-            exclusive: self.exclusive,
+            exclusive: self.exclusive || self.before_xid.is_some(),
             backup: self.backup.clone(),
+        };
+        if let Some(table) = &self.before_drop {
+            let q = crate::restore::events::EventsQuery {
+                from: None,
+                to: None,
+                database: self.database.clone(),
+                interval: std::time::Duration::from_secs(3600),
+            };
+            let evs = crate::restore::events::events(repo, &q).await?;
+            let Some((chosen, others)) =
+                crate::restore::events::pick_drop(&evs.relations, table, self.database.as_deref())
+            else {
+                anyhow::bail!(
+                    "no drop, truncate or rewrite of {table}{} is in the archived WAL's index (archiver events lists what is; WAL archived before the index needs archiver reindex)",
+                    self.database
+                        .as_ref()
+                        .map(|d| format!(" in database {d}"))
+                        .unwrap_or_default()
+                );
+            };
+            eprintln!(
+                "--before-drop {table}: recovering to just before {} (recovery_target_xid = {}, recovery_target_inclusive = off)",
+                chosen.describe(),
+                chosen.xid
+            );
+            for o in &others {
+                eprintln!("  earlier: {}", o.describe());
+            }
+            spec.target = Target::Xid(chosen.xid as u64);
+            spec.exclusive = true;
         }
+        Ok(spec)
     }
 
     pub fn target(&self) -> Target {
@@ -65,7 +108,7 @@ impl TargetArgs {
             Target::Time(t)
         } else if let Some(l) = self.target_lsn {
             Target::Lsn(l)
-        } else if let Some(x) = self.target_xid {
+        } else if let Some(x) = self.target_xid.or(self.before_xid) {
             Target::Xid(x)
         } else if let Some(n) = &self.target_name {
             Target::Name(n.clone())
@@ -129,7 +172,7 @@ pub async fn run(args: RestoreArgs) -> u8 {
 
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let repo = args.repo.open_for_reading(true).await?;
-    let spec = args.target.spec();
+    let spec = args.target.resolve(&repo).await?;
     let (p, rec) = run::make_plan(&repo, &spec).await?;
     info!(backup = %p.backup_id, timeline = p.timeline, segments = p.segments.len(), wal_end = %p.wal_end, "plan: {}", spec.target.describe());
     if let Some(note) = run::partial_end_note(&p) {

@@ -21,6 +21,7 @@ pub mod layout;
 pub mod local_wal;
 pub mod lock;
 pub mod object;
+pub mod relmap;
 pub mod sealed;
 pub mod wal_index;
 

@@ -85,6 +85,11 @@ impl<'a> ChainIndex<'a> {
         })
     }
 
+    /// Index objects read and WAL segments decoded so far.
+    pub fn reads(&self) -> (usize, usize) {
+        (self.index_reads, self.wal_reads)
+    }
+
     pub fn len(&self) -> usize {
         self.segs.len()
     }
@@ -149,7 +154,7 @@ impl<'a> ChainIndex<'a> {
     }
 
     /// The nearest segment at or before `k` (not before `lo`) whose index has an entry `has`.
-    async fn nearest_before(
+    pub(crate) async fn nearest_before(
         &mut self,
         k: usize,
         lo: usize,
@@ -170,7 +175,7 @@ impl<'a> ChainIndex<'a> {
 
     /// The first segment `k` whose nearest segment at or before it with an entry `has`
     /// satisfies `pred` (a predicate that holds from some segment on); `len()` if none.
-    async fn first_where(
+    pub(crate) async fn first_where(
         &mut self,
         has: fn(&SegmentIndex) -> bool,
         pred: impl Fn(&SegmentIndex) -> bool,

@@ -12,6 +12,7 @@
 pub(crate) mod binaries;
 pub mod combine;
 pub mod drill;
+pub mod events;
 pub mod extract;
 pub mod info;
 pub mod locate;

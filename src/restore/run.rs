@@ -180,6 +180,29 @@ pub async fn make_plan(repo: &Repo, t: &TargetSpec) -> Result<(Plan, BackupRecor
 /// Where recovery to a time, transaction or restore point stops in the archived WAL, found
 /// along the longest chain (from the oldest usable backup) through the WAL index; None for
 /// other targets. Refuses a transaction or restore point the archive does not hold.
+/// The longest chain of WAL the archive holds: from the oldest backup that has one along the
+/// requested timeline to the archive's end; None when no backup has one.
+pub(crate) fn longest_chain(
+    backups: &[BackupRecord],
+    inv: &WalInventory,
+    timeline: TimelineChoice,
+    seg_size: u64,
+) -> Option<Plan> {
+    let mut complete: Vec<&BackupRecord> = backups
+        .iter()
+        .filter(|b| b.status == BackupStatus::Complete)
+        .collect();
+    complete.sort_by_key(|b| b.stop_lsn);
+    complete.iter().find_map(|b| {
+        let r = Request {
+            target: Target::Latest,
+            timeline,
+            backup: Some(b.id.clone()),
+        };
+        plan(backups, inv, &r, seg_size).ok()
+    })
+}
+
 async fn locate(
     repo: &Repo,
     backups: &[BackupRecord],
@@ -193,22 +216,8 @@ async fn locate(
     ) {
         return Ok(None);
     }
-    let mut complete: Vec<&BackupRecord> = backups
-        .iter()
-        .filter(|b| b.status == BackupStatus::Complete)
-        .collect();
-    complete.sort_by_key(|b| b.stop_lsn);
     let seg_size = repo.seg_size();
-    // The longest chain: from the oldest backup that has one along the timeline.
-    let chain = complete.iter().find_map(|b| {
-        let r = Request {
-            target: Target::Latest,
-            timeline: req.timeline,
-            backup: Some(b.id.clone()),
-        };
-        plan(backups, inv, &r, seg_size).ok()
-    });
-    let Some(chain) = chain else {
+    let Some(chain) = longest_chain(backups, inv, req.timeline, seg_size) else {
         return Ok(None); // the planner explains why nothing serves
     };
     let segs = chain

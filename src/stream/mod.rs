@@ -449,6 +449,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
     recover_spool(&repo, &spool, cfg.compress_level, cfg.index).await?;
+    if cfg.index {
+        // Names for the relation files the index will see removed (best effort, in the
+        // background: a replication-only user cannot read them, and says so once).
+        let (r, ci) = (repo.clone(), conninfo.clone());
+        tokio::spawn(
+            async move { crate::repo::relmap::snapshot(&r, &ci, "archiver stream").await },
+        );
+    }
     let mut publisher =
         publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level, cfg.index);
     let mut next = Some((conn, server));

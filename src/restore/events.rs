@@ -1,0 +1,274 @@
+//! What happened, from the WAL index: commits per interval, restore points, and every relation
+//! dropped, truncated or rewritten — named through the relation-name snapshots
+//! (`repo::relmap`). The timeline `archiver events` prints and `restore --before-drop` picks
+//! its target from.
+//!
+//! A committed transaction that removed a relation's file either dropped the relation or gave
+//! it a new file (TRUNCATE, VACUUM FULL, CLUSTER, a rewriting ALTER TABLE). It is called a
+//! truncate or rewrite when the same transaction created a file in that database
+//! (`XLOG_SMGR_CREATE` with its xid) or a later snapshot still lists the relation's OID; a drop
+//! otherwise.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+
+use super::locate::ChainIndex;
+use super::run::{inventory, longest_chain, RestoreError};
+use super::target::TimelineChoice;
+use crate::repo::relmap::{name_of, RelMap};
+use crate::repo::Repo;
+use crate::time::Timestamp;
+use crate::wal::index::{RestorePointEntry, SegmentIndex};
+use crate::wal::record::RelFile;
+use crate::wal::Lsn;
+
+#[derive(Clone, Debug)]
+pub struct EventsQuery {
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    /// Only relation events of this database.
+    pub database: Option<String>,
+    /// Width of the commit-count buckets.
+    pub interval: std::time::Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Bucket {
+    pub start: Timestamp,
+    pub commits: u64,
+    pub aborts: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelChange {
+    Dropped,
+    TruncatedOrRewritten,
+}
+
+/// A relation whose file a committed transaction removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct RelEvent {
+    pub change: RelChange,
+    /// `schema.table`, when a snapshot names the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_oid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    pub file: RelFile,
+    pub xid: u32,
+    pub time: Timestamp,
+    /// Where the commit record starts and ends.
+    pub start: Lsn,
+    pub end: Lsn,
+}
+
+impl RelEvent {
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} (database {}) by transaction {} at {} (WAL {})",
+            match self.change {
+                RelChange::Dropped => "DROP",
+                RelChange::TruncatedOrRewritten => "TRUNCATE/rewrite",
+            },
+            self.table.clone().unwrap_or_else(|| format!(
+                "relation file {}/{}/{} (no name snapshot holds it)",
+                self.file.spc, self.file.db, self.file.rel
+            )),
+            self.database
+                .clone()
+                .unwrap_or_else(|| self.file.db.to_string()),
+            self.xid,
+            self.time,
+            self.start
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EventsReport {
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    pub commits: u64,
+    pub aborts: u64,
+    pub buckets: Vec<Bucket>,
+    pub restore_points: Vec<RestorePointEntry>,
+    pub relations: Vec<RelEvent>,
+    pub segments_read: usize,
+    pub index_objects_read: usize,
+    pub wal_segments_decoded: usize,
+}
+
+/// The events of the archive's longest chain between `q.from` and `q.to`.
+pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, RestoreError> {
+    let backups = repo.list_backups().await?;
+    let inv = inventory(repo).await?;
+    let seg_size = repo.seg_size();
+    let chain =
+        longest_chain(&backups, &inv, TimelineChoice::Latest, seg_size).ok_or_else(|| {
+            RestoreError::Refused("the repository has no backup with WAL after it".into())
+        })?;
+    let segs = chain
+        .segments
+        .iter()
+        .map(|s| (s.segment(seg_size), s.source))
+        .collect();
+    let mut ix = ChainIndex::new(repo, segs).await?;
+    let maps = repo.relmaps().await?;
+    let in_range = |t: Timestamp| q.from.is_none_or(|f| t >= f) && q.to.is_none_or(|e| t <= e);
+    let has_xacts: fn(&SegmentIndex) -> bool = |i| !i.xacts.is_empty();
+    // The first segment with a commit at or after `from` (one earlier: times are nearly in
+    // order), through the first whose every commit is after `to`.
+    let first = match q.from {
+        Some(f) => {
+            let b = ix
+                .first_where(has_xacts, |i| i.xacts.max_time().is_some_and(|m| m >= f))
+                .await?;
+            b.saturating_sub(1)
+        }
+        None => 0,
+    };
+    let step = q.interval.as_micros().max(1) as i64;
+    let mut buckets: BTreeMap<i64, Bucket> = BTreeMap::new();
+    let mut report = EventsReport {
+        from: q.from,
+        to: q.to,
+        commits: 0,
+        aborts: 0,
+        buckets: Vec::new(),
+        restore_points: Vec::new(),
+        relations: Vec::new(),
+        segments_read: 0,
+        index_objects_read: 0,
+        wal_segments_decoded: 0,
+    };
+    let mut created: HashSet<(u32, u32)> = HashSet::new(); // (xid, db)
+    let mut drops = Vec::new();
+    for k in first..ix.len() {
+        let i = ix.get(k).await?;
+        report.segments_read += 1;
+        for c in &i.created {
+            created.insert((c.xid, c.file.db));
+        }
+        for x in i.xacts.iter().filter(|x| in_range(x.time)) {
+            let key = x.time.as_microsecond().div_euclid(step) * step;
+            let b = buckets.entry(key).or_insert_with(|| Bucket {
+                start: Timestamp::from_microsecond(key).unwrap_or(Timestamp::UNIX_EPOCH),
+                commits: 0,
+                aborts: 0,
+            });
+            if x.committed {
+                b.commits += 1;
+                report.commits += 1;
+            } else {
+                b.aborts += 1;
+                report.aborts += 1;
+            }
+        }
+        report.restore_points.extend(
+            i.restore_points
+                .iter()
+                .filter(|p| in_range(p.time))
+                .cloned(),
+        );
+        drops.extend(
+            i.drops
+                .iter()
+                .filter(|d| d.committed && in_range(d.time))
+                .cloned(),
+        );
+        if let (Some(to), Some(min)) = (q.to, i.xacts.min_time()) {
+            if min > to {
+                break;
+            }
+        }
+    }
+    for d in drops {
+        for f in &d.files {
+            let named = name_of(&maps, f, d.start);
+            // Files of indexes, TOAST and the like have no entry: only tables are events.
+            let Some((db, rel)) = named else {
+                if maps
+                    .iter()
+                    .any(|m| m.lsn <= d.start && m.database(f.db).is_some())
+                {
+                    continue; // a snapshot knew the database but not this file: not a table
+                }
+                report
+                    .relations
+                    .push(rel_event(&d, f, None, RelChange::Dropped));
+                continue;
+            };
+            if q.database.as_ref().is_some_and(|n| *n != db.name) {
+                continue;
+            }
+            let still_there = later_has_oid(&maps, d.end, f.db, rel.oid);
+            let change = if created.contains(&(d.xid, f.db)) || still_there {
+                RelChange::TruncatedOrRewritten
+            } else {
+                RelChange::Dropped
+            };
+            let mut e = rel_event(&d, f, Some(rel.qualified()), change);
+            e.table_oid = Some(rel.oid);
+            e.database = Some(db.name.clone());
+            report.relations.push(e);
+        }
+    }
+    report.buckets = buckets.into_values().collect();
+    let (reads, decoded) = ix.reads();
+    report.index_objects_read = reads;
+    report.wal_segments_decoded = decoded;
+    Ok(report)
+}
+
+fn rel_event(
+    d: &crate::wal::index::DropEntry,
+    f: &RelFile,
+    table: Option<String>,
+    change: RelChange,
+) -> RelEvent {
+    RelEvent {
+        change,
+        table,
+        table_oid: None,
+        database: None,
+        file: *f,
+        xid: d.xid,
+        time: d.time,
+        start: d.start,
+        end: d.end,
+    }
+}
+
+/// Whether a snapshot taken after `after` still lists relation `oid` of database `db`.
+fn later_has_oid(maps: &[RelMap], after: Lsn, db: u32, oid: u32) -> bool {
+    maps.iter()
+        .filter(|m| m.lsn > after)
+        .filter_map(|m| m.database(db))
+        .any(|d| d.relations.iter().any(|r| r.oid == oid))
+}
+
+/// The newest drop or truncate of `table` (`schema.table`, or a bare name for `public`) in
+/// `database` (any, when None), and the others, oldest first.
+pub fn pick_drop<'e>(
+    evs: &'e [RelEvent],
+    table: &str,
+    database: Option<&str>,
+) -> Option<(&'e RelEvent, Vec<&'e RelEvent>)> {
+    let want = if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    };
+    let mut hits: Vec<&RelEvent> = evs
+        .iter()
+        .filter(|e| e.table.as_deref() == Some(want.as_str()))
+        .filter(|e| database.is_none_or(|d| e.database.as_deref() == Some(d)))
+        .collect();
+    hits.sort_by_key(|e| e.end);
+    let newest = hits.pop()?;
+    Some((newest, hits))
+}
