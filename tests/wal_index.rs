@@ -231,3 +231,129 @@ fn unique() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+/// The state of a table restored by --before-drop is the one it had at the drop.
+fn count(pg: &Pg, db: &str, table: &str) -> u64 {
+    pg.psql_db(db, &format!("select count(*) from {table}"))
+        .parse()
+        .unwrap()
+}
+
+fn now_utc(pg: &Pg) -> archiver::Timestamp {
+    pg.psql(
+        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Under pgbench load, a table dropped in a second database and another truncated: `events`
+/// names both with their transactions and times, and `restore --before-drop` brings each back
+/// with the rows it had, every other table as it was at that instant.
+#[test]
+fn drops_and_truncates_under_load_are_named_and_undone() {
+    let s = Streaming::start("", &[]);
+    s.pg.psql("create database shop");
+    s.pg.psql_db(
+        "shop",
+        "create table orders (id int primary key, item text); \
+         insert into orders select g, 'item ' || g from generate_series(1, 5000) g; \
+         create table carts (id int); insert into carts select generate_series(1, 300)",
+    );
+    s.pg.pgbench(&["-i", "-s", "2", "-q"]);
+    s.backup();
+    let mut load = s.pg.pgbench_background(&["-T", "10", "-c", "2"]);
+    // At a random moment under load: the drop, bracketed by the history's size and the clock.
+    std::thread::sleep(Duration::from_millis(1500 + fastrand::u64(0..2000)));
+    let xid_of = |out: String| -> u32 { out.lines().find_map(|l| l.parse().ok()).unwrap() };
+    let (h1, t1) = (count(&s.pg, "postgres", "pgbench_history"), now_utc(&s.pg));
+    let drop_xid = xid_of(s.pg.psql_db(
+        "shop",
+        "begin; drop table orders; select txid_current(); commit;",
+    ));
+    let (t2, h2) = (now_utc(&s.pg), count(&s.pg, "postgres", "pgbench_history"));
+    std::thread::sleep(Duration::from_millis(1000));
+    s.pg.psql_db("shop", "insert into carts select generate_series(301, 350)");
+    let trunc_xid = xid_of(s.pg.psql_db(
+        "shop",
+        "begin; truncate carts; select txid_current(); commit;",
+    ));
+    assert!(load.wait().unwrap().success());
+    let last = current_walfile(&s.pg);
+    s.pg.psql("select pg_switch_wal()");
+    wait_archived(&s.repo, &last, Duration::from_secs(60));
+
+    let out = archiver_ok(&["events", "--repo", &s.r, "--database", "shop", "--json"]);
+    let ev: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ev["commits"].as_u64().unwrap() > 100, "{ev}");
+    let rel = |table: &str| -> serde_json::Value {
+        ev["relations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["table"] == table)
+            .unwrap_or_else(|| panic!("no event for {table}: {ev}"))
+            .clone()
+    };
+    let dropped = rel("public.orders");
+    assert_eq!(dropped["change"], "dropped", "{dropped}");
+    assert_eq!(dropped["database"], "shop");
+    assert_eq!(dropped["xid"], drop_xid);
+    let at: archiver::Timestamp = dropped["time"].as_str().unwrap().parse().unwrap();
+    assert!(
+        t1 <= at && at <= t2,
+        "dropped at {at}, between {t1} and {t2}"
+    );
+    let truncated = rel("public.carts");
+    assert_eq!(truncated["change"], "truncated_or_rewritten", "{truncated}");
+    assert_eq!(truncated["xid"], trunc_xid);
+    // Only shop's tables with --database shop; none of pgbench's.
+    assert!(ev["relations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["database"] == "shop"));
+    let text = archiver_ok(&["events", "--repo", &s.r]);
+    assert!(
+        text.contains("DROP public.orders (database shop)"),
+        "{text}"
+    );
+
+    // Just before the drop: orders whole, carts before its later rows, pgbench's history
+    // exactly as far as it had come.
+    let restore = |name: &str, args: &[&str]| -> Pg {
+        let pgdata = s.dir.join(name);
+        let mut all = vec![
+            "restore",
+            "--repo",
+            &s.r,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let out = archiver(&all);
+        let out = succeeded(out, "restore --before-drop");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("recovering to just before"), "{err}");
+        start_recovering(&s.dir, name, pgdata, None)
+    };
+    let r = restore(
+        "undrop",
+        &["--before-drop", "public.orders", "--database", "shop"],
+    );
+    assert_eq!(count(&r, "shop", "orders"), 5000);
+    assert_eq!(count(&r, "shop", "carts"), 300);
+    let h = count(&r, "postgres", "pgbench_history");
+    assert!(h1 <= h && h <= h2, "history {h}, between {h1} and {h2}");
+    drop(r);
+    // Just before the truncate (a bare name is public's): carts with all its rows, orders gone.
+    let r = restore("untruncate", &["--before-drop", "carts"]);
+    assert_eq!(count(&r, "shop", "carts"), 350);
+    assert_eq!(
+        r.psql_db(
+            "shop",
+            "select count(*) from pg_class where relname = 'orders'"
+        ),
+        "0"
+    );
+}

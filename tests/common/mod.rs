@@ -433,6 +433,11 @@ impl Pg {
 
     /// Runs SQL as postgres and returns unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    /// [`Pg::psql`] in database `db`.
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")
             .args([
                 "-X",
@@ -446,7 +451,7 @@ impl Pg {
                 "-U",
                 "postgres",
                 "-d",
-                "postgres",
+                db,
                 "-p",
             ])
             .arg(self.port.to_string())
