@@ -153,6 +153,17 @@ fn verify_names_every_kind_of_damage() {
         assert!(text.contains("missing: WAL from"), "{text}");
     }
 
+    // A flipped byte in a segment's index: named as damaged (exit 1), but no backup needs it
+    // to restore (restores read the WAL instead).
+    {
+        let key = format!("index/00000001/{middle}.zst");
+        let _d = Damage::flip(&s.repo.join(&key));
+        let (code, r, _) = verify(&s, &[]);
+        assert_eq!(code, Some(1), "{r}");
+        assert_eq!(r["damaged"][0]["key"], key, "{r}");
+        assert_eq!(problems(&r, &a), "[]", "{r}");
+    }
+
     // A truncated manifest.
     {
         let _d = Damage::truncate(&s.repo.join(format!("backups/{a}/backup_manifest.zst")));

@@ -214,6 +214,22 @@ fn dry_run_locates_targets_through_the_index() {
         (Some(2), Some(0)),
         "{l}"
     );
+    // A damaged index object is not trusted: the WAL is read in its place, same answer.
+    let seg_of_y = s.pg.psql(&format!(
+        "select pg_walfile_name('{}')",
+        l["last_applied"]["end"].as_str().unwrap()
+    ));
+    let ix_path = s.repo.join(format!("index/00000001/{seg_of_y}.zst"));
+    let mut obj = std::fs::read(&ix_path).unwrap();
+    obj[10] ^= 0x01;
+    std::fs::write(&ix_path, obj).unwrap();
+    let l = dry(&["--target-xid", &y.to_string()]);
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (y, z),
+        "{l}"
+    );
+    assert!(l["wal_segments_decoded"].as_u64().unwrap() >= 1, "{l}");
     // Without the index, the same answers from the WAL itself.
     std::fs::remove_dir_all(s.repo.join("index")).unwrap();
     let l = dry(&["--target-time", &t]);

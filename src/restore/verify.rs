@@ -15,7 +15,10 @@ use super::plan::{continuity, Hole};
 use super::run::{inventory, verify_backup, RestoreError};
 use crate::progress::Progress;
 use crate::repo::catalog::{BackupRecord, BackupStatus, Verification};
-use crate::repo::layout::{parse_wal_key, WalObject, WAL_PREFIX};
+use crate::repo::layout::{
+    parse_index_key, parse_wal_key, IndexObject, WalObject, INDEX_PREFIX, WAL_PREFIX,
+};
+use crate::repo::relmap::RELMAP_PREFIX;
 use crate::repo::Repo;
 
 pub struct VerifyOptions {
@@ -84,6 +87,25 @@ pub async fn verify(repo: &Repo, o: &VerifyOptions) -> Result<VerifyReport, Rest
             }
         })
         .collect();
+    // The WAL index and the relation-name snapshots: damaged ones are reported (restores do
+    // without them: they read the WAL instead), never counted against a backup.
+    let mut wal = wal;
+    for prefix in [INDEX_PREFIX, RELMAP_PREFIX] {
+        for m in repo
+            .storage()
+            .list(prefix)
+            .await
+            .map_err(crate::repo::RepoError::from)?
+        {
+            let wanted = match parse_index_key(&m.key, seg_size) {
+                Some(IndexObject::Index(s) | IndexObject::Points(s)) => s.segno >= from_seg,
+                None => prefix == RELMAP_PREFIX && m.key.ends_with(".zst"),
+            };
+            if wanted {
+                wal.push((m.key, m.size, None));
+            }
+        }
+    }
     let total: u64 =
         wal.iter().map(|w| w.1).sum::<u64>() + backups.iter().map(|b| b.stored_bytes).sum::<u64>();
     let mut progress = Progress::new("verify");
