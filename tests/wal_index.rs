@@ -373,3 +373,66 @@ fn drops_and_truncates_under_load_are_named_and_undone() {
         "0"
     );
 }
+
+fn relmap_count(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("relmaps"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A table created after the last backup, truncated (a new file) and then dropped: the
+/// streamer's name snapshots follow it, so both events carry its name.
+#[test]
+fn names_follow_ddl_while_streaming() {
+    let mut s = Streaming::start("", &[]);
+    wait_until(
+        "the stream's first name snapshot",
+        Duration::from_secs(30),
+        || relmap_count(&s.repo) >= 1,
+    );
+    let switch = |s: &Streaming| {
+        let name = current_walfile(&s.pg);
+        s.pg.psql("select pg_switch_wal()");
+        wait_archived(&s.repo, &name, Duration::from_secs(60));
+    };
+    s.pg.psql("create table late (x int); insert into late select generate_series(1, 100)");
+    switch(&s);
+    wait_until(
+        "a snapshot naming the new table",
+        Duration::from_secs(40),
+        || relmap_count(&s.repo) >= 2,
+    );
+    s.pg.psql("truncate late; insert into late values (1)");
+    switch(&s);
+    wait_until(
+        "a snapshot naming its new file",
+        Duration::from_secs(40),
+        || relmap_count(&s.repo) >= 3,
+    );
+    let out =
+        s.pg.psql("begin; drop table late; select txid_current(); commit;");
+    let drop_xid: u64 = out.lines().find_map(|l| l.parse().ok()).unwrap();
+    switch(&s);
+    assert!(s.streamer.term().success());
+    let ev: serde_json::Value =
+        serde_json::from_str(&archiver_ok(&["events", "--repo", &s.r, "--json"])).unwrap();
+    let late: Vec<(String, u64)> = ev["relations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["table"] == "public.late")
+        .map(|r| {
+            (
+                r["change"].as_str().unwrap().to_string(),
+                r["xid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(late.len(), 2, "{ev}");
+    assert_eq!(late[0].0, "truncated_or_rewritten", "{ev}");
+    assert_eq!(late[1], ("dropped".to_string(), drop_xid), "{ev}");
+}

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::object::ObjectKind;
 use super::{Repo, RepoError};
@@ -199,19 +199,71 @@ impl Repo {
     }
 }
 
-/// Takes a snapshot and stores it; failures are warnings (names are a convenience, never a
-/// reason to fail a backup or a stream).
-pub async fn snapshot(repo: &Repo, ci: &ConnInfo, application_name: &str) {
+/// Takes a snapshot and stores it unless it names exactly what `previous` did; failures are
+/// warnings (names are a convenience, never a reason to fail a backup or a stream). Returns
+/// the snapshot taken.
+pub async fn snapshot_if_changed(
+    repo: &Repo,
+    ci: &ConnInfo,
+    application_name: &str,
+    previous: Option<&RelMap>,
+) -> Option<RelMap> {
     match take(ci, application_name).await {
         Ok(m) => {
-            if let Err(e) = repo.put_relmap(&m).await {
-                warn!(error = %e, "cannot store the relation names");
+            if previous.is_some_and(|p| p.databases == m.databases) {
+                return Some(m);
             }
+            match repo.put_relmap(&m).await {
+                Ok(()) => debug!(lsn = %m.lsn, "relation names stored"),
+                Err(e) => warn!(error = %e, "cannot store the relation names"),
+            }
+            Some(m)
         }
         Err(e) => {
-            warn!(error = %e, "cannot read relation names over SQL; dropped tables will be named by number")
+            warn!(error = %e, "cannot read relation names over SQL; dropped tables will be named by number");
+            None
         }
     }
+}
+
+/// Takes a snapshot and stores it (a backup's).
+pub async fn snapshot(repo: &Repo, ci: &ConnInfo, application_name: &str) {
+    snapshot_if_changed(repo, ci, application_name, None).await;
+}
+
+/// The streamer's name keeper: a snapshot at once, then whenever `poke` is notified (the
+/// index saw relation files created: a new table, or a truncate or rewrite giving one a new
+/// file) — at most every `min_gap` — and at least every `every`; stored only when the names
+/// changed. Runs until aborted; after a failed snapshot (no SQL access) only the periodic
+/// attempts go on.
+pub fn keep_names(
+    repo: Repo,
+    ci: ConnInfo,
+    every: std::time::Duration,
+    min_gap: std::time::Duration,
+) -> (
+    std::sync::Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<()>,
+) {
+    let poke = std::sync::Arc::new(tokio::sync::Notify::new());
+    let p = poke.clone();
+    let task = tokio::spawn(async move {
+        let mut last: Option<RelMap> = None;
+        loop {
+            let taken = snapshot_if_changed(&repo, &ci, "archiver stream", last.as_ref()).await;
+            let reachable = taken.is_some();
+            if taken.is_some() {
+                last = taken;
+            }
+            tokio::time::sleep(min_gap).await;
+            if reachable {
+                let _ = tokio::time::timeout(every.saturating_sub(min_gap), p.notified()).await;
+            } else {
+                tokio::time::sleep(every.saturating_sub(min_gap)).await;
+            }
+        }
+    });
+    (poke, task)
 }
 
 #[cfg(test)]

@@ -16,12 +16,14 @@ use serde::Serialize;
 use super::locate::ChainIndex;
 use super::run::{inventory, longest_chain, RestoreError};
 use super::target::TimelineChoice;
+use crate::repo::layout::WalObject;
+use crate::repo::local_wal::WalSource;
 use crate::repo::relmap::{name_of, RelMap};
 use crate::repo::Repo;
 use crate::time::Timestamp;
 use crate::wal::index::{RestorePointEntry, SegmentIndex};
 use crate::wal::record::RelFile;
-use crate::wal::Lsn;
+use crate::wal::{Lsn, SegmentName};
 
 #[derive(Clone, Debug)]
 pub struct EventsQuery {
@@ -107,15 +109,36 @@ pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, Restor
     let backups = repo.list_backups().await?;
     let inv = inventory(repo).await?;
     let seg_size = repo.seg_size();
-    let chain =
-        longest_chain(&backups, &inv, TimelineChoice::Latest, seg_size).ok_or_else(|| {
-            RestoreError::Refused("the repository has no backup with WAL after it".into())
-        })?;
-    let segs = chain
-        .segments
-        .iter()
-        .map(|s| (s.segment(seg_size), s.source))
-        .collect();
+    // The WAL from the oldest backup on, along the newest timeline; without a backup, the
+    // complete segments of the newest timeline.
+    let segs: Vec<(SegmentName, WalSource)> =
+        match longest_chain(&backups, &inv, TimelineChoice::Latest, seg_size) {
+            Some(chain) => chain
+                .segments
+                .iter()
+                .map(|s| (s.segment(seg_size), s.source))
+                .collect(),
+            None => {
+                let mut all: Vec<SegmentName> = repo
+                    .wal_objects()
+                    .await?
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        WalObject::Segment(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect();
+                let newest = all.iter().map(|s| s.tli).max().unwrap_or(1);
+                all.retain(|s| s.tli == newest);
+                all.sort();
+                all.into_iter().map(|s| (s, WalSource::Object)).collect()
+            }
+        };
+    if segs.is_empty() {
+        return Err(RestoreError::Refused(
+            "the repository holds no archived WAL yet".into(),
+        ));
+    }
     let mut ix = ChainIndex::new(repo, segs).await?;
     let maps = repo.relmaps().await?;
     let in_range = |t: Timestamp| q.from.is_none_or(|f| t >= f) && q.to.is_none_or(|e| t <= e);

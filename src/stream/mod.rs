@@ -180,6 +180,11 @@ pub fn plan_start(
 }
 
 /// Publishes complete segments left in the spool by an earlier run (before anything else).
+/// The streamer's relation-name snapshots: at least this often (kept only when changed) …
+const NAMES_EVERY: Duration = Duration::from_secs(15 * 60);
+/// … and at most this often when the index sees relation files created.
+const NAMES_MIN_GAP: Duration = Duration::from_secs(10);
+
 pub async fn recover_spool(
     repo: &Repo,
     spool: &Spool,
@@ -449,16 +454,18 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
     recover_spool(&repo, &spool, cfg.compress_level, cfg.index).await?;
-    if cfg.index {
-        // Names for the relation files the index will see removed (best effort, in the
-        // background: a replication-only user cannot read them, and says so once).
-        let (r, ci) = (repo.clone(), conninfo.clone());
-        tokio::spawn(
-            async move { crate::repo::relmap::snapshot(&r, &ci, "archiver stream").await },
-        );
-    }
-    let mut publisher =
-        publisher::Publisher::start(repo.clone(), spool.clone(), cfg.compress_level, cfg.index);
+    // Names for the relation files the index will see removed (best effort, in the
+    // background: a replication-only user cannot read them, and says so).
+    let names = cfg.index.then(|| {
+        crate::repo::relmap::keep_names(repo.clone(), conninfo.clone(), NAMES_EVERY, NAMES_MIN_GAP)
+    });
+    let mut publisher = publisher::Publisher::start(
+        repo.clone(),
+        spool.clone(),
+        cfg.compress_level,
+        names.as_ref().map(|(poke, _)| poke.clone()),
+        cfg.index,
+    );
     let mut next = Some((conn, server));
     let mut failing_since: Option<std::time::Instant> = None;
     let mut gap_attempts = 0u32;
@@ -566,6 +573,9 @@ pub async fn run(
         }
     };
     let published = publisher.finish().await;
+    if let Some((_, task)) = names {
+        task.abort();
+    }
     match (result, published) {
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),

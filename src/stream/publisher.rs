@@ -68,14 +68,15 @@ impl<R: Read> Read for IndexingReader<'_, R> {
     }
 }
 
-/// Publishes one complete spool segment, with its index when `indexer` is given.
+/// Publishes one complete spool segment, with its index when `indexer` is given. Returns
+/// whether the index shows relation files created.
 pub async fn publish_segment(
     repo: &Repo,
     spool: &Spool,
     seg: SegmentName,
     level: i32,
     indexer: &mut Option<Indexer>,
-) -> Result<(), StreamError> {
+) -> Result<bool, StreamError> {
     let path = spool.complete_path(&seg);
     let seg_size = repo.seg_size();
     let p = path.clone();
@@ -134,8 +135,12 @@ pub async fn publish_segment(
             info.raw_size
         )));
     }
+    let mut created = false;
     match index {
-        Some(Ok(ix)) => repo.put_segment_index(&seg, &ix).await?,
+        Some(Ok(ix)) => {
+            created = !ix.created.is_empty();
+            repo.put_segment_index(&seg, &ix).await?
+        }
         Some(Err(e)) => {
             error!(segment = %seg, error = %e, "the segment's WAL records do not read back; archived without an index")
         }
@@ -147,7 +152,7 @@ pub async fn publish_segment(
         .remove(&path)
         .map_err(|e| StreamError::io(format!("removing {}", path.display()), e))?;
     debug!(segment = %seg, stored_bytes = stored, sha256 = %info.sha256_hex(), "segment published");
-    Ok(())
+    Ok(created)
 }
 
 /// Records (durably) that the streamer's next segment follows `seg`.
@@ -171,13 +176,26 @@ pub fn indexer_for(repo: &Repo, on: bool) -> Option<Indexer> {
 }
 
 impl Publisher {
-    pub fn start(repo: Repo, spool: Spool, level: i32, index: bool) -> Publisher {
+    /// `names`: poked when a published segment's index shows relation files created (the
+    /// name keeper then takes a snapshot, `repo::relmap::keep_names`).
+    pub fn start(
+        repo: Repo,
+        spool: Spool,
+        level: i32,
+        names: Option<std::sync::Arc<tokio::sync::Notify>>,
+        index: bool,
+    ) -> Publisher {
         let (tx, mut rx) = mpsc::channel::<SegmentName>(2);
         let handle = tokio::spawn(async move {
             let mut n = 0;
             let mut indexer = indexer_for(&repo, index);
             while let Some(seg) = rx.recv().await {
-                publish_segment(&repo, &spool, seg, level, &mut indexer).await?;
+                let created = publish_segment(&repo, &spool, seg, level, &mut indexer).await?;
+                if created {
+                    if let Some(p) = &names {
+                        p.notify_one();
+                    }
+                }
                 record_next(&spool, seg).await?;
                 n += 1;
             }
