@@ -1,6 +1,9 @@
 //! The receive path on one core: decode XLogData → validate page headers → write to the spool
 //! segment in place → at segment end compress (zstd) and checksum (SHA-256 + CRC-32) into the
-//! stored object. Throughput is reported in bytes of WAL.
+//! stored object — without and with the WAL index (every record's CRC-32C checked, commits,
+//! restore points and snapshots collected, as the publisher does). The WAL is made of real
+//! records in a pgbench-like mix (`synth::pgbench_like`). Throughput is reported in bytes of
+//! WAL; `index_only` is the record decoding alone.
 //!
 //! `cargo bench --bench receive_path`
 
@@ -10,7 +13,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use archiver::Spool;
 use archiver::{decode_copy_data, ReplicationMessage};
 use archiver::{encode_object, ObjectKind};
-use archiver::{synthetic_wal, PageValidator};
+use archiver::synth::{lay_out, pgbench_like};
+use archiver::{Indexer, PageValidator};
 use archiver::{Lsn, SegmentName};
 
 const SEG: u64 = 16 << 20;
@@ -35,7 +39,15 @@ fn messages(wal: &[u8], start: Lsn) -> Vec<Bytes> {
 
 fn receive_path(c: &mut Criterion) {
     let start = Lsn(SEG);
-    let wal = synthetic_wal(start, (SEG * SEGMENTS) as usize, 1, SYSID, SEG);
+    let (wal, _) = lay_out(
+        start,
+        (SEG * SEGMENTS) as usize,
+        1,
+        SYSID,
+        SEG,
+        0xD110,
+        pgbench_like(1000, 800_000_000_000_000),
+    );
     let msgs = messages(&wal, start);
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), SEG).unwrap();
@@ -43,33 +55,56 @@ fn receive_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("receive_path");
     g.throughput(Throughput::Bytes(wal.len() as u64));
     g.sample_size(10);
-    g.bench_function("decode_validate_write_compress_checksum", |b| {
-        b.iter(|| {
-            let mut v = PageValidator::new(SEG, SYSID, Some(0xD110), start, 1);
-            let mut cur = None;
-            let mut stored = 0usize;
-            for m in &msgs {
-                let ReplicationMessage::XLogData {
-                    start: at, data, ..
-                } = decode_copy_data(m.clone()).unwrap()
-                else {
-                    unreachable!()
-                };
-                v.feed(at, &data).unwrap();
-                let seg = SegmentName::containing(1, at, SEG);
-                let f = cur.get_or_insert_with(|| spool.open_partial(seg).unwrap());
-                f.write_at(at.segment_offset(SEG), &data).unwrap();
-                if f.written == SEG {
-                    let f = cur.take().unwrap();
-                    let seg = f.seg;
-                    drop(f);
-                    let file = std::fs::File::open(spool.partial_path(&seg)).unwrap();
-                    let mut out = Vec::with_capacity(SEG as usize / 4);
-                    encode_object(file, &mut out, ObjectKind::WalSegment, 1).unwrap();
-                    stored += out.len();
+    for index in [false, true] {
+        let name = if index {
+            "decode_validate_write_compress_checksum_index"
+        } else {
+            "decode_validate_write_compress_checksum"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut v = PageValidator::new(SEG, SYSID, Some(0xD110), start, 1);
+                let mut ix = Indexer::new(SEG, 16);
+                let mut cur = None;
+                let mut stored = 0usize;
+                for m in &msgs {
+                    let ReplicationMessage::XLogData {
+                        start: at, data, ..
+                    } = decode_copy_data(m.clone()).unwrap()
+                    else {
+                        unreachable!()
+                    };
+                    v.feed(at, &data).unwrap();
+                    let seg = SegmentName::containing(1, at, SEG);
+                    let f = cur.get_or_insert_with(|| spool.open_partial(seg).unwrap());
+                    f.write_at(at.segment_offset(SEG), &data).unwrap();
+                    if f.written == SEG {
+                        let f = cur.take().unwrap();
+                        let seg = f.seg;
+                        drop(f);
+                        let raw = std::fs::read(spool.partial_path(&seg)).unwrap();
+                        let mut out = Vec::with_capacity(SEG as usize / 4);
+                        encode_object(&raw[..], &mut out, ObjectKind::WalSegment, 1).unwrap();
+                        if index {
+                            stored += ix.index(&seg, &raw).unwrap().xacts.len();
+                        }
+                        stored += out.len();
+                    }
                 }
+                stored
+            })
+        });
+    }
+    g.bench_function("index_only", |b| {
+        b.iter(|| {
+            let mut ix = Indexer::new(SEG, 16);
+            let mut n = 0;
+            for (i, seg_bytes) in wal.chunks(SEG as usize).enumerate() {
+                let seg = SegmentName::new(1, 1 + i as u64, SEG);
+                n += ix.index(&seg, seg_bytes).unwrap().xacts.len();
             }
-            stored
+            assert!(n > 100_000);
+            n
         })
     });
     g.finish();

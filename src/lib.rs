@@ -67,5 +67,8 @@ pub use time::Timestamp;
 pub use upload::upload_object;
 pub use wal::cluster::{ServerInfo, SystemInfo};
 pub use wal::page::{synthetic_wal, PageValidator};
+pub use wal::index::{Indexer, SegmentIndex};
 pub use wal::record::{Event as WalEvent, RecordError, RecordReader, RelFile};
+#[doc(hidden)]
+pub use wal::synth;
 pub use wal::{Lsn, SegmentName};

@@ -10,6 +10,8 @@ pub mod lsn;
 pub mod page;
 pub mod record;
 pub mod segment;
+#[doc(hidden)]
+pub mod synth;
 pub mod timeline;
 
 pub use lsn::Lsn;
