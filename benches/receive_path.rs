@@ -10,10 +10,10 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+use archiver::synth::{lay_out, pgbench_like};
 use archiver::Spool;
 use archiver::{decode_copy_data, ReplicationMessage};
 use archiver::{encode_object, ObjectKind};
-use archiver::synth::{lay_out, pgbench_like};
 use archiver::{Indexer, PageValidator};
 use archiver::{Lsn, SegmentName};
 

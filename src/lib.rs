@@ -66,8 +66,8 @@ pub use storage::Storage;
 pub use time::Timestamp;
 pub use upload::upload_object;
 pub use wal::cluster::{ServerInfo, SystemInfo};
-pub use wal::page::{synthetic_wal, PageValidator};
 pub use wal::index::{Indexer, SegmentIndex};
+pub use wal::page::{synthetic_wal, PageValidator};
 pub use wal::record::{Event as WalEvent, RecordError, RecordReader, RelFile};
 #[doc(hidden)]
 pub use wal::synth;

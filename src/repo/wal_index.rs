@@ -177,7 +177,7 @@ impl Repo {
         }
         self.put_raw(
             &wal_index_key(seg),
-            Bytes::from(ix.to_json()),
+            Bytes::from(ix.encode()),
             ObjectKind::WalIndex,
             INDEX_LEVEL,
         )
@@ -196,7 +196,7 @@ impl Repo {
             Err(RepoError::Storage(StorageError::NotFound(_))) => return Ok(None),
             Err(e) => return Err(e),
         };
-        SegmentIndex::from_json(&raw, seg)
+        SegmentIndex::decode(&raw, seg)
             .map(Some)
             .map_err(|e| RepoError::Corrupt {
                 key,

@@ -5,8 +5,10 @@
 //! with its predecessor, gives every record exactly once.
 //!
 //! The index is a pure function of the WAL: `archiver reindex` rebuilds byte-identical objects.
-//! Transactions are stored column-wise (`xid`, `time`, `start`, `end`), which zstd compresses
-//! to a few bytes per commit.
+//! Encoding ([`SegmentIndex::encode`]): a magic and version, the transaction ends column-wise as
+//! zigzag varint deltas (xid, time, start after the previous end, length: a few bytes per
+//! commit before compression, cheap to write on the receive path and to read in a search),
+//! then the rarer entries as JSON.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +17,8 @@ use super::{Lsn, SegmentName};
 use crate::time::Timestamp;
 
 /// The format of [`SegmentIndex`]; a reader refuses another.
-pub const INDEX_VERSION: u32 = 1;
+pub const INDEX_VERSION: u32 = 2;
+const MAGIC: &[u8; 4] = b"ARXI";
 
 /// Transaction ends in WAL order, column-wise.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +135,8 @@ pub struct FileEntry {
 pub struct SegmentIndex {
     pub version: u32,
     pub segment: String,
+    /// Encoded column-wise ahead of the JSON part.
+    #[serde(skip)]
     pub xacts: Xacts,
     #[serde(default)]
     pub restore_points: Vec<RestorePointEntry>,
@@ -151,6 +156,8 @@ pub struct SegmentIndex {
 pub enum IndexError {
     #[error("index object is not JSON of an index: {0}")]
     Parse(#[from] serde_json::Error),
+    #[error("index object is not an index: {0}")]
+    Format(&'static str),
     #[error("index of format {0}, this archiver reads {INDEX_VERSION} (run `archiver reindex`)")]
     Version(u32),
     #[error("index object names segment {found}, expected {expected}")]
@@ -252,13 +259,71 @@ impl SegmentIndex {
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an index serializes")
+    /// The stored form: magic, version, the transaction columns, then the rest as JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        let x = &self.xacts;
+        let mut out = Vec::with_capacity(16 + x.len() * 8);
+        out.extend_from_slice(MAGIC);
+        put_varint(&mut out, INDEX_VERSION as u64);
+        put_varint(&mut out, x.len() as u64);
+        let (mut xid, mut time, mut end) = (0i64, 0i64, 0i64);
+        for i in 0..x.len() {
+            put_zigzag(&mut out, x.xid[i] as i64 - xid);
+            xid = x.xid[i] as i64;
+            put_zigzag(&mut out, x.time[i] - time);
+            time = x.time[i];
+            put_zigzag(&mut out, x.start[i] as i64 - end);
+            put_varint(&mut out, x.end[i] - x.start[i]);
+            end = x.end[i] as i64;
+        }
+        put_varint(&mut out, x.aborted.len() as u64);
+        let mut prev = 0u64;
+        for a in &x.aborted {
+            put_varint(&mut out, *a as u64 - prev);
+            prev = *a as u64;
+        }
+        out.extend_from_slice(&serde_json::to_vec(self).expect("an index serializes"));
+        out
     }
 
-    /// Parses an index object's content, checking its format and that it is `seg`'s.
-    pub fn from_json(raw: &[u8], seg: &SegmentName) -> Result<SegmentIndex, IndexError> {
-        let ix: SegmentIndex = serde_json::from_slice(raw)?;
+    /// Reads an index object's content, checking its format and that it is `seg`'s.
+    pub fn decode(raw: &[u8], seg: &SegmentName) -> Result<SegmentIndex, IndexError> {
+        let mut b = raw
+            .strip_prefix(MAGIC)
+            .ok_or(IndexError::Format("no magic"))?;
+        let version = get_varint(&mut b)?;
+        if version != INDEX_VERSION as u64 {
+            return Err(IndexError::Version(version as u32));
+        }
+        let n = get_varint(&mut b)? as usize;
+        if n > b.len() {
+            return Err(IndexError::Format("more transactions than bytes"));
+        }
+        let mut x = Xacts {
+            xid: Vec::with_capacity(n),
+            time: Vec::with_capacity(n),
+            start: Vec::with_capacity(n),
+            end: Vec::with_capacity(n),
+            aborted: Vec::new(),
+        };
+        let (mut xid, mut time, mut end) = (0i64, 0i64, 0i64);
+        for _ in 0..n {
+            xid += get_zigzag(&mut b)?;
+            time += get_zigzag(&mut b)?;
+            let start = end + get_zigzag(&mut b)?;
+            end = start + get_varint(&mut b)? as i64;
+            x.xid.push(xid as u32);
+            x.time.push(time);
+            x.start.push(start as u64);
+            x.end.push(end as u64);
+        }
+        let na = get_varint(&mut b)? as usize;
+        let mut prev = 0u64;
+        for _ in 0..na.min(n) {
+            prev += get_varint(&mut b)?;
+            x.aborted.push(prev as u32);
+        }
+        let mut ix: SegmentIndex = serde_json::from_slice(b)?;
         if ix.version != INDEX_VERSION {
             return Err(IndexError::Version(ix.version));
         }
@@ -268,6 +333,7 @@ impl SegmentIndex {
                 expected: seg.to_string(),
             });
         }
+        ix.xacts = x;
         Ok(ix)
     }
 
@@ -355,6 +421,36 @@ impl Indexer {
     }
 }
 
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_zigzag(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn get_varint(b: &mut &[u8]) -> Result<u64, IndexError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = b.split_first().ok_or(IndexError::Format("truncated"))?;
+        *b = rest;
+        v |= ((byte & 0x7F) as u64) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(IndexError::Format("varint too long"))
+}
+
+fn get_zigzag(b: &mut &[u8]) -> Result<i64, IndexError> {
+    let v = get_varint(b)?;
+    Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+}
+
 /// `TransactionIdPrecedes` for normal xids: `a` is older than `b` (modulo 2^32).
 pub fn xid_precedes(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -415,21 +511,31 @@ mod tests {
         assert_eq!(ix.drops.len(), 1);
         assert_eq!(ix.drops[0].files, vec![f]);
         assert_eq!(ix.xacts.max_time(), Some(t(3)));
-        let back = SegmentIndex::from_json(&ix.to_json(), &seg).unwrap();
+        let back = SegmentIndex::decode(&ix.encode(), &seg).unwrap();
         assert_eq!(back, ix);
         assert_eq!(back.find_xact(|x| x.time > t(1)).map(|x| x.xid), Some(701));
         // Another segment's index, or another format: refused.
         let other = SegmentName::new(1, 4, 16 << 20);
         assert!(matches!(
-            SegmentIndex::from_json(&ix.to_json(), &other),
+            SegmentIndex::decode(&ix.encode(), &other),
             Err(IndexError::Segment { .. })
         ));
-        let mut v2 = ix.clone();
-        v2.version = 2;
+        let mut v9 = ix.encode();
+        v9[4] = 9;
         assert!(matches!(
-            SegmentIndex::from_json(&v2.to_json(), &seg),
-            Err(IndexError::Version(2))
+            SegmentIndex::decode(&v9, &seg),
+            Err(IndexError::Version(9))
         ));
+        // Cut short anywhere: refused, never a panic.
+        let whole = ix.encode();
+        for n in 0..whole.len() {
+            assert!(SegmentIndex::decode(&whole[..n], &seg).is_err(), "{n}");
+        }
+        // Extreme values survive.
+        let mut big = SegmentIndex::new(&seg);
+        big.add(xact(u32::MAX, false, -2_000_000_000, u64::MAX / 4, vec![]));
+        big.add(xact(3, true, 2_000_000_000, u64::MAX / 4 + 64, vec![]));
+        assert_eq!(SegmentIndex::decode(&big.encode(), &seg).unwrap(), big);
     }
 
     #[test]
