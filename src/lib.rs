@@ -54,6 +54,10 @@ pub use repo::layout::WalObject;
 pub use repo::lock::RepoLock;
 pub use repo::object::{decode_bytes, encode as encode_object, ObjectKind};
 pub use repo::Repo;
+pub use restore::locate::Located;
+pub use restore::recovery::TargetAction;
+pub use restore::run::{make_plan, TargetSpec};
+pub use restore::target::{Target, TimelineChoice};
 pub use retention::plan::{plan as plan_retention, Policy as RetentionPolicy};
 pub use spool::Spool;
 #[cfg(feature = "test-utils")]
