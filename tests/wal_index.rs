@@ -32,6 +32,7 @@ fn decoded(obj: &[u8]) -> serde_json::Value {
 #[test]
 fn streaming_indexes_every_segment_and_reindex_rebuilds_the_same() {
     let mut s = Streaming::start("", &[]);
+    s.backup();
     s.pg.pgbench(&["-i", "-s", "2", "-q"]);
     s.pg.pgbench(&["-T", "3", "-c", "2"]);
     let rp: archiver::Lsn =
@@ -124,6 +125,23 @@ fn streaming_indexes_every_segment_and_reindex_rebuilds_the_same() {
         text.contains(&format!("NOT INDEXED: {name}")) && text.contains("CRC-32C"),
         "{text}"
     );
+    // A restore's dry run reads every record of its WAL: refused, naming the segment.
+    let dest = s.dir.join("dry");
+    let out = archiver(&[
+        "restore",
+        "--repo",
+        &s.r,
+        "--pgdata",
+        dest.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("WAL segment {name}")) && err.contains("CRC-32C"),
+        "{err}"
+    );
+    assert!(!dest.exists());
 }
 
 /// A dry run finds time, transaction and restore-point targets through the index, and names
@@ -189,6 +207,13 @@ fn dry_run_locates_targets_through_the_index() {
     );
     assert_eq!(l["wal_segments_decoded"], 0, "{l}");
     let l = dry(&["--target-xid", &y.to_string(), "--exclusive"]);
+    assert_eq!(
+        (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
+        (x, y),
+        "{l}"
+    );
+    // --before-xid is the same as --target-xid with --exclusive.
+    let l = dry(&["--before-xid", &y.to_string()]);
     assert_eq!(
         (xid_of(&l["last_applied"]), xid_of(&l["first_not_applied"])),
         (x, y),
@@ -325,6 +350,25 @@ fn drops_and_truncates_under_load_are_named_and_undone() {
         .unwrap()
         .iter()
         .all(|r| r["database"] == "shop"));
+    // A window after the drop holds the truncate only; one ending before it, neither.
+    let window = |from: &str, to: &str| -> Vec<String> {
+        let mut args = vec!["events", "--repo", &s.r, "--database", "shop", "--json"];
+        if !from.is_empty() {
+            args.extend(["--from", from]);
+        }
+        if !to.is_empty() {
+            args.extend(["--to", to]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&archiver_ok(&args)).unwrap();
+        v["relations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["table"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(window(&t2.to_string(), ""), vec!["public.carts"]);
+    assert!(window("", &t1.to_string()).is_empty());
     let text = archiver_ok(&["events", "--repo", &s.r]);
     assert!(
         text.contains("DROP public.orders (database shop)"),
@@ -390,6 +434,8 @@ fn names_follow_ddl_while_streaming() {
         Duration::from_secs(30),
         || relmap_count(&s.repo) >= 1,
     );
+    s.backup();
+    let snapshots = relmap_count(&s.repo);
     let switch = |s: &Streaming| {
         let name = current_walfile(&s.pg);
         s.pg.psql("select pg_switch_wal()");
@@ -400,14 +446,14 @@ fn names_follow_ddl_while_streaming() {
     wait_until(
         "a snapshot naming the new table",
         Duration::from_secs(40),
-        || relmap_count(&s.repo) >= 2,
+        || relmap_count(&s.repo) > snapshots,
     );
     s.pg.psql("truncate late; insert into late values (1)");
     switch(&s);
     wait_until(
         "a snapshot naming its new file",
         Duration::from_secs(40),
-        || relmap_count(&s.repo) >= 3,
+        || relmap_count(&s.repo) > snapshots + 1,
     );
     let out =
         s.pg.psql("begin; drop table late; select txid_current(); commit;");
@@ -431,4 +477,28 @@ fn names_follow_ddl_while_streaming() {
     assert_eq!(late.len(), 2, "{ev}");
     assert_eq!(late[0].0, "truncated_or_rewritten", "{ev}");
     assert_eq!(late[1], ("dropped".to_string(), drop_xid), "{ev}");
+    // --before-drop picks the newest (the drop) and lists the other.
+    let dest = s.dir.join("dry");
+    let out = archiver(&[
+        "restore",
+        "--repo",
+        &s.r,
+        "--pgdata",
+        dest.to_str().unwrap(),
+        "--before-drop",
+        "late",
+        "--dry-run",
+    ]);
+    let out = succeeded(out, "restore --before-drop --dry-run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "just before DROP public.late (database postgres) by transaction {drop_xid}"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("earlier: TRUNCATE/rewrite public.late"),
+        "{err}"
+    );
 }

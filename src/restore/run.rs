@@ -643,13 +643,26 @@ pub fn partial_end_note(p: &Plan) -> Option<String> {
 /// Reads and verifies every WAL segment and history file of the plan; how many.
 pub async fn verify_wal(repo: &Repo, p: &Plan) -> Result<usize, RestoreError> {
     let seg_size = repo.seg_size();
+    // Every record's CRC-32C as well as each object's checksums: the segments follow one
+    // another along the path, so records crossing segments are checked too.
+    let mut records = crate::wal::index::Indexer::new(seg_size, repo.meta().pg_major);
     for s in &p.segments {
-        repo.read_wal(s.segment(seg_size), s.source)
+        let seg = s.segment(seg_size);
+        let raw = repo
+            .read_wal(seg, s.source)
             .await
             .map_err(|e| RestoreError::Damaged {
                 what: format!("WAL segment {} of the plan", s.name),
                 cause: Box::new(e),
             })?;
+        let (back, r) = tokio::task::spawn_blocking(move || {
+            let r = records.index(&seg, &raw).map(|_| ());
+            (records, r)
+        })
+        .await
+        .expect("record check panicked");
+        records = back;
+        r.map_err(damaged_wal(seg))?;
     }
     for t in &p.history_files {
         repo.get_verified(&history_key(*t))
