@@ -230,6 +230,18 @@ region = "us-east-1"
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(hot.join("repo.json").exists() && hot.join(format!("catalog/{id}.json")).exists());
+    // The WAL index and the relation names are shipped like every object.
+    let mut shipped = false;
+    for _ in 0..100 {
+        let keys = bucket_keys(&client, "offsite", "").await;
+        shipped = keys.iter().any(|k| k.starts_with("site1/index/00000001/"))
+            && keys.iter().any(|k| k.starts_with("site1/relmaps/"));
+        if shipped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(shipped, "no index or relmaps objects offsite");
 
     // The host is lost: archiver killed, the hot tier gone.
     a.kill9();
