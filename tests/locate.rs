@@ -136,7 +136,8 @@ fn around(l: &archiver::Located) -> (Option<u32>, Option<u32>) {
 async fn table(a: &Archive, with_index: bool) {
     let x = |n: u32| Some(FIRST_XID + n);
     let half_ms = jiff::SignedDuration::from_micros(500);
-    let cases: Vec<(Target, bool, (Option<u32>, Option<u32>))> = vec![
+    type Case = (Target, bool, (Option<u32>, Option<u32>));
+    let cases: Vec<Case> = vec![
         // A time between two commits: the earlier applied, the later not (either way).
         (
             Target::Time(commit_time(10) + half_ms),
