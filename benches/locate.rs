@@ -50,6 +50,27 @@ fn index(k: u64, xacts: u64, t0_us: i64, first_seg: u64) -> SegmentIndex {
         start: Lsn(base + SEG - 4096),
         end: Lsn(base + SEG - 4000),
     });
+    if k % 1000 == 700 {
+        // A table dropped (the commit of the segment's last transaction removes its file).
+        let last = ix.xacts.len() - 1;
+        let x = ix.xacts.get(last);
+        ix.xacts.xid.pop();
+        ix.xacts.time.pop();
+        ix.xacts.start.pop();
+        ix.xacts.end.pop();
+        ix.add(archiver::WalEvent::XactEnd {
+            xid: x.xid,
+            committed: true,
+            time: x.time,
+            start: x.start,
+            end: x.end,
+            dropped: vec![archiver::RelFile {
+                spc: 1663,
+                db: 5,
+                rel: 16384 + k as u32,
+            }],
+        });
+    }
     if k % 1000 == 500 {
         ix.add(archiver::WalEvent::RestorePoint {
             name: format!("rp-{k}"),
@@ -157,4 +178,20 @@ async fn main() {
             reads.1
         );
     }
+    // --before-drop's search: every drop on the chain.
+    let t = Instant::now();
+    let drops = archiver::relation_events(&repo, None).await.unwrap();
+    let want = if segments > 700 {
+        (segments - 701) / 1000 + 1
+    } else {
+        0
+    };
+    assert_eq!(drops.len() as u64, want);
+    println!(
+        "{:<22} {:>10.3} {:>14} {:>12}",
+        "every drop (before-drop)",
+        t.elapsed().as_secs_f64(),
+        drops.len(),
+        "-"
+    );
 }

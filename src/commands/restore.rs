@@ -71,15 +71,10 @@ impl TargetArgs {
             backup: self.backup.clone(),
         };
         if let Some(table) = &self.before_drop {
-            let q = crate::restore::events::EventsQuery {
-                from: None,
-                to: None,
-                database: self.database.clone(),
-                interval: std::time::Duration::from_secs(3600),
-            };
-            let evs = crate::restore::events::events(repo, &q).await?;
+            let evs =
+                crate::restore::events::relation_events(repo, self.database.as_deref()).await?;
             let Some((chosen, others)) =
-                crate::restore::events::pick_drop(&evs.relations, table, self.database.as_deref())
+                crate::restore::events::pick_drop(&evs, table, self.database.as_deref())
             else {
                 anyhow::bail!(
                     "no drop, truncate or rewrite of {table}{} is in the archived WAL's index (archiver events lists what is; WAL archived before the index needs archiver reindex)",

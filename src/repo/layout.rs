@@ -12,6 +12,7 @@
 //! slots.json                                 the replication slots archiver created
 //! index/<TLI>/<segment>.zst                  what a complete segment's records say (wal::index)
 //! index/<TLI>/<segment>.points.zst           its restore points, where it has any
+//! index/<TLI>/<segment>.drops.zst            its relation files removed and created, where any were removed
 //! ```
 
 use crate::wal::segment::{history_file_name, parse_history_file_name};
@@ -60,11 +61,19 @@ pub fn restore_points_key(seg: &SegmentName) -> String {
     format!("{INDEX_PREFIX}{:08X}/{seg}.points.zst", seg.tli)
 }
 
+/// The relation files a segment's transactions removed (and those its records created), only
+/// for segments where some were removed: `--before-drop` lists these instead of reading every
+/// index.
+pub fn drops_key(seg: &SegmentName) -> String {
+    format!("{INDEX_PREFIX}{:08X}/{seg}.drops.zst", seg.tli)
+}
+
 /// What a key under `index/` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IndexObject {
     Index(SegmentName),
     Points(SegmentName),
+    Drops(SegmentName),
 }
 
 /// Parses a key under `index/`; `None` for anything else.
@@ -73,19 +82,19 @@ pub fn parse_index_key(key: &str, seg_size: u64) -> Option<IndexObject> {
     let (dir, file) = rest.split_once('/')?;
     let tli = u32::from_str_radix(dir, 16).ok()?;
     let stem = file.strip_suffix(".zst")?;
-    let (name, points) = match stem.strip_suffix(".points") {
-        Some(n) => (n, true),
-        None => (stem, false),
-    };
+    let (name, kind): (&str, fn(SegmentName) -> IndexObject) =
+        if let Some(n) = stem.strip_suffix(".points") {
+            (n, IndexObject::Points)
+        } else if let Some(n) = stem.strip_suffix(".drops") {
+            (n, IndexObject::Drops)
+        } else {
+            (stem, IndexObject::Index)
+        };
     let seg = SegmentName::parse(name, seg_size)?;
     if seg.tli != tli || dir.len() != 8 {
         return None;
     }
-    Some(if points {
-        IndexObject::Points(seg)
-    } else {
-        IndexObject::Index(seg)
-    })
+    Some(kind(seg))
 }
 
 /// What a key under `wal/` names.
@@ -163,6 +172,10 @@ mod tests {
         assert_eq!(
             parse_index_key(&restore_points_key(&s), SEG),
             Some(IndexObject::Points(s))
+        );
+        assert_eq!(
+            parse_index_key(&drops_key(&s), SEG),
+            Some(IndexObject::Drops(s))
         );
         assert_eq!(parse_index_key(&wal_segment_key(&s), SEG), None);
         assert_eq!(parse_wal_key(&wal_index_key(&s), SEG), None);

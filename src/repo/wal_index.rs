@@ -1,9 +1,9 @@
 //! Index objects of the repository: each complete WAL segment's [`SegmentIndex`] and, beside
-//! it where the segment has any, its restore points. Stored like every object (zstd, CRC-32C
+//! it where the segment has any, its restore points and its removed relation files. Stored like every object (zstd, CRC-32C
 //! and SHA-256 in the trailer, encrypted where the repository is), shipped to the remote tiers
 //! by the uploader as any other key.
 //!
-//! Invariant: the restore points are written before the index, and both before the segment
+//! Invariant: the restore points and drops are written before the index, and all before the segment
 //! they describe is published, so a segment object never has an index that hides a restore
 //! point; a crash in between leaves the spool segment, whose next publication rewrites the
 //! same objects.
@@ -15,13 +15,14 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::layout::{
-    parse_index_key, restore_points_key, wal_index_key, IndexObject, WalObject, INDEX_PREFIX,
+    drops_key, parse_index_key, restore_points_key, wal_index_key, IndexObject, WalObject,
+    INDEX_PREFIX,
 };
 use super::local_wal::WalSource;
 use super::object::ObjectKind;
 use super::{Repo, RepoError};
 use crate::storage::StorageError;
-use crate::wal::index::{Indexer, RestorePointEntry, SegmentIndex};
+use crate::wal::index::{DropEntry, FileEntry, Indexer, RestorePointEntry, SegmentIndex};
 use crate::wal::SegmentName;
 
 /// zstd level of index objects (small, read often: the columns compress well at 3).
@@ -33,6 +34,15 @@ pub struct IndexListing {
     pub indexed: BTreeSet<SegmentName>,
     /// Segments with restore points.
     pub points: BTreeSet<SegmentName>,
+    /// Segments whose transactions removed relation files.
+    pub drops: BTreeSet<SegmentName>,
+}
+
+/// A segment's removed relation files and the files its records created (`<segment>.drops`).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct SegmentDrops {
+    pub drops: Vec<DropEntry>,
+    pub created: Vec<FileEntry>,
 }
 
 /// What `archiver reindex` did.
@@ -139,6 +149,9 @@ impl Repo {
                     if ix.restore_points.is_empty() && listing.points.contains(seg) {
                         self.storage().delete(&restore_points_key(seg)).await?;
                     }
+                    if ix.drops.is_empty() && listing.drops.contains(seg) {
+                        self.storage().delete(&drops_key(seg)).await?;
+                    }
                     self.put_segment_index(seg, &ix).await?;
                     report.indexed += 1;
                 }
@@ -159,12 +172,26 @@ impl Repo {
         Ok(report)
     }
 
-    /// Stores `seg`'s index (its restore points first).
+    /// Stores `seg`'s index (its restore points and drops first).
     pub async fn put_segment_index(
         &self,
         seg: &SegmentName,
         ix: &SegmentIndex,
     ) -> Result<(), RepoError> {
+        if !ix.drops.is_empty() {
+            let d = SegmentDrops {
+                drops: ix.drops.clone(),
+                created: ix.created.clone(),
+            };
+            let raw = serde_json::to_vec(&d).expect("serializes");
+            self.put_raw(
+                &drops_key(seg),
+                Bytes::from(raw),
+                ObjectKind::WalIndex,
+                INDEX_LEVEL,
+            )
+            .await?;
+        }
         if !ix.restore_points.is_empty() {
             let raw = serde_json::to_vec(&ix.restore_points).expect("serializes");
             self.put_raw(
@@ -217,6 +244,16 @@ impl Repo {
         })
     }
 
+    /// The removed and created relation files of `seg`, verified.
+    pub async fn get_drops(&self, seg: &SegmentName) -> Result<SegmentDrops, RepoError> {
+        let key = drops_key(seg);
+        let (raw, _) = self.get_verified(&key).await?;
+        serde_json::from_slice(&raw).map_err(|e| RepoError::Corrupt {
+            key,
+            reason: e.to_string(),
+        })
+    }
+
     /// Every index object, by kind.
     pub async fn index_listing(&self) -> Result<IndexListing, RepoError> {
         let seg_size = self.seg_size();
@@ -228,6 +265,9 @@ impl Repo {
                 }
                 Some(IndexObject::Points(s)) => {
                     out.points.insert(s);
+                }
+                Some(IndexObject::Drops(s)) => {
+                    out.drops.insert(s);
                 }
                 None => {}
             }

@@ -21,7 +21,7 @@ use crate::repo::local_wal::WalSource;
 use crate::repo::relmap::{name_of, RelMap};
 use crate::repo::Repo;
 use crate::time::Timestamp;
-use crate::wal::index::{RestorePointEntry, SegmentIndex};
+use crate::wal::index::{DropEntry, RestorePointEntry, SegmentIndex};
 use crate::wal::record::RelFile;
 use crate::wal::{Lsn, SegmentName};
 
@@ -104,13 +104,12 @@ pub struct EventsReport {
     pub wal_segments_decoded: usize,
 }
 
-/// The events of the archive's longest chain between `q.from` and `q.to`.
-pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, RestoreError> {
+/// The WAL from the oldest backup on, along the newest timeline; without a backup, the
+/// complete segments of the newest timeline.
+async fn chain_segments(repo: &Repo) -> Result<Vec<(SegmentName, WalSource)>, RestoreError> {
     let backups = repo.list_backups().await?;
     let inv = inventory(repo).await?;
     let seg_size = repo.seg_size();
-    // The WAL from the oldest backup on, along the newest timeline; without a backup, the
-    // complete segments of the newest timeline.
     let segs: Vec<(SegmentName, WalSource)> =
         match longest_chain(&backups, &inv, TimelineChoice::Latest, seg_size) {
             Some(chain) => chain
@@ -139,6 +138,12 @@ pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, Restor
             "the repository holds no archived WAL yet".into(),
         ));
     }
+    Ok(segs)
+}
+
+/// The events of the archive's longest chain between `q.from` and `q.to`.
+pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, RestoreError> {
+    let segs = chain_segments(repo).await?;
     let mut ix = ChainIndex::new(repo, segs).await?;
     let maps = repo.relmaps().await?;
     let in_range = |t: Timestamp| q.from.is_none_or(|f| t >= f) && q.to.is_none_or(|e| t <= e);
@@ -209,26 +214,42 @@ pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, Restor
             }
         }
     }
+    report.relations = classify(drops, &created, &maps, q.database.as_deref());
+    report.buckets = buckets.into_values().collect();
+    let (reads, decoded) = ix.reads();
+    report.index_objects_read = reads;
+    report.wal_segments_decoded = decoded;
+    Ok(report)
+}
+
+/// Names and classifies the relation files removed by committed transactions `drops`
+/// (`created`: (xid, database) of the files created by the same records' range).
+fn classify(
+    drops: Vec<DropEntry>,
+    created: &HashSet<(u32, u32)>,
+    maps: &[RelMap],
+    database: Option<&str>,
+) -> Vec<RelEvent> {
+    let mut out = Vec::new();
     for d in drops {
         for f in &d.files {
-            let named = name_of(&maps, f, d.start);
             // Files of indexes, TOAST and the like have no entry: only tables are events.
-            let Some((db, rel)) = named else {
+            let Some((db, rel)) = name_of(maps, f, d.start) else {
                 if maps
                     .iter()
                     .any(|m| m.lsn <= d.start && m.database(f.db).is_some())
                 {
                     continue; // a snapshot knew the database but not this file: not a table
                 }
-                report
-                    .relations
-                    .push(rel_event(&d, f, None, RelChange::Dropped));
+                if database.is_none() {
+                    out.push(rel_event(&d, f, None, RelChange::Dropped));
+                }
                 continue;
             };
-            if q.database.as_ref().is_some_and(|n| *n != db.name) {
+            if database.is_some_and(|n| n != db.name) {
                 continue;
             }
-            let still_there = later_has_oid(&maps, d.end, f.db, rel.oid);
+            let still_there = later_has_oid(maps, d.end, f.db, rel.oid);
             let change = if created.contains(&(d.xid, f.db)) || still_there {
                 RelChange::TruncatedOrRewritten
             } else {
@@ -237,22 +258,33 @@ pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, Restor
             let mut e = rel_event(&d, f, Some(rel.qualified()), change);
             e.table_oid = Some(rel.oid);
             e.database = Some(db.name.clone());
-            report.relations.push(e);
+            out.push(e);
         }
     }
-    report.buckets = buckets.into_values().collect();
-    let (reads, decoded) = ix.reads();
-    report.index_objects_read = reads;
-    report.wal_segments_decoded = decoded;
-    Ok(report)
+    out
 }
 
-fn rel_event(
-    d: &crate::wal::index::DropEntry,
-    f: &RelFile,
-    table: Option<String>,
-    change: RelChange,
-) -> RelEvent {
+/// Every committed drop, truncate and rewrite of a table on the chain (of `database`, when
+/// given): from the drops objects of indexed segments — found by listing, so only segments
+/// that removed files are read — and the WAL of the others.
+pub async fn relation_events(
+    repo: &Repo,
+    database: Option<&str>,
+) -> Result<Vec<RelEvent>, RestoreError> {
+    let segs = chain_segments(repo).await?;
+    let mut ix = ChainIndex::new(repo, segs).await?;
+    let maps = repo.relmaps().await?;
+    let (mut drops, mut created) = (Vec::new(), HashSet::new());
+    for k in 0..ix.len() {
+        if let Some(d) = ix.drops_of(k).await? {
+            created.extend(d.created.iter().map(|c| (c.xid, c.file.db)));
+            drops.extend(d.drops.into_iter().filter(|d| d.committed));
+        }
+    }
+    Ok(classify(drops, &created, &maps, database))
+}
+
+fn rel_event(d: &DropEntry, f: &RelFile, table: Option<String>, change: RelChange) -> RelEvent {
     RelEvent {
         change,
         table,

@@ -24,6 +24,7 @@ use tracing::warn;
 use super::run::RestoreError;
 use super::target::Target;
 use crate::repo::local_wal::WalSource;
+use crate::repo::wal_index::SegmentDrops;
 use crate::repo::Repo;
 use crate::time::Timestamp;
 use crate::wal::index::{xid_precedes, Indexer, RestorePointEntry, SegmentIndex, XactRef};
@@ -58,6 +59,7 @@ pub struct ChainIndex<'a> {
     segs: Vec<(SegmentName, WalSource)>,
     indexed: BTreeSet<SegmentName>,
     points: BTreeSet<SegmentName>,
+    drops: BTreeSet<SegmentName>,
     cache: HashMap<usize, Arc<SegmentIndex>>,
     indexer: Indexer,
     last_decoded: Option<usize>,
@@ -77,6 +79,7 @@ impl<'a> ChainIndex<'a> {
             segs,
             indexed: listing.indexed,
             points: listing.points,
+            drops: listing.drops,
             cache: HashMap::new(),
             indexer: Indexer::new(repo.seg_size(), repo.meta().pg_major),
             last_decoded: None,
@@ -151,6 +154,27 @@ impl<'a> ChainIndex<'a> {
             .map_err(super::run::damaged_wal(seg))?;
         self.last_decoded = Some(k);
         Ok(ix)
+    }
+
+    /// Segment `k`'s removed relation files and the files it created: from its drops object
+    /// (None when an indexed segment has none), or from its WAL.
+    pub(crate) async fn drops_of(
+        &mut self,
+        k: usize,
+    ) -> Result<Option<SegmentDrops>, RestoreError> {
+        let seg = self.segs[k].0;
+        if self.has_index(k) {
+            if !self.drops.contains(&seg) {
+                return Ok(None);
+            }
+            self.index_reads += 1;
+            return Ok(Some(self.repo.get_drops(&seg).await?));
+        }
+        let ix = self.get(k).await?;
+        Ok(Some(SegmentDrops {
+            drops: ix.drops.clone(),
+            created: ix.created.clone(),
+        }))
     }
 
     /// The nearest segment at or before `k` (not before `lo`) whose index has an entry `has`.

@@ -98,7 +98,9 @@ pub async fn verify(repo: &Repo, o: &VerifyOptions) -> Result<VerifyReport, Rest
             .map_err(crate::repo::RepoError::from)?
         {
             let wanted = match parse_index_key(&m.key, seg_size) {
-                Some(IndexObject::Index(s) | IndexObject::Points(s)) => s.segno >= from_seg,
+                Some(IndexObject::Index(s) | IndexObject::Points(s) | IndexObject::Drops(s)) => {
+                    s.segno >= from_seg
+                }
                 None => prefix == RELMAP_PREFIX && m.key.ends_with(".zst"),
             };
             if wanted {

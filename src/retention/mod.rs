@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use crate::repo::catalog::BackupStatus;
 use crate::repo::layout::{
-    backup_prefix, catalog_key, parse_wal_key, restore_points_key, wal_index_key, WalObject,
-    WAL_PREFIX,
+    backup_prefix, catalog_key, drops_key, parse_wal_key, restore_points_key, wal_index_key,
+    WalObject, WAL_PREFIX,
 };
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::{Repo, RepoError};
@@ -255,7 +255,11 @@ async fn expire_locked(
             report.bytes_freed += w.size;
             // The segment's index goes with it (deleting a missing key succeeds).
             if let Some(WalObject::Segment(seg)) = parse_wal_key(&w.key, seg_size) {
-                for k in [wal_index_key(&seg), restore_points_key(&seg)] {
+                for k in [
+                    wal_index_key(&seg),
+                    restore_points_key(&seg),
+                    drops_key(&seg),
+                ] {
                     let _ = remove(storage.as_ref(), &k, &mut report.skipped).await?;
                 }
             }
