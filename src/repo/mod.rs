@@ -461,8 +461,8 @@ impl Repo {
         Ok(end)
     }
 
-    /// The newest complete segment, by position then timeline.
-    pub async fn last_complete_segment(&self) -> Result<Option<SegmentName>, RepoError> {
+    /// Every complete segment object, in key order (timeline, then position).
+    pub async fn complete_segments(&self) -> Result<Vec<SegmentName>, RepoError> {
         Ok(self
             .wal_objects()
             .await?
@@ -471,6 +471,15 @@ impl Repo {
                 WalObject::Segment(s) => Some(s),
                 _ => None,
             })
+            .collect())
+    }
+
+    /// The newest complete segment, by position then timeline.
+    pub async fn last_complete_segment(&self) -> Result<Option<SegmentName>, RepoError> {
+        Ok(self
+            .complete_segments()
+            .await?
+            .into_iter()
             .max_by_key(|s| (s.segno, s.tli)))
     }
 }

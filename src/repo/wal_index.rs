@@ -15,8 +15,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::layout::{
-    drops_key, parse_index_key, restore_points_key, wal_index_key, IndexObject, WalObject,
-    INDEX_PREFIX,
+    drops_key, parse_index_key, restore_points_key, wal_index_key, IndexObject, INDEX_PREFIX,
 };
 use super::local_wal::WalSource;
 use super::object::ObjectKind;
@@ -66,15 +65,10 @@ impl Repo {
             return;
         }
         // The previous segment on this timeline, or on the newest older one that has it.
-        let prev = match self.wal_objects().await {
-            Ok(objects) => objects
+        let prev = match self.complete_segments().await {
+            Ok(segs) => segs
                 .into_iter()
-                .filter_map(|o| match o {
-                    WalObject::Segment(s) if s.segno + 1 == seg.segno && s.tli <= seg.tli => {
-                        Some(s)
-                    }
-                    _ => None,
-                })
+                .filter(|s| s.segno + 1 == seg.segno && s.tli <= seg.tli)
                 .max_by_key(|s| s.tli),
             Err(e) => {
                 warn!(error = %e, "cannot list the archive to prime the WAL index");
@@ -103,15 +97,7 @@ impl Repo {
         progress: &mut crate::progress::Progress,
     ) -> Result<ReindexReport, RepoError> {
         let listing = self.index_listing().await?;
-        let mut segs: Vec<SegmentName> = self
-            .wal_objects()
-            .await?
-            .into_iter()
-            .filter_map(|o| match o {
-                WalObject::Segment(s) => Some(s),
-                _ => None,
-            })
-            .collect();
+        let mut segs = self.complete_segments().await?;
         segs.sort_by_key(|s| (s.tli, s.segno));
         let mut report = ReindexReport {
             segments: segs.len(),

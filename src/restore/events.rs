@@ -16,7 +16,6 @@ use serde::Serialize;
 use super::locate::ChainIndex;
 use super::run::{inventory, longest_chain, RestoreError};
 use super::target::TimelineChoice;
-use crate::repo::layout::WalObject;
 use crate::repo::local_wal::WalSource;
 use crate::repo::relmap::{name_of, RelMap};
 use crate::repo::Repo;
@@ -118,15 +117,7 @@ async fn chain_segments(repo: &Repo) -> Result<Vec<(SegmentName, WalSource)>, Re
                 .map(|s| (s.segment(seg_size), s.source))
                 .collect(),
             None => {
-                let mut all: Vec<SegmentName> = repo
-                    .wal_objects()
-                    .await?
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        WalObject::Segment(s) => Some(s),
-                        _ => None,
-                    })
-                    .collect();
+                let mut all = repo.complete_segments().await?;
                 let newest = all.iter().map(|s| s.tli).max().unwrap_or(1);
                 all.retain(|s| s.tli == newest);
                 all.sort();
