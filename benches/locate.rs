@@ -180,7 +180,7 @@ async fn main() {
     }
     // --before-drop's search: every drop on the chain.
     let t = Instant::now();
-    let drops = archiver::relation_events(&repo, None).await.unwrap();
+    let drops = archiver::all_drops(&repo, None).await.unwrap().tables;
     let want = if segments > 700 {
         (segments - 701) / 1000 + 1
     } else {

@@ -55,7 +55,7 @@ pub use repo::lock::RepoLock;
 pub use repo::object::{decode_bytes, encode as encode_object, ObjectKind};
 pub use repo::Repo;
 #[doc(hidden)]
-pub use restore::events::relation_events;
+pub use restore::events::all_drops;
 pub use restore::locate::Located;
 pub use restore::recovery::TargetAction;
 pub use restore::run::{make_plan, TargetSpec};

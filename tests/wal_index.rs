@@ -325,6 +325,11 @@ fn drops_and_truncates_under_load_are_named_and_undone() {
          insert into orders select g, 'item ' || g from generate_series(1, 5000) g; \
          create table carts (id int); insert into carts select generate_series(1, 300)",
     );
+    s.pg.psql("create database scratch");
+    s.pg.psql_db(
+        "scratch",
+        "create table notes (x int); insert into notes select generate_series(1, 77)",
+    );
     s.pg.pgbench(&["-i", "-s", "2", "-q"]);
     s.backup();
     let mut load = s.pg.pgbench_background(&["-T", "10", "-c", "2"]);
@@ -344,6 +349,7 @@ fn drops_and_truncates_under_load_are_named_and_undone() {
         "begin; truncate carts; select txid_current(); commit;",
     ));
     assert!(load.wait().unwrap().success());
+    s.pg.psql("drop database scratch");
     let last = current_walfile(&s.pg);
     s.pg.psql("select pg_switch_wal()");
     wait_archived(&s.repo, &last, Duration::from_secs(60));
@@ -448,6 +454,17 @@ fn drops_and_truncates_under_load_are_named_and_undone() {
         ),
         "0"
     );
+    drop(r);
+    // DROP DATABASE: in events by name, and undone (after the truncate, which stays).
+    let ev: serde_json::Value =
+        serde_json::from_str(&archiver_ok(&["events", "--repo", &s.r, "--json"])).unwrap();
+    let dbs = ev["databases"].as_array().unwrap();
+    assert_eq!(dbs.len(), 1, "{ev}");
+    assert_eq!(dbs[0]["database"], "scratch", "{ev}");
+    assert!(dbs[0]["invalidated"].is_string(), "{ev}");
+    let r = restore("undropdb", &["--before-drop-database", "scratch"]);
+    assert_eq!(count(&r, "scratch", "notes"), 77);
+    assert_eq!(count(&r, "shop", "carts"), 0);
 }
 
 fn relmap_count(repo: &Path) -> usize {

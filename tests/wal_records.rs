@@ -70,6 +70,13 @@ fn read_real_wal(pg: &Pg, major: u32) {
     pg.psql("vacuum shrunk");
     pg.psql("checkpoint");
     let next_xid: u64 = pg.psql("select txid_current()").parse().unwrap();
+    pg.psql("create database dropme");
+    let dropme: u32 = pg
+        .psql("select oid from pg_database where datname = 'dropme'")
+        .parse()
+        .unwrap();
+    pg.psql("drop database dropme"); // (with checkpoints of its own)
+    let next_xid: u64 = pg.psql("select txid_current()").parse().unwrap();
     let rp_lsn: Lsn = pg
         .psql("select pg_create_restore_point('the_point')")
         .parse()
@@ -231,6 +238,20 @@ fn read_real_wal(pg: &Pg, major: u32) {
     assert!(running.len() >= 3, "{running:?}");
     assert!(running.iter().all(|(n, o)| o <= n));
     assert!(running.windows(2).all(|w| w[0].0 <= w[1].0));
+    // DROP DATABASE: its record names the database, after the in-place update marking it
+    // invalid (a shared catalog's row).
+    let drop_at = events
+        .iter()
+        .position(|e| matches!(e, Event::DatabaseDropped { db, .. } if *db == dropme))
+        .expect("the drop of the database");
+    assert!(
+        events[..drop_at]
+            .iter()
+            .rev()
+            .take(50)
+            .any(|e| matches!(e, Event::SharedInplace { .. })),
+        "no invalidation before the drop"
+    );
     // Records come in WAL order, and one follows the switch.
     let starts: Vec<Lsn> = events.iter().map(|e| e.start()).collect();
     assert!(starts.windows(2).all(|w| w[0] < w[1]));

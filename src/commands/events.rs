@@ -61,6 +61,9 @@ pub async fn run(args: EventsArgs) -> u8 {
         for e in &r.relations {
             println!("{}", e.describe());
         }
+        for d in &r.databases {
+            println!("{}", d.describe());
+        }
         Ok(())
     };
     match run.await {

@@ -42,6 +42,10 @@ pub struct TargetArgs {
     /// With --before-drop: the table's database (default: any).
     #[arg(long, requires = "before_drop", value_name = "NAME")]
     database: Option<String>,
+    /// Recover to the instant just before the transaction that dropped this database (the
+    /// newest such drop).
+    #[arg(long, group = "target", value_name = "NAME")]
+    before_drop_database: Option<String>,
     /// Recover to just before the end of this transaction (--target-xid XID --exclusive).
     #[arg(long, group = "target", value_name = "XID")]
     before_xid: Option<u64>,
@@ -71,10 +75,9 @@ impl TargetArgs {
             backup: self.backup.clone(),
         };
         if let Some(table) = &self.before_drop {
-            let evs =
-                crate::restore::events::relation_events(repo, self.database.as_deref()).await?;
+            let drops = crate::restore::events::all_drops(repo, self.database.as_deref()).await?;
             let Some((chosen, others)) =
-                crate::restore::events::pick_drop(&evs, table, self.database.as_deref())
+                crate::restore::events::pick_drop(&drops.tables, table, self.database.as_deref())
             else {
                 anyhow::bail!(
                     "no drop, truncate or rewrite of {table}{} is in the archived WAL's index (archiver events lists what is; WAL archived before the index needs archiver reindex)",
@@ -84,16 +87,37 @@ impl TargetArgs {
                         .unwrap_or_default()
                 );
             };
-            eprintln!(
-                "--before-drop {table}: recovering to just before {} (recovery_target_xid = {}, recovery_target_inclusive = off)",
-                chosen.describe(),
-                chosen.xid
-            );
-            for o in &others {
-                eprintln!("  earlier: {}", o.describe());
-            }
-            spec.target = Target::Xid(chosen.xid as u64);
+            let others: Vec<String> = others.iter().map(|o| o.describe()).collect();
+            spec.target = before(table, chosen.describe(), chosen.xid, &others);
             spec.exclusive = true;
+        }
+        if let Some(name) = &self.before_drop_database {
+            let drops = crate::restore::events::all_drops(repo, None).await?;
+            let mut hits: Vec<_> = drops
+                .databases
+                .iter()
+                .filter(|d| d.database.as_deref() == Some(name.as_str()))
+                .collect();
+            hits.sort_by_key(|d| d.start);
+            let Some(chosen) = hits.pop() else {
+                anyhow::bail!(
+                    "no DROP DATABASE {name} is in the archived WAL's index (archiver events lists what is)"
+                );
+            };
+            let others: Vec<String> = hits.iter().map(|o| o.describe()).collect();
+            spec.target = before(name, chosen.describe(), chosen.xid, &others);
+            spec.exclusive = true;
+            // DROP DATABASE first marks the database invalid (an in-place, non-transactional
+            // update): stop before that, or the database comes back unusable.
+            match chosen.invalidated {
+                Some(lsn) => {
+                    eprintln!("  (before {lsn}, where the drop first marked the database invalid: recovery_target_lsn = '{lsn}', recovery_target_inclusive = off)");
+                    spec.target = Target::Lsn(lsn);
+                }
+                None => eprintln!(
+                    "  warning: where the drop marked the database invalid is not in the index; it may come back invalid (connections refused), though its files are there"
+                ),
+            }
         }
         Ok(spec)
     }
@@ -113,6 +137,17 @@ impl TargetArgs {
             Target::Latest
         }
     }
+}
+
+/// The target just before transaction `xid` (what `--before-drop*` chose), said on stderr.
+fn before(what: &str, chosen: String, xid: u32, others: &[String]) -> Target {
+    eprintln!(
+        "--before-drop {what}: recovering to just before {chosen} (recovery_target_xid = {xid}, recovery_target_inclusive = off)"
+    );
+    for o in others {
+        eprintln!("  earlier: {o}");
+    }
+    Target::Xid(xid as u64)
 }
 
 fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {

@@ -21,7 +21,9 @@ use super::local_wal::WalSource;
 use super::object::ObjectKind;
 use super::{Repo, RepoError};
 use crate::storage::StorageError;
-use crate::wal::index::{DropEntry, FileEntry, Indexer, RestorePointEntry, SegmentIndex};
+use crate::wal::index::{
+    DatabaseDrop, DropEntry, FileEntry, Indexer, RestorePointEntry, SegmentIndex,
+};
 use crate::wal::SegmentName;
 
 /// zstd level of index objects (small, read often: the columns compress well at 3).
@@ -42,6 +44,19 @@ pub struct IndexListing {
 pub struct SegmentDrops {
     pub drops: Vec<DropEntry>,
     pub created: Vec<FileEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<DatabaseDrop>,
+}
+
+impl SegmentDrops {
+    /// What of `ix` goes into its drops object; None when it removed nothing.
+    pub fn of(ix: &SegmentIndex) -> Option<SegmentDrops> {
+        (!ix.drops.is_empty() || !ix.databases_dropped.is_empty()).then(|| SegmentDrops {
+            drops: ix.drops.clone(),
+            created: ix.created.clone(),
+            databases: ix.databases_dropped.clone(),
+        })
+    }
 }
 
 /// What `archiver reindex` did.
@@ -135,7 +150,7 @@ impl Repo {
                     if ix.restore_points.is_empty() && listing.points.contains(seg) {
                         self.storage().delete(&restore_points_key(seg)).await?;
                     }
-                    if ix.drops.is_empty() && listing.drops.contains(seg) {
+                    if SegmentDrops::of(&ix).is_none() && listing.drops.contains(seg) {
                         self.storage().delete(&drops_key(seg)).await?;
                     }
                     self.put_segment_index(seg, &ix).await?;
@@ -164,11 +179,7 @@ impl Repo {
         seg: &SegmentName,
         ix: &SegmentIndex,
     ) -> Result<(), RepoError> {
-        if !ix.drops.is_empty() {
-            let d = SegmentDrops {
-                drops: ix.drops.clone(),
-                created: ix.created.clone(),
-            };
+        if let Some(d) = SegmentDrops::of(ix) {
             let raw = serde_json::to_vec(&d).expect("serializes");
             self.put_raw(
                 &drops_key(seg),

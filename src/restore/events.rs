@@ -20,7 +20,7 @@ use crate::repo::local_wal::WalSource;
 use crate::repo::relmap::{name_of, RelMap};
 use crate::repo::Repo;
 use crate::time::Timestamp;
-use crate::wal::index::{DropEntry, RestorePointEntry, SegmentIndex};
+use crate::wal::index::{DatabaseDrop, DropEntry, RestorePointEntry, SegmentIndex};
 use crate::wal::record::RelFile;
 use crate::wal::{Lsn, SegmentName};
 
@@ -89,6 +89,63 @@ impl RelEvent {
     }
 }
 
+/// A database dropped (`DROP DATABASE`).
+#[derive(Clone, Debug, Serialize)]
+pub struct DatabaseEvent {
+    /// Its name, when a snapshot taken before the drop knew it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    pub oid: u32,
+    pub xid: u32,
+    /// Where the drop record starts.
+    pub start: Lsn,
+    /// Where the database was marked invalid, first (recovery to before the drop stops there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalidated: Option<Lsn>,
+    /// The dropping transaction's commit (time, end), when it ends in the same segment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<crate::wal::index::XactRef>,
+}
+
+impl DatabaseEvent {
+    pub fn describe(&self) -> String {
+        format!(
+            "DROP DATABASE {} by transaction {}{} (WAL {})",
+            self.database
+                .clone()
+                .unwrap_or_else(|| format!("with OID {} (no name snapshot holds it)", self.oid)),
+            self.xid,
+            self.commit
+                .map(|c| format!(" at {}", c.time))
+                .unwrap_or_default(),
+            self.start
+        )
+    }
+
+    fn of(d: &DatabaseDrop, maps: &[RelMap]) -> DatabaseEvent {
+        DatabaseEvent {
+            database: maps
+                .iter()
+                .rev()
+                .filter(|m| m.lsn <= d.start)
+                .find_map(|m| m.database(d.db))
+                .map(|db| db.name.clone()),
+            oid: d.db,
+            xid: d.xid,
+            start: d.start,
+            invalidated: d.invalidated,
+            commit: d.commit,
+        }
+    }
+}
+
+/// Every drop in the archive: tables (dropped, truncated, rewritten) and databases.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Drops {
+    pub tables: Vec<RelEvent>,
+    pub databases: Vec<DatabaseEvent>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EventsReport {
     pub from: Option<Timestamp>,
@@ -98,6 +155,7 @@ pub struct EventsReport {
     pub buckets: Vec<Bucket>,
     pub restore_points: Vec<RestorePointEntry>,
     pub relations: Vec<RelEvent>,
+    pub databases: Vec<DatabaseEvent>,
     pub segments_read: usize,
     pub index_objects_read: usize,
     pub wal_segments_decoded: usize,
@@ -160,6 +218,7 @@ pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, Restor
         buckets: Vec::new(),
         restore_points: Vec::new(),
         relations: Vec::new(),
+        databases: Vec::new(),
         segments_read: 0,
         index_objects_read: 0,
         wal_segments_decoded: 0,
@@ -198,6 +257,12 @@ pub async fn events(repo: &Repo, q: &EventsQuery) -> Result<EventsReport, Restor
                 .iter()
                 .filter(|d| d.committed && in_range(d.time))
                 .cloned(),
+        );
+        report.databases.extend(
+            i.databases_dropped
+                .iter()
+                .filter(|d| d.commit.is_none_or(|c| in_range(c.time)))
+                .map(|d| DatabaseEvent::of(d, &maps)),
         );
         if let (Some(to), Some(min)) = (q.to, i.xacts.min_time()) {
             if min > to {
@@ -256,23 +321,24 @@ fn classify(
 }
 
 /// Every committed drop, truncate and rewrite of a table on the chain (of `database`, when
-/// given): from the drops objects of indexed segments — found by listing, so only segments
-/// that removed files are read — and the WAL of the others.
-pub async fn relation_events(
-    repo: &Repo,
-    database: Option<&str>,
-) -> Result<Vec<RelEvent>, RestoreError> {
+/// given) and every database dropped: from the drops objects of indexed segments — found by
+/// listing, so only segments that removed something are read — and the WAL of the others.
+pub async fn all_drops(repo: &Repo, database: Option<&str>) -> Result<Drops, RestoreError> {
     let segs = chain_segments(repo).await?;
     let mut ix = ChainIndex::new(repo, segs).await?;
     let maps = repo.relmaps().await?;
-    let (mut drops, mut created) = (Vec::new(), HashSet::new());
+    let (mut drops, mut created, mut databases) = (Vec::new(), HashSet::new(), Vec::new());
     for k in 0..ix.len() {
         if let Some(d) = ix.drops_of(k).await? {
             created.extend(d.created.iter().map(|c| (c.xid, c.file.db)));
             drops.extend(d.drops.into_iter().filter(|d| d.committed));
+            databases.extend(d.databases.iter().map(|d| DatabaseEvent::of(d, &maps)));
         }
     }
-    Ok(classify(drops, &created, &maps, database))
+    Ok(Drops {
+        tables: classify(drops, &created, &maps, database),
+        databases,
+    })
 }
 
 fn rel_event(d: &DropEntry, f: &RelFile, table: Option<String>, change: RelChange) -> RelEvent {

@@ -171,10 +171,7 @@ impl<'a> ChainIndex<'a> {
             return Ok(Some(self.repo.get_drops(&seg).await?));
         }
         let ix = self.get(k).await?;
-        Ok(Some(SegmentDrops {
-            drops: ix.drops.clone(),
-            created: ix.created.clone(),
-        }))
+        Ok(SegmentDrops::of(&ix))
     }
 
     /// The nearest segment at or before `k` (not before `lo`) whose index has an entry `has`.

@@ -33,7 +33,7 @@ pub struct Xacts {
 }
 
 /// One transaction end, read out of [`Xacts`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct XactRef {
     pub xid: u32,
     pub committed: bool,
@@ -130,6 +130,22 @@ pub struct FileEntry {
     pub blocks: Option<u32>,
 }
 
+/// A database dropped (`DROP DATABASE`), with its transaction's commit when that ends in the
+/// same segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseDrop {
+    pub db: u32,
+    pub xid: u32,
+    pub start: Lsn,
+    /// Where `DROP DATABASE` marked the database invalid (the last in-place update of a shared
+    /// catalog before the drop record): recovery stops before it. None when that record was
+    /// not seen (it lies before the WAL read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidated: Option<Lsn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<XactRef>,
+}
+
 /// What the records ending in one segment say.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentIndex {
@@ -150,6 +166,12 @@ pub struct SegmentIndex {
     pub created: Vec<FileEntry>,
     #[serde(default)]
     pub truncated: Vec<FileEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub databases_dropped: Vec<DatabaseDrop>,
+    /// The last shared-catalog in-place update seen (carried across segments by the
+    /// [`Indexer`]; not stored).
+    #[serde(skip)]
+    pub last_shared_inplace: Option<Lsn>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +206,17 @@ impl SegmentIndex {
                 end,
                 dropped,
             } => {
+                for d in self.databases_dropped.iter_mut() {
+                    if d.xid == xid && d.commit.is_none() {
+                        d.commit = Some(XactRef {
+                            xid,
+                            committed,
+                            time,
+                            start,
+                            end,
+                        });
+                    }
+                }
                 let x = &mut self.xacts;
                 if !committed {
                     x.aborted.push(x.xid.len() as u32);
@@ -245,6 +278,16 @@ impl SegmentIndex {
                 start,
                 blocks: None,
             }),
+            Event::DatabaseDropped { db, xid, start } => {
+                self.databases_dropped.push(DatabaseDrop {
+                    db,
+                    xid,
+                    start,
+                    invalidated: self.last_shared_inplace,
+                    commit: None,
+                })
+            }
+            Event::SharedInplace { start } => self.last_shared_inplace = Some(start),
             Event::FileTruncated {
                 file,
                 blocks,
@@ -353,6 +396,8 @@ pub struct Indexer {
     major: u32,
     /// The segment number expected next.
     next: Option<u64>,
+    /// The last shared-catalog in-place update of the segments fed so far.
+    last_shared_inplace: Option<Lsn>,
 }
 
 impl Indexer {
@@ -362,6 +407,7 @@ impl Indexer {
             seg_size,
             major,
             next: None,
+            last_shared_inplace: None,
         }
     }
 
@@ -373,9 +419,13 @@ impl Indexer {
     /// Reads `seg` (the one before the next to index) for the records it leaves unfinished.
     pub fn prime(&mut self, seg: &SegmentName, bytes: &[u8]) -> Result<(), RecordError> {
         self.reader = RecordReader::new(self.seg_size, self.major);
-        let r = self
-            .reader
-            .feed_segment(seg.start_lsn(), bytes, &mut |_| {});
+        let mut last = None;
+        let r = self.reader.feed_segment(seg.start_lsn(), bytes, &mut |e| {
+            if let Event::SharedInplace { start } = e {
+                last = Some(start);
+            }
+        });
+        self.last_shared_inplace = last;
         self.next = r.is_ok().then_some(seg.segno + 1);
         r
     }
@@ -384,9 +434,14 @@ impl Indexer {
     pub fn begin(&mut self, seg: &SegmentName) -> SegmentIndex {
         if !self.continues(seg) || self.reader.ended() {
             self.reader = RecordReader::new(self.seg_size, self.major);
+            if !self.continues(seg) {
+                self.last_shared_inplace = None;
+            }
         }
         self.next = None;
-        SegmentIndex::new(seg)
+        let mut ix = SegmentIndex::new(seg);
+        ix.last_shared_inplace = self.last_shared_inplace;
+        ix
     }
 
     /// Feeds whole pages of the segment `ix` indexes, from `offset` within it.
@@ -407,9 +462,14 @@ impl Indexer {
         r
     }
 
-    /// The segment was fed whole: the next one continues from it.
+    /// `ix` (of `seg`) was fed whole: the next segment continues from it.
     pub fn finish(&mut self, seg: &SegmentName) {
         self.next = Some(seg.segno + 1);
+    }
+
+    /// Carries what `ix` saw last into the next segment's index.
+    pub fn carry(&mut self, ix: &SegmentIndex) {
+        self.last_shared_inplace = ix.last_shared_inplace;
     }
 
     /// Indexes a whole segment.
@@ -417,6 +477,7 @@ impl Indexer {
         let mut ix = self.begin(seg);
         self.feed(&mut ix, seg, 0, bytes)?;
         self.finish(seg);
+        self.carry(&ix);
         Ok(ix)
     }
 }

@@ -20,7 +20,13 @@ const RECORD_HEADER_LEN: usize = 24;
 const RM_XLOG_ID: u8 = 0;
 const RM_XACT_ID: u8 = 1;
 const RM_SMGR_ID: u8 = 2;
+const RM_DBASE_ID: u8 = 4;
 const RM_STANDBY_ID: u8 = 8;
+const RM_HEAP_ID: u8 = 10;
+/// `XLOG_HEAP_INPLACE` (heapam_xlog.h), under `XLOG_HEAP_OPMASK`.
+const XLOG_HEAP_INPLACE: u8 = 0x70;
+/// `GLOBALTABLESPACE_OID`: shared catalogs (pg_database among them) live there.
+const GLOBALTABLESPACE_OID: u32 = 1664;
 const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 const XLOG_SWITCH: u8 = 0x40;
@@ -101,6 +107,13 @@ pub enum Event {
     /// A relation's main fork was created (`xl_smgr_create`): a new table, index, or the new
     /// file of a truncated or rewritten one. `xid` is the record's (0 when none was assigned).
     FileCreated { file: RelFile, xid: u32, start: Lsn },
+    /// An in-place update of a shared catalog's row (`XLOG_HEAP_INPLACE` in the global
+    /// tablespace): among them `DROP DATABASE` marking its database invalid before it removes
+    /// anything — recovery must stop before this one to get the database back usable.
+    SharedInplace { start: Lsn },
+    /// A database's directories were removed (`xl_dbase_drop_rec`: `DROP DATABASE`); `xid`
+    /// is the dropping transaction's.
+    DatabaseDropped { db: u32, xid: u32, start: Lsn },
     /// A relation file was cut to `blocks` blocks (`xl_smgr_truncate`: VACUUM's truncation,
     /// or a truncate of a table created in the same transaction).
     FileTruncated {
@@ -120,7 +133,9 @@ impl Event {
             | Event::Checkpoint { start, .. }
             | Event::RunningXacts { start, .. }
             | Event::FileCreated { start, .. }
-            | Event::FileTruncated { start, .. } => *start,
+            | Event::FileTruncated { start, .. }
+            | Event::DatabaseDropped { start, .. }
+            | Event::SharedInplace { start } => *start,
         }
     }
 }
@@ -178,6 +193,12 @@ fn time_at(b: &[u8], at: usize) -> Timestamp {
 /// The main data of a complete record (`DecodeXLogRecord`'s header walk), or None if the
 /// headers do not parse.
 fn main_data(rec: &[u8], major: u32) -> Option<&[u8]> {
+    walk(rec, major).map(|(d, _)| d)
+}
+
+/// The main data and the first block reference's relation (`DecodeXLogRecord`'s header walk).
+fn walk(rec: &[u8], major: u32) -> Option<(&[u8], Option<RelFile>)> {
+    let mut first_rel = None;
     let tot = rec.len();
     let mut p = RECORD_HEADER_LEN;
     let mut remaining = tot - RECORD_HEADER_LEN;
@@ -227,6 +248,9 @@ fn main_data(rec: &[u8], major: u32) -> Option<&[u8]> {
                     }
                 }
                 if fork_flags & 0x80 == 0 {
+                    if first_rel.is_none() {
+                        first_rel = Some(rel_file(rec.get(p..p + 12)?, 0));
+                    }
                     p += 12;
                     remaining = remaining.checked_sub(12)?;
                 }
@@ -236,7 +260,7 @@ fn main_data(rec: &[u8], major: u32) -> Option<&[u8]> {
             _ => return None,
         }
     }
-    rec.get(tot.checked_sub(main_len)?..tot)
+    Some((rec.get(tot.checked_sub(main_len)?..tot)?, first_rel))
 }
 
 /// The relation files a commit or abort record removes (`ParseCommitRecord` /
@@ -405,8 +429,17 @@ impl RecordReader {
         if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
             return Ok(true);
         }
-        if matches!(rmid, RM_XLOG_ID | RM_XACT_ID | RM_SMGR_ID | RM_STANDBY_ID) {
+        if matches!(
+            rmid,
+            RM_XLOG_ID | RM_XACT_ID | RM_SMGR_ID | RM_DBASE_ID | RM_STANDBY_ID
+        ) {
             self.event(rec, start, end, on);
+        } else if rmid == RM_HEAP_ID && info & 0x70 == XLOG_HEAP_INPLACE {
+            if let Some((_, Some(f))) = walk(rec, self.major) {
+                if f.spc == GLOBALTABLESPACE_OID && f.db == 0 {
+                    on(Event::SharedInplace { start });
+                }
+            }
         }
         Ok(false)
     }
@@ -472,6 +505,16 @@ impl RecordReader {
                 }),
                 _ => {}
             },
+            // `XLOG_DBASE_DROP`: 0x10 up to PostgreSQL 14, 0x20 from 15 (dbcommands_xlog.h).
+            RM_DBASE_ID
+                if info & 0xF0 == if self.major >= 15 { 0x20 } else { 0x10 } && d.len() >= 8 =>
+            {
+                on(Event::DatabaseDropped {
+                    db: u32le(d, 0),
+                    xid,
+                    start,
+                })
+            }
             RM_STANDBY_ID if info & 0xF0 == XLOG_RUNNING_XACTS && d.len() >= 24 => {
                 on(Event::RunningXacts {
                     next_xid: u32le(d, 12),
