@@ -69,7 +69,6 @@ fn read_real_wal(pg: &Pg, major: u32) {
     let shrunk_file = file_of("shrunk");
     pg.psql("vacuum shrunk");
     pg.psql("checkpoint");
-    let next_xid: u64 = pg.psql("select txid_current()").parse().unwrap();
     pg.psql("create database dropme");
     let dropme: u32 = pg
         .psql("select oid from pg_database where datname = 'dropme'")
