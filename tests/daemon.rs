@@ -322,6 +322,8 @@ async fn run_schedules_backups_expires_and_serves_metrics() {
             && metric(&s, "archiver_backups_complete", None) == Some(2.0)
     });
     let s = scrape(port);
+    // Sound WAL: no segment failed its record checks.
+    assert_eq!(metric(&s, "archiver_wal_damaged_segments", None), Some(0.0));
     let flushed = metric(&s, "archiver_flushed_lsn", None).unwrap();
     let server = metric(&s, "archiver_server_lsn", None).unwrap();
     assert!(flushed > 0.0 && flushed <= server, "{flushed} {server}");

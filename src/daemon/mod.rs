@@ -230,6 +230,8 @@ impl Shared {
         m.flushed_lsn.set(n(&s.flushed));
         m.server_lsn.set(n(&s.server_end));
         m.connected.set(s.connected.load(Ordering::Relaxed) as i64);
+        m.wal_damaged_segments
+            .set(s.damaged_segments.load(Ordering::Relaxed) as i64);
         for t in self.tiers_now(crate::time::now()) {
             let l = [t.name.as_str()];
             m.tier_durable_lsn
@@ -843,6 +845,7 @@ async fn monitor(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut disconnected_since: Option<Instant> = None;
+    let mut damaged_seen = 0u64;
     let mut n: u64 = 0;
     loop {
         tokio::select! {
@@ -855,6 +858,17 @@ async fn monitor(
         let end = StreamStatus::lsn(&st.server_end);
         if end.0 > 0 {
             shared.lag.lock().unwrap().sample(now, end);
+        }
+        let damaged = st.damaged_segments.load(Ordering::Relaxed);
+        if damaged > damaged_seen {
+            damaged_seen = damaged;
+            let last = st.last_damage.lock().unwrap().clone().unwrap_or_default();
+            shared.alerts.send(Event::new(
+                "wal_damaged",
+                Severity::Critical,
+                format!("WAL streamed from {} fails its record checks", shared.server),
+                format!("{last}. The segment is archived as the server sent it, without an index; a restore through it is refused. Check the server's storage and its own WAL (pg_waldump), and take a new base backup once the server is sound."),
+            ));
         }
         let connected = st.connected.load(Ordering::Relaxed);
         if connected {

@@ -74,6 +74,11 @@ pub struct StreamStatus {
     /// The server's WAL end, from its last message.
     pub server_end: AtomicU64,
     pub timeline: AtomicU32,
+    /// Archived segments whose WAL records did not read back (a record CRC-32C failed): the
+    /// server sent damaged WAL. Never decreases.
+    pub damaged_segments: AtomicU64,
+    /// The last such segment and why.
+    pub last_damage: std::sync::Mutex<Option<String>>,
 }
 
 impl StreamStatus {
@@ -464,6 +469,7 @@ pub async fn run(
         spool.clone(),
         cfg.compress_level,
         names.as_ref().map(|(poke, _)| poke.clone()),
+        cfg.status.clone(),
         cfg.index,
     );
     let mut next = Some((conn, server));

@@ -68,15 +68,24 @@ impl<R: Read> Read for IndexingReader<'_, R> {
     }
 }
 
-/// Publishes one complete spool segment, with its index when `indexer` is given. Returns
-/// whether the index shows relation files created.
+/// What the index of a published segment showed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Published {
+    Plain,
+    /// Relation files were created (names to learn).
+    Created,
+    /// Its records did not read back (why): archived without an index.
+    Damaged(String),
+}
+
+/// Publishes one complete spool segment, with its index when `indexer` is given.
 pub async fn publish_segment(
     repo: &Repo,
     spool: &Spool,
     seg: SegmentName,
     level: i32,
     indexer: &mut Option<Indexer>,
-) -> Result<bool, StreamError> {
+) -> Result<Published, StreamError> {
     let path = spool.complete_path(&seg);
     let seg_size = repo.seg_size();
     let p = path.clone();
@@ -135,24 +144,28 @@ pub async fn publish_segment(
             info.raw_size
         )));
     }
-    let mut created = false;
-    match index {
+    let outcome = match index {
         Some(Ok(ix)) => {
-            created = !ix.created.is_empty();
-            repo.put_segment_index(&seg, &ix).await?
+            repo.put_segment_index(&seg, &ix).await?;
+            if ix.created.is_empty() {
+                Published::Plain
+            } else {
+                Published::Created
+            }
         }
         Some(Err(e)) => {
-            error!(segment = %seg, error = %e, "the segment's WAL records do not read back; archived without an index")
+            error!(segment = %seg, error = %e, "the segment's WAL records do not read back; archived without an index");
+            Published::Damaged(e.to_string())
         }
-        None => {}
-    }
+        None => Published::Plain,
+    };
     let stored = obj.len();
     repo.put_encoded(&wal_segment_key(&seg), obj).await?;
     spool
         .remove(&path)
         .map_err(|e| StreamError::io(format!("removing {}", path.display()), e))?;
     debug!(segment = %seg, stored_bytes = stored, sha256 = %info.sha256_hex(), "segment published");
-    Ok(created)
+    Ok(outcome)
 }
 
 /// Records (durably) that the streamer's next segment follows `seg`.
@@ -183,6 +196,7 @@ impl Publisher {
         spool: Spool,
         level: i32,
         names: Option<std::sync::Arc<tokio::sync::Notify>>,
+        status: Option<std::sync::Arc<super::StreamStatus>>,
         index: bool,
     ) -> Publisher {
         let (tx, mut rx) = mpsc::channel::<SegmentName>(2);
@@ -190,11 +204,21 @@ impl Publisher {
             let mut n = 0;
             let mut indexer = indexer_for(&repo, index);
             while let Some(seg) = rx.recv().await {
-                let created = publish_segment(&repo, &spool, seg, level, &mut indexer).await?;
-                if created {
-                    if let Some(p) = &names {
-                        p.notify_one();
+                let outcome = publish_segment(&repo, &spool, seg, level, &mut indexer).await?;
+                match outcome {
+                    Published::Created => {
+                        if let Some(p) = &names {
+                            p.notify_one();
+                        }
                     }
+                    Published::Damaged(why) => {
+                        if let Some(st) = &status {
+                            st.damaged_segments
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            *st.last_damage.lock().unwrap() = Some(format!("{seg}: {why}"));
+                        }
+                    }
+                    Published::Plain => {}
                 }
                 record_next(&spool, seg).await?;
                 n += 1;
