@@ -7,10 +7,12 @@ use archiver::Lsn;
 use archiver::{RecordReader, WalEvent as Event};
 use common::*;
 
+const CONF: &str = "wal_keep_size = '1GB'\nmax_prepared_transactions = 5\n";
+
 #[test]
 fn finds_commits_aborts_and_restore_points_in_real_wal() {
     let dir = TestDir::new();
-    let mut pg = Pg::create(&dir, "pg", "wal_keep_size = '1GB'\n", "");
+    let mut pg = Pg::create(&dir, "pg", CONF, "");
     pg.start();
     read_real_wal(&pg, 15);
 }
@@ -24,7 +26,7 @@ fn reads_postgresql_13_and_18_wal() {
             continue;
         };
         let dir = TestDir::new();
-        let mut pg = Pg::create_with_bin(&dir, "pg", "wal_keep_size = '1GB'\n", &bin);
+        let mut pg = Pg::create_with_bin(&dir, "pg", CONF, &bin);
         pg.start();
         read_real_wal(&pg, major);
     }
@@ -69,6 +71,20 @@ fn read_real_wal(pg: &Pg, major: u32) {
     let shrunk_file = file_of("shrunk");
     pg.psql("vacuum shrunk");
     pg.psql("checkpoint");
+    // Two-phase commit: COMMIT PREPARED and ROLLBACK PREPARED end the prepared transaction's
+    // xid (with its dropped relation and statistics in between, on 15+).
+    pg.psql("create table dropped2 (x int); insert into dropped2 values (1)");
+    let dropped2_file = file_of("dropped2");
+    let prepared = |sql: &str, name: &str| -> u64 {
+        let out = pg.psql(&format!(
+            "begin; {sql}; select txid_current(); prepare transaction '{name}';"
+        ));
+        out.lines().find_map(|l| l.parse().ok()).unwrap()
+    };
+    let p_commit = prepared("drop table dropped2", "p1");
+    pg.psql("commit prepared 'p1'");
+    let p_abort = prepared("insert into t values (-5, 'p')", "p2");
+    pg.psql("rollback prepared 'p2'");
     pg.psql("create database dropme");
     let dropme: u32 = pg
         .psql("select oid from pg_database where datname = 'dropme'")
@@ -237,6 +253,25 @@ fn read_real_wal(pg: &Pg, major: u32) {
     assert!(running.len() >= 3, "{running:?}");
     assert!(running.iter().all(|(n, o)| o <= n));
     assert!(running.windows(2).all(|w| w[0].0 <= w[1].0));
+    let ended = |x: u64| {
+        events.iter().find_map(|e| match e {
+            Event::XactEnd {
+                xid,
+                committed,
+                dropped,
+                ..
+            } if *xid as u64 == x => Some((*committed, dropped.clone())),
+            _ => None,
+        })
+    };
+    let (committed2, files2) = ended(p_commit).expect("COMMIT PREPARED of the prepared xid");
+    assert!(committed2);
+    assert!(files2.iter().any(|f| f.rel == dropped2_file), "{files2:?}");
+    assert_eq!(
+        ended(p_abort).map(|e| e.0),
+        Some(false),
+        "ROLLBACK PREPARED"
+    );
     // DROP DATABASE: its record names the database, after the in-place update marking it
     // invalid (a shared catalog's row).
     let drop_at = events

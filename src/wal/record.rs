@@ -44,12 +44,18 @@ const XLOG_RESTORE_POINT: u8 = 0x70;
 const XLOG_XACT_OPMASK: u8 = 0x70;
 const XLOG_XACT_COMMIT: u8 = 0x00;
 const XLOG_XACT_ABORT: u8 = 0x20;
+const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
+const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 /// `XLOG_XACT_HAS_INFO`: an `xl_xact_xinfo` follows the commit/abort time.
 const XLOG_XACT_HAS_INFO: u8 = 0x80;
 const XACT_XINFO_HAS_DBINFO: u32 = 1 << 0;
 const XACT_XINFO_HAS_SUBXACTS: u32 = 1 << 1;
 const XACT_XINFO_HAS_RELFILELOCATORS: u32 = 1 << 2;
+const XACT_XINFO_HAS_INVALS: u32 = 1 << 3;
+const XACT_XINFO_HAS_TWOPHASE: u32 = 1 << 4;
+/// PostgreSQL 15+: the statistics a transaction end drops (`xl_xact_stats_items`).
+const XACT_XINFO_HAS_DROPPED_STATS: u32 = 1 << 8;
 const XLP_LONG_HEADER: u16 = 0x0002;
 
 /// A relation's storage (`RelFileLocator`, `RelFileNode` before 16): tablespace, database and
@@ -263,30 +269,55 @@ fn walk(rec: &[u8], major: u32) -> Option<(&[u8], Option<RelFile>)> {
     Some((rec.get(tot.checked_sub(main_len)?..tot)?, first_rel))
 }
 
-/// The relation files a commit or abort record removes (`ParseCommitRecord` /
-/// `ParseAbortRecord` in xactdesc.c: the time, then with `XLOG_XACT_HAS_INFO` the xinfo
-/// flags, the database info, the subtransactions, then the files — the same order for both
-/// and in every supported major). `None` if the record is too short for what its flags say.
-fn dropped_files(d: &[u8], info: u8) -> Option<Vec<RelFile>> {
+/// What a transaction end record says beyond its time (`ParseCommitRecord` /
+/// `ParseAbortRecord` in xactdesc.c).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct XactEndInfo {
+    /// The relation files it removes.
+    dropped: Vec<RelFile>,
+    /// For `COMMIT PREPARED` / `ROLLBACK PREPARED`: the prepared transaction's xid (the
+    /// record's own is the backend's that ran the command).
+    twophase_xid: Option<u32>,
+}
+
+/// Parses a commit or abort record's main data `d`: the time, then with `XLOG_XACT_HAS_INFO`
+/// the xinfo flags, the database info, the subtransactions, the relation files, the dropped
+/// statistics (15+: items of 12 bytes, 16 from 18 on), the invalidations (commits only), the
+/// two-phase xid. `None` if the record is too short for what its flags say.
+fn xact_end_info(d: &[u8], info: u8, commit: bool, major: u32) -> Option<XactEndInfo> {
+    let mut out = XactEndInfo::default();
     if info & XLOG_XACT_HAS_INFO == 0 {
-        return Some(Vec::new());
+        return Some(out);
     }
     let xinfo = u32le(d.get(8..12)?, 0);
     let mut p = 12;
+    let counted = |p: &mut usize, size: usize| -> Option<usize> {
+        let n = u32le(d.get(*p..*p + 4)?, 0) as usize;
+        let start = *p + 4;
+        *p = start.checked_add(n.checked_mul(size)?)?;
+        (*p <= d.len()).then_some(start)
+    };
     if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
         p += 8;
     }
     if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
-        let n = u32le(d.get(p..p + 4)?, 0) as usize;
-        p += 4 + 4 * n;
+        counted(&mut p, 4)?;
     }
-    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS == 0 {
-        return Some(Vec::new());
+    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS != 0 {
+        let at = counted(&mut p, 12)?;
+        out.dropped = d[at..p].chunks_exact(12).map(|c| rel_file(c, 0)).collect();
     }
-    let n = u32le(d.get(p..p + 4)?, 0) as usize;
-    p += 4;
-    let raw = d.get(p..p.checked_add(n.checked_mul(12)?)?)?;
-    Some(raw.chunks_exact(12).map(|c| rel_file(c, 0)).collect())
+    if xinfo & XACT_XINFO_HAS_TWOPHASE == 0 {
+        return Some(out);
+    }
+    if xinfo & XACT_XINFO_HAS_DROPPED_STATS != 0 {
+        counted(&mut p, if major >= 18 { 16 } else { 12 })?;
+    }
+    if commit && xinfo & XACT_XINFO_HAS_INVALS != 0 {
+        counted(&mut p, 16)?;
+    }
+    out.twophase_xid = Some(u32le(d.get(p..p + 4)?, 0));
+    Some(out)
 }
 
 impl RecordReader {
@@ -452,14 +483,26 @@ impl RecordReader {
         match rmid {
             RM_XACT_ID => {
                 let op = info & XLOG_XACT_OPMASK;
-                if (op == XLOG_XACT_COMMIT || op == XLOG_XACT_ABORT) && d.len() >= 8 {
+                let commit = matches!(op, XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED);
+                let ends = commit || matches!(op, XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED);
+                if ends && d.len() >= 8 {
+                    let parsed = xact_end_info(d, info, commit, self.major).unwrap_or_default();
+                    let prepared =
+                        matches!(op, XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED);
+                    if prepared && parsed.twophase_xid.is_none() {
+                        return; // cannot say whose end it is
+                    }
                     on(Event::XactEnd {
-                        xid,
-                        committed: op == XLOG_XACT_COMMIT,
+                        xid: if prepared {
+                            parsed.twophase_xid.unwrap_or(xid)
+                        } else {
+                            xid
+                        },
+                        committed: commit,
                         time: time_at(d, 0),
                         start,
                         end,
-                        dropped: dropped_files(d, info).unwrap_or_default(),
+                        dropped: parsed.dropped,
                     });
                 }
             }
@@ -617,15 +660,16 @@ mod xact_tests {
         ];
         let all = XACT_XINFO_HAS_DBINFO | XACT_XINFO_HAS_SUBXACTS | XACT_XINFO_HAS_RELFILELOCATORS;
         let d = commit_data(all, true, &[801, 802], &rels);
-        assert_eq!(dropped_files(&d, XLOG_XACT_HAS_INFO).unwrap(), rels);
+        let dropped = |d: &[u8], info| xact_end_info(d, info, true, 16).map(|i| i.dropped);
+        assert_eq!(dropped(&d, XLOG_XACT_HAS_INFO).unwrap(), rels);
         let d = commit_data(XACT_XINFO_HAS_RELFILELOCATORS, false, &[], &rels[..1]);
-        assert_eq!(dropped_files(&d, XLOG_XACT_HAS_INFO).unwrap(), rels[..1]);
+        assert_eq!(dropped(&d, XLOG_XACT_HAS_INFO).unwrap(), rels[..1]);
         // No xinfo, or no files: none.
-        assert_eq!(dropped_files(&0i64.to_le_bytes(), 0).unwrap(), vec![]);
+        assert_eq!(dropped(&0i64.to_le_bytes(), 0).unwrap(), vec![]);
         let d = commit_data(XACT_XINFO_HAS_SUBXACTS, false, &[9], &[]);
-        assert_eq!(dropped_files(&d, XLOG_XACT_HAS_INFO).unwrap(), vec![]);
+        assert_eq!(dropped(&d, XLOG_XACT_HAS_INFO).unwrap(), vec![]);
         // Shorter than its flags say: not guessed at.
         let d = commit_data(all, true, &[801], &rels);
-        assert_eq!(dropped_files(&d[..d.len() - 30], XLOG_XACT_HAS_INFO), None);
+        assert_eq!(dropped(&d[..d.len() - 30], XLOG_XACT_HAS_INFO), None);
     }
 }
