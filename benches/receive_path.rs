@@ -95,6 +95,34 @@ fn receive_path(c: &mut Criterion) {
             })
         });
     }
+    // zstd alone, the way the publisher feeds it (a streaming encoder in 256 KiB writes) and
+    // one-shot over the whole segment (issue 16: where the compression time goes).
+    g.bench_function("zstd_streaming_256k", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for seg_bytes in wal.chunks(SEG as usize) {
+                let mut enc =
+                    zstd::stream::Encoder::new(Vec::with_capacity(SEG as usize / 4), 1).unwrap();
+                enc.include_checksum(true).unwrap();
+                for c in seg_bytes.chunks(256 * 1024) {
+                    std::io::Write::write_all(&mut enc, c).unwrap();
+                }
+                n += enc.finish().unwrap().len();
+            }
+            n
+        })
+    });
+    g.bench_function("zstd_one_shot", |b| {
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        c.include_checksum(true).unwrap();
+        b.iter(|| {
+            let mut n = 0;
+            for seg_bytes in wal.chunks(SEG as usize) {
+                n += c.compress(seg_bytes).unwrap().len();
+            }
+            n
+        })
+    });
     g.bench_function("index_only", |b| {
         b.iter(|| {
             let mut ix = Indexer::new(SEG, 16);
