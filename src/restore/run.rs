@@ -177,9 +177,6 @@ pub async fn make_plan(repo: &Repo, t: &TargetSpec) -> Result<(Plan, BackupRecor
     Ok((p, rec))
 }
 
-/// Where recovery to a time, transaction or restore point stops in the archived WAL, found
-/// along the longest chain (from the oldest usable backup) through the WAL index; None for
-/// other targets. Refuses a transaction or restore point the archive does not hold.
 /// The longest chain of WAL the archive holds: from the oldest backup that has one along the
 /// requested timeline to the archive's end; None when no backup has one.
 pub(crate) fn longest_chain(
@@ -203,6 +200,9 @@ pub(crate) fn longest_chain(
     })
 }
 
+/// Where recovery to a time, transaction or restore point stops in the archived WAL, found
+/// along the longest chain (from the oldest usable backup) through the WAL index; None for
+/// other targets. Refuses a transaction or restore point the archive does not hold.
 async fn locate(
     repo: &Repo,
     backups: &[BackupRecord],

@@ -184,12 +184,12 @@ pub fn plan_start(
     }
 }
 
-/// Publishes complete segments left in the spool by an earlier run (before anything else).
 /// The streamer's relation-name snapshots: at least this often (kept only when changed) …
 const NAMES_EVERY: Duration = Duration::from_secs(15 * 60);
 /// … and at most this often when the index sees relation files created.
 const NAMES_MIN_GAP: Duration = Duration::from_secs(10);
 
+/// Publishes complete segments left in the spool by an earlier run (before anything else).
 pub async fn recover_spool(
     repo: &Repo,
     spool: &Spool,

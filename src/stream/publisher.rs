@@ -30,8 +30,9 @@ struct IndexingReader<'a, R> {
     indexer: &'a mut Indexer,
     ix: SegmentIndex,
     seg: SegmentName,
-    /// Bytes read but not yet fed (less than a page), and where they start.
+    /// Bytes read but not yet fed (less than a page).
     carry: Vec<u8>,
+    /// Where in the segment the next fed byte lies.
     fed: u64,
     failed: Option<crate::wal::record::RecordError>,
 }
@@ -95,7 +96,7 @@ pub async fn publish_segment(
     }
     let (obj, info, taken, index) =
         tokio::task::spawn_blocking(move || -> Result<_, StreamError> {
-            let f = std::fs::File::open(&p)
+            let mut f = std::fs::File::open(&p)
                 .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
             let mut out = Vec::with_capacity(seg_size as usize / 4);
             let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
@@ -106,7 +107,6 @@ pub async fn publish_segment(
                     )
                 })
             };
-            let mut f = f;
             let (info, index) = match taken {
                 None => (encode(&mut f, &mut out)?, None),
                 Some(ref mut ixr) => {

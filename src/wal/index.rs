@@ -168,10 +168,6 @@ pub struct SegmentIndex {
     pub truncated: Vec<FileEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub databases_dropped: Vec<DatabaseDrop>,
-    /// The last shared-catalog in-place update seen (carried across segments by the
-    /// [`Indexer`]; not stored).
-    #[serde(skip)]
-    pub last_shared_inplace: Option<Lsn>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,16 +274,18 @@ impl SegmentIndex {
                 start,
                 blocks: None,
             }),
-            Event::DatabaseDropped { db, xid, start } => {
-                self.databases_dropped.push(DatabaseDrop {
-                    db,
-                    xid,
-                    start,
-                    invalidated: self.last_shared_inplace,
-                    commit: None,
-                })
-            }
-            Event::SharedInplace { start } => self.last_shared_inplace = Some(start),
+            Event::DatabaseDropped {
+                db,
+                xid,
+                start,
+                invalidated,
+            } => self.databases_dropped.push(DatabaseDrop {
+                db,
+                xid,
+                start,
+                invalidated,
+                commit: None,
+            }),
             Event::FileTruncated {
                 file,
                 blocks,
@@ -396,8 +394,6 @@ pub struct Indexer {
     major: u32,
     /// The segment number expected next.
     next: Option<u64>,
-    /// The last shared-catalog in-place update of the segments fed so far.
-    last_shared_inplace: Option<Lsn>,
 }
 
 impl Indexer {
@@ -407,7 +403,6 @@ impl Indexer {
             seg_size,
             major,
             next: None,
-            last_shared_inplace: None,
         }
     }
 
@@ -419,13 +414,9 @@ impl Indexer {
     /// Reads `seg` (the one before the next to index) for the records it leaves unfinished.
     pub fn prime(&mut self, seg: &SegmentName, bytes: &[u8]) -> Result<(), RecordError> {
         self.reader = RecordReader::new(self.seg_size, self.major);
-        let mut last = None;
-        let r = self.reader.feed_segment(seg.start_lsn(), bytes, &mut |e| {
-            if let Event::SharedInplace { start } = e {
-                last = Some(start);
-            }
-        });
-        self.last_shared_inplace = last;
+        let r = self
+            .reader
+            .feed_segment(seg.start_lsn(), bytes, &mut |_| {});
         self.next = r.is_ok().then_some(seg.segno + 1);
         r
     }
@@ -434,14 +425,9 @@ impl Indexer {
     pub fn begin(&mut self, seg: &SegmentName) -> SegmentIndex {
         if !self.continues(seg) || self.reader.ended() {
             self.reader = RecordReader::new(self.seg_size, self.major);
-            if !self.continues(seg) {
-                self.last_shared_inplace = None;
-            }
         }
         self.next = None;
-        let mut ix = SegmentIndex::new(seg);
-        ix.last_shared_inplace = self.last_shared_inplace;
-        ix
+        SegmentIndex::new(seg)
     }
 
     /// Feeds whole pages of the segment `ix` indexes, from `offset` within it.
@@ -462,14 +448,9 @@ impl Indexer {
         r
     }
 
-    /// `ix` (of `seg`) was fed whole: the next segment continues from it.
+    /// `seg` was fed whole: the next segment continues from it.
     pub fn finish(&mut self, seg: &SegmentName) {
         self.next = Some(seg.segno + 1);
-    }
-
-    /// Carries what `ix` saw last into the next segment's index.
-    pub fn carry(&mut self, ix: &SegmentIndex) {
-        self.last_shared_inplace = ix.last_shared_inplace;
     }
 
     /// Indexes a whole segment.
@@ -477,7 +458,6 @@ impl Indexer {
         let mut ix = self.begin(seg);
         self.feed(&mut ix, seg, 0, bytes)?;
         self.finish(seg);
-        self.carry(&ix);
         Ok(ix)
     }
 }

@@ -113,13 +113,17 @@ pub enum Event {
     /// A relation's main fork was created (`xl_smgr_create`): a new table, index, or the new
     /// file of a truncated or rewritten one. `xid` is the record's (0 when none was assigned).
     FileCreated { file: RelFile, xid: u32, start: Lsn },
-    /// An in-place update of a shared catalog's row (`XLOG_HEAP_INPLACE` in the global
-    /// tablespace): among them `DROP DATABASE` marking its database invalid before it removes
-    /// anything — recovery must stop before this one to get the database back usable.
-    SharedInplace { start: Lsn },
     /// A database's directories were removed (`xl_dbase_drop_rec`: `DROP DATABASE`); `xid`
-    /// is the dropping transaction's.
-    DatabaseDropped { db: u32, xid: u32, start: Lsn },
+    /// is the dropping transaction's. `invalidated`: where `DROP DATABASE` first marked the
+    /// database invalid — the last in-place update of a shared catalog's row
+    /// (`XLOG_HEAP_INPLACE` in the global tablespace) the reader saw before; recovery must stop
+    /// before it to get the database back usable. None when the reader did not see one.
+    DatabaseDropped {
+        db: u32,
+        xid: u32,
+        start: Lsn,
+        invalidated: Option<Lsn>,
+    },
     /// A relation file was cut to `blocks` blocks (`xl_smgr_truncate`: VACUUM's truncation,
     /// or a truncate of a table created in the same transaction).
     FileTruncated {
@@ -140,8 +144,7 @@ impl Event {
             | Event::RunningXacts { start, .. }
             | Event::FileCreated { start, .. }
             | Event::FileTruncated { start, .. }
-            | Event::DatabaseDropped { start, .. }
-            | Event::SharedInplace { start } => *start,
+            | Event::DatabaseDropped { start, .. } => *start,
         }
     }
 }
@@ -183,6 +186,8 @@ pub struct RecordReader {
     ended: bool,
     /// After `XLOG_SWITCH`: the next segment's start; bytes before it are padding.
     skip_until: Option<Lsn>,
+    /// The last shared-catalog in-place update read (see [`Event::DatabaseDropped`]).
+    last_shared_inplace: Option<Lsn>,
 }
 
 fn u16le(b: &[u8], at: usize) -> u16 {
@@ -330,6 +335,7 @@ impl RecordReader {
             pending_len: None,
             ended: false,
             skip_until: None,
+            last_shared_inplace: None,
         }
     }
 
@@ -449,7 +455,7 @@ impl RecordReader {
     /// One complete record: its CRC checked, its event reported. True after `XLOG_SWITCH`
     /// (the rest of the segment is padding).
     fn record(
-        &self,
+        &mut self,
         rec: &[u8],
         start: Lsn,
         end: Lsn,
@@ -468,7 +474,7 @@ impl RecordReader {
         } else if rmid == RM_HEAP_ID && info & 0x70 == XLOG_HEAP_INPLACE {
             if let Some((_, Some(f))) = walk(rec, self.major) {
                 if f.spc == GLOBALTABLESPACE_OID && f.db == 0 {
-                    on(Event::SharedInplace { start });
+                    self.last_shared_inplace = Some(start);
                 }
             }
         }
@@ -556,6 +562,7 @@ impl RecordReader {
                     db: u32le(d, 0),
                     xid,
                     start,
+                    invalidated: self.last_shared_inplace,
                 })
             }
             RM_STANDBY_ID if info & 0xF0 == XLOG_RUNNING_XACTS && d.len() >= 24 => {
