@@ -62,7 +62,6 @@ pub struct ChainIndex<'a> {
     drops: BTreeSet<SegmentName>,
     cache: HashMap<usize, Arc<SegmentIndex>>,
     indexer: Indexer,
-    last_decoded: Option<usize>,
     index_reads: usize,
     wal_reads: usize,
 }
@@ -82,7 +81,6 @@ impl<'a> ChainIndex<'a> {
             drops: listing.drops,
             cache: HashMap::new(),
             indexer: Indexer::new(repo.seg_size(), repo.meta().pg_major),
-            last_decoded: None,
             index_reads: 0,
             wal_reads: 0,
         })
@@ -137,7 +135,7 @@ impl<'a> ChainIndex<'a> {
         seg: SegmentName,
         src: WalSource,
     ) -> Result<SegmentIndex, RestoreError> {
-        if k > 0 && self.last_decoded != Some(k - 1) {
+        if k > 0 && !self.indexer.continues(&seg) {
             let (prev, psrc) = self.segs[k - 1];
             let raw = self.repo.read_wal(prev, psrc).await?;
             self.wal_reads += 1;
@@ -147,13 +145,9 @@ impl<'a> ChainIndex<'a> {
         }
         let raw = self.repo.read_wal(seg, src).await?;
         self.wal_reads += 1;
-        self.last_decoded = None;
-        let ix = self
-            .indexer
+        self.indexer
             .index(&seg, &raw)
-            .map_err(super::run::damaged_wal(seg))?;
-        self.last_decoded = Some(k);
-        Ok(ix)
+            .map_err(super::run::damaged_wal(seg))
     }
 
     /// Segment `k`'s removed relation files and the files it created: from its drops object
