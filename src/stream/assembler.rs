@@ -168,7 +168,11 @@ impl Assembler {
         let Some(cur) = self.cur.as_mut() else {
             return Ok(None);
         };
-        tokio::task::block_in_place(|| cur.sync()).map_err(io("fsync of the spool segment"))?;
+        // Called directly on the runtime worker, not through `block_in_place`: handing the
+        // worker's core to another thread around every fsync cost a thread wake-up and a CPU
+        // migration per commit as a synchronous standby (profiled; see docs/benchmarks.md).
+        // The fsync has to finish before this task can do anything else anyway.
+        cur.sync().map_err(io("fsync of the spool segment"))?;
         Ok((cur.synced > 0).then_some((cur.seg, cur.synced)))
     }
 

@@ -32,6 +32,7 @@ use crate::wal::{Lsn, SegmentName, TimeLineId};
 pub(crate) mod assembler;
 pub mod publisher;
 pub mod session;
+pub(crate) mod stages;
 
 use crate::spool::{Spool, SpoolEntry};
 
@@ -578,7 +579,9 @@ pub async fn run(
             Err(e) => break Err(e),
         }
     };
+    let stages = publisher.stages.clone();
     let published = publisher.finish().await;
+    stages.log();
     if let Some((_, task)) = names {
         task.abort();
     }

@@ -10,11 +10,14 @@
 //! has to read it refuses it as damaged.
 
 use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error};
 
+use super::stages::{add, add_since, Stages};
 use super::StreamError;
 use crate::repo::layout::wal_segment_key;
 use crate::repo::object::{self, ObjectKind};
@@ -87,6 +90,18 @@ pub async fn publish_segment(
     level: i32,
     indexer: &mut Option<Indexer>,
 ) -> Result<Published, StreamError> {
+    publish_segment_timed(repo, spool, seg, level, indexer, &Stages::default()).await
+}
+
+/// [`publish_segment`], adding each stage's time to `stages`.
+pub(crate) async fn publish_segment_timed(
+    repo: &Repo,
+    spool: &Spool,
+    seg: SegmentName,
+    level: i32,
+    indexer: &mut Option<Indexer>,
+    stages: &Stages,
+) -> Result<Published, StreamError> {
     let path = spool.complete_path(&seg);
     let seg_size = repo.seg_size();
     let p = path.clone();
@@ -94,6 +109,7 @@ pub async fn publish_segment(
     if let Some(ix) = taken.as_mut().filter(|ix| !ix.continues(&seg)) {
         repo.prime_indexer(ix, &seg).await;
     }
+    let t = Instant::now();
     let (obj, info, taken, index) =
         tokio::task::spawn_blocking(move || -> Result<_, StreamError> {
             let mut f = std::fs::File::open(&p)
@@ -137,6 +153,7 @@ pub async fn publish_segment(
         })
         .await
         .expect("compression task panicked")?;
+    add_since(&stages.encode_ns, t);
     *indexer = taken;
     if info.raw_size != seg_size {
         return Err(StreamError::Invariant(format!(
@@ -144,6 +161,7 @@ pub async fn publish_segment(
             info.raw_size
         )));
     }
+    let t = Instant::now();
     let outcome = match index {
         Some(Ok(ix)) => {
             repo.put_segment_index(&seg, &ix).await?;
@@ -161,6 +179,9 @@ pub async fn publish_segment(
     };
     let stored = obj.len();
     repo.put_encoded(&wal_segment_key(&seg), obj).await?;
+    add_since(&stages.put_ns, t);
+    add(&stages.segments, 1);
+    add(&stages.stored_bytes, stored as u64);
     spool
         .remove(&path)
         .map_err(|e| StreamError::io(format!("removing {}", path.display()), e))?;
@@ -181,6 +202,8 @@ pub async fn record_next(spool: &Spool, seg: SegmentName) -> Result<(), StreamEr
 pub struct Publisher {
     tx: mpsc::Sender<SegmentName>,
     handle: JoinHandle<Result<u64, StreamError>>,
+    /// Stage totals of this stream (the session adds its own).
+    pub(crate) stages: Arc<Stages>,
 }
 
 /// An indexer for the repository's WAL, if indexing is on.
@@ -200,11 +223,14 @@ impl Publisher {
         index: bool,
     ) -> Publisher {
         let (tx, mut rx) = mpsc::channel::<SegmentName>(2);
+        let stages = Arc::new(Stages::default());
+        let st = stages.clone();
         let handle = tokio::spawn(async move {
             let mut n = 0;
             let mut indexer = indexer_for(&repo, index);
             while let Some(seg) = rx.recv().await {
-                let outcome = publish_segment(&repo, &spool, seg, level, &mut indexer).await?;
+                let outcome =
+                    publish_segment_timed(&repo, &spool, seg, level, &mut indexer, &st).await?;
                 match outcome {
                     Published::Created => {
                         if let Some(p) = &names {
@@ -225,7 +251,7 @@ impl Publisher {
             }
             Ok(n)
         });
-        Publisher { tx, handle }
+        Publisher { tx, handle, stages }
     }
 
     /// Queues a complete segment; waits while the queue is full. Fails if the publisher died.

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::assembler::Assembler;
 use super::publisher::Publisher;
+use super::stages::{add, add_since};
 use super::{StartPoint, StreamConfig, StreamError};
 use crate::pg::conn::Backend;
 use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome, StreamEvent};
@@ -143,6 +144,7 @@ impl<'a> Session<'a> {
             while let Some(m) = self.conn.try_next_message()? {
                 self.handle(m).await?;
             }
+            add(&self.publisher.stages.batches, 1);
             self.after_batch().await?;
         }
     }
@@ -264,7 +266,13 @@ impl<'a> Session<'a> {
     /// fsyncs the current segment file; everything received is then durable, and the durable
     /// prefix is recorded for readers (restore, `wal-fetch`) before any status reports it.
     fn sync(&mut self) -> Result<(), StreamError> {
-        if let Some((seg, synced)) = self.wal.sync()? {
+        let (t, dirty) = (Instant::now(), self.wal.dirty());
+        let synced = self.wal.sync()?;
+        if dirty {
+            add_since(&self.publisher.stages.fsync_ns, t);
+            add(&self.publisher.stages.fsyncs, 1);
+        }
+        if let Some((seg, synced)) = synced {
             if self.flush_record.is_none() {
                 self.flush_record = Some(
                     self.spool
@@ -291,6 +299,7 @@ impl<'a> Session<'a> {
             reply_requested,
         )
         .await?;
+        add(&self.publisher.stages.status_updates, 1);
         self.cfg.report(|st| {
             st.received.fetch_max(self.sent_write.0, Ordering::Relaxed);
             st.flushed.fetch_max(self.sent_flush.0, Ordering::Relaxed);
@@ -343,7 +352,12 @@ impl<'a> Session<'a> {
 
     /// Writes WAL through the assembler; hands off segments as they complete (each fsync'd).
     async fn on_wal(&mut self, start: Lsn, data: Bytes) -> Result<(), StreamError> {
-        for seg in self.wal.write(start, &data).await? {
+        let t = Instant::now();
+        let done = self.wal.write(start, &data).await?;
+        add_since(&self.publisher.stages.write_ns, t);
+        add(&self.publisher.stages.messages, 1);
+        add(&self.publisher.stages.bytes, data.len() as u64);
+        for seg in done {
             self.flushed = self.flushed.max(seg.end_lsn());
             self.last_sync = Instant::now();
             self.reply_due = true;
