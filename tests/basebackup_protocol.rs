@@ -71,6 +71,7 @@ async fn base_backup_streams_archives_and_manifest() {
         checkpoint: Checkpoint::Fast,
         max_rate_kb: None,
         server_zstd_level: None,
+        server_zstd_workers: 0,
         manifest_checksums: archiver::ChecksumAlgorithm::Sha256,
         legacy: false,
         incremental: false,

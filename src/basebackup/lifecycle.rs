@@ -81,6 +81,8 @@ pub struct BackupOptions {
     pub compress: i32,
     /// Have the server compress the archives (PostgreSQL 15+).
     pub server_compress: bool,
+    /// With `server_compress`: the server's zstd worker threads (0: none).
+    pub server_workers: u32,
     /// How long to wait for the repository to hold the backup's WAL.
     pub wal_timeout: Duration,
     /// An ordinary SQL connection to read what the cluster holds into the record
@@ -438,6 +440,7 @@ async fn take(
         checkpoint: args.checkpoint,
         max_rate_kb: args.max_rate_kb,
         server_zstd_level: args.server_compress.then_some(args.compress),
+        server_zstd_workers: args.server_workers,
         manifest_checksums: crate::basebackup::store::MANIFEST_CHECKSUMS,
         legacy: server.major() < 15,
         incremental: parent_manifest.is_some(),

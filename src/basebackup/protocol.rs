@@ -22,6 +22,10 @@ pub struct BaseBackupOptions {
     pub max_rate_kb: Option<u32>,
     /// Ask the server to compress with zstd at this level.
     pub server_zstd_level: Option<i32>,
+    /// With server compression: zstd worker threads on the server (`workers=N`; 0: compress in
+    /// the walsender itself). One worker lets the walsender read the next file while the
+    /// worker compresses (measured: half pg_basebackup's client-zstd time, docs/benchmarks.md).
+    pub server_zstd_workers: u32,
     /// The manifest's per-file checksums.
     pub manifest_checksums: ChecksumAlgorithm,
     /// PostgreSQL 13 and 14: the unparenthesised command and one COPY per archive.
@@ -68,7 +72,14 @@ impl BaseBackupOptions {
         }
         if let Some(level) = self.server_zstd_level {
             opts.push("COMPRESSION 'zstd'".to_string());
-            opts.push(format!("COMPRESSION_DETAIL 'level={level}'"));
+            if self.server_zstd_workers > 0 {
+                opts.push(format!(
+                    "COMPRESSION_DETAIL 'level={level},workers={}'",
+                    self.server_zstd_workers
+                ));
+            } else {
+                opts.push(format!("COMPRESSION_DETAIL 'level={level}'"));
+            }
         }
         format!("BASE_BACKUP ({})", opts.join(", "))
     }
@@ -179,6 +190,7 @@ mod tests {
             checkpoint: Checkpoint::Fast,
             max_rate_kb: Some(1024),
             server_zstd_level: Some(3),
+            server_zstd_workers: 0,
             manifest_checksums: ChecksumAlgorithm::Sha256,
             legacy: false,
             incremental: false,
@@ -194,6 +206,7 @@ mod tests {
             checkpoint: Checkpoint::Spread,
             max_rate_kb: None,
             server_zstd_level: None,
+            server_zstd_workers: 0,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             legacy: false,
             incremental: true,
@@ -202,10 +215,19 @@ mod tests {
         assert!(o.command().contains(", INCREMENTAL"));
         assert!(o.command().contains("MANIFEST_CHECKSUMS 'CRC32C'"));
         let o = BaseBackupOptions {
+            server_zstd_level: Some(1),
+            server_zstd_workers: 2,
+            ..o
+        };
+        assert!(o
+            .command()
+            .ends_with("COMPRESSION 'zstd', COMPRESSION_DETAIL 'level=1,workers=2')"));
+        let o = BaseBackupOptions {
             label: "it's old".into(),
             checkpoint: Checkpoint::Fast,
             max_rate_kb: Some(64),
             server_zstd_level: None,
+            server_zstd_workers: 0,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             legacy: true,
             incremental: false,

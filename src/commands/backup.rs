@@ -40,14 +40,20 @@ pub struct BackupArgs {
     /// Limit the server's send rate, in kB/s (32 to 1048576).
     #[arg(long, value_parser = clap::value_parser!(u32).range(32..=1_048_576))]
     max_rate: Option<u32>,
-    /// zstd level for the stored archives.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd level for the stored archives. 1 (the default) is the fastest, as for the WAL; 3
+    /// (pg_basebackup's and pgBackRest's default) or more store a little less for more CPU
+    /// time (docs/operations.md, "Compression").
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     compress: i32,
     /// Have the server compress the archives with zstd (at `--compress`'s level) and store its
     /// output as it comes: less network traffic, the compression on the server's CPUs. archiver
     /// still decompresses on the side to check every file against the manifest.
     #[arg(long)]
     server_compress: bool,
+    /// With --server-compress: zstd worker threads on the server (0: the walsender compresses
+    /// itself, between reads). A server whose zstd has no thread support needs 0.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
+    server_compress_workers: u32,
     /// How long to wait for the repository to hold the backup's WAL.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     wal_timeout: Duration,
@@ -102,6 +108,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         max_rate_kb: args.max_rate,
         compress: args.compress,
         server_compress: args.server_compress,
+        server_workers: args.server_compress_workers,
         wal_timeout: args.wal_timeout,
         sql: Some(conninfo.clone()),
         environment: args.environment.clone().or(config_environment),

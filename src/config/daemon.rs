@@ -187,9 +187,13 @@ pub struct ScheduleConfig {
     /// On SIGTERM, how long a running backup may go on before it is stopped (recorded failed).
     #[serde(default = "default_stop_timeout", deserialize_with = "de_duration")]
     pub stop_timeout: Duration,
-    /// zstd level of backups.
+    /// zstd level of backups (default 1, as `archiver backup`).
     #[serde(default = "default_backup_level")]
     pub backup_compress_level: i32,
+    /// The server compresses the backups (PostgreSQL 15+; one zstd worker thread on the server),
+    /// as `archiver backup --server-compress`.
+    #[serde(default)]
+    pub backup_server_compress: bool,
     /// `fast` (default) or `spread` checkpoint at the start of a backup.
     #[serde(default = "default_checkpoint")]
     pub backup_checkpoint: String,
@@ -226,7 +230,7 @@ fn default_stop_timeout() -> Duration {
     Duration::from_secs(300)
 }
 fn default_backup_level() -> i32 {
-    3
+    1
 }
 fn default_checkpoint() -> String {
     "fast".into()
