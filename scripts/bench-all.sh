@@ -9,6 +9,7 @@
 # Installs pgBackRest from Debian's packages when missing (root). The S3 part needs the moto
 # server that scripts/test.sh installs (target/moto-venv); without it that part is skipped.
 # Usage: [ROUNDS=3] [SYNC_ROUNDS=5] [STREAM_SECS=15] [LOAD_SECS=30] scripts/bench-all.sh [SCALE]
+# Parts: ONLY=backup,restore,replay,stream,upload (default all); MODES=async,sync,standby.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-100}

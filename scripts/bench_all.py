@@ -367,13 +367,16 @@ def bench_streaming():
     log(f"streaming next to pgbench ({STREAM_SECS}s runs, {ROUNDS} rounds; {SYNC_ROUNDS} of the synchronous standby)")
     for r in range(SYNC_ROUNDS):
         pairs = ["archiver", "pg_receivewal"] if r % 2 == 0 else ["pg_receivewal", "archiver"]
+        modes = os.environ.get("MODES", "async,sync,standby").split(",")
         if r < ROUNDS:
             stream_run("none", "nothing", r)
             for mode in ("async", "sync"):
-                for tool in pairs:
-                    stream_run(mode, tool, r)
-        for tool in pairs:
-            stream_run("standby", tool, r)
+                if mode in modes:
+                    for tool in pairs:
+                        stream_run(mode, tool, r)
+        if "standby" in modes:
+            for tool in pairs:
+                stream_run("standby", tool, r)
     psql("alter system set synchronous_standby_names = ''")
     psql("select pg_reload_conf()")
 

@@ -110,49 +110,47 @@ pub(crate) async fn publish_segment_timed(
         repo.prime_indexer(ix, &seg).await;
     }
     let t = Instant::now();
-    let (obj, info, taken, index) =
-        tokio::task::spawn_blocking(move || -> Result<_, StreamError> {
-            let mut f = std::fs::File::open(&p)
-                .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
-            let mut out = Vec::with_capacity(seg_size as usize / 4);
-            let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
-                object::encode(r, out, ObjectKind::WalSegment, level).map_err(|e| {
-                    StreamError::io(
-                        format!("compressing {}", p.display()),
-                        std::io::Error::other(e),
-                    )
-                })
-            };
-            let (info, index) = match taken {
-                None => (encode(&mut f, &mut out)?, None),
-                Some(ref mut ixr) => {
-                    let ix = ixr.begin(&seg);
-                    let mut r = IndexingReader {
-                        inner: f,
-                        indexer: ixr,
-                        ix,
-                        seg,
-                        carry: Vec::with_capacity(XLOG_BLCKSZ as usize),
-                        fed: 0,
-                        failed: None,
-                    };
-                    let info = encode(&mut r, &mut out)?;
-                    let rest = std::mem::take(&mut r.carry);
-                    r.feed(&rest);
-                    let IndexingReader { ix, failed, .. } = r;
-                    match failed {
-                        None => {
-                            ixr.finish(&seg);
-                            (info, Some(Ok(ix)))
-                        }
-                        Some(e) => (info, Some(Err(e))),
+    let (obj, info, taken, index) = in_background_thread(move || -> Result<_, StreamError> {
+        let mut f = std::fs::File::open(&p)
+            .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
+        let mut out = Vec::with_capacity(seg_size as usize / 4);
+        let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
+            object::encode(r, out, ObjectKind::WalSegment, level).map_err(|e| {
+                StreamError::io(
+                    format!("compressing {}", p.display()),
+                    std::io::Error::other(e),
+                )
+            })
+        };
+        let (info, index) = match taken {
+            None => (encode(&mut f, &mut out)?, None),
+            Some(ref mut ixr) => {
+                let ix = ixr.begin(&seg);
+                let mut r = IndexingReader {
+                    inner: f,
+                    indexer: ixr,
+                    ix,
+                    seg,
+                    carry: Vec::with_capacity(XLOG_BLCKSZ as usize),
+                    fed: 0,
+                    failed: None,
+                };
+                let info = encode(&mut r, &mut out)?;
+                let rest = std::mem::take(&mut r.carry);
+                r.feed(&rest);
+                let IndexingReader { ix, failed, .. } = r;
+                match failed {
+                    None => {
+                        ixr.finish(&seg);
+                        (info, Some(Ok(ix)))
                     }
+                    Some(e) => (info, Some(Err(e))),
                 }
-            };
-            Ok((out, info, taken, index))
-        })
-        .await
-        .expect("compression task panicked")?;
+            }
+        };
+        Ok((out, info, taken, index))
+    })
+    .await?;
     add_since(&stages.encode_ns, t);
     *indexer = taken;
     if info.raw_size != seg_size {
@@ -187,6 +185,38 @@ pub(crate) async fn publish_segment_timed(
         .map_err(|e| StreamError::io(format!("removing {}", path.display()), e))?;
     debug!(segment = %seg, stored_bytes = stored, sha256 = %info.sha256_hex(), "segment published");
     Ok(outcome)
+}
+
+/// How much lower than the rest of the process the compression thread runs (`nice`): it
+/// is deferrable work (a bounded queue of complete segments, already durable in the spool),
+/// while the receive loop — and, next to it, PostgreSQL's backends waiting for a synchronous
+/// standby's acknowledgement — must not wait behind a 16 MB compression burst.
+const COMPRESS_NICE: libc::c_int = 10;
+
+/// Runs `f` on a new thread of lower priority ([`COMPRESS_NICE`]; one per segment: ~50 µs
+/// against tens of milliseconds of compression) and awaits its result.
+async fn in_background_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StreamError> + Send + 'static,
+) -> Result<T, StreamError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("archiver-compress".into())
+        .spawn(move || {
+            // SAFETY: setpriority on this thread's own id (Linux: the nice value is per thread);
+            // failure (not permitted) leaves the priority as it was.
+            unsafe {
+                let tid = libc::gettid() as libc::id_t;
+                let prio = libc::getpriority(libc::PRIO_PROCESS, tid);
+                libc::setpriority(libc::PRIO_PROCESS, tid, prio.saturating_add(COMPRESS_NICE));
+            }
+            let _ = tx.send(f());
+        })
+        .map_err(|e| StreamError::io("starting the compression thread", e))?;
+    rx.await.unwrap_or_else(|_| {
+        Err(StreamError::Invariant(
+            "the compression thread panicked".into(),
+        ))
+    })
 }
 
 /// Records (durably) that the streamer's next segment follows `seg`.
