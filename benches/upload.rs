@@ -46,7 +46,13 @@ fn main() {
             storage: Arc::new(s3),
         };
         for r in 0..rounds {
-            let key = format!("backups/round{r}/base.tar.zst");
+            let key = format!(
+                "backups/{}-{r}/base.tar.zst",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+            );
             hot.put(&key, bytes::Bytes::from(body.clone()))
                 .await
                 .unwrap();
