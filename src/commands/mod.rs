@@ -131,9 +131,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format, &cli.log_level);
-    if matches!(cli.command, Command::Run(_)) {
-        run::tune_allocator();
-    }
+    // Every command: backups and uploads hold 8 MiB buffers on several threads, and without it
+    // glibc keeps freed ones in per-thread arenas (`archiver backup --config` peaked at 136 MB
+    // against a 128 MB bound; docs/benchmarks.md).
+    run::tune_allocator();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -24,7 +24,7 @@ pub struct RunArgs {
     dbname: Option<String>,
 }
 
-/// Before any thread starts: a long-running process on glibc keeps freed memory in per-thread
+/// Before any thread starts (every command calls it): a process on glibc keeps freed memory in per-thread
 /// arenas, and the dynamic mmap threshold moves large buffers (WAL segments, S3 parts) into
 /// them; over hours the resident size only grows. Two arenas and a fixed 1 MiB threshold (large
 /// buffers mmapped and returned on free) keep it flat: measured with the soak benchmark, peak
