@@ -4,7 +4,8 @@
 //! Run by scripts/bench-tiered.sh against its moto server:
 //!
 //! `ARCHIVER_BENCH_S3=http://127.0.0.1:PORT ARCHIVER_BENCH_OBJECT=path/to/base.tar.zst
-//!  cargo bench --bench upload`  (bucket `bench-upload` must exist; AWS_* credentials set)
+//!  cargo bench --bench upload`  (bucket `bench-upload` must exist; AWS_* credentials set;
+//!  PARTS=n parts in flight, default 8)
 
 use std::sync::Arc;
 
@@ -35,6 +36,8 @@ fn main() {
             "s3://bench-upload/u",
             S3Options {
                 endpoint: Some(endpoint),
+                // PARTS: parts in flight (default 8, as a tier's part_concurrency).
+                part_concurrency: std::env::var("PARTS").ok().and_then(|p| p.parse().ok()),
                 ..S3Options::default()
             },
         )
