@@ -34,11 +34,16 @@ fn restore(repo: &str, pgdata: &Path, extra: &[&str]) -> String {
 
 /// The durable prefix the streamer recorded: (segment, bytes).
 fn flushed_record(repo: &Path) -> (String, u64) {
-    let text = std::fs::read_to_string(repo.join("spool/stream.flushed")).unwrap();
+    try_flushed_record(repo).expect("the streamer recorded a durable prefix")
+}
+
+/// The same, `None` before the streamer's first fsync of a partial segment (no record yet).
+fn try_flushed_record(repo: &Path) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(repo.join("spool/stream.flushed")).ok()?;
     let mut f = text.split_whitespace();
-    let seg = f.next().unwrap().to_string();
-    let len = u64::from_str_radix(f.next().unwrap(), 16).unwrap();
-    (seg, len)
+    let seg = f.next()?.to_string();
+    let len = u64::from_str_radix(f.next()?, 16).ok()?;
+    Some((seg, len))
 }
 
 #[test]
@@ -118,6 +123,27 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
         "{}",
         a.log_text()
     );
+    // Its stage totals: synchronous, so at least one fsync and one status update per commit
+    // above, never more fsyncs than batches of messages.
+    let log = a.log_text();
+    let totals = log
+        .lines()
+        .find(|l| l.contains("stage totals"))
+        .unwrap_or_else(|| panic!("no stage totals:\n{log}"));
+    let field = |k: &str| -> u64 {
+        let v = totals
+            .split(&format!(" {k}="))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{k}: {totals}"));
+        v.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(field("fsyncs") >= 6, "{totals}");
+    assert!(field("status_updates") >= field("fsyncs"), "{totals}");
+    assert!(field("batches") >= field("fsyncs"), "{totals}");
+    assert!(
+        field("wal_bytes") > 0 && field("messages") >= field("batches"),
+        "{totals}"
+    );
 
     // The plan says the WAL ends in the spool's partial segment, and how far it reaches.
     let plan = restore(r, &dir.join("dry"), &["--dry-run", "--json"]);
@@ -174,8 +200,9 @@ fn without_synchronous_everything_up_to_the_last_fsync() {
     let walfile = current_walfile(&pg);
     // After the fsync interval the commit is durable in the spool.
     wait_until("the commit is fsync'd in the spool", T, || {
-        let (seg, len) = flushed_record(&repo);
-        seg == walfile && (committed & !((16u64 << 20) - 1)) + len >= committed
+        try_flushed_record(&repo).is_some_and(|(seg, len)| {
+            seg == walfile && (committed & !((16u64 << 20) - 1)) + len >= committed
+        })
     });
     pg.stop_immediate();
     a.kill9();

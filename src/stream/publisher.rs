@@ -316,3 +316,27 @@ impl Publisher {
             .map_err(|e| StreamError::Invariant(format!("publisher panicked: {e}")))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> libc::c_int {
+        // SAFETY: getpriority on this thread's own id.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[tokio::test]
+    async fn compression_runs_at_lower_priority_and_returns_its_result() {
+        let base = own_nice();
+        let nice = in_background_thread(|| Ok(own_nice())).await.unwrap();
+        assert_eq!(nice, (base + COMPRESS_NICE).min(19));
+        // The caller's own priority is untouched.
+        assert_eq!(own_nice(), base);
+        // Errors come back as they are.
+        let e = in_background_thread::<()>(|| Err(StreamError::Invariant("x".into())))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains('x'), "{e}");
+    }
+}
