@@ -37,6 +37,7 @@ bench_cleanup() { :; }
 echo "setting up the cluster (pgbench scale $SCALE)"
 . scripts/bench-cluster.sh
 cp target/release/archiver "$W/archiver"
+pgbackrest_setup
 mkdir -p target/bench
 export W PORT BIN SCALE UPLOAD_BENCH START
 export AS_USER=""; [ "$(id -u)" -eq 0 ] && AS_USER=postgres

@@ -123,31 +123,7 @@ def start_streamer():
     raise SystemExit("the streamer did not start: " + open(os.path.join(W, "stream-main.log")).read()[-2000:])
 
 
-def pgbackrest_setup():
-    for d in ("pgbr", "pgbrlog", "pgbrlock"):
-        os.makedirs(os.path.join(W, d), exist_ok=True)
-        chown_pg(os.path.join(W, d))
-    with open(os.path.join(W, "pgbackrest.conf"), "w") as f:
-        f.write(f"""[global]
-repo1-path={W}/pgbr
-compress-type=zst
-compress-level=3
-process-max=2
-start-fast=y
-archive-check=n
-log-level-console=warn
-log-level-file=off
-log-path={W}/pgbrlog
-lock-path={W}/pgbrlock
-[bench]
-pg1-path={W}/data
-pg1-port={PORT}
-pg1-socket-path={W}
-pg1-user=postgres
-""")
-    subprocess.run(PGBR + ["stanza-create"], check=True, capture_output=True)
-
-
+# pgBackRest as scripts/bench-cluster.sh's pgbackrest_setup configured it (bench-all.sh ran it).
 PGBR = as_pg(["pgbackrest", f"--config={W}/pgbackrest.conf", "--stanza=bench"])
 
 
@@ -563,7 +539,6 @@ def main():
     log(f"database {int(psql('select sum(pg_database_size(oid)) from pg_database')) // 1000000} MB, "
         f"PostgreSQL {psql('show server_version')}")
     if {"backup", "restore", "replay"} & set(only):
-        pgbackrest_setup()
         streamer = start_streamer()
         try:
             bench_backups()
