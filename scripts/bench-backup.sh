@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side base backup benchmark on one database, in one run: `archiver backup` (client zstd
 # on all cores, and with --server-compress), `pg_basebackup -Ft -X none --compress=client-zstd`
-# and pgBackRest (compress-type=zst, process-max=2). All at zstd level 3, checkpoint fast.
+# and pgBackRest (compress-type=zst, process-max=2). All at zstd level 3 (archiver's default is 1:
+# scripts/bench-all.sh compares the defaults), checkpoint fast.
 # Reports wall time, stored bytes and peak RSS of each; ROUNDS=n repeats the set (alternating).
 # Usage: [ROUNDS=1] scripts/bench-backup.sh [SCALE]
 set -euo pipefail
@@ -36,9 +37,9 @@ CI="host=127.0.0.1 port=$PORT user=postgres"
 for r in $(seq "$ROUNDS"); do
     # archiver fetches the backup's WAL itself here (no streamer): a few MB more than the others.
     run "archiver backup" "$W/repo" "$W/archiver" backup --repo "$W/repo" -d "$CI" \
-        --checkpoint fast
+        --checkpoint fast --compress 3
     run "archiver backup --server-compress" "$W/repo" "$W/archiver" backup --repo "$W/repo" \
-        -d "$CI" --checkpoint fast --server-compress
+        -d "$CI" --checkpoint fast --server-compress --compress 3
     rm -rf "$W/pgbb"
     run "pg_basebackup client-zstd" "$W/pgbb" "${AS[@]}" "$BIN/pg_basebackup" -h 127.0.0.1 \
         -p "$PORT" -U postgres -Ft -X none --compress=client-zstd -c fast -D "$W/pgbb/b"
