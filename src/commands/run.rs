@@ -24,20 +24,6 @@ pub struct RunArgs {
     dbname: Option<String>,
 }
 
-/// Before any thread starts (every command calls it): a process on glibc keeps freed memory in per-thread
-/// arenas, and the dynamic mmap threshold moves large buffers (WAL segments, S3 parts) into
-/// them; over hours the resident size only grows. Two arenas and a fixed 1 MiB threshold (large
-/// buffers mmapped and returned on free) keep it flat: measured with the soak benchmark, peak
-/// RSS outside backups 246 MB → under 80 MB (docs/benchmarks.md).
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
 pub async fn run(args: RunArgs) -> u8 {
     match daemon(args).await {
         Ok(()) => 0,
