@@ -25,6 +25,8 @@ pub enum SpoolEntry {
 
 /// A zero-filled, fsync'd segment-sized file waiting to become the next `.partial`.
 const PREALLOC_NAME: &str = ".next-segment.prealloc";
+/// The same, its blocks allocated but not written (`fallocate`; [`Spool::allocate_only`]).
+const ALLOCATED_NAME: &str = ".next-segment.allocated";
 
 /// The segment the streamer needs next, recorded each time it publishes one: where it resumes
 /// even when the stop fell on a segment boundary (no `.partial`) and segments further ahead were
@@ -44,6 +46,8 @@ const FLUSHED_LEN: usize = 24 + 1 + 16 + 1 + 8 + 1;
 pub struct Spool {
     dir: PathBuf,
     seg_size: u64,
+    /// Prepare segment files with `fallocate` instead of writing zeros.
+    allocate_only: bool,
 }
 
 /// The segment file being written.
@@ -131,6 +135,7 @@ impl Spool {
     /// A spool to read, if the directory exists (never created by a reader).
     pub fn existing(dir: &Path, seg_size: u64) -> Option<Spool> {
         dir.is_dir().then(|| Spool {
+            allocate_only: false,
             dir: dir.to_path_buf(),
             seg_size,
         })
@@ -206,7 +211,37 @@ impl Spool {
         Ok(Spool {
             dir: dir.to_path_buf(),
             seg_size,
+            allocate_only: false,
         })
+    }
+
+    /// Prepares new segment files by allocating their blocks (`fallocate`) rather than writing
+    /// 16 MB of zeros into each — where the filesystem can; it falls back to zeros where not.
+    ///
+    /// For a stream that fsyncs once a second or at a segment's end: writing zeros costs as
+    /// much CPU as writing the WAL (a tenth of an asynchronous stream's CPU, profiled), while
+    /// the cost of allocated-but-unwritten blocks (the filesystem records, at the next fsync,
+    /// which were written since) is paid once per fsync. A synchronous standby fsyncs every
+    /// commit and keeps the zeros (as PostgreSQL does for its own WAL, `wal_init_zero`).
+    pub fn allocate_only(mut self, yes: bool) -> Self {
+        self.allocate_only = yes;
+        self
+    }
+
+    fn prealloc_name(&self) -> &'static str {
+        if self.allocate_only {
+            ALLOCATED_NAME
+        } else {
+            PREALLOC_NAME
+        }
+    }
+
+    /// Makes `f` (`from` bytes long) a whole segment long, its new blocks allocated.
+    fn fill(&self, f: &File, from: u64) -> std::io::Result<()> {
+        if self.allocate_only && allocate(f, from, self.seg_size)? {
+            return Ok(());
+        }
+        zero_fill(f, from, self.seg_size)
     }
 
     pub fn dir(&self) -> &Path {
@@ -249,7 +284,7 @@ impl Spool {
         let path = self.partial_path(&seg);
         let existed = path.exists();
         if !existed {
-            let prealloc = self.dir.join(PREALLOC_NAME);
+            let prealloc = self.dir.join(self.prealloc_name());
             let ready = std::fs::metadata(&prealloc).is_ok_and(|m| m.len() == self.seg_size);
             if ready {
                 std::fs::rename(&prealloc, &path)?;
@@ -258,7 +293,7 @@ impl Spool {
         let file = open_private(&path)?;
         let len = file.metadata()?.len();
         if len < self.seg_size {
-            zero_fill(&file, len, self.seg_size)?;
+            self.fill(&file, len)?;
             file.sync_all()?;
         }
         fsync_dir(&self.dir)?;
@@ -273,13 +308,23 @@ impl Spool {
     /// Prepares the next segment's file (zero-filled, fsync'd) unless one is ready. Blocking;
     /// run it off the receive path.
     pub fn prepare_next(&self) -> std::io::Result<()> {
-        let prealloc = self.dir.join(PREALLOC_NAME);
+        let name = self.prealloc_name();
+        let prealloc = self.dir.join(name);
         if std::fs::metadata(&prealloc).is_ok_and(|m| m.len() == self.seg_size) {
             return Ok(());
         }
-        let tmp = self.dir.join(format!("{PREALLOC_NAME}.tmp"));
+        // One prepared file at a time: drop one of the other kind (the mode changed).
+        for other in [PREALLOC_NAME, ALLOCATED_NAME] {
+            if other != name {
+                match std::fs::remove_file(self.dir.join(other)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        let tmp = self.dir.join(format!("{name}.tmp"));
         let f = create_private(&tmp)?;
-        zero_fill(&f, 0, self.seg_size)?;
+        self.fill(&f, 0)?;
         f.sync_all()?;
         drop(f);
         durable_rename(&tmp, &prealloc)
@@ -328,8 +373,29 @@ impl Spool {
 }
 
 /// Writes zeros over `[from, to)` (real blocks, not a hole: later fdatasyncs must not allocate).
+/// Allocates `f`'s blocks from `from` to `to` and extends it to `to`; `false` where the
+/// filesystem cannot (the caller writes zeros instead).
+fn allocate(f: &File, from: u64, to: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let len = to.saturating_sub(from);
+    // SAFETY: a plain system call on an open file descriptor.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, from as i64, len as i64) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Writes zeros from `from` to `to`, a page at a time: written in larger pieces, the kernel
+/// builds large page-cache folios, and every later small write of WAL into one walks all of
+/// its buffers (`ext4_block_write_begin` took 8.6% of a stream's CPU with 1 MiB pieces, 1%
+/// with 8 KiB ones; Linux 6.18).
 fn zero_fill(f: &File, from: u64, to: u64) -> std::io::Result<()> {
-    let zeros = vec![0u8; 1 << 20];
+    let zeros = vec![0u8; 8192];
     let mut pos = from;
     while pos < to {
         let n = ((to - pos) as usize).min(zeros.len());
@@ -344,6 +410,55 @@ mod tests {
     use super::*;
 
     const SEG: u64 = 16 << 20;
+
+    #[test]
+    fn segment_files_are_prepared_by_allocation_or_zeros_one_kind_at_a_time() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seg_size = 1 << 20;
+        let zeros = Spool::open(dir.path(), seg_size).unwrap();
+        let allocating = zeros.clone().allocate_only(true);
+        let seg = SegmentName::new(1, 3, seg_size);
+
+        allocating.prepare_next().unwrap();
+        let allocated = dir.path().join(ALLOCATED_NAME);
+        let meta = std::fs::metadata(&allocated).unwrap();
+        assert_eq!(meta.len(), seg_size);
+        // Its blocks are reserved (512-byte units), whichever way the filesystem did it.
+        assert!(meta.blocks() * 512 >= seg_size, "{} blocks", meta.blocks());
+        // Switching to zeros replaces it rather than keeping both.
+        zeros.prepare_next().unwrap();
+        assert!(!allocated.exists());
+        assert_eq!(
+            std::fs::metadata(dir.path().join(PREALLOC_NAME))
+                .unwrap()
+                .len(),
+            seg_size
+        );
+        allocating.prepare_next().unwrap();
+        assert!(allocated.exists() && !dir.path().join(PREALLOC_NAME).exists());
+
+        // The prepared file becomes the segment: full length, reading as zeros past the WAL.
+        let mut f = allocating.open_partial(seg).unwrap();
+        assert!(!allocated.exists(), "the prepared file was taken");
+        f.write_at(0, &[0x5A; 100]).unwrap();
+        f.sync().unwrap();
+        let bytes = std::fs::read(allocating.partial_path(&seg)).unwrap();
+        assert_eq!(bytes.len() as u64, seg_size);
+        assert!(bytes[..100].iter().all(|&b| b == 0x5A));
+        assert!(bytes[100..].iter().all(|&b| b == 0));
+
+        // Without a prepared file, a segment is still made full length.
+        let next = SegmentName::new(1, 4, seg_size);
+        let g = allocating.open_partial(next).unwrap();
+        drop(g);
+        assert_eq!(
+            std::fs::metadata(allocating.partial_path(&next))
+                .unwrap()
+                .len(),
+            seg_size
+        );
+    }
 
     #[test]
     fn the_flush_record_bounds_what_readers_take() {
