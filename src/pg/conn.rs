@@ -47,6 +47,26 @@ impl ResultSet {
     }
 }
 
+/// `setsockopt(SO_RCVLOWAT)` on an open socket.
+fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
+    let v = bytes.clamp(1, i32::MAX as usize) as libc::c_int;
+    // SAFETY: a plain system call; the option value is a c_int on the stack, passed with
+    // its size. A closed or foreign descriptor fails with EBADF/ENOTSOCK.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Connection {
@@ -55,6 +75,8 @@ pub struct Connection {
     wbuf: BytesMut,
     params: HashMap<String, String>,
     target: Target,
+    /// The socket under the transport (TLS included), for socket options.
+    fd: std::os::fd::RawFd,
 }
 
 pub(crate) fn parse_error_fields(
@@ -121,7 +143,8 @@ impl Connection {
         replication: Option<&str>,
         application_name: &str,
     ) -> Result<Self, PgError> {
-        let io: Box<dyn Transport> = match target {
+        use std::os::fd::AsRawFd;
+        let (io, fd): (Box<dyn Transport>, _) = match target {
             Target::Unix { .. } => {
                 let path = target.socket_path().unwrap();
                 let s = UnixStream::connect(&path)
@@ -132,7 +155,8 @@ impl Connection {
                     })?;
                 // Like libpq: no TLS over Unix-domain sockets, whatever sslmode says.
                 debug!(socket = %path.display(), "Unix socket: TLS not used");
-                Box::new(s)
+                let fd = s.as_raw_fd();
+                (Box::new(s), fd)
             }
             Target::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))
@@ -142,7 +166,8 @@ impl Connection {
                         cause,
                     })?;
                 s.set_nodelay(true)?;
-                Self::maybe_tls(ci, host, s).await?
+                let fd = s.as_raw_fd();
+                (Self::maybe_tls(ci, host, s).await?, fd)
             }
         };
         let mut conn = Connection {
@@ -151,6 +176,7 @@ impl Connection {
             wbuf: BytesMut::with_capacity(1024),
             params: HashMap::new(),
             target: target.clone(),
+            fd,
         };
         conn.startup(ci, target, replication, application_name)
             .await?;
@@ -312,6 +338,14 @@ impl Connection {
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): over TCP the kernel reports
+    /// the socket readable, and wakes the runtime, only once this many bytes are queued (or
+    /// at once, when they already are). `1` is the default. Unix-domain sockets ignore it.
+    pub fn set_recv_low_water(&self, bytes: usize) -> Result<(), PgError> {
+        // `fd` is the open socket `io` owns for as long as `self` lives.
+        Ok(set_rcvlowat(self.fd, bytes)?)
     }
 
     /// Queues raw frontend bytes (built with `postgres_protocol::message::frontend`).
@@ -498,4 +532,49 @@ pub(crate) fn decode_row(
         vals.push(r.map(|r| buf.slice(r)));
     }
     Ok(vals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    fn readable_within(fd: std::os::fd::RawFd, ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        assert!(n >= 0, "{}", std::io::Error::last_os_error());
+        n == 1 && p.revents & libc::POLLIN != 0
+    }
+
+    /// Below the low-water mark a queued byte does not make the socket readable (so it wakes
+    /// no one); resetting the mark to 1 makes it readable at once — what the asynchronous
+    /// stream's pause relies on.
+    #[test]
+    fn the_receive_low_water_mark_holds_readiness_back_until_reset() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        let fd = rx.as_raw_fd();
+        set_rcvlowat(fd, 1024).unwrap();
+        tx.write_all(&[7; 100]).unwrap();
+        assert!(
+            !readable_within(fd, 200),
+            "readable below the low-water mark"
+        );
+        set_rcvlowat(fd, 1).unwrap();
+        assert!(readable_within(fd, 1000));
+        let mut buf = [0u8; 2048];
+        assert_eq!(rx.read(&mut buf).unwrap(), 100);
+        // Past the mark it is readable again without a reset.
+        set_rcvlowat(fd, 1024).unwrap();
+        tx.write_all(&[8; 1500]).unwrap();
+        assert!(readable_within(fd, 1000));
+        assert!(set_rcvlowat(-1, 1).is_err());
+    }
 }
