@@ -244,9 +244,10 @@ def load_and_replay(streamer):
 # ---------------------------------------------------------------------------------------------
 # Streaming next to pgbench.
 
-def proc_cpu(pid):
+def proc_cpu_split(pid):
+    """(user, system) CPU seconds of a live process."""
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / HZ
+    return int(f[11]) / HZ, int(f[12]) / HZ
 
 
 def proc_hwm(pid):
@@ -288,7 +289,7 @@ def stream_run(mode, tool, r):
                 raise SystemExit(f"{tool} exited: " + open(logpath, errors="replace").read()[-2000:])
             time.sleep(0.1)
         time.sleep(0.5)
-    cpu0 = proc_cpu(p.pid) if p else 0
+    cpu0 = proc_cpu_split(p.pid) if p else (0, 0)
     lsn0 = lsn(psql("select pg_current_wal_lsn()"))
     bench = subprocess.Popen(["pgbench", "-h", "127.0.0.1", "-p", PORT, "-U", "postgres", "-c", str(CLIENTS),
                               "-j", "2", "-T", str(STREAM_SECS), "postgres"],
@@ -315,8 +316,10 @@ def stream_run(mode, tool, r):
             if v and lsn(v) >= end:
                 break
             time.sleep(0.1)
-        cpu = proc_cpu(p.pid) - cpu0
+        user, system = (a - b for a, b in zip(proc_cpu_split(p.pid), cpu0))
+        cpu = user + system
         f["cpu_s"] = round(cpu, 3)
+        f["cpu_user_s"], f["cpu_system_s"] = round(user, 3), round(system, 3)
         f["cpu_s_per_gb"] = round(cpu / (wal / 1e9), 3) if wal else None
         f["rss_mb"] = round(proc_hwm(p.pid), 1)
         lags.sort()
