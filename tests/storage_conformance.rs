@@ -51,6 +51,18 @@ async fn s3_backend_conforms() {
         archiver::Storage::get(&s, "big/one-chunk").await.unwrap(),
         big
     );
+    // Its parts were uploaded with their CRC-32 declared: the store checked each and holds a
+    // checksum of the whole object (S3: built from the parts', `<base64>-<parts>`).
+    let head = client
+        .head_object()
+        .bucket("repo")
+        .key("some/prefix/big/object")
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    let crc = head.checksum_crc32().unwrap_or_default();
+    assert!(crc.len() >= 8, "no CRC-32 of the whole object: {crc:?}");
     let r = archiver::Storage::get_range(&s, "big/object", 8 << 20, 100)
         .await
         .unwrap();
