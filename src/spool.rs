@@ -100,11 +100,14 @@ impl FlushRecord {
     }
 }
 
-fn encode_flushed(seg: SegmentName, len: u64) -> Vec<u8> {
-    let body = format!("{seg} {len:016x}");
-    let crc = crc32fast::hash(body.as_bytes());
-    let out = format!("{body} {crc:08x}\n").into_bytes();
-    debug_assert_eq!(out.len(), FLUSHED_LEN);
+/// Written after every fsync of a synchronous standby, so built on the stack.
+fn encode_flushed(seg: SegmentName, len: u64) -> [u8; FLUSHED_LEN] {
+    use std::io::Write;
+    let mut out = [0u8; FLUSHED_LEN];
+    let body = 24 + 1 + 16;
+    write!(&mut out[..body], "{seg} {len:016x}").expect("a segment name is 24 characters");
+    let crc = crc32fast::hash(&out[..body]);
+    writeln!(&mut out[body..], " {crc:08x}").expect("sized above");
     out
 }
 

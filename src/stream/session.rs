@@ -151,16 +151,26 @@ impl<'a> Session<'a> {
     ) -> Result<(), StreamError> {
         self.archive_history(start.tli).await?;
         self.start_streaming(start.lsn).await?;
+        // One shutdown future and one timer for the whole loop: made anew per batch they
+        // registered and dropped a watch waiter and a timer-wheel entry (a lock each way) per
+        // commit of a synchronous standby.
+        let mut stop = std::pin::pin!(shutdown_requested(shutdown));
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(TokioInstant::from_std(
+            self.next_deadline()
+        )));
         loop {
-            if *shutdown.borrow() {
-                return self.stop().await;
-            }
+            // The timer only moves earlier, or is re-armed once it fired: one that fires before
+            // a deadline that moved later (a status update went out meanwhile) finds nothing
+            // due and is re-armed.
             let deadline = TokioInstant::from_std(self.next_deadline());
+            if timer.is_elapsed() || deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
             let msg = tokio::select! {
                 biased;
-                _ = shutdown_requested(shutdown) => continue,
+                _ = &mut stop => return self.stop().await,
                 m = self.conn.next_message() => m?,
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut timer => {
                     self.on_timer().await?;
                     continue;
                 }
@@ -179,13 +189,16 @@ impl<'a> Session<'a> {
                 // Without the low-water mark every message arriving during the pause would
                 // still wake the runtime's I/O driver (the socket is registered edge-triggered).
                 self.conn.set_recv_low_water(COALESCE_BELOW as usize)?;
-                tokio::select! {
+                let stopping = tokio::select! {
                     biased;
-                    _ = shutdown_requested(shutdown) => {}
-                    _ = tokio::time::sleep(pause) => {}
-                }
+                    _ = &mut stop => true,
+                    _ = tokio::time::sleep(pause) => false,
+                };
                 // Back to 1: the kernel re-checks the queue at once and reports what waits.
                 self.conn.set_recv_low_water(1)?;
+                if stopping {
+                    return self.stop().await;
+                }
             }
         }
     }
