@@ -114,7 +114,6 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-/// Parses arguments, runs the command and returns the process exit code.
 /// Before any thread starts, for every command: glibc keeps freed memory in per-thread arenas,
 /// and its dynamic mmap threshold moves large buffers (WAL segments, 8 MiB S3 parts) into them,
 /// so the resident size only grows — over hours in `archiver run` (soak benchmark: 246 MB
@@ -130,6 +129,7 @@ fn tune_allocator() {
     }
 }
 
+/// Parses arguments, runs the command and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
