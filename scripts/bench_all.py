@@ -344,9 +344,9 @@ def stream_run(mode, tool, r):
 
 def bench_streaming():
     log(f"streaming next to pgbench ({STREAM_SECS}s runs, {ROUNDS} rounds; {SYNC_ROUNDS} of the synchronous standby)")
+    modes = os.environ.get("MODES", "async,sync,standby").split(",")
     for r in range(SYNC_ROUNDS):
         pairs = ["archiver", "pg_receivewal"] if r % 2 == 0 else ["pg_receivewal", "archiver"]
-        modes = os.environ.get("MODES", "async,sync,standby").split(",")
         if r < ROUNDS:
             stream_run("none", "nothing", r)
             for mode in ("async", "sync"):
