@@ -5,6 +5,12 @@
 //! its final name only once it is complete and fsync'd, with the directory fsync'd after the
 //! rename (`durable_rename`); a complete spool file is removed only after its object is durable
 //! in storage. The spool is always on local disk, whatever the storage backend.
+//!
+//! A published segment's file may be recycled ([`Spool::recycling`]) as a later segment's
+//! `.partial`, as PostgreSQL recycles its own WAL files: its old bytes stay after the new
+//! segment's write position, so no reader takes bytes past the flush record, and a read that
+//! can race with a recycling checks that the file it read still has its name
+//! ([`read_unrecycled`]).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,6 +33,9 @@ pub enum SpoolEntry {
 const PREALLOC_NAME: &str = ".next-segment.prealloc";
 /// The same, its blocks allocated but not written (`fallocate`; [`Spool::allocate_only`]).
 const ALLOCATED_NAME: &str = ".next-segment.allocated";
+/// A published segment's file, written through, waiting to become the next `.partial` before
+/// either prepared file ([`Spool::recycling`]).
+const RECYCLED_NAME: &str = ".next-segment.recycled";
 
 /// The segment the streamer needs next, recorded each time it publishes one: where it resumes
 /// even when the stop fell on a segment boundary (no `.partial`) and segments further ahead were
@@ -48,6 +57,8 @@ pub struct Spool {
     seg_size: u64,
     /// Prepare segment files with `fallocate` instead of writing zeros.
     allocate_only: bool,
+    /// Keep a published segment's file for reuse instead of removing it.
+    recycle: bool,
 }
 
 /// The segment file being written.
@@ -139,6 +150,7 @@ impl Spool {
     pub fn existing(dir: &Path, seg_size: u64) -> Option<Spool> {
         dir.is_dir().then(|| Spool {
             allocate_only: false,
+            recycle: false,
             dir: dir.to_path_buf(),
             seg_size,
         })
@@ -215,6 +227,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             seg_size,
             allocate_only: false,
+            recycle: false,
         })
     }
 
@@ -229,6 +242,31 @@ impl Spool {
     pub fn allocate_only(mut self, yes: bool) -> Self {
         self.allocate_only = yes;
         self
+    }
+
+    /// Reuses each published segment's file as a later segment's `.partial` (renamed to
+    /// [`RECYCLED_NAME`] by [`Spool::retire`]) instead of removing it.
+    ///
+    /// A recycled file's blocks are allocated and written, so neither the zeros of a prepared
+    /// file (16 MB of writes and an fsync per segment, as much as the WAL itself) nor the
+    /// filesystem's bookkeeping for allocated-but-unwritten blocks is paid again, and no
+    /// unlink hands 16 MB back to the device (`discard`) between a standby's fsyncs. A
+    /// streamer's spool recycles; a backup's private spool, removed at its end, does not.
+    pub fn recycling(mut self, yes: bool) -> Self {
+        self.recycle = yes;
+        self
+    }
+
+    /// Done with a published segment's spool file: recycled ([`Spool::recycling`]) or removed.
+    /// A recycled file replaces an older one still waiting.
+    pub fn retire(&self, path: &Path) -> std::io::Result<()> {
+        if self.recycle {
+            match std::fs::rename(path, self.dir.join(RECYCLED_NAME)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                r => return r,
+            }
+        }
+        self.remove(path)
     }
 
     fn prealloc_name(&self) -> &'static str {
@@ -287,10 +325,12 @@ impl Spool {
         let path = self.partial_path(&seg);
         let existed = path.exists();
         if !existed {
-            let prealloc = self.dir.join(self.prealloc_name());
-            let ready = std::fs::metadata(&prealloc).is_ok_and(|m| m.len() == self.seg_size);
-            if ready {
-                std::fs::rename(&prealloc, &path)?;
+            for name in [RECYCLED_NAME, self.prealloc_name()] {
+                let prepared = self.dir.join(name);
+                if std::fs::metadata(&prepared).is_ok_and(|m| m.len() == self.seg_size) {
+                    std::fs::rename(&prepared, &path)?;
+                    break;
+                }
             }
         }
         let file = open_private(&path)?;
@@ -358,12 +398,15 @@ impl Spool {
         SegmentName::parse(s.trim(), self.seg_size)
     }
 
-    /// Reads the first `len` bytes of a spool file.
+    /// Reads the first `len` bytes of a spool file: NotFound if the file lost its name before
+    /// the read ended ([`read_unrecycled`]).
     pub fn read_prefix(&self, path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
-        let f = File::open(path)?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, 0)?;
-        Ok(buf)
+        read_unrecycled(path, Some(len))
+    }
+
+    /// Reads a complete spool segment: NotFound once it is published ([`read_unrecycled`]).
+    pub fn read_complete(&self, seg: &SegmentName) -> std::io::Result<Vec<u8>> {
+        read_unrecycled(&self.complete_path(seg), None)
     }
 
     pub fn remove(&self, path: &Path) -> std::io::Result<()> {
@@ -373,6 +416,42 @@ impl Spool {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Reads `path` (its first `len` bytes, or all of it), then checks that `path` still names the
+/// file that was read: NotFound if not. A spool file's bytes change only after it lost its name
+/// (published, renamed to [`RECYCLED_NAME`], renamed to a later segment's `.partial`), so a
+/// file that still has its name after the read was not rewritten during it.
+fn read_unrecycled(path: &Path, len: Option<u64>) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let buf = match len {
+        Some(len) => {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, 0)?;
+            buf
+        }
+        None => {
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            buf
+        }
+    };
+    still_named(path, &f)?;
+    Ok(buf)
+}
+
+/// Ok if `path` names the file `f` is open on; NotFound if it names another file or none.
+fn still_named(path: &Path, f: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (open, named) = (f.metadata()?, std::fs::metadata(path)?);
+    if named.ino() == open.ino() && named.dev() == open.dev() {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{} was replaced while being read", path.display()),
+    ))
 }
 
 /// Allocates `f`'s blocks from `from` to `to` and extends it to `to`; `false` where the
@@ -494,6 +573,105 @@ mod tests {
         assert_eq!((r.complete, r.tail), (vec![seg], None));
         assert_eq!(
             spool.read_tail(seg, 10).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
+
+    /// Completes `seg` in `spool` with every byte `fill`.
+    fn complete_segment(spool: &Spool, seg: SegmentName, seg_size: u64, fill: u8) {
+        let mut f = spool.open_partial(seg).unwrap();
+        f.write_at(0, &vec![fill; seg_size as usize]).unwrap();
+        spool.complete(f).unwrap();
+    }
+
+    #[test]
+    fn a_published_segment_file_becomes_the_next_partial_when_recycling() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seg_size = 1 << 20;
+        let spool = Spool::open(dir.path(), seg_size).unwrap().recycling(true);
+        let (a, b, c) = (
+            SegmentName::new(1, 3, seg_size),
+            SegmentName::new(1, 4, seg_size),
+            SegmentName::new(1, 5, seg_size),
+        );
+        complete_segment(&spool, a, seg_size, 0xA1);
+        spool.prepare_next().unwrap();
+        let ino = std::fs::metadata(spool.complete_path(&a)).unwrap().ino();
+        spool.retire(&spool.complete_path(&a)).unwrap();
+        assert!(!spool.complete_path(&a).exists());
+        assert_eq!(
+            spool.scan().unwrap(),
+            vec![],
+            "a recycled file is no segment"
+        );
+
+        // The recycled file is taken before the prepared one, which stays as a spare.
+        let mut f = spool.open_partial(b).unwrap();
+        assert_eq!(
+            std::fs::metadata(spool.partial_path(&b)).unwrap().ino(),
+            ino
+        );
+        assert!(dir.path().join(PREALLOC_NAME).exists());
+        // Its old bytes stay past the write position; readers take only the recorded prefix.
+        f.write_at(0, &[0xB2; 4096]).unwrap();
+        f.sync().unwrap();
+        spool.open_flush_record().unwrap().record(b, 4096).unwrap();
+        assert_eq!(spool.read_tail(b, 4096).unwrap(), vec![0xB2; 4096]);
+        drop(f);
+
+        // Retiring again replaces a recycled file still waiting: one at a time.
+        complete_segment(&spool, c, seg_size, 0xC3);
+        spool.retire(&spool.complete_path(&c)).unwrap();
+        let waiting: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() == RECYCLED_NAME)
+            .collect();
+        assert_eq!(waiting.len(), 1);
+        // Retiring a file already gone is no error (a publish repeated after a crash).
+        spool.retire(&spool.complete_path(&c)).unwrap();
+
+        // Without recycling, a retired file is removed.
+        let plain = Spool::open(dir.path(), seg_size).unwrap();
+        complete_segment(&plain, a, seg_size, 0xA1);
+        assert!(
+            !dir.path().join(RECYCLED_NAME).exists(),
+            "taken by the segment"
+        );
+        plain.retire(&plain.complete_path(&a)).unwrap();
+        assert!(!plain.complete_path(&a).exists());
+        assert!(!dir.path().join(RECYCLED_NAME).exists());
+    }
+
+    #[test]
+    fn a_read_of_a_file_that_lost_its_name_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_size = 1 << 20;
+        let spool = Spool::open(dir.path(), seg_size).unwrap().recycling(true);
+        let seg = SegmentName::new(1, 3, seg_size);
+        complete_segment(&spool, seg, seg_size, 0x11);
+        let path = spool.complete_path(&seg);
+        assert_eq!(
+            spool.read_complete(&seg).unwrap(),
+            vec![0x11; seg_size as usize]
+        );
+        // A reader holding the file open while it is recycled and a new file takes the name
+        // (here: the same name, the hardest case) must not take what it read.
+        let f = File::open(&path).unwrap();
+        spool.retire(&path).unwrap();
+        std::fs::write(&path, b"other").unwrap();
+        assert_eq!(
+            still_named(&path, &f).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            still_named(&path, &f).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            spool.read_complete(&seg).unwrap_err().kind(),
             std::io::ErrorKind::NotFound
         );
     }

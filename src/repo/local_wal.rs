@@ -71,7 +71,7 @@ impl Repo {
                     };
                     let read = tokio::task::spawn_blocking(move || match src {
                         WalSource::SpoolTail { bytes } => spool.read_tail(seg, bytes),
-                        _ => std::fs::read(spool.complete_path(&seg)),
+                        _ => spool.read_complete(&seg),
                     })
                     .await
                     .expect("spool read task panicked");

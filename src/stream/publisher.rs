@@ -181,8 +181,8 @@ pub(crate) async fn publish_segment_timed(
     add(&stages.segments, 1);
     add(&stages.stored_bytes, stored as u64);
     spool
-        .remove(&path)
-        .map_err(|e| StreamError::io(format!("removing {}", path.display()), e))?;
+        .retire(&path)
+        .map_err(|e| StreamError::io(format!("retiring {}", path.display()), e))?;
     debug!(segment = %seg, stored_bytes = stored, sha256 = %info.sha256_hex(), "segment published");
     Ok(outcome)
 }
