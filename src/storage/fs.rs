@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::direct::DirectFile;
 use super::{validate_key, ObjectMeta, ObjectWriter, Storage, StorageError, WriteMode};
 
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
@@ -152,12 +153,18 @@ pub fn readable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
 
 /// Creates (or truncates) `path` for writing, mode 0600 whatever the umask.
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    create_private_with(path, 0)
+}
+
+/// [`create_private`] with extra `open(2)` flags (`O_DIRECT`).
+pub(crate) fn create_private_with(path: &Path, flags: i32) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(FILE_MODE)
+        .custom_flags(flags)
         .open(path)?;
     inherit_owner(path)?;
     Ok(f)
@@ -244,11 +251,22 @@ fn publish_temp(tmp: &Path, path: &Path, mode: WriteMode) -> std::io::Result<()>
     }
 }
 
+/// Objects at least this large are written around the page cache ([`DirectFile`]); smaller
+/// files (catalog entries, markers) are not worth the aligned buffer.
+const DIRECT_FROM: usize = 64 * 1024;
+
 fn write_atomic_with(path: &Path, data: &[u8], mode: WriteMode) -> std::io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = create_private(&tmp)?;
-        f.write_all(data)?;
+        let f = if data.len() >= DIRECT_FROM {
+            let mut f = DirectFile::create(&tmp)?;
+            f.write_all(data)?;
+            f.finish()?
+        } else {
+            let mut f = create_private(&tmp)?;
+            f.write_all(data)?;
+            f
+        };
         f.sync_all()?;
         drop(f);
         publish_temp(&tmp, path, mode)
@@ -333,12 +351,13 @@ async fn blocking<T: Send + 'static>(
         .expect("storage task panicked")
 }
 
-/// Streams into a temporary file; `finish` fsyncs and renames it into place.
+/// Streams into a temporary file, around the page cache ([`DirectFile`]); `finish` fsyncs and
+/// renames it into place.
 struct FsWriter {
     key: String,
     path: PathBuf,
     tmp: PathBuf,
-    file: Option<std::fs::File>,
+    file: Option<DirectFile>,
     mode: WriteMode,
     done: bool,
 }
@@ -364,6 +383,7 @@ impl ObjectWriter for FsWriter {
         let key = self.key.clone();
         let mode = self.mode;
         let size = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            let f = f.finish()?;
             f.sync_all()?;
             let size = f.metadata()?.len();
             drop(f);
@@ -404,7 +424,7 @@ impl Storage for FsStorage {
             let dir = path.parent().expect("key has a parent: the root");
             create_dir_all_durable(dir).map_err(io_err(&k))?;
             let tmp = temp_path(&path);
-            let file = create_private(&tmp).map_err(io_err(&k))?;
+            let file = DirectFile::create(&tmp).map_err(io_err(&k))?;
             Ok((tmp, file))
         })
         .await?;

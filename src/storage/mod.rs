@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
+mod direct;
 pub mod encrypted;
 pub mod fs;
 pub mod retrying;
