@@ -106,6 +106,20 @@ async fn expire_keeps_the_window_and_every_kept_backup_restores() {
     assert_eq!(wal_objects(&s.repo), wal_before);
     assert!(s.repo.join(format!("catalog/{a}.json")).exists());
 
+    let relmaps = || -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(s.repo.join("relmaps"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                u64::from_str_radix(n.strip_suffix(".zst")?, 16).ok()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let relmaps_before = relmaps();
+
     // For real: the backup's objects and record go, and the WAL before B's start segment.
     let done = expire(&s, &["--keep-within", "7d"]);
     assert_eq!(done["removed_backups"], serde_json::json!([a]));
@@ -142,10 +156,40 @@ async fn expire_keeps_the_window_and_every_kept_backup_restores() {
     for n in &segments {
         assert!(indexed.contains(n), "segment {n} lost its index");
     }
+    // Relation-name snapshots: of those taken before the oldest kept WAL only the newest stays
+    // (it names files dropped after it); the later ones all stay.
+    let oldest_kept = segments
+        .iter()
+        .map(|n| {
+            (u64::from_str_radix(&n[8..16], 16).unwrap() * 0x100
+                + u64::from_str_radix(&n[16..24], 16).unwrap())
+                * (16 << 20)
+        })
+        .min()
+        .unwrap();
+    let newest_before = relmaps_before.iter().filter(|&&l| l < oldest_kept).max();
+    let want: Vec<u64> = relmaps_before
+        .iter()
+        .copied()
+        .filter(|&l| l >= oldest_kept || Some(&l) == newest_before)
+        .collect();
+    assert_eq!(
+        relmaps(),
+        want,
+        "before {relmaps_before:x?}, oldest kept WAL {oldest_kept:x}"
+    );
+    let gone = relmaps_before.len() - want.len();
+    assert!(
+        gone >= 1,
+        "no snapshot to expire: {relmaps_before:x?}, oldest kept WAL {oldest_kept:x}"
+    );
+    assert_eq!(done["removed_relmaps"].as_u64().unwrap() as usize, gone);
+    assert_eq!(plan["removed_relmaps"], done["removed_relmaps"]);
     // A second expire finds nothing more to do.
     let again = expire(&s, &["--keep-within", "7d"]);
     assert_eq!(again["removed_backups"], serde_json::json!([]));
     assert_eq!(again["removed_wal_objects"], 0);
+    assert_eq!(again["removed_relmaps"], 0);
 
     // The streamer went on meanwhile; every kept backup restores to the archive's end.
     switch(4);

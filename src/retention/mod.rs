@@ -11,7 +11,9 @@
 //! - crash safety (kill -9 at any instant): a backup is first marked `expiring` in the catalog
 //!   (never restorable again), then its objects go, then its record; WAL goes oldest first, so
 //!   what remains is always one unbroken run up to the archive's head; the next expire finishes
-//!   an interrupted one (an `expiring` backup always goes).
+//!   an interrupted one (an `expiring` backup always goes);
+//! - relation-name snapshots (`relmaps/`) go once no kept WAL can use them ([`stale_relmaps`]),
+//!   after the WAL.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,9 +27,11 @@ use crate::repo::layout::{
     WalObject, WAL_PREFIX,
 };
 use crate::repo::lock::{LockError, RepoLock};
+use crate::repo::relmap::RELMAP_PREFIX;
 use crate::repo::{Repo, RepoError};
 use crate::storage::{Storage, StorageError};
 use crate::time::Timestamp;
+use crate::wal::Lsn;
 
 pub mod plan;
 
@@ -61,6 +65,8 @@ pub struct ExpireReport {
     /// Backups whose objects and record are gone.
     pub removed_backups: Vec<String>,
     pub removed_wal_objects: usize,
+    /// Relation-name snapshots no kept WAL can use ([`stale_relmaps`]).
+    pub removed_relmaps: usize,
     pub bytes_freed: u64,
     /// Objects the storage would not remove (still under S3 Object Lock, say), with why; their
     /// backup stays `expiring` and a later expire removes them.
@@ -207,12 +213,34 @@ async fn expire_locked(
         policy: policy.clone(),
         removed_backups: Vec::new(),
         removed_wal_objects: 0,
+        removed_relmaps: 0,
         bytes_freed: 0,
         skipped: Vec::new(),
         plan,
     };
+    // The oldest WAL the plan keeps: the relation-name snapshots before it but the newest
+    // one are of no further use.
+    let removed: std::collections::HashSet<&str> =
+        report.plan.wal.iter().map(|w| w.key.as_str()).collect();
+    let oldest_kept = wal
+        .iter()
+        .filter(|(_, key, _)| !removed.contains(key.as_str()))
+        .filter_map(|(o, _, _)| match o {
+            WalObject::Segment(s) | WalObject::Partial(s) => Some(s.start_lsn()),
+            WalObject::History(_) => None,
+        })
+        .min();
+    let relmaps: Vec<String> = repo
+        .storage()
+        .list(RELMAP_PREFIX)
+        .await?
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    let stale = stale_relmaps(&relmaps, oldest_kept);
     if dry_run {
         report.bytes_freed = report.plan.bytes_freed();
+        report.removed_relmaps = stale.len();
         return Ok(report);
     }
     let storage = repo.storage();
@@ -268,6 +296,14 @@ async fn expire_locked(
     for g in &report.plan.gaps {
         let _ = remove(storage.as_ref(), g, &mut report.skipped).await?;
     }
+    for k in &stale {
+        if remove(storage.as_ref(), k, &mut report.skipped)
+            .await?
+            .is_ok()
+        {
+            report.removed_relmaps += 1;
+        }
+    }
     info!(
         backups = report.removed_backups.len(),
         wal_objects = report.removed_wal_objects,
@@ -276,6 +312,30 @@ async fn expire_locked(
         "expire done"
     );
     Ok(report)
+}
+
+/// The relation-name snapshots among `keys` (`relmaps/<LSN, 16 hex>.zst`) that no WAL from
+/// `oldest_wal` on can use. A file removed at LSN L is named by the newest snapshot taken before
+/// L ([`crate::repo::relmap`]), so of the snapshots taken before the oldest kept WAL only
+/// the newest is still needed; without kept WAL (`None`) nothing is stale. Keys that are not
+/// snapshots are left alone.
+pub(crate) fn stale_relmaps(keys: &[String], oldest_wal: Option<Lsn>) -> Vec<String> {
+    let Some(oldest) = oldest_wal else {
+        return Vec::new();
+    };
+    let mut before: Vec<(u64, &String)> = keys
+        .iter()
+        .filter_map(|k| {
+            let hex = k.strip_prefix(RELMAP_PREFIX)?.strip_suffix(".zst")?;
+            let lsn = u64::from_str_radix(hex, 16)
+                .ok()
+                .filter(|_| hex.len() == 16)?;
+            (lsn < oldest.0).then_some((lsn, k))
+        })
+        .collect();
+    before.sort();
+    before.pop();
+    before.into_iter().map(|(_, k)| k.clone()).collect()
 }
 
 /// Deletes `key`. A permanent refusal (an object under Object Lock, a permission) is recorded in
@@ -292,6 +352,39 @@ async fn remove(
         Err(e) => {
             skipped.push(format!("{key}: {e}"));
             Ok(Err(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_snapshots_no_kept_wal_can_use_are_stale() {
+        let key = |lsn: u64| format!("{RELMAP_PREFIX}{lsn:016X}.zst");
+        let keys: Vec<String> = [0x1000u64, 0x5000, 0x9000, 0xA000]
+            .iter()
+            .map(|&l| key(l))
+            .chain([
+                "relmaps/notes.txt".to_string(),
+                "relmaps/12.zst".to_string(),
+            ])
+            .collect();
+        let cases: [(Option<u64>, Vec<u64>); 7] = [
+            // (oldest kept WAL, snapshots that go)
+            (None, vec![]),
+            (Some(0x0800), vec![]),
+            (Some(0x1000), vec![]),
+            (Some(0x5000), vec![]),
+            (Some(0x5001), vec![0x1000]),
+            (Some(0x9FFF), vec![0x1000, 0x5000]),
+            (Some(u64::MAX), vec![0x1000, 0x5000, 0x9000]),
+        ];
+        for (oldest, want) in cases {
+            let got = stale_relmaps(&keys, oldest.map(Lsn));
+            let want: Vec<String> = want.into_iter().map(key).collect();
+            assert_eq!(got, want, "oldest kept WAL {oldest:x?}");
         }
     }
 }
