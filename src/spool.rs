@@ -260,13 +260,13 @@ impl Spool {
     /// Done with a published segment's spool file: recycled ([`Spool::recycling`]) or removed.
     /// A recycled file replaces an older one still waiting.
     pub fn retire(&self, path: &Path) -> std::io::Result<()> {
-        if self.recycle {
-            match std::fs::rename(path, self.dir.join(RECYCLED_NAME)) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                r => return r,
-            }
+        if !self.recycle {
+            return self.remove(path);
         }
-        self.remove(path)
+        match std::fs::rename(path, self.dir.join(RECYCLED_NAME)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
     }
 
     fn prealloc_name(&self) -> &'static str {

@@ -218,26 +218,21 @@ async fn expire_locked(
         skipped: Vec::new(),
         plan,
     };
-    // The oldest WAL the plan keeps: the relation-name snapshots before it but the newest
-    // one are of no further use.
-    let removed: std::collections::HashSet<&str> =
-        report.plan.wal.iter().map(|w| w.key.as_str()).collect();
-    let oldest_kept = wal
-        .iter()
-        .filter(|(_, key, _)| !removed.contains(key.as_str()))
-        .filter_map(|(o, _, _)| match o {
-            WalObject::Segment(s) | WalObject::Partial(s) => Some(s.start_lsn()),
-            WalObject::History(_) => None,
-        })
-        .min();
-    let relmaps: Vec<String> = repo
-        .storage()
-        .list(RELMAP_PREFIX)
-        .await?
-        .into_iter()
-        .map(|m| m.key)
-        .collect();
-    let stale = stale_relmaps(&relmaps, oldest_kept);
+    // The relation-name snapshots before the plan's WAL cutoff but the newest one are of no
+    // further use.
+    let stale = match report.plan.wal_cutoff {
+        Some(cutoff) => {
+            let relmaps: Vec<String> = repo
+                .storage()
+                .list(RELMAP_PREFIX)
+                .await?
+                .into_iter()
+                .map(|m| m.key)
+                .collect();
+            stale_relmaps(&relmaps, Some(cutoff))
+        }
+        None => Vec::new(),
+    };
     if dry_run {
         report.bytes_freed = report.plan.bytes_freed();
         report.removed_relmaps = stale.len();
@@ -315,7 +310,7 @@ async fn expire_locked(
 }
 
 /// The relation-name snapshots among `keys` (`relmaps/<LSN, 16 hex>.zst`) that no WAL from
-/// `oldest_wal` on can use. A file removed at LSN L is named by the newest snapshot taken before
+/// `oldest_wal` on (the plan's WAL cutoff: everything before it goes) can use. A file removed at LSN L is named by the newest snapshot taken before
 /// L ([`crate::repo::relmap`]), so of the snapshots taken before the oldest kept WAL only
 /// the newest is still needed; without kept WAL (`None`) nothing is stale. Keys that are not
 /// snapshots are left alone.

@@ -40,13 +40,13 @@ impl DirectFile {
     /// Creates `path` (mode 0600, as [`super::fs::create_private`]), opened for direct writes
     /// when the filesystem allows.
     pub(crate) fn create(path: &Path) -> std::io::Result<DirectFile> {
-        let file = super::fs::create_private_with(path, libc::O_DIRECT).or_else(|e| {
-            match e.raw_os_error() {
-                Some(libc::EINVAL) => super::fs::create_private(path),
-                _ => Err(e),
+        let (file, direct) = match super::fs::create_private_with(path, libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (super::fs::create_private(path)?, false)
             }
-        })?;
-        let direct = is_direct(&file)?;
+            Err(e) => return Err(e),
+        };
         let (buf, off) = if direct {
             let buf = vec![0u8; CHUNK + ALIGN];
             let off = buf.as_ptr().align_offset(ALIGN);
@@ -129,31 +129,19 @@ impl DirectFile {
         Ok(())
     }
 
-    /// Writes what is gathered and returns the file, exactly as long as what was written,
-    /// positioned at its end; not yet fsync'd.
+    /// Writes what is gathered and returns the file, exactly as long as what was written;
+    /// not yet fsync'd.
     pub(crate) fn finish(mut self) -> std::io::Result<File> {
-        use std::io::Seek;
-        let size = self.pos + self.len as u64;
         if self.len > 0 {
+            let size = self.pos + self.len as u64;
             let padded = self.len.div_ceil(ALIGN) * ALIGN;
             let (from, to) = (self.off + self.len, self.off + padded);
             self.buf[from..to].fill(0);
             self.write_window(padded)?;
             self.file.set_len(size)?;
         }
-        self.file.seek(std::io::SeekFrom::Start(size))?;
         Ok(self.file)
     }
-}
-
-fn is_direct(f: &File) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fcntl on an open descriptor, with no pointers.
-    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(flags & libc::O_DIRECT != 0)
 }
 
 #[cfg(test)]
