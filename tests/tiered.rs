@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -137,10 +138,25 @@ region = "us-east-1"
     );
     pg.pgbench(&["-i", "-s", "2", "-q"]);
     let out = succeeded(
-        archiver(&["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"]),
+        archiver_cmd(
+            Command::new(archiver_bin())
+                .args(["backup", "--config", c, "-d", &ci, "--checkpoint", "fast"])
+                .env("ARCHIVER_LOG", "info,archiver::upload=debug"),
+        ),
         "archiver",
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // The archive went to both tiers while it was written, and only that way.
+    let log = String::from_utf8_lossy(&out.stderr);
+    let shipped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("base.tar.zst") && l.contains("uploaded"))
+        .collect();
+    assert_eq!(shipped.len(), 2, "{log}");
+    assert!(
+        shipped.iter().all(|l| l.contains("uploaded while written")),
+        "{log}"
+    );
     // The backup returned once the remote tier held it: encrypted, under the prefix.
     let keys = bucket_keys(&client, "offsite", "").await;
     let base = format!("site1/backups/{id}/base.tar.zst");

@@ -140,7 +140,9 @@ impl Hasher {
 /// of its body against the one its trailer records. Used where whole objects are copied or
 /// read back (the uploader, hot-tier eviction); [`decode_body`] checks the content as well.
 pub struct StoredCheck {
-    body_len: u64,
+    /// The body's length, or `None` while the object's size is unknown (then the last
+    /// [`TRAILER_LEN`] bytes seen are held back from the hash).
+    body_len: Option<u64>,
     seen: u64,
     sha: Sha256,
     trailer: Vec<u8>,
@@ -150,19 +152,44 @@ impl StoredCheck {
     /// A check of an object of `stored_size` bytes (its body and its trailer).
     pub fn new(stored_size: u64) -> Self {
         StoredCheck {
-            body_len: stored_size.saturating_sub(TRAILER_LEN as u64),
+            body_len: Some(stored_size.saturating_sub(TRAILER_LEN as u64)),
             seen: 0,
             sha: Sha256::new(),
             trailer: Vec::with_capacity(TRAILER_LEN),
         }
     }
 
+    /// A check of an object whose size is known only at its end (one still being written).
+    pub fn of_unknown_size() -> Self {
+        StoredCheck {
+            body_len: None,
+            ..StoredCheck::new(0)
+        }
+    }
+
     /// The next bytes of the object, in order.
     pub fn update(&mut self, b: &[u8]) {
-        let in_body = self.body_len.saturating_sub(self.seen).min(b.len() as u64) as usize;
+        self.seen += b.len() as u64;
+        let Some(body_len) = self.body_len else {
+            // Whatever falls out of the last TRAILER_LEN bytes is body.
+            if b.len() >= TRAILER_LEN {
+                self.sha.update(&self.trailer);
+                self.trailer.clear();
+                let (body, tail) = b.split_at(b.len() - TRAILER_LEN);
+                self.sha.update(body);
+                self.trailer.extend_from_slice(tail);
+            } else {
+                let out = (self.trailer.len() + b.len()).saturating_sub(TRAILER_LEN);
+                self.sha.update(&self.trailer[..out]);
+                self.trailer.drain(..out);
+                self.trailer.extend_from_slice(b);
+            }
+            return;
+        };
+        let before = self.seen - b.len() as u64;
+        let in_body = body_len.saturating_sub(before).min(b.len() as u64) as usize;
         self.sha.update(&b[..in_body]);
         self.trailer.extend_from_slice(&b[in_body..]);
-        self.seen += b.len() as u64;
     }
 
     /// After every byte: the trailer (raw bytes and parsed), if the body matches it.
@@ -469,6 +496,43 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         (0..200_000u32).map(|i| ((i / 7) % 256) as u8).collect()
+    }
+
+    #[test]
+    fn a_stored_check_of_unknown_size_agrees_with_one_of_known_size() {
+        let (obj, want) = encode_bytes(&sample(), ObjectKind::Other, 1).unwrap();
+        // Chunkings that split the trailer every way: smaller, equal and larger than it.
+        for chunk in [
+            1,
+            7,
+            TRAILER_LEN - 1,
+            TRAILER_LEN,
+            TRAILER_LEN + 1,
+            4096,
+            obj.len(),
+        ] {
+            let (mut known, mut unknown) = (
+                StoredCheck::new(obj.len() as u64),
+                StoredCheck::of_unknown_size(),
+            );
+            for c in obj.chunks(chunk) {
+                known.update(c);
+                unknown.update(c);
+            }
+            let (t1, i1) = known.finish().unwrap();
+            let (t2, i2) = unknown.finish().unwrap();
+            assert_eq!((t1, &i1), (t2, &i2), "chunks of {chunk}");
+            assert_eq!(i1, want);
+        }
+        // A damaged body or a missing byte is refused either way.
+        let mut bad = obj.clone();
+        bad[10] ^= 1;
+        let mut c = StoredCheck::of_unknown_size();
+        c.update(&bad);
+        assert!(matches!(c.finish(), Err(ObjectError::Corrupt(_))));
+        let mut c = StoredCheck::of_unknown_size();
+        c.update(&obj[1..]);
+        assert!(c.finish().is_err());
     }
 
     #[test]

@@ -21,6 +21,23 @@ use super::{ObjectMeta, ObjectWriter, Storage, StorageError, WriteMode};
 /// Told of every object written to the hot tier, once it is durable there.
 pub trait WriteObserver: Send + Sync + std::fmt::Debug {
     fn written(&self, key: &str);
+
+    /// Something to hand the bytes of a streamed object to while it is being written (the
+    /// uploader ships them to the remote tiers at once), or `None`: ship once `written`.
+    fn tee(&self, _key: &str, _mode: WriteMode) -> Option<Box<dyn Tee>> {
+        None
+    }
+}
+
+/// Receives a streamed object's bytes as the hot tier's writer takes them. Never blocks and
+/// never fails the write: whatever it cannot take now it must get from the hot tier later.
+pub trait Tee: Send {
+    /// The next bytes, in order (already taken by the hot tier's writer).
+    fn write(&mut self, data: &Bytes);
+    /// The hot tier has published the object, `size` bytes (the observer was told `written`
+    /// just before).
+    fn published(self: Box<Self>, size: u64);
+    // Dropped without `published`: the write was aborted, and the object does not exist.
 }
 
 /// One remote tier.
@@ -91,16 +108,23 @@ impl Tiered {
     }
 }
 
-/// Reports the object to the observer once the hot tier has published it.
+/// Reports the object to the observer once the hot tier has published it, and hands its bytes
+/// to the observer's tee (if any) on the way.
 struct ObservedWriter {
     inner: Box<dyn ObjectWriter>,
     key: String,
     observer: Option<Arc<dyn WriteObserver>>,
+    tee: Option<Box<dyn Tee>>,
 }
 
 #[async_trait]
 impl ObjectWriter for ObservedWriter {
     async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
+        if let Some(t) = &mut self.tee {
+            self.inner.write(data.clone()).await?;
+            t.write(&data);
+            return Ok(());
+        }
         self.inner.write(data).await
     }
 
@@ -108,6 +132,9 @@ impl ObjectWriter for ObservedWriter {
         let n = self.inner.finish().await?;
         if let Some(o) = &self.observer {
             o.written(&self.key);
+        }
+        if let Some(t) = self.tee {
+            t.published(n);
         }
         Ok(n)
     }
@@ -124,9 +151,11 @@ impl Storage for Tiered {
         key: &str,
         mode: WriteMode,
     ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let inner = self.hot.writer_with(key, mode).await?;
         Ok(Box::new(ObservedWriter {
-            inner: self.hot.writer_with(key, mode).await?,
+            inner,
             key: key.to_string(),
+            tee: self.observer.as_ref().and_then(|o| o.tee(key, mode)),
             observer: self.observer.clone(),
         }))
     }

@@ -31,10 +31,11 @@ use tracing::{debug, info, warn};
 use crate::repo::layout::{self, parse_wal_key, WalObject};
 use crate::repo::object::{self, TRAILER_LEN};
 use crate::repo::sealed;
-use crate::storage::tiered::{RemoteTier, WriteObserver};
+use crate::storage::tiered::{RemoteTier, Tee, WriteObserver};
 use crate::storage::{Storage, StorageError, WriteMode};
 
 pub mod evict;
+mod follow;
 pub mod partial;
 pub mod tasks;
 
@@ -103,6 +104,11 @@ impl Verifier {
         }
     }
 
+    /// For an object still being written (its size unknown until its end).
+    fn streamed() -> Verifier {
+        Verifier::Object(object::StoredCheck::of_unknown_size())
+    }
+
     fn update(&mut self, b: &[u8]) {
         match self {
             Verifier::Object(check) => check.update(b),
@@ -165,69 +171,121 @@ pub async fn upload_object(
     let Some(meta) = hot.head(key).await? else {
         return Ok(0);
     };
-    let mode = if is_immutable(key) {
-        WriteMode::CreateNew
-    } else {
-        WriteMode::Overwrite
-    };
-    let mut verifier = Verifier::for_key(key, meta.size);
-    let mut w = tier.storage.writer_with(key, mode).await?;
-    let mut off = 0;
-    while off < meta.size {
-        let chunk = match hot.get_range(key, off, READ_CHUNK).await {
-            Ok(c) if !c.is_empty() => c,
-            Ok(_) => break,
-            Err(StorageError::NotFound(_)) => {
-                w.abort().await;
-                return Ok(0);
-            }
-            Err(e) => {
-                w.abort().await;
-                return Err(e.into());
-            }
+    let mut up = Upload::start(tier, key, Verifier::for_key(key, meta.size)).await?;
+    match up.copy_from_hot(hot, meta.size, limit).await {
+        Ok(true) => up.finish(hot).await,
+        Ok(false) => {
+            up.abort().await;
+            Ok(0)
+        }
+        Err(e) => {
+            up.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// One object on its way to one remote tier: the tier's writer, the check of the bytes sent,
+/// and how many have been sent.
+pub(crate) struct Upload<'a> {
+    tier: &'a RemoteTier,
+    key: &'a str,
+    w: Box<dyn crate::storage::ObjectWriter>,
+    verifier: Verifier,
+    sent: u64,
+}
+
+impl<'a> Upload<'a> {
+    async fn start(
+        tier: &'a RemoteTier,
+        key: &'a str,
+        verifier: Verifier,
+    ) -> Result<Upload<'a>, UploadError> {
+        let mode = if is_immutable(key) {
+            WriteMode::CreateNew
+        } else {
+            WriteMode::Overwrite
         };
-        off += chunk.len() as u64;
-        verifier.update(&chunk);
+        Ok(Upload {
+            w: tier.storage.writer_with(key, mode).await?,
+            tier,
+            key,
+            verifier,
+            sent: 0,
+        })
+    }
+
+    /// Sends the object's next bytes.
+    async fn send(&mut self, chunk: Bytes, limit: Option<&RateLimit>) -> Result<(), UploadError> {
+        self.verifier.update(&chunk);
         if let Some(l) = limit {
             l.take(chunk.len()).await;
         }
-        if let Err(e) = w.write(chunk).await {
-            w.abort().await;
-            return Err(e.into());
-        }
+        self.sent += chunk.len() as u64;
+        Ok(self.w.write(chunk).await?)
     }
-    let trailer = match verifier.finish() {
-        Ok(t) => t,
-        Err(reason) => {
-            w.abort().await;
-            return Err(UploadError::HotCorrupt {
-                key: key.to_string(),
-                reason,
-            });
-        }
-    };
-    match w.finish().await {
-        Ok(n) => Ok(n),
-        Err(StorageError::AlreadyExists(_)) => {
-            // Ours already (a retry whose first attempt landed, another process) — or not.
-            let theirs = match tier.storage.head(key).await? {
-                Some(m) if m.size >= TRAILER_LEN as u64 => {
-                    tier.storage
-                        .get_range(key, m.size - TRAILER_LEN as u64, TRAILER_LEN as u64)
-                        .await?
-                }
-                _ => Bytes::new(),
+
+    /// Sends the rest of the hot object (`size` bytes), from where the upload stands. False:
+    /// the hot object is gone (nothing to ship).
+    async fn copy_from_hot(
+        &mut self,
+        hot: &dyn Storage,
+        size: u64,
+        limit: Option<&RateLimit>,
+    ) -> Result<bool, UploadError> {
+        while self.sent < size {
+            let chunk = match hot.get_range(self.key, self.sent, READ_CHUNK).await {
+                Ok(c) if !c.is_empty() => c,
+                Ok(_) => break,
+                Err(StorageError::NotFound(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
             };
-            match trailer {
-                Some(t) if theirs[..] == t[..] => Ok(0),
-                None if tier.storage.get(key).await? == hot.get(key).await? => Ok(0),
-                _ => Err(UploadError::Conflict {
-                    tier: tier.name.clone(),
-                    key: key.to_string(),
-                }),
-            }
+            self.send(chunk, limit).await?;
         }
-        Err(e) => Err(e.into()),
+        Ok(true)
+    }
+
+    async fn abort(self) {
+        self.w.abort().await
+    }
+
+    /// Checks what was sent and publishes it in the tier. Returns the bytes stored (0: the
+    /// tier already held this very object).
+    async fn finish(self, hot: &dyn Storage) -> Result<u64, UploadError> {
+        let (tier, key) = (self.tier, self.key);
+        let trailer = match self.verifier.finish() {
+            Ok(t) => t,
+            Err(reason) => {
+                self.w.abort().await;
+                return Err(UploadError::HotCorrupt {
+                    key: key.to_string(),
+                    reason,
+                });
+            }
+        };
+        match self.w.finish().await {
+            Ok(n) => Ok(n),
+            Err(StorageError::AlreadyExists(_)) => {
+                // Ours already (a retry whose first attempt landed, another process) — or not.
+                let theirs = match tier.storage.head(key).await? {
+                    Some(m) if m.size >= TRAILER_LEN as u64 => {
+                        tier.storage
+                            .get_range(key, m.size - TRAILER_LEN as u64, TRAILER_LEN as u64)
+                            .await?
+                    }
+                    _ => Bytes::new(),
+                };
+                match trailer {
+                    Some(t) if theirs[..] == t[..] => Ok(0),
+                    None if tier.storage.get(key).await? == hot.get(key).await? => Ok(0),
+                    _ => Err(UploadError::Conflict {
+                        tier: tier.name.clone(),
+                        key: key.to_string(),
+                    }),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -255,6 +313,9 @@ pub struct TierState {
     pending: BTreeSet<String>,
     #[serde(skip)]
     in_flight: BTreeSet<String>,
+    /// Objects shipped while they are written ([`follow`]): not queued when written.
+    #[serde(skip)]
+    following: BTreeSet<String>,
 }
 
 impl TierState {
@@ -282,7 +343,7 @@ impl TierState {
             self.durable_at = Some(crate::time::now());
         }
         self.durable = d;
-        self.pending_objects = self.pending.len() + self.in_flight.len();
+        self.pending_objects = self.pending.len() + self.in_flight.len() + self.following.len();
     }
 
     fn uploaded_point(&mut self, p: WalPoint) {
@@ -301,6 +362,8 @@ pub struct Queue {
     idle: Notify,
     /// The repository's WAL segment size (known once it is opened; 16 MiB until then).
     seg_size: std::sync::atomic::AtomicU64,
+    /// While an uploader runs: what ships objects to the tiers as they are written.
+    write_through: Mutex<Option<Arc<follow::WriteThrough>>>,
 }
 
 impl WriteObserver for Queue {
@@ -309,10 +372,17 @@ impl WriteObserver for Queue {
             return;
         }
         for t in self.tiers.lock().unwrap().iter_mut() {
-            t.pending.insert(key.to_string());
-            t.pending_objects = t.pending.len() + t.in_flight.len();
+            if !t.following.contains(key) {
+                t.pending.insert(key.to_string());
+            }
+            t.pending_objects = t.pending.len() + t.in_flight.len() + t.following.len();
         }
         self.notify.notify_waiters();
+    }
+
+    fn tee(&self, key: &str, mode: WriteMode) -> Option<Box<dyn Tee>> {
+        let wt = self.write_through.lock().unwrap().clone()?;
+        follow::tee(&wt, self, key, mode)
     }
 }
 
@@ -332,6 +402,7 @@ impl Queue {
             notify: Notify::new(),
             idle: Notify::new(),
             seg_size: std::sync::atomic::AtomicU64::new(16 << 20),
+            write_through: Mutex::new(None),
         })
     }
 
@@ -379,6 +450,38 @@ impl Queue {
         });
     }
 
+    /// Starts following `key` for tier `i`; false if the tier already has it on the way.
+    fn start_following(&self, i: usize, key: &str) -> bool {
+        self.with_tier(i, |t| {
+            let busy = t.pending.contains(key) || t.in_flight.contains(key);
+            !busy && t.following.insert(key.to_string())
+        })
+    }
+
+    /// A follower of `key` for tier `i` is done: `Ok(Some(bytes))` uploaded, `Ok(None)` nothing
+    /// to ship (the write was abandoned), `Err`: queued for the worker's usual upload.
+    fn followed(&self, i: usize, key: &str, r: &Result<Option<u64>, UploadError>) {
+        self.with_tier(i, |t| {
+            t.following.remove(key);
+            match r {
+                Ok(Some(bytes)) => {
+                    t.uploaded_objects += 1;
+                    t.uploaded_bytes += bytes;
+                    t.last_error = None;
+                    t.last_error_permanent = false;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    t.pending.insert(key.to_string());
+                    t.last_error = Some(e.to_string());
+                    t.last_error_permanent = !e.is_transient();
+                }
+            }
+        });
+        // Wakes the worker (to take a failed follower's key, or to report itself idle).
+        self.notify.notify_waiters();
+    }
+
     fn record_failed(&self, i: usize, key: &str, e: &UploadError) {
         self.with_tier(i, |t| {
             t.in_flight.remove(key);
@@ -414,6 +517,7 @@ impl Queue {
             t.pending
                 .iter()
                 .chain(t.in_flight.iter())
+                .chain(t.following.iter())
                 .any(|k| matches(k))
         })
     }
@@ -423,7 +527,7 @@ impl Queue {
             .lock()
             .unwrap()
             .iter()
-            .all(|t| t.pending.is_empty() && t.in_flight.is_empty())
+            .all(|t| t.pending.is_empty() && t.in_flight.is_empty() && t.following.is_empty())
     }
 }
 
@@ -497,15 +601,30 @@ impl Uploader {
         settings: UploadSettings,
     ) -> Uploader {
         let (stop, stop_rx) = watch::channel(false);
+        let remotes: Vec<Arc<RemoteTier>> = remotes.into_iter().map(Arc::new).collect();
+        // One limit per tier, shared by its worker and its followers.
+        let limits: Vec<Option<Arc<RateLimit>>> = remotes
+            .iter()
+            .map(|_| settings.max_rate.map(|r| Arc::new(RateLimit::new(r))))
+            .collect();
+        *queue.write_through.lock().unwrap() = Some(Arc::new(follow::WriteThrough {
+            queue: Arc::downgrade(&queue),
+            hot: hot.clone(),
+            remotes: remotes.clone(),
+            limits: limits.clone(),
+            stop: stop_rx.clone(),
+        }));
         let workers = remotes
             .into_iter()
+            .zip(limits)
             .enumerate()
-            .map(|(i, tier)| {
+            .map(|(i, (tier, limit))| {
                 tokio::spawn(worker(
                     queue.clone(),
                     hot.clone(),
                     i,
                     tier,
+                    limit,
                     settings.clone(),
                     stop_rx.clone(),
                 ))
@@ -563,8 +682,10 @@ impl Uploader {
         }
     }
 
-    /// Stops the workers (uploads in flight are abandoned; the next reconciliation ships them).
+    /// Stops the workers and followers (uploads in flight are abandoned; the next
+    /// reconciliation ships them).
     pub async fn stop(self) {
+        self.queue.write_through.lock().unwrap().take();
         let _ = self.stop.send(true);
         for w in self.workers {
             let _ = w.await;
@@ -576,12 +697,11 @@ async fn worker(
     queue: Arc<Queue>,
     hot: Arc<dyn Storage>,
     i: usize,
-    tier: RemoteTier,
+    tier: Arc<RemoteTier>,
+    limit: Option<Arc<RateLimit>>,
     settings: UploadSettings,
     mut stop: watch::Receiver<bool>,
 ) {
-    let tier = Arc::new(tier);
-    let limit = settings.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     let mut next_reconcile = settings.reconcile.then(Instant::now);
     let mut backoff: u32 = 0;
     let mut running: JoinSet<(String, Result<u64, UploadError>, Duration)> = JoinSet::new();
