@@ -407,24 +407,46 @@ s3.upload_file(sys.argv[2], "peer", sys.argv[3], Config=TransferConfig(multipart
                max_concurrency=int(sys.argv[4])))
 print(f"rate {os.path.getsize(sys.argv[2]) / 1e6 / (time.time() - t):.2f}")
 """
-        log(f"upload to S3 (moto), {ROUNDS} rounds, {PARTS} parts in flight each")
-        for r in range(ROUNDS):
-            quiesce()
+        log(f"backup until offsite and upload to S3 (moto), {ROUNDS} rounds, {PARTS} parts in flight each")
+        pgbb = os.path.join(W, "pgbb-offsite")
+        os.makedirs(pgbb, exist_ok=True)
+        chown_pg(pgbb)
+        def archiver_offsite(r):
+            # Returns once every object is in the remote tier: the backup until offsite.
             f = run([A, "--log-format", "json", "backup", "--config", conf, "-d", CI, "--checkpoint", "fast"],
-                    "upload.log", env=dict(env, ARCHIVER_LOG="archiver::upload=debug"))
-            rate = None
-            for e in json_events(os.path.join(W, "upload.log"), '"uploaded"'):
+                    "upload.log", env=dict(env, ARCHIVER_LOG="info,archiver::upload=debug"))
+            for e in json_events(os.path.join(W, "upload.log"), '"uploaded while written"'):
                 if e.get("key", "").endswith("base.tar.zst"):
-                    rate = e["bytes"] / 1e6 / (e["elapsed_ms"] / 1000)
-            f["mb_s"] = round(rate, 1) if rate else None
-            record("upload to S3", "archiver backup --config (uploader)", f)
+                    f["after_local_ms"] = e["after_publish_ms"]
+            record("backup until offsite (S3)", "archiver backup --config", f)
             log(f"  archiver: {f}")
+            # boto3 on the very archive archiver just wrote, for the uploader's own row.
             base = sorted(os.path.join(dp, n) for dp, _, fs in os.walk(os.path.join(W, "hot", "backups"))
                           for n in fs if n == "base.tar.zst")[-1]
-            g = run([py, "-c", peer, ep, base, f"r{r}", str(PARTS)], "boto3.log", env=env)
+            g = run([py, "-c", peer, ep, base, f"a{r}", str(PARTS)], "boto3.log", env=env)
             g["mb_s"] = float(open(os.path.join(W, "boto3.log")).read().split()[-1])
             record("upload to S3", f"boto3 upload_file, {PARTS} threads", g)
-            log(f"  boto3: {g}")
+            log(f"  boto3 (archiver's archive): {g}")
+            return base
+        def peer_offsite(r):
+            d = os.path.join(pgbb, f"r{r}")
+            b = run(as_pg([f"{BIN}/pg_basebackup", "-h", "127.0.0.1", "-p", PORT, "-U", "postgres", "-Ft", "-X",
+                           "none", "--compress=client-zstd", "-c", "fast", "-D", d]), "pgbb-offsite.log")
+            subprocess.run(["sync", "-f", os.path.join(d, "base.tar.zst")], check=True)
+            u = run([py, "-c", peer, ep, os.path.join(d, "base.tar.zst"), f"p{r}", str(PARTS)], "boto3.log", env=env)
+            f = {"wall_s": round(b["wall_s"] + u["wall_s"], 3), "after_local_ms": round(u["wall_s"] * 1000),
+                 "rss_mb": max(b["rss_mb"], u["rss_mb"])}
+            record("backup until offsite (S3)", f"pg_basebackup client-zstd + boto3 upload_file, {PARTS} threads", f)
+            log(f"  pg_basebackup + boto3: {f}")
+            shutil.rmtree(d)
+        base = None
+        for r in range(ROUNDS):
+            for name in (("archiver", "peer") if r % 2 == 0 else ("peer", "archiver")):
+                quiesce()
+                if name == "archiver":
+                    base = archiver_offsite(r)
+                else:
+                    peer_offsite(r)
         bench_bin = os.environ.get("UPLOAD_BENCH")
         if bench_bin:
             out = subprocess.run([bench_bin], env=dict(env, ARCHIVER_BENCH_S3=ep, ARCHIVER_BENCH_OBJECT=base,
@@ -488,12 +510,12 @@ def summarize():
         row(work, "CPU s per GB of WAL", "archiver", "pg_receivewal", "cpu_s_per_gb", 1.0)
         row(work, "peak RSS MB", "archiver", "pg_receivewal", "rss_mb", note="bound: 64 MB")
     if "upload to S3" in results:
-        row("upload to S3", "MB/s", "archiver backup --config (uploader)", f"boto3 upload_file, {PARTS} threads",
-            "mb_s", 1.0, "higher")
         row("upload to S3", "MB/s", "uploader alone (benches/upload.rs)", f"boto3 upload_file, {PARTS} threads",
             "mb_s", 1.0, "higher")
-        row("upload to S3", "peak RSS MB", "archiver backup --config (uploader)", f"boto3 upload_file, {PARTS} threads",
-            "rss_mb", note="bound: 128 MB")
+        off, peer_off = "backup until offsite (S3)", f"pg_basebackup client-zstd + boto3 upload_file, {PARTS} threads"
+        row(off, "wall s", "archiver backup --config", peer_off, "wall_s")
+        row(off, "ms from local copy to offsite", "archiver backup --config", peer_off, "after_local_ms")
+        row(off, "peak RSS MB", "archiver backup --config", peer_off, "rss_mb", note="bound: 128 MB")
 
     env = {"scale": SCALE, "rounds": ROUNDS, "sync_rounds": SYNC_ROUNDS, "stream_secs": STREAM_SECS,
            "load_secs": LOAD_SECS, "cores": os.cpu_count(), "git": os.environ.get("GIT_REV"),
