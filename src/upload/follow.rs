@@ -530,8 +530,11 @@ mod tests {
         let mut w = s.store.writer(KEY).await.unwrap();
         w.write(Bytes::from(obj)).await.unwrap();
         w.finish().await.unwrap();
-        // Neither the follower nor the worker after it ships it; the error names the damage.
-        let behind = s.uploader.drain(Duration::from_secs(3)).await.unwrap_err();
+        // Neither the follower nor the worker after it ships it; the error names the damage,
+        // and the drain does not wait out its timeout on an error retrying cannot fix.
+        let t = Instant::now();
+        let behind = s.uploader.drain(Duration::from_secs(60)).await.unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert!(behind.contains("damaged"), "{behind}");
         assert!(!s.remote.exists(KEY).await.unwrap());
         s.uploader.stop().await;

@@ -478,6 +478,9 @@ impl Queue {
                 }
             }
         });
+        if let Err(e) = r {
+            self.refused(e);
+        }
         // Wakes the worker (to take a failed follower's key, or to report itself idle).
         self.notify.notify_waiters();
     }
@@ -489,6 +492,15 @@ impl Queue {
             t.last_error = Some(e.to_string());
             t.last_error_permanent = !e.is_transient();
         });
+        self.refused(e);
+    }
+
+    /// A drain does not wait on a tier that refuses for good: told, it returns at once (the
+    /// worker retrying the key is never idle).
+    fn refused(&self, e: &UploadError) {
+        if !e.is_transient() {
+            self.idle.notify_waiters();
+        }
     }
 
     /// Takes up to `n` queued keys for tier `i`, in key order. A key still in flight (a
