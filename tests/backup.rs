@@ -213,6 +213,22 @@ fn backup_without_streamer_fetches_its_wal_and_restores_as_a_cluster() {
     let mut load = pg.pgbench_background(&["-c", "2", "-T", "3"]);
     let (rec, err) = backup_ok(&r, &pg.conninfo("postgres"), &[]);
     assert!(err.contains("fetching the backup's WAL"), "{err}");
+    // The stage totals account for every byte: received raw, stored as the catalog says.
+    let stages = log_numbers(&err, "backup stage totals");
+    let objects = rec["objects"].as_array().unwrap();
+    let sum = |f: &str| objects.iter().map(|o| o[f].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(stages["received_bytes"], sum("size_bytes"), "{err}");
+    assert_eq!(stages["stored_bytes"], sum("stored_bytes"), "{err}");
+    assert_eq!(stages["objects"], objects.len() as u64);
+    for f in [
+        "receive_ms",
+        "encode_ms",
+        "check_ms",
+        "write_ms",
+        "finish_ms",
+    ] {
+        assert!(stages.contains_key(f), "{f}: {err}");
+    }
     assert!(load.wait().unwrap().success());
     let id = rec["id"].as_str().unwrap().to_string();
     pg.psql("insert into marker values ('after')");

@@ -77,7 +77,14 @@ impl Setup {
             all.extend_from_slice(&["--owner", "postgres"]);
         }
         all.extend_from_slice(args);
-        succeeded(archiver(&all), "archiver");
+        let out = succeeded(archiver(&all), "archiver");
+        // The stage totals: the tar stream is at least every byte of every file written, and
+        // the final flush is part of the whole.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let stages = log_numbers(&err, "restore stage totals");
+        let files: u64 = walk(&pgdata).iter().map(|(_, m)| m.len()).sum();
+        assert!(stages["raw_bytes"] >= files, "{files}: {err}");
+        assert!(stages["sync_ms"] <= stages["wall_ms"], "{err}");
         pgdata
     }
 

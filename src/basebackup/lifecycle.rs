@@ -458,6 +458,7 @@ async fn take(
         }
     })?;
     sink.close().await.map_err(TakeError::BaseBackup)?;
+    sink.stages.log();
     if let Some(ci) = &args.sql {
         crate::repo::relmap::snapshot(repo, ci, "archiver backup").await;
         match super::contents::read_contents(ci).await {

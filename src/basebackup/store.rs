@@ -4,8 +4,11 @@
 //! and zstd's windows, whatever the database size. It also collects each file's digest for the
 //! manifest check and the server's `backup_label`.
 
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 use bytes::Bytes;
+use tracing::info;
 
 use super::run::{BackupError, BackupSink, TablespaceInfo};
 use crate::format::manifest::{ChecksumAlgorithm, FileDigests};
@@ -58,6 +61,47 @@ pub struct StoreSink {
     capturing_label: bool,
     in_manifest: bool,
     progress: Progress,
+    pub stages: Stages,
+    /// When the sink last returned to the receive loop (what follows is receive time).
+    returned: Option<Instant>,
+}
+
+/// Where a backup's time goes on the receiving side, stage by stage (logged as `backup stage
+/// totals` when it ends). Each is time spent in that stage by the receive loop itself: with
+/// zstd's worker threads, `encode` is the hand-off to them (and any wait on them), not their CPU.
+#[derive(Debug, Default)]
+pub struct Stages {
+    /// Bytes of archives and manifest received (compressed ones with `--server-compress`).
+    pub received_bytes: u64,
+    /// Waiting on the server: between the sink's calls (receive and protocol decode).
+    pub receive: Duration,
+    /// Compression and checksums (with `--server-compress`: decompression to check, checksums).
+    pub encode: Duration,
+    /// Reading the tar stream and the manifest's per-file checksums.
+    pub check: Duration,
+    /// Handing compressed chunks to storage.
+    pub write: Duration,
+    /// Ending objects: the encoder's last bytes, the last write and the durable publication.
+    pub finish: Duration,
+    pub objects: u64,
+    pub stored_bytes: u64,
+}
+
+impl Stages {
+    pub fn log(&self) {
+        let ms = |d: Duration| d.as_millis() as u64;
+        info!(
+            received_bytes = self.received_bytes,
+            receive_ms = ms(self.receive),
+            encode_ms = ms(self.encode),
+            check_ms = ms(self.check),
+            write_ms = ms(self.write),
+            finish_ms = ms(self.finish),
+            objects = self.objects,
+            stored_bytes = self.stored_bytes,
+            "backup stage totals"
+        );
+    }
 }
 
 impl StoreSink {
@@ -79,6 +123,8 @@ impl StoreSink {
             capturing_label: false,
             in_manifest: false,
             progress: Progress::new("backup"),
+            stages: Stages::default(),
+            returned: None,
         }
     }
 
@@ -118,6 +164,10 @@ impl StoreSink {
         let Some(mut c) = self.cur.take() else {
             return Ok(());
         };
+        let t = Instant::now();
+        if let Some(r) = self.returned.take() {
+            self.stages.receive += t - r;
+        }
         if let Some(t) = &c.tar {
             if !(t.ended() || t.at_boundary()) {
                 return Err(BackupError::sink(SinkError(format!(
@@ -137,6 +187,10 @@ impl StoreSink {
             .await
             .map_err(BackupError::sink)?;
         let stored = c.writer.finish().await.map_err(BackupError::sink)?;
+        self.stages.finish += t.elapsed();
+        self.returned = Some(Instant::now());
+        self.stages.objects += 1;
+        self.stages.stored_bytes += stored;
         self.objects.push(BackupObject {
             key: c.key,
             size_bytes: info.raw_size,
@@ -168,6 +222,11 @@ impl BackupSink for StoreSink {
     }
 
     async fn data(&mut self, data: Bytes) -> Result<(), BackupError> {
+        let t = Instant::now();
+        if let Some(r) = self.returned {
+            self.stages.receive += t - r;
+        }
+        self.stages.received_bytes += data.len() as u64;
         let c = self
             .cur
             .as_mut()
@@ -179,6 +238,8 @@ impl BackupSink for StoreSink {
             }
             Coder::Pass(p) => p.push(&data, &mut c.pending).map_err(BackupError::sink)?,
         };
+        let encoded = Instant::now();
+        self.stages.encode += encoded - t;
         if let Some(t) = c.tar.as_mut() {
             let digests = &mut self.digests;
             let label = &mut self.backup_label;
@@ -198,13 +259,17 @@ impl BackupSink for StoreSink {
         if self.in_manifest {
             self.manifest.extend_from_slice(raw);
         }
+        let checked = Instant::now();
+        self.stages.check += checked - encoded;
         if c.pending.len() >= WRITE_CHUNK {
             let chunk = std::mem::replace(&mut c.pending, Vec::with_capacity(WRITE_CHUNK * 2));
             c.writer
                 .write(Bytes::from(chunk))
                 .await
                 .map_err(BackupError::sink)?;
+            self.stages.write += checked.elapsed();
         }
+        self.returned = Some(Instant::now());
         Ok(())
     }
 

@@ -460,6 +460,8 @@ pub async fn write_restore(
     archives: &[Archive],
     owner: Owner,
 ) -> Result<Written, RestoreError> {
+    let started = std::time::Instant::now();
+    let stages = std::sync::Arc::new(super::extract::Stages::default());
     for a in archives {
         std::fs::create_dir_all(&a.dest)
             .map_err(io(format!("cannot create {}", a.dest.display())))?;
@@ -523,7 +525,8 @@ pub async fn write_restore(
         if chain.len() > 1 {
             info!(backup = %layer.id, kind = layer.kind(), "restoring link {} of {} of the chain", i + 1, chain.len());
         }
-        let (digests, mut rebuilt) = extract_all(repo, &layer_archives, owner, algo, mode).await?;
+        let (digests, mut rebuilt) =
+            extract_all(repo, &layer_archives, owner, algo, mode, &stages).await?;
         files = manifest
             .verify(&digests)
             .map_err(|cause| RestoreError::Manifest {
@@ -607,6 +610,7 @@ pub async fn write_restore(
         }
     }
     // One syncfs per filesystem instead of an fsync per file.
+    let synced = std::time::Instant::now();
     for a in archives {
         let d =
             std::fs::File::open(&a.dest).map_err(io(format!("opening {}", a.dest.display())))?;
@@ -616,6 +620,7 @@ pub async fn write_restore(
             return Err(io("syncfs")(std::io::Error::last_os_error()));
         }
     }
+    stages.log(synced.elapsed(), started.elapsed());
     Ok(Written {
         files,
         bytes,

@@ -1129,3 +1129,16 @@ pub fn drill_with(dir: &TestDir, r: &str, bin: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The numeric fields of the first log line (text format) whose message is `message`:
+/// `… message a=1 b=2` gives {a: 1, b: 2}.
+pub fn log_numbers(log: &str, message: &str) -> std::collections::HashMap<String, u64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!(" {message} ")))
+        .unwrap_or_else(|| panic!("no {message:?} line in the log:\n{log}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
