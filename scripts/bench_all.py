@@ -34,6 +34,16 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 results = {}  # work -> tool -> list of per-round dicts
 stages = {}  # run name -> archiver stage totals
+work_stages = {}  # "archiver backup, round 1" -> the backup's or restore's stage totals
+
+
+def text_fields(path, message):
+    """The numeric fields of the last text-format log line carrying `message`."""
+    found = None
+    for line in open(path, errors="replace"):
+        if f" {message} " in line:
+            found = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)\b", line)}
+    return found
 started = time.time()
 
 
@@ -153,6 +163,9 @@ def bench_backups():
             f = run(cmd(r), "backup.log")
             f["stored_mb"] = round((du(dest) - before) / 1e6, 1)
             record("base backup", name, f)
+            if name.startswith("archiver"):
+                work_stages[f"{name}, round {r + 1}"] = text_fields(os.path.join(W, "backup.log"),
+                                                                    "backup stage totals")
             log(f"  {name}: {f}")
 
 
@@ -177,6 +190,9 @@ def bench_restores():
             subprocess.run(["sync"], check=True)
             f = run(cmd(d), "restore.log")
             record("restore", name, f)
+            if name == "archiver":
+                work_stages[f"archiver restore, round {r + 1}"] = text_fields(os.path.join(W, "restore.log"),
+                                                                              "restore stage totals")
             log(f"  {name}: {f}")
             shutil.rmtree(d)
 
@@ -523,7 +539,8 @@ def summarize():
            "db_mb": round(int(psql("select sum(pg_database_size(oid)) from pg_database")) / 1e6),
            "elapsed_s": round(time.time() - started)}
     os.makedirs(OUT, exist_ok=True)
-    json.dump({"env": env, "rows": rows, "runs": results, "lag": lag_all, "stages": stages},
+    json.dump({"env": env, "rows": rows, "runs": results, "lag": lag_all, "stages": stages,
+               "work_stages": work_stages},
               open(os.path.join(OUT, "summary.json"), "w"), indent=1)
 
     def fmt(v):
@@ -553,6 +570,23 @@ def summarize():
             md.append(f"| {name} | {e.get('wal_bytes', 0) / 1e6:.0f} | {e.get('batches')} | {e.get('write_ms')} | "
                       f"{e.get('fsyncs')} | {e.get('fsync_ms')} | {e.get('encode_ms')} | {e.get('put_ms')} | "
                       f"{e.get('stored_bytes', 0) / 1e6:.1f} |")
+    backups = {k: v for k, v in work_stages.items() if v and "backup" in k}
+    if backups:
+        md += ["", "archiver backup's own stage totals (`backup stage totals`; time in the receive loop, ms):", "",
+               "| run | received MB | receive | encode (compress+checksums) | check (tar+manifest) | write | "
+               "finish | stored MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in backups.items():
+            md.append(f"| {name} | {e.get('received_bytes', 0) / 1e6:.0f} | {e.get('receive_ms')} | "
+                      f"{e.get('encode_ms')} | {e.get('check_ms')} | {e.get('write_ms')} | {e.get('finish_ms')} | "
+                      f"{e.get('stored_bytes', 0) / 1e6:.1f} |")
+    restores = {k: v for k, v in work_stages.items() if v and "restore" in k}
+    if restores:
+        md += ["", "archiver restore's own stage totals (`restore stage totals`, ms; archives run in parallel):", "",
+               "| run | raw MB | decode (read+decompress+verify) | write (files+checksums) | final syncfs | wall |",
+               "|---|---:|---:|---:|---:|---:|"]
+        for name, e in restores.items():
+            md.append(f"| {name} | {e.get('raw_bytes', 0) / 1e6:.0f} | {e.get('decode_ms')} | {e.get('write_ms')} | "
+                      f"{e.get('sync_ms')} | {e.get('wall_ms')} |")
     md += ["", "Every round's figures: summary.json (`runs`)."]
     open(os.path.join(OUT, "summary.md"), "w").write("\n".join(md) + "\n")
     print("\n".join(md))
