@@ -415,6 +415,17 @@ mod tests {
         Bytes::from(object::encode_bytes(&raw, ObjectKind::Other, 1).unwrap().0)
     }
 
+    /// After a drain, the tier holds `obj` under [`KEY`], counted as one upload of its size.
+    async fn shipped_once(s: &Setup, obj: &Bytes) {
+        s.uploader.drain(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(&s.remote.get(KEY).await.unwrap(), obj);
+        let st = &s.uploader.queue().states()[0];
+        assert_eq!(
+            (st.uploaded_objects, st.uploaded_bytes, st.pending_objects),
+            (1, obj.len() as u64, 0)
+        );
+    }
+
     async fn wait_until(what: &str, f: impl Fn() -> bool) {
         let t = Instant::now();
         while !f() {
@@ -444,16 +455,9 @@ mod tests {
         );
         w.write(Bytes::copy_from_slice(rest)).await.unwrap();
         assert_eq!(w.finish().await.unwrap(), obj.len() as u64);
-        s.uploader.drain(Duration::from_secs(20)).await.unwrap();
-        assert_eq!(s.remote.get(KEY).await.unwrap(), obj);
-        let st = &s.uploader.queue().states()[0];
+        shipped_once(&s, &obj).await;
         // Sent once, by the follower: the worker did not upload it again.
-        assert_eq!(
-            (st.uploaded_objects, st.uploaded_bytes),
-            (1, obj.len() as u64)
-        );
         assert_eq!(s.remote.taken.load(Ordering::SeqCst), obj.len() as u64);
-        assert_eq!(st.pending_objects, 0);
         s.uploader.stop().await;
     }
 
@@ -476,13 +480,7 @@ mod tests {
         assert_eq!(n, obj.len() as u64);
         assert_eq!(s.remote.taken.load(Ordering::SeqCst), 0);
         drop(all);
-        s.uploader.drain(Duration::from_secs(20)).await.unwrap();
-        assert_eq!(s.remote.get(KEY).await.unwrap(), obj);
-        let st = &s.uploader.queue().states()[0];
-        assert_eq!(
-            (st.uploaded_objects, st.uploaded_bytes),
-            (1, obj.len() as u64)
-        );
+        shipped_once(&s, &obj).await;
         s.uploader.stop().await;
     }
 
