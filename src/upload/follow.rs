@@ -152,8 +152,15 @@ async fn follower(
     let limit = wt.limits[i].as_deref();
     let r = tokio::select! {
         r = ship(wt.hot.as_ref(), &tier, &key, limit, rx, &queued, published) => r,
-        // Dropping the upload abandons it (the next reconciliation ships the object).
-        _ = stop.wait_for(|s| *s) => Ok(None),
+        // Dropping the upload abandons it in the tier; the key goes back to the queue (an
+        // uploader restarted on it ships the object, or the next start's reconciliation does).
+        _ = stop.wait_for(|s| *s) => {
+            debug!(tier = %tier.name, %key, "uploader stopping; the upload while writing is abandoned");
+            if let Some(q) = wt.queue.upgrade() {
+                q.follower_stopped(i, &key);
+            }
+            return;
+        }
     };
     match &r {
         Ok(Some(s)) => debug!(
@@ -273,7 +280,7 @@ mod tests {
     use super::*;
     use crate::repo::object::{self, ObjectKind};
     use crate::storage::fs::FsStorage;
-    use crate::storage::tiered::{Reads, Tiered};
+    use crate::storage::tiered::{Reads, Tiered, WriteObserver};
     use crate::storage::{ObjectMeta, ObjectWriter, StorageError};
     use crate::upload::{UploadSettings, Uploader};
 
@@ -536,6 +543,30 @@ mod tests {
         assert!(behind.contains("damaged"), "{behind}");
         assert!(!s.remote.exists(KEY).await.unwrap());
         s.uploader.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_stopped_with_its_uploader_leaves_the_object_queued() {
+        let s = setup();
+        let _held = s.remote.gate.acquire_many(1 << 20).await.unwrap();
+        let obj = archive(1 << 20);
+        let mut w = s.store.writer(KEY).await.unwrap();
+        w.write(obj.clone()).await.unwrap();
+        w.finish().await.unwrap();
+        let queue = s.uploader.queue().clone();
+        s.uploader.stop().await;
+        wait_until("the follower hands the key back", || {
+            queue.tiers.lock().unwrap()[0].pending.contains(KEY)
+        })
+        .await;
+        let t = &queue.tiers.lock().unwrap()[0];
+        assert!(t.following.is_empty() && t.in_flight.is_empty());
+        assert_eq!(t.pending_objects, 1);
+        assert!(!s.remote.exists(KEY).await.unwrap());
+        // The stopped uploader tees nothing more.
+        assert!(queue
+            .tee("backups/x/base.tar.zst", WriteMode::Overwrite)
+            .is_none());
     }
 
     #[test]

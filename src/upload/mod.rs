@@ -485,6 +485,16 @@ impl Queue {
         self.notify.notify_waiters();
     }
 
+    /// A follower of `key` for tier `i` was stopped with its uploader: the key goes back to
+    /// the queue, for the next worker (the object may be published already, or soon).
+    fn follower_stopped(&self, i: usize, key: &str) {
+        self.with_tier(i, |t| {
+            t.following.remove(key);
+            t.pending.insert(key.to_string());
+        });
+        self.notify.notify_waiters();
+    }
+
     fn record_failed(&self, i: usize, key: &str, e: &UploadError) {
         self.with_tier(i, |t| {
             t.in_flight.remove(key);
