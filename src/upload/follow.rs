@@ -559,9 +559,11 @@ mod tests {
             queue.tiers.lock().unwrap()[0].pending.contains(KEY)
         })
         .await;
-        let t = &queue.tiers.lock().unwrap()[0];
-        assert!(t.following.is_empty() && t.in_flight.is_empty());
-        assert_eq!(t.pending_objects, 1);
+        {
+            let t = &queue.tiers.lock().unwrap()[0];
+            assert!(t.following.is_empty() && t.in_flight.is_empty());
+            assert_eq!(t.pending_objects, 1);
+        }
         assert!(!s.remote.exists(KEY).await.unwrap());
         // The stopped uploader tees nothing more.
         assert!(queue
