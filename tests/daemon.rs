@@ -659,3 +659,74 @@ fn run_stops_cleanly_during_a_backup_and_refuses_bad_configurations() {
     d.wait_log("streaming started", T);
     assert!(d.term().success(), "{}", d.log_text());
 }
+
+/// `[schedule] incremental` (PostgreSQL 17+): the first run has nothing to build on and takes a
+/// full backup, saying why; the next ones are incremental, each on top of the newest backup;
+/// once the server stops summarizing WAL, the same schedule takes full backups.
+#[test]
+fn run_takes_incremental_backups_and_full_ones_where_it_cannot() {
+    let Some(bin) = pg_bin_of_major(17) else {
+        eprintln!("skipped: no PostgreSQL 17 binaries (scripts/test.sh fetches them)");
+        return;
+    };
+    let dir = TestDir::new();
+    let mut pg = Pg::create_with_bin(&dir, "pg", "summarize_wal = on\n", &bin);
+    pg.start();
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    let cfg = config(
+        &dir,
+        "archiver.toml",
+        &format!(
+            "[hot]\npath = \"{}\"\n[server]\nconninfo = \"{}\"\n[schedule]\nincremental = \"*/4 * * * * *\"\nbackup_retry_delay = \"1s\"\n[http]\nlisten = \"\"\n",
+            dir.join("hot").display(),
+            pg.conninfo("postgres"),
+        ),
+    );
+    let c = cfg.to_str().unwrap();
+    let mut d = Archiver::spawn(&dir, "run", &["run", "--config", c]);
+    d.wait_log("streaming started", T);
+    let complete = |kind: &str| {
+        list_json(c)
+            .into_iter()
+            .filter(|b| b["status"] == "complete" && (b["parent"].is_null() == (kind == "full")))
+            .collect::<Vec<_>>()
+    };
+    wait_until("a full backup, then two incremental ones", T * 2, || {
+        pg.pgbench(&["-t", "50"]);
+        complete("incremental").len() >= 2
+    });
+    assert_eq!(complete("full").len(), 1, "{:?}", list_json(c));
+    let log = d.log_text();
+    assert!(
+        log.contains("no complete backup of this cluster")
+            && log.contains("taking a full backup instead"),
+        "{log}"
+    );
+    // Each incremental builds on the backup just before it (the newest one when it started).
+    let all = list_json(c);
+    for b in all.iter().filter(|b| !b["parent"].is_null()) {
+        let before: Vec<_> = all
+            .iter()
+            .filter(|o| o["start_time"].as_str() < b["start_time"].as_str())
+            .collect();
+        let newest = before
+            .iter()
+            .max_by_key(|o| o["start_time"].as_str())
+            .unwrap();
+        assert_eq!(b["parent"], newest["id"], "{all:?}");
+    }
+
+    // The server stops summarizing: the schedule goes on with full backups.
+    pg.psql("alter system set summarize_wal = off");
+    pg.psql("select pg_reload_conf()");
+    let fulls = complete("full").len();
+    wait_until("a full backup in the incremental schedule", T * 2, || {
+        complete("full").len() > fulls
+    });
+    assert!(
+        d.log_text().contains("summarize_wal = off"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.term().success(), "{}", d.log_text());
+}

@@ -106,6 +106,14 @@ pub enum Incremental {
 /// Why a full backup is the way on, appended to every refusal of an incremental one.
 const TAKE_FULL: &str = "take a full backup (archiver backup without --incremental)";
 
+impl TakeError {
+    /// An incremental backup that cannot be taken (server, settings, parent, WAL summaries),
+    /// where a full backup can.
+    pub fn wants_full_backup(&self) -> bool {
+        matches!(self, TakeError::Refused(m) | TakeError::Failed(m) if m.contains(TAKE_FULL))
+    }
+}
+
 /// The backup an incremental backup of `server` builds on, or why none can be. The parent
 /// must be complete, of the same cluster, major and timeline, and its own chain whole.
 pub fn choose_parent<'a>(

@@ -165,6 +165,10 @@ impl<'de> Deserialize<'de> for Zone {
 #[serde(deny_unknown_fields)]
 pub struct ScheduleConfig {
     pub backup: Option<Cron>,
+    /// PostgreSQL 17+ (`summarize_wal = on`): an incremental backup on top of the newest
+    /// backup; where none can be taken (older server, summaries off or gone, no backup yet) a
+    /// full one is taken instead. A time also in `backup` takes the full backup only.
+    pub incremental: Option<Cron>,
     pub verify: Option<Cron>,
     pub drill: Option<Cron>,
     /// The zone the schedules are read in (default UTC).

@@ -658,6 +658,7 @@ rpo_objective = "2m"
         for (text, needle) in [
             ("[schedule]\nbackup = \"every night\"\n", "not a cron schedule"),
             ("[schedule]\nbackup = \"0 25 * * *\"\n", "not a cron schedule"),
+            ("[schedule]\nincremental = \"hourly\"\n", "not a cron schedule"),
             ("[schedule]\ntimezone = \"Mars/Olympus\"\n", "not a time zone"),
             ("[schedule]\nbackup_checkpoint = \"slow\"\n", "fast"),
             ("[http]\nlisten = \"localhost\"\n", "not an address"),

@@ -1,5 +1,6 @@
-//! The daemon's scheduled jobs as library calls: a backup (retried with backoff, then
-//! alerted; expire after it), a whole-repository verify, and a restore drill that records the
+//! The daemon's scheduled jobs as library calls: a backup, full or incremental (retried with
+//! backoff, then alerted; an incremental one that cannot be taken is a full one; expire after
+//! it), a whole-repository verify, and a restore drill that records the
 //! measured RTO. Each returns what happened; none panics the daemon.
 
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tracing::{info, warn};
 
 use super::alerts::{Event, Severity};
 use super::Ctx;
-use crate::basebackup::lifecycle::{check_space, take_backup, BackupOptions};
+use crate::basebackup::lifecycle::{check_space, take_backup, BackupOptions, Incremental};
 use crate::basebackup::protocol::Checkpoint;
 use crate::pg::replication;
 use crate::pg::Connection;
@@ -22,10 +23,30 @@ use crate::restore::target::{Target, TimelineChoice};
 use crate::restore::verify::{verify, VerifyOptions};
 use crate::retry::{error_chain, RetryPolicy};
 
+/// Why a backup attempt failed, and whether a full backup should be taken instead (an
+/// incremental one that cannot be).
+struct Failed {
+    message: String,
+    full_instead: bool,
+}
+
+impl From<String> for Failed {
+    fn from(message: String) -> Self {
+        Failed {
+            message,
+            full_instead: false,
+        }
+    }
+}
+
 /// One backup attempt: a replication connection of its own, the same checks as `archiver
-/// backup`, then the backup. On shutdown it may go on for `stop_timeout`, then it is stopped
-/// and recorded failed.
-async fn attempt(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<BackupRecord, String> {
+/// backup`, then the backup (incremental on top of the newest one, when asked). On shutdown it
+/// may go on for `stop_timeout`, then it is stopped and recorded failed.
+async fn attempt(
+    ctx: &Ctx,
+    stop: watch::Receiver<bool>,
+    incremental: bool,
+) -> Result<BackupRecord, Failed> {
     let s = &ctx.settings().schedule;
     let app = "archiver run backup";
     let mut conn = Connection::connect(&ctx.conninfo, Some("true"), app)
@@ -64,7 +85,7 @@ async fn attempt(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<BackupRecord,
         wal_timeout: Duration::from_secs(600),
         sql: Some(ctx.conninfo.clone()),
         environment: ctx.environment.clone(),
-        incremental: None,
+        incremental: incremental.then_some(Incremental::Newest),
     };
     let grace = s.stop_timeout;
     let interrupted = async move {
@@ -86,12 +107,20 @@ async fn attempt(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<BackupRecord,
     )
     .await;
     conn.close().await;
-    r.map_err(|e| error_chain(&e))
+    r.map_err(|e| Failed {
+        message: error_chain(&e),
+        full_instead: e.wants_full_backup(),
+    })
 }
 
 /// A scheduled backup: up to `1 + backup_retries` attempts with backoff and jitter, then an
-/// alert; after a success, expire under the configured retention.
-pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, String> {
+/// alert; after a success, expire under the configured retention. `incremental`: on top of the
+/// newest backup (PostgreSQL 17+); where that cannot be, a full backup at once instead.
+pub async fn backup(
+    ctx: &Ctx,
+    stop: watch::Receiver<bool>,
+    mut incremental: bool,
+) -> Result<String, String> {
     let s = ctx.settings().schedule.clone();
     let policy = RetryPolicy {
         initial: s.backup_retry_delay,
@@ -100,7 +129,8 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
     };
     let attempts = s.backup_retries + 1;
     let mut last = String::new();
-    for n in 0..attempts {
+    let mut n = 0;
+    while n < attempts {
         if n > 0 {
             let d = policy.delay(n - 1).max(s.backup_retry_delay / 2);
             warn!(attempt = n + 1, of = attempts, delay_s = d.as_secs_f64(), error = %last, "backup failed; retrying");
@@ -117,7 +147,15 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
                 }
             }
         }
-        match attempt(ctx, stop.clone()).await {
+        n += 1;
+        match attempt(ctx, stop.clone(), incremental).await {
+            Err(e) if incremental && e.full_instead => {
+                warn!(error = %e.message, "no incremental backup can be taken; taking a full backup instead");
+                incremental = false;
+                // The refusal wrote nothing: the full backup is this attempt, not a retry.
+                n -= 1;
+                last = e.message;
+            }
             Ok(rec) => {
                 ctx.shared
                     .metrics
@@ -132,7 +170,7 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
                     ctx.shared.alerts.send(Event::new(
                         "backup_succeeded",
                         Severity::Info,
-                        format!("backup {} complete", rec.id),
+                        format!("{} backup {} complete", rec.kind(), rec.id),
                         format!(
                             "{:.1} s, {} bytes stored, from {} to {}",
                             secs,
@@ -145,9 +183,9 @@ pub async fn backup(ctx: &Ctx, stop: watch::Receiver<bool>) -> Result<String, St
                 if shipped(ctx, &rec.id, stop.clone()).await {
                     expire(ctx).await;
                 }
-                return Ok(format!("backup {} complete", rec.id));
+                return Ok(format!("{} backup {} complete", rec.kind(), rec.id));
             }
-            Err(e) => last = e,
+            Err(e) => last = e.message,
         }
     }
     ctx.shared

@@ -1,5 +1,6 @@
 //! `archiver run`: the sidecar. One process streams WAL, ships it to the remote tiers, takes
-//! scheduled backups (expiring after each), verifies and drills by the clock, serves metrics
+//! scheduled backups (full and incremental, expiring after each), verifies and drills by the
+//! clock, serves metrics
 //! and health over HTTP, and sends alerts.
 //!
 //! Owns: the supervision of those tasks ([`run`]), the state they share ([`Shared`]: what
@@ -713,6 +714,7 @@ async fn scheduler(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
                 due.push(job);
             }
         }
+        due = schedule::due_order(due);
     }
     loop {
         if *shutdown.borrow() {
@@ -756,6 +758,7 @@ async fn scheduler(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
                         due.push(job);
                     }
                 }
+                due = schedule::due_order(due);
             }
             _ = settings.changed() => info!("schedule reloaded"),
             _ = session_stopped(shutdown.clone()) => return,
@@ -766,6 +769,7 @@ async fn scheduler(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
 fn cron_of(s: &ScheduleConfig, job: Job) -> Option<&crate::config::daemon::Cron> {
     match job {
         Job::Backup => s.backup.as_ref(),
+        Job::Incremental => s.incremental.as_ref(),
         Job::Verify => s.verify.as_ref(),
         Job::Drill => s.drill.as_ref(),
     }
@@ -785,7 +789,8 @@ async fn run_job(ctx: &Arc<Ctx>, job: Job, shutdown: watch::Receiver<bool>) {
         v.last_start = Some(t0);
     });
     let r = match job {
-        Job::Backup => jobs::backup(ctx, shutdown).await,
+        Job::Backup => jobs::backup(ctx, shutdown, false).await,
+        Job::Incremental => jobs::backup(ctx, shutdown, true).await,
         Job::Verify => jobs::verify_all(ctx).await,
         Job::Drill => jobs::drill_latest(ctx).await,
     };

@@ -19,20 +19,34 @@ use crate::time::Timestamp;
 #[serde(rename_all = "lowercase")]
 pub enum Job {
     Backup,
+    /// An incremental backup (PostgreSQL 17+), or a full one where none can be taken.
+    Incremental,
     Verify,
     Drill,
 }
 
 impl Job {
-    pub const ALL: [Job; 3] = [Job::Backup, Job::Verify, Job::Drill];
+    pub const ALL: [Job; 4] = [Job::Backup, Job::Incremental, Job::Verify, Job::Drill];
 
     pub fn name(self) -> &'static str {
         match self {
             Job::Backup => "backup",
+            Job::Incremental => "incremental",
             Job::Verify => "verify",
             Job::Drill => "drill",
         }
     }
+}
+
+/// Jobs due together, in the order they run: a full backup due with an incremental one
+/// stands for both (the incremental would copy only what changed in between: nothing).
+pub fn due_order(mut due: Vec<Job>) -> Vec<Job> {
+    if due.contains(&Job::Backup) {
+        due.retain(|j| *j != Job::Incremental);
+    }
+    due.sort();
+    due.dedup();
+    due
 }
 
 /// The first occurrence of `cron` strictly after `after`, read in `tz`.
@@ -109,6 +123,24 @@ mod tests {
 
     fn cron(s: &str) -> Cron {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_full_backup_due_with_an_incremental_one_stands_for_both() {
+        use Job::*;
+        let cases: [(&[Job], &[Job]); 5] = [
+            (&[Incremental, Backup], &[Backup]),
+            (&[Incremental], &[Incremental]),
+            (&[Drill, Incremental, Verify], &[Incremental, Verify, Drill]),
+            (
+                &[Verify, Backup, Incremental, Drill],
+                &[Backup, Verify, Drill],
+            ),
+            (&[Backup, Backup], &[Backup]),
+        ];
+        for (due, want) in cases {
+            assert_eq!(due_order(due.to_vec()), want, "{due:?}");
+        }
     }
 
     #[test]
