@@ -632,6 +632,21 @@ mod incremental_tests {
     }
 
     #[test]
+    fn which_failures_call_for_a_full_backup_instead() {
+        let refused = |m: &str| TakeError::Refused(m.to_string());
+        let cases = [
+            (refused(&format!("summarize_wal = off; {TAKE_FULL}")), true),
+            (TakeError::Failed(format!("WAL summaries gone; {TAKE_FULL}")), true),
+            // Refusals a full backup would meet just the same.
+            (refused("not enough free space for the backup"), false),
+            (TakeError::Failed("timed out waiting for the WAL".into()), false),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.wants_full_backup(), want, "{e}");
+        }
+    }
+
+    #[test]
     fn summaries() {
         let rows = [(1, l(10), l(20)), (1, l(20), l(30)), (2, l(30), l(40))];
         assert_eq!(summaries_cover(&rows, 1, l(15)), Ok(()));
