@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use super::{is_immutable, Queue, RateLimit, Upload, UploadError, Verifier};
 use crate::storage::tiered::{RemoteTier, Tee};
-use crate::storage::{Storage, WriteMode};
+use crate::storage::Storage;
 
 /// Bytes a tee holds for one tier before it lets go of the live stream.
 const TEE_BUDGET: usize = 16 << 20;
@@ -53,7 +53,6 @@ pub(crate) fn tee(
     wt: &Arc<WriteThrough>,
     queue: &Queue,
     key: &str,
-    _mode: WriteMode,
 ) -> Option<Box<dyn Tee>> {
     if !follows(key) || *wt.stop.borrow() {
         return None;
@@ -281,7 +280,7 @@ mod tests {
     use crate::repo::object::{self, ObjectKind};
     use crate::storage::fs::FsStorage;
     use crate::storage::tiered::{Reads, Tiered, WriteObserver};
-    use crate::storage::{ObjectMeta, ObjectWriter, StorageError};
+    use crate::storage::{ObjectMeta, ObjectWriter, StorageError, WriteMode};
     use crate::upload::{UploadSettings, Uploader};
 
     /// A remote tier on disk that counts the bytes its writers take, can hold them back (a

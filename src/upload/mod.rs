@@ -380,9 +380,10 @@ impl WriteObserver for Queue {
         self.notify.notify_waiters();
     }
 
-    fn tee(&self, key: &str, mode: WriteMode) -> Option<Box<dyn Tee>> {
+    fn tee(&self, key: &str, _mode: WriteMode) -> Option<Box<dyn Tee>> {
         let wt = self.write_through.lock().unwrap().clone()?;
-        follow::tee(&wt, self, key, mode)
+        // The mode of the remote copy follows from the key (`is_immutable`), as for the worker.
+        follow::tee(&wt, self, key)
     }
 }
 
