@@ -636,10 +636,16 @@ mod incremental_tests {
         let refused = |m: &str| TakeError::Refused(m.to_string());
         let cases = [
             (refused(&format!("summarize_wal = off; {TAKE_FULL}")), true),
-            (TakeError::Failed(format!("WAL summaries gone; {TAKE_FULL}")), true),
+            (
+                TakeError::Failed(format!("WAL summaries gone; {TAKE_FULL}")),
+                true,
+            ),
             // Refusals a full backup would meet just the same.
             (refused("not enough free space for the backup"), false),
-            (TakeError::Failed("timed out waiting for the WAL".into()), false),
+            (
+                TakeError::Failed("timed out waiting for the WAL".into()),
+                false,
+            ),
         ];
         for (e, want) in cases {
             assert_eq!(e.wants_full_backup(), want, "{e}");

@@ -49,11 +49,7 @@ fn follows(key: &str) -> bool {
 
 /// A tee for `key`, with a follower for each tier that does not already have it on the way;
 /// `None` if the object is not one to follow.
-pub(crate) fn tee(
-    wt: &Arc<WriteThrough>,
-    queue: &Queue,
-    key: &str,
-) -> Option<Box<dyn Tee>> {
+pub(crate) fn tee(wt: &Arc<WriteThrough>, queue: &Queue, key: &str) -> Option<Box<dyn Tee>> {
     if !follows(key) || *wt.stop.borrow() {
         return None;
     }
