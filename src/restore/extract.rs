@@ -20,6 +20,7 @@ use crate::format::manifest::{ChecksumAlgorithm, FileDigests};
 use crate::format::tar::{EntryKind, TarEvent, TarReader};
 use crate::progress::Progress;
 use crate::repo::{Repo, RepoError};
+use crate::stream::stages::add_since;
 
 /// One archive of a backup and where it goes.
 #[derive(Clone, Debug)]
@@ -89,10 +90,6 @@ impl Stages {
             "restore stage totals"
         );
     }
-}
-
-fn add_since(a: &AtomicU64, t: Instant) {
-    a.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// The decompressor's `Write` end: hands raw chunks to the tar writer, and counts the time it

@@ -434,10 +434,12 @@ impl Queue {
         self.with_tier(i, |t| t.uploaded_point(p));
     }
 
+    /// `key` is in tier `i` (uploaded by the worker or by a follower).
     fn record_done(&self, i: usize, key: &str, bytes: u64) {
         let seg_size = self.seg_size();
         self.with_tier(i, |t| {
             t.in_flight.remove(key);
+            t.following.remove(key);
             t.uploaded_objects += 1;
             t.uploaded_bytes += bytes;
             if let Some(WalObject::Segment(s)) = parse_wal_key(key, seg_size) {
@@ -462,25 +464,12 @@ impl Queue {
     /// A follower of `key` for tier `i` is done: `Ok(Some(bytes))` uploaded, `Ok(None)` nothing
     /// to ship (the write was abandoned), `Err`: queued for the worker's usual upload.
     fn followed(&self, i: usize, key: &str, r: &Result<Option<u64>, UploadError>) {
-        self.with_tier(i, |t| {
-            t.following.remove(key);
-            match r {
-                Ok(Some(bytes)) => {
-                    t.uploaded_objects += 1;
-                    t.uploaded_bytes += bytes;
-                    t.last_error = None;
-                    t.last_error_permanent = false;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    t.pending.insert(key.to_string());
-                    t.last_error = Some(e.to_string());
-                    t.last_error_permanent = !e.is_transient();
-                }
-            }
-        });
-        if let Err(e) = r {
-            self.refused(e);
+        match r {
+            Ok(Some(bytes)) => self.record_done(i, key, *bytes),
+            Ok(None) => self.with_tier(i, |t| {
+                t.following.remove(key);
+            }),
+            Err(e) => self.record_failed(i, key, e),
         }
         // Wakes the worker (to take a failed follower's key, or to report itself idle).
         self.notify.notify_waiters();
@@ -496,9 +485,11 @@ impl Queue {
         self.notify.notify_waiters();
     }
 
+    /// `key` failed to reach tier `i`: queued again for the worker.
     fn record_failed(&self, i: usize, key: &str, e: &UploadError) {
         self.with_tier(i, |t| {
             t.in_flight.remove(key);
+            t.following.remove(key);
             t.pending.insert(key.to_string());
             t.last_error = Some(e.to_string());
             t.last_error_permanent = !e.is_transient();
@@ -595,7 +586,9 @@ async fn reconcile(
         if let Some(p) = newest_held {
             t.uploaded_point(p);
         }
-        t.pending.extend(missing);
+        // A key being shipped while written is on its way already.
+        t.pending
+            .extend(missing.into_iter().filter(|k| !t.following.contains(k)));
     });
     Ok(n)
 }
