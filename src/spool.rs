@@ -111,15 +111,27 @@ impl FlushRecord {
     }
 }
 
-/// Written after every fsync of a synchronous standby, so built on the stack.
+/// Written after every fsync of a synchronous standby, so built on the stack and without
+/// `core::fmt`: formatting was a tenth of the receive loop's user CPU in a profile.
 fn encode_flushed(seg: SegmentName, len: u64) -> [u8; FLUSHED_LEN] {
-    use std::io::Write;
-    let mut out = [0u8; FLUSHED_LEN];
-    let body = 24 + 1 + 16;
-    write!(&mut out[..body], "{seg} {len:016x}").expect("a segment name is 24 characters");
-    let crc = crc32fast::hash(&out[..body]);
-    writeln!(&mut out[body..], " {crc:08x}").expect("sized above");
+    let mut out = [b' '; FLUSHED_LEN];
+    let (log, id) = seg.log_and_id();
+    put_hex(&mut out[0..8], u64::from(seg.tli), b"0123456789ABCDEF");
+    put_hex(&mut out[8..16], log, b"0123456789ABCDEF");
+    put_hex(&mut out[16..24], id, b"0123456789ABCDEF");
+    put_hex(&mut out[25..41], len, b"0123456789abcdef");
+    let crc = crc32fast::hash(&out[..41]);
+    put_hex(&mut out[42..50], u64::from(crc), b"0123456789abcdef");
+    out[50] = b'\n';
     out
+}
+
+/// Writes the low `4 * out.len()` bits of `v` as fixed-width hex digits.
+fn put_hex(out: &mut [u8], mut v: u64, digits: &[u8; 16]) {
+    for b in out.iter_mut().rev() {
+        *b = digits[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
 fn decode_flushed(raw: &[u8], seg_size: u64) -> Option<(SegmentName, u64)> {
@@ -540,6 +552,25 @@ mod tests {
                 .len(),
             seg_size
         );
+    }
+
+    #[test]
+    fn the_flush_record_is_the_segment_name_the_length_and_a_crc_in_hex() {
+        let cases = [
+            (SegmentName::new(1, 0, SEG), 0),
+            (SegmentName::new(0xA, 0x1_2345, SEG), 0x00AB_CDEF),
+            (SegmentName::new(u32::MAX, 3 * 256 + 255, SEG), SEG),
+            (SegmentName::new(7, 5 * 4096 + 9, 1 << 20), u64::MAX),
+        ];
+        for (seg, len) in cases {
+            let body = format!("{seg} {len:016x}");
+            let want = format!("{body} {:08x}\n", crc32fast::hash(body.as_bytes()));
+            let got = encode_flushed(seg, len);
+            assert_eq!(std::str::from_utf8(&got).unwrap(), want, "{seg} {len}");
+            if len <= seg.seg_size {
+                assert_eq!(decode_flushed(&got, seg.seg_size), Some((seg, len)));
+            }
+        }
     }
 
     #[test]

@@ -36,6 +36,13 @@ impl SegmentName {
         Self::new(tli, lsn.segment_number(seg_size), seg_size)
     }
 
+    /// The name's second and third parts: `segno` split by segments per xlog id (as
+    /// `XLogFileName` prints them).
+    pub fn log_and_id(&self) -> (u64, u64) {
+        let per_id = self.segments_per_xlog_id();
+        (self.segno / per_id, self.segno % per_id)
+    }
+
     fn segments_per_xlog_id(&self) -> u64 {
         0x1_0000_0000 / self.seg_size
     }
@@ -72,14 +79,8 @@ impl SegmentName {
 
 impl fmt::Display for SegmentName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let per_id = self.segments_per_xlog_id();
-        write!(
-            f,
-            "{:08X}{:08X}{:08X}",
-            self.tli,
-            self.segno / per_id,
-            self.segno % per_id
-        )
+        let (log, id) = self.log_and_id();
+        write!(f, "{:08X}{log:08X}{id:08X}", self.tli)
     }
 }
 
