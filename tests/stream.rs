@@ -158,6 +158,7 @@ fn synchronous_standby_commits_complete_and_are_durable() {
     let mut args = stream_args(&repo_s, &ci);
     args.push("--synchronous");
     let mut a = Archiver::stream(&dir, "stream", &args);
+    a.wait_log(BLOCKING_LOOP, T);
     wait_until("archiver to be the sync standby", T, || {
         pg.psql("select sync_state from pg_stat_replication where application_name='archiver'")
             == "sync"
@@ -204,6 +205,17 @@ fn synchronous_standby_commits_complete_and_are_durable() {
 
 #[test]
 fn promotion_archives_new_timeline_and_history() {
+    promotion_case(false);
+}
+
+/// The same through the synchronous stream's loop, which blocks its own thread on the
+/// socket: across the end of a timeline and a stop request.
+#[test]
+fn promotion_archives_new_timeline_and_history_as_a_synchronous_stream() {
+    promotion_case(true);
+}
+
+fn promotion_case(synchronous: bool) {
     let dir = TestDir::new();
     let mut primary = Pg::create(&dir, "primary", "", "");
     primary.start();
@@ -213,7 +225,11 @@ fn promotion_archives_new_timeline_and_history() {
     let repo = dir.join("repo");
     let repo_s = repo.to_str().unwrap().to_string();
     let ci = standby.conninfo("postgres");
-    let mut a = Archiver::stream(&dir, "stream", &stream_args(&repo_s, &ci));
+    let mut args = stream_args(&repo_s, &ci);
+    if synchronous {
+        args.push("--synchronous");
+    }
+    let mut a = Archiver::stream(&dir, "stream", &args);
     primary.psql("insert into before_promo select generate_series(1,50000)");
     let name = current_walfile(&primary);
     primary.psql("select pg_switch_wal()");
@@ -270,8 +286,19 @@ fn promotion_archives_new_timeline_and_history() {
         server[..partial.len()] == partial[..],
         "partial differs from the server's"
     );
+    let t = std::time::Instant::now();
     assert!(a.term().success());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        a.log_text().contains(BLOCKING_LOOP),
+        synchronous,
+        "{}",
+        a.log_text()
+    );
 }
+
+/// What a synchronous stream logs when its loop blocks its own thread on the socket.
+const BLOCKING_LOOP: &str = "blocking on its socket";
 
 #[test]
 fn wal_gone_from_the_server_stops_with_exit_3() {

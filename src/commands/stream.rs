@@ -194,18 +194,12 @@ async fn stream(args: StreamArgs) -> anyhow::Result<()> {
         cfg.flushed = Some(std::sync::Arc::new(flushed_tx));
         TierTasks::start(p, spool.clone(), flushed_rx, args.compress_level)
     });
-    // On a runtime worker (not the block_on thread) the task is polled by the thread that
-    // drives the I/O reactor, saving a thread hop on every WAL batch: lower commit latency as a
-    // synchronous standby.
-    let result = tokio::spawn(crate::stream::run(
-        conn, server, repo, spool, conninfo, cfg, rx,
-    ))
-    .await
-    .context("the streaming task panicked");
+    let result =
+        crate::stream::run_where_cheapest(conn, server, repo, spool, conninfo, cfg, rx).await;
     if let Some(b) = background {
         b.shutdown(SHUTDOWN_DRAIN).await;
     }
-    result??;
+    result?;
     info!("stream stopped cleanly");
     Ok(())
 }

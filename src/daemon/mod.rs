@@ -635,7 +635,7 @@ async fn supervise_stream(
             },
         };
         let r = match Repo::check_compatible(ctx.repo.meta(), &server) {
-            Ok(()) => crate::stream::run(
+            Ok(()) => crate::stream::run_where_cheapest(
                 conn,
                 server,
                 ctx.repo.clone(),

@@ -3,6 +3,11 @@
 //!
 //! Reads are buffered in one `BytesMut`; [`Connection::try_next_message`] lets the replication
 //! loop drain everything already received before it fsyncs and replies.
+//!
+//! A plain (TCP or Unix-domain) connection can be taken off the runtime
+//! ([`Connection::detach`]) for a thread of its own: its reads and writes then block that
+//! thread, with no readiness registration, waker or scheduler between the socket and the
+//! caller — what a synchronous standby's receive loop wants on every commit.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,6 +26,30 @@ use super::tls;
 
 trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// The socket under a connection.
+enum Io {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Tls(Box<dyn Transport>),
+    /// Off the runtime ([`Connection::detach`]): blocking, with a receive timeout of
+    /// [`BLOCKING_WAIT`].
+    BlockingTcp(std::net::TcpStream),
+    BlockingUnix(std::os::unix::net::UnixStream),
+    /// Lost while being detached (the conversion failed); every use fails.
+    Gone,
+}
+
+/// How long a blocking read waits for data before it returns to its caller (who looks at
+/// its timers and its stop request, then reads again).
+pub const BLOCKING_WAIT: Duration = Duration::from_millis(100);
+
+fn gone() -> PgError {
+    PgError::Io(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the connection was lost while being taken off the runtime",
+    ))
+}
 
 /// A backend message: `postgres-protocol`'s, plus the replication-only `CopyBothResponse`
 /// (`'W'`), which its decoder does not know.
@@ -70,7 +99,7 @@ fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Connection {
-    io: Box<dyn Transport>,
+    io: Io,
     rbuf: BytesMut,
     wbuf: BytesMut,
     params: HashMap<String, String>,
@@ -144,7 +173,7 @@ impl Connection {
         application_name: &str,
     ) -> Result<Self, PgError> {
         use std::os::fd::AsRawFd;
-        let (io, fd): (Box<dyn Transport>, _) = match target {
+        let (io, fd) = match target {
             Target::Unix { .. } => {
                 let path = target.socket_path().unwrap();
                 let s = UnixStream::connect(&path)
@@ -156,7 +185,7 @@ impl Connection {
                 // Like libpq: no TLS over Unix-domain sockets, whatever sslmode says.
                 debug!(socket = %path.display(), "Unix socket: TLS not used");
                 let fd = s.as_raw_fd();
-                (Box::new(s), fd)
+                (Io::Unix(s), fd)
             }
             Target::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))
@@ -183,13 +212,9 @@ impl Connection {
         Ok(conn)
     }
 
-    async fn maybe_tls(
-        ci: &ConnInfo,
-        host: &str,
-        mut s: TcpStream,
-    ) -> Result<Box<dyn Transport>, PgError> {
+    async fn maybe_tls(ci: &ConnInfo, host: &str, mut s: TcpStream) -> Result<Io, PgError> {
         if matches!(ci.sslmode, SslMode::Disable | SslMode::Allow) {
-            return Ok(Box::new(s));
+            return Ok(Io::Tcp(s));
         }
         let config = tls::client_config(ci)?;
         let mut buf = BytesMut::new();
@@ -205,9 +230,9 @@ impl Connection {
                     .await
                     .map_err(|e| PgError::Tls(format!("handshake with {host} failed: {e}")))?;
                 debug!(host, "TLS established");
-                Ok(Box::new(tls))
+                Ok(Io::Tls(Box::new(tls)))
             }
-            b'N' if ci.sslmode == SslMode::Prefer => Ok(Box::new(s)),
+            b'N' if ci.sslmode == SslMode::Prefer => Ok(Io::Tcp(s)),
             b'N' => Err(PgError::Tls(format!(
                 "server {host} does not support SSL, but sslmode={:?} requires it",
                 ci.sslmode
@@ -353,14 +378,115 @@ impl Connection {
         &mut self.wbuf
     }
 
-    /// Sends everything queued.
+    /// Sends everything queued (blocking the thread when [detached](Self::detach)).
     pub async fn flush(&mut self) -> Result<(), PgError> {
-        if !self.wbuf.is_empty() {
-            self.io.write_all(&self.wbuf).await?;
-            self.io.flush().await?;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
+        match &mut self.io {
+            Io::Tcp(s) => s.write_all(&self.wbuf).await?,
+            Io::Unix(s) => s.write_all(&self.wbuf).await?,
+            Io::Tls(s) => {
+                s.write_all(&self.wbuf).await?;
+                s.flush().await?;
+            }
+            Io::BlockingTcp(s) => std::io::Write::write_all(s, &self.wbuf)?,
+            Io::BlockingUnix(s) => std::io::Write::write_all(s, &self.wbuf)?,
+            Io::Gone => return Err(gone()),
+        }
+        self.wbuf.clear();
         Ok(())
+    }
+
+    /// Takes a plain connection off the runtime: from now on its reads and writes block the
+    /// calling thread (a read for at most [`BLOCKING_WAIT`] in
+    /// [`next_message_blocking`](Self::next_message_blocking)), and the runtime's I/O
+    /// driver no longer hears of its traffic. Only for a thread of its own, never a runtime
+    /// worker. Returns false, changing nothing, for TLS, which stays on the runtime.
+    pub fn detach(&mut self) -> Result<bool, PgError> {
+        let io = match std::mem::replace(&mut self.io, Io::Gone) {
+            Io::Tcp(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(BLOCKING_WAIT))?;
+                Io::BlockingTcp(s)
+            }
+            Io::Unix(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(BLOCKING_WAIT))?;
+                Io::BlockingUnix(s)
+            }
+            other => {
+                let detached = matches!(other, Io::BlockingTcp(_) | Io::BlockingUnix(_));
+                self.io = other;
+                return Ok(detached);
+            }
+        };
+        self.io = io;
+        Ok(true)
+    }
+
+    /// Reads once into the buffer; for a detached connection `Ok(None)` when nothing came
+    /// within [`BLOCKING_WAIT`].
+    async fn read_more(&mut self) -> Result<Option<usize>, PgError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
+            self.rbuf.reserve(256 * 1024);
+        }
+        let n = match &mut self.io {
+            Io::Tcp(s) => s.read_buf(&mut self.rbuf).await?,
+            Io::Unix(s) => s.read_buf(&mut self.rbuf).await?,
+            Io::Tls(s) => s.read_buf(&mut self.rbuf).await?,
+            Io::BlockingTcp(_) | Io::BlockingUnix(_) => return self.read_blocking(),
+            Io::Gone => return Err(gone()),
+        };
+        if n == 0 {
+            return Err(PgError::Closed);
+        }
+        Ok(Some(n))
+    }
+
+    /// One `recv` on a detached socket, straight into the buffer's spare capacity.
+    fn read_blocking(&mut self) -> Result<Option<usize>, PgError> {
+        use bytes::BufMut;
+        if !matches!(self.io, Io::BlockingTcp(_) | Io::BlockingUnix(_)) {
+            return Err(gone());
+        }
+        let spare = self.rbuf.chunk_mut();
+        // SAFETY: `fd` is the open socket `io` owns; the kernel writes at most `spare.len()`
+        // bytes into the buffer's spare capacity, and only the `n` it reports are then
+        // marked initialised.
+        let n = unsafe { libc::recv(self.fd, spare.as_mut_ptr().cast(), spare.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Ok(None),
+                std::io::ErrorKind::Interrupted => Ok(Some(0)),
+                _ => Err(e.into()),
+            };
+        }
+        if n == 0 {
+            return Err(PgError::Closed);
+        }
+        // SAFETY: the kernel initialised `n` bytes of the spare capacity.
+        unsafe { self.rbuf.advance_mut(n as usize) };
+        Ok(Some(n as usize))
+    }
+
+    /// The next message of a [detached](Self::detach) connection, or `None` when nothing
+    /// complete arrived within [`BLOCKING_WAIT`]. Blocks the calling thread.
+    pub fn next_message_blocking(&mut self) -> Result<Option<Backend>, PgError> {
+        loop {
+            if let Some(m) = self.try_next_message()? {
+                return Ok(Some(m));
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
+                self.rbuf.reserve(256 * 1024);
+            }
+            if self.read_blocking()?.is_none() {
+                return Ok(None);
+            }
+        }
     }
 
     /// Decodes one message from the buffer, if a complete one is there.
@@ -386,13 +512,7 @@ impl Connection {
             if let Some(m) = self.try_next_message()? {
                 return Ok(m);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
-                self.rbuf.reserve(256 * 1024);
-            }
-            let n = self.io.read_buf(&mut self.rbuf).await?;
-            if n == 0 {
-                return Err(PgError::Closed);
-            }
+            self.read_more().await?;
         }
     }
 
@@ -515,7 +635,14 @@ impl Connection {
     pub async fn close(&mut self) {
         frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;
-        let _ = self.io.shutdown().await;
+        let _ = match &mut self.io {
+            Io::Tcp(s) => s.shutdown().await,
+            Io::Unix(s) => s.shutdown().await,
+            Io::Tls(s) => s.shutdown().await,
+            Io::BlockingTcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Io::BlockingUnix(s) => s.shutdown(std::net::Shutdown::Both),
+            Io::Gone => Ok(()),
+        };
     }
 }
 
@@ -576,5 +703,109 @@ mod tests {
         tx.write_all(&[8; 1500]).unwrap();
         assert!(readable_within(fd, 1000));
         assert!(set_rcvlowat(-1, 1).is_err());
+    }
+
+    fn plain(io: Io, fd: std::os::fd::RawFd) -> Connection {
+        Connection {
+            io,
+            rbuf: BytesMut::with_capacity(1024),
+            wbuf: BytesMut::new(),
+            params: HashMap::new(),
+            target: Target::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+            fd,
+        }
+    }
+
+    /// A backend CopyData message carrying `payload`.
+    fn copy_data(payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'd'];
+        m.extend_from_slice(&(4 + payload.len() as u32).to_be_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    /// Taken off the runtime, a connection's reads block the calling thread: a whole message
+    /// however it was split, `None` after [`BLOCKING_WAIT`] of silence, `Closed` at the end;
+    /// its writes go out as before.
+    fn check_detached(mut c: Connection, mut peer: impl Read + Write + Send + 'static) {
+        assert!(c.detach().unwrap(), "a plain socket detaches");
+        assert!(c.detach().unwrap(), "and detaching again changes nothing");
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            assert!(c.next_message_blocking().unwrap().is_none());
+            assert!(t.elapsed() >= BLOCKING_WAIT * 9 / 10, "{:?}", t.elapsed());
+
+            let msg = copy_data(&[5; 3000]);
+            let (head, tail) = msg.split_at(7);
+            let (head, tail) = (head.to_vec(), tail.to_vec());
+            let peer = std::thread::spawn(move || {
+                peer.write_all(&head).unwrap();
+                std::thread::sleep(Duration::from_millis(30));
+                peer.write_all(&tail).unwrap();
+                peer
+            });
+            let m = loop {
+                if let Some(m) = c.next_message_blocking().unwrap() {
+                    break m;
+                }
+            };
+            let Backend::Msg(Message::CopyData(body)) = m else {
+                panic!("not CopyData");
+            };
+            assert_eq!(body.data(), &[5; 3000][..]);
+            let mut peer = peer.join().unwrap();
+
+            c.write_buf().extend_from_slice(b"hello");
+            rt.block_on(c.flush()).unwrap();
+            let mut got = [0u8; 5];
+            peer.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"hello");
+
+            drop(peer);
+            let end = loop {
+                match c.next_message_blocking() {
+                    Ok(None) => continue,
+                    other => break other,
+                }
+            };
+            assert!(matches!(end, Err(PgError::Closed)), "{:?}", end.err());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_detached_tcp_connection_blocks_its_own_thread() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let fd = s.as_raw_fd();
+        check_detached(plain(Io::Tcp(s), fd), peer);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_detached_unix_connection_blocks_its_own_thread() {
+        let (s, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let s = UnixStream::from_std(s).unwrap();
+        let fd = s.as_raw_fd();
+        check_detached(plain(Io::Unix(s), fd), peer);
+    }
+
+    #[test]
+    fn a_connection_lost_while_detaching_fails_every_use() {
+        let mut c = plain(Io::Gone, -1);
+        assert!(!c.detach().unwrap());
+        let e = c.next_message_blocking().err().expect("an error");
+        assert!(e.to_string().contains("taken off the runtime"), "{e}");
+        c.write_buf().extend_from_slice(b"x");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(c.flush()).is_err());
     }
 }

@@ -448,6 +448,59 @@ async fn reconnect(
     })
 }
 
+thread_local! {
+    /// Set on the thread [`run_where_cheapest`] starts: the only kind of thread whose stream
+    /// may block it on its socket.
+    static OWN_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is a stream's own (see [`run_where_cheapest`]).
+pub(crate) fn on_own_thread() -> bool {
+    OWN_THREAD.with(|t| t.get())
+}
+
+/// Runs [`run`] where it costs least, and waits for it.
+///
+/// - A synchronous stream gets a thread of its own, still within the runtime (its tasks,
+///   timers and I/O go on as anywhere else). There it blocks on its socket instead of going
+///   through the runtime on every commit ([`session::Session`]); a runtime worker must never
+///   block like that.
+/// - An asynchronous one is a runtime task: polled by the worker that drives the I/O
+///   reactor, it wakes with no thread hop, and it reads in batches anyway.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_where_cheapest(
+    conn: Connection,
+    server: ServerInfo,
+    repo: Repo,
+    spool: Spool,
+    conninfo: ConnInfo,
+    cfg: StreamConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StreamError> {
+    if !cfg.synchronous {
+        let task = tokio::spawn(run(conn, server, repo, spool, conninfo, cfg, shutdown));
+        return task.await.unwrap_or_else(|e| {
+            Err(StreamError::Invariant(format!(
+                "the streaming task panicked: {e}"
+            )))
+        });
+    }
+    let rt = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("archiver-stream".into())
+        .spawn(move || {
+            OWN_THREAD.with(|t| t.set(true));
+            let _ = tx.send(rt.block_on(run(conn, server, repo, spool, conninfo, cfg, shutdown)));
+        })
+        .map_err(|e| StreamError::io("starting the stream's thread", e))?;
+    rx.await.unwrap_or_else(|_| {
+        Err(StreamError::Invariant(
+            "the stream's thread panicked".into(),
+        ))
+    })
+}
+
 /// Streams until `shutdown` is set or a permanent error occurs. `conn` is an established
 /// replication connection to `server`, already checked against the repository.
 pub async fn run(
