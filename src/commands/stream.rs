@@ -46,8 +46,14 @@ pub struct StreamArgs {
     /// Log a progress line this often.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     progress_interval: Duration,
-    /// zstd level for archived segments.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd level for archived segments: 1 to 19, or a fast level, -1 to -7 (less CPU, larger
+    /// objects).
+    #[arg(
+        long,
+        default_value_t = 1,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(-7..=19)
+    )]
     compress_level: i32,
     /// With --repo s3://…: ship the segment being received this often (the offsite RPO; a
     /// tiered repository sets it in its configuration file).

@@ -437,16 +437,16 @@ impl Config {
         if !matches!(self.schedule.backup_checkpoint.as_str(), "fast" | "spread") {
             return Err("schedule.backup_checkpoint must be \"fast\" or \"spread\"".into());
         }
-        for (what, level) in [
-            ("server.compress_level", self.server.compress_level),
-            (
-                "schedule.backup_compress_level",
-                self.schedule.backup_compress_level,
-            ),
-        ] {
-            if !(1..=19).contains(&level) {
-                return Err(format!("{what} must be between 1 and 19"));
-            }
+        let wal = crate::stream::WAL_COMPRESS_LEVELS;
+        if !wal.contains(&self.server.compress_level) {
+            return Err(format!(
+                "server.compress_level must be between {} and {} (negative: zstd's fast levels)",
+                wal.start(),
+                wal.end()
+            ));
+        }
+        if !(1..=19).contains(&self.schedule.backup_compress_level) {
+            return Err("schedule.backup_compress_level must be between 1 and 19".into());
         }
         crate::pg::replication::validate_slot_name(&self.server.slot)
             .map_err(|e| format!("server.slot: {e}"))?;
@@ -665,6 +665,9 @@ rpo_objective = "2m"
             ("[alerts]\ndisk_usage_percent = 120.0\n", "between 0 and 100"),
             ("[alerts]\nslot_retained = \"lots\"\n", "size"),
             ("[server]\nslot = \"Bad-Slot\"\n", "server.slot"),
+            ("[server]\ncompress_level = -8\n", "between -7 and 19"),
+            ("[server]\ncompress_level = 20\n", "between -7 and 19"),
+            ("[schedule]\nbackup_compress_level = -1\n", "between 1 and 19"),
             ("[[notify]]\ntype = \"pager\"\n", "pager"),
             ("[[notify]]\ntype = \"webhook\"\n", "url"),
             ("[[notify]]\ntype = \"webhook\"\nurl = \"ftp://x\"\n", "http://"),

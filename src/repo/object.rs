@@ -594,6 +594,19 @@ mod tests {
     }
 
     #[test]
+    fn every_wal_level_round_trips() {
+        let raw = sample();
+        let levels = crate::stream::WAL_COMPRESS_LEVELS;
+        for level in [*levels.start(), -1, 1, *levels.end()] {
+            let (obj, info) = encode_bytes(&raw, ObjectKind::WalSegment, level).unwrap();
+            assert!(obj.len() < raw.len() / 2, "level {level}: {}", obj.len());
+            let (back, info2) = decode_bytes(&obj).unwrap();
+            assert!(back == raw, "level {level}");
+            assert_eq!(info2, info);
+        }
+    }
+
+    #[test]
     fn round_trip() {
         let raw = sample();
         let (obj, info) = encode_bytes(&raw, ObjectKind::WalSegment, 1).unwrap();
