@@ -596,7 +596,7 @@ mod tests {
     #[test]
     fn every_wal_level_round_trips() {
         let raw = sample();
-        let levels = crate::stream::WAL_COMPRESS_LEVELS;
+        let levels = crate::config::WAL_COMPRESS_LEVELS;
         for level in [*levels.start(), -1, 1, *levels.end()] {
             let (obj, info) = encode_bytes(&raw, ObjectKind::WalSegment, level).unwrap();
             assert!(obj.len() < raw.len() / 2, "level {level}: {}", obj.len());

@@ -448,10 +448,6 @@ async fn reconnect(
     })
 }
 
-/// The zstd levels WAL may be archived at: zstd's fast levels (down to −7, about a quarter less
-/// CPU than level 1 for a lower ratio) for hosts where CPU is scarcer than storage, up to 19.
-pub const WAL_COMPRESS_LEVELS: std::ops::RangeInclusive<i32> = -7..=19;
-
 thread_local! {
     /// Set on the thread [`run_where_cheapest`] starts: the only kind of thread whose stream
     /// may block it on its socket.
