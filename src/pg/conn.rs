@@ -427,12 +427,17 @@ impl Connection {
         Ok(true)
     }
 
-    /// Reads once into the buffer; for a detached connection `Ok(None)` when nothing came
-    /// within [`BLOCKING_WAIT`].
-    async fn read_more(&mut self) -> Result<Option<usize>, PgError> {
+    /// At least 64 KiB free at the end of the read buffer (growing it by 256 KiB at a time).
+    fn make_room(&mut self) {
         if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
             self.rbuf.reserve(256 * 1024);
         }
+    }
+
+    /// Reads once into the buffer; for a detached connection `Ok(None)` when nothing came
+    /// within [`BLOCKING_WAIT`].
+    async fn read_more(&mut self) -> Result<Option<usize>, PgError> {
+        self.make_room();
         let n = match &mut self.io {
             Io::Tcp(s) => s.read_buf(&mut self.rbuf).await?,
             Io::Unix(s) => s.read_buf(&mut self.rbuf).await?,
@@ -452,6 +457,8 @@ impl Connection {
         if !matches!(self.io, Io::BlockingTcp(_) | Io::BlockingUnix(_)) {
             return Err(gone());
         }
+        // Never an empty spare slice: a `recv` of 0 bytes would read as the server closing.
+        self.make_room();
         let spare = self.rbuf.chunk_mut();
         // SAFETY: `fd` is the open socket `io` owns; the kernel writes at most `spare.len()`
         // bytes into the buffer's spare capacity, and only the `n` it reports are then
@@ -479,9 +486,6 @@ impl Connection {
         loop {
             if let Some(m) = self.try_next_message()? {
                 return Ok(Some(m));
-            }
-            if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
-                self.rbuf.reserve(256 * 1024);
             }
             if self.read_blocking()?.is_none() {
                 return Ok(None);
