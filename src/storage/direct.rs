@@ -19,6 +19,30 @@ use std::path::Path;
 const ALIGN: usize = 4096;
 /// Bytes gathered before each direct write.
 const CHUNK: usize = 1 << 20;
+/// Windows of finished files kept for the next ones, at most this many (1 MiB each). A fresh
+/// window is new memory, which the kernel hands over a page at a time: ~260 page faults per
+/// object, a third of a WAL stream's faults (`perf record -e page-faults`).
+const POOLED: usize = 4;
+
+static WINDOWS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// A window of `CHUNK + ALIGN` bytes, reused when one is pooled. Its old bytes are never
+/// written out: only what the next file gathers is, and its padding is zeroed first.
+fn take_window() -> Vec<u8> {
+    let pooled = WINDOWS.lock().map(|mut w| w.pop()).unwrap_or(None);
+    pooled.unwrap_or_else(|| vec![0u8; CHUNK + ALIGN])
+}
+
+fn give_back(window: Vec<u8>) {
+    if window.len() != CHUNK + ALIGN {
+        return;
+    }
+    if let Ok(mut w) = WINDOWS.lock() {
+        if w.len() < POOLED {
+            w.push(window);
+        }
+    }
+}
 
 /// A new file written sequentially, directly where the filesystem allows.
 pub(crate) struct DirectFile {
@@ -48,7 +72,7 @@ impl DirectFile {
             Err(e) => return Err(e),
         };
         let (buf, off) = if direct {
-            let buf = vec![0u8; CHUNK + ALIGN];
+            let buf = take_window();
             let off = buf.as_ptr().align_offset(ALIGN);
             (buf, off)
         } else {
@@ -140,6 +164,7 @@ impl DirectFile {
             self.write_window(padded)?;
             self.file.set_len(size)?;
         }
+        give_back(std::mem::take(&mut self.buf));
         Ok(self.file)
     }
 }
@@ -177,6 +202,22 @@ mod tests {
             let got = std::fs::read(&path).unwrap();
             assert_eq!(got.len(), want.len(), "sizes {sizes:?}");
             assert!(got == want, "content differs for sizes {sizes:?}");
+        }
+    }
+
+    #[test]
+    fn a_reused_window_carries_nothing_into_the_next_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..3 {
+            let big = dir.path().join(format!("big{round}"));
+            let mut f = DirectFile::create(&big).unwrap();
+            f.write_all(&vec![0xab; CHUNK - 1]).unwrap();
+            f.finish().unwrap();
+            let small = dir.path().join(format!("small{round}"));
+            let mut f = DirectFile::create(&small).unwrap();
+            f.write_all(b"0123456789").unwrap();
+            f.finish().unwrap();
+            assert_eq!(std::fs::read(&small).unwrap(), b"0123456789");
         }
     }
 
