@@ -44,6 +44,27 @@ enum Io {
 /// its timers and its stop request, then reads again).
 pub const BLOCKING_WAIT: Duration = Duration::from_millis(100);
 
+/// How long a detached connection's write may block before the connection is given up: the
+/// server stopped reading without closing (half its own `wal_sender_timeout`, 60 s by
+/// default). The error is an I/O error, transient: a stream reconnects, as after any lost
+/// connection, instead of hanging in `send` where no stop request reaches it.
+pub const SEND_WAIT: Duration = Duration::from_secs(30);
+
+/// Writes all of `buf` to a detached socket, whose send timeout is [`SEND_WAIT`].
+fn blocking_send(s: &mut impl std::io::Write, buf: &[u8]) -> std::io::Result<()> {
+    s.write_all(buf).map_err(|e| match e.kind() {
+        // What a blocking send that timed out returns (EAGAIN).
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the server took nothing sent to it for {} s",
+                SEND_WAIT.as_secs()
+            ),
+        ),
+        _ => e,
+    })
+}
+
 fn gone() -> PgError {
     PgError::Io(std::io::Error::new(
         std::io::ErrorKind::NotConnected,
@@ -378,21 +399,27 @@ impl Connection {
         &mut self.wbuf
     }
 
-    /// Sends everything queued (blocking the thread when [detached](Self::detach)).
+    /// Sends everything queued (blocking the thread when [detached](Self::detach), for at
+    /// most [`SEND_WAIT`]; a connection whose send timed out is unusable from then on).
     pub async fn flush(&mut self) -> Result<(), PgError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        match &mut self.io {
-            Io::Tcp(s) => s.write_all(&self.wbuf).await?,
-            Io::Unix(s) => s.write_all(&self.wbuf).await?,
+        let blocking = match &mut self.io {
+            Io::Tcp(s) => Ok(s.write_all(&self.wbuf).await?),
+            Io::Unix(s) => Ok(s.write_all(&self.wbuf).await?),
             Io::Tls(s) => {
                 s.write_all(&self.wbuf).await?;
-                s.flush().await?;
+                Ok(s.flush().await?)
             }
-            Io::BlockingTcp(s) => std::io::Write::write_all(s, &self.wbuf)?,
-            Io::BlockingUnix(s) => std::io::Write::write_all(s, &self.wbuf)?,
+            Io::BlockingTcp(s) => blocking_send(s, &self.wbuf),
+            Io::BlockingUnix(s) => blocking_send(s, &self.wbuf),
             Io::Gone => return Err(gone()),
+        };
+        if let Err(e) = blocking {
+            // Part of a message may have gone out: nothing more can be said on it.
+            self.io = Io::Gone;
+            return Err(e.into());
         }
         self.wbuf.clear();
         Ok(())
@@ -404,17 +431,24 @@ impl Connection {
     /// driver no longer hears of its traffic. Only for a thread of its own, never a runtime
     /// worker. Returns false, changing nothing, for TLS, which stays on the runtime.
     pub fn detach(&mut self) -> Result<bool, PgError> {
+        self.detach_with(SEND_WAIT)
+    }
+
+    /// [`detach`](Self::detach), a write blocking for at most `send_wait`.
+    fn detach_with(&mut self, send_wait: Duration) -> Result<bool, PgError> {
         let io = match std::mem::replace(&mut self.io, Io::Gone) {
             Io::Tcp(s) => {
                 let s = s.into_std()?;
                 s.set_nonblocking(false)?;
                 s.set_read_timeout(Some(BLOCKING_WAIT))?;
+                s.set_write_timeout(Some(send_wait))?;
                 Io::BlockingTcp(s)
             }
             Io::Unix(s) => {
                 let s = s.into_std()?;
                 s.set_nonblocking(false)?;
                 s.set_read_timeout(Some(BLOCKING_WAIT))?;
+                s.set_write_timeout(Some(send_wait))?;
                 Io::BlockingUnix(s)
             }
             other => {
@@ -777,6 +811,41 @@ mod tests {
                 }
             };
             assert!(matches!(end, Err(PgError::Closed)), "{:?}", end.err());
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A server that stops reading without closing: the detached connection's send gives
+    /// up after its wait instead of blocking forever, and the connection is unusable after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_detached_send_the_server_never_reads_times_out() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (_peer, _) = l.accept().unwrap();
+        let fd = s.as_raw_fd();
+        let mut c = plain(Io::Tcp(s), fd);
+        let wait = Duration::from_millis(300);
+        assert!(c.detach_with(wait).unwrap());
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            // Far more than both socket buffers hold.
+            c.write_buf().extend_from_slice(&vec![1u8; 64 << 20]);
+            let e = rt.block_on(c.flush()).unwrap_err();
+            assert!(t.elapsed() >= wait, "{:?}", t.elapsed());
+            assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+            let PgError::Io(io) = &e else {
+                panic!("not an I/O error: {e}");
+            };
+            assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(e.is_transient());
+            c.write_buf().extend_from_slice(b"x");
+            assert!(
+                rt.block_on(c.flush()).is_err(),
+                "usable after a timed-out send"
+            );
+            assert!(c.next_message_blocking().is_err());
         })
         .join()
         .unwrap();
