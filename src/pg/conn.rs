@@ -44,25 +44,46 @@ enum Io {
 /// its timers and its stop request, then reads again).
 pub const BLOCKING_WAIT: Duration = Duration::from_millis(100);
 
-/// How long a detached connection's write may block before the connection is given up: the
-/// server stopped reading without closing (half its own `wal_sender_timeout`, 60 s by
-/// default). The error is an I/O error, transient: a stream reconnects, as after any lost
-/// connection, instead of hanging in `send` where no stop request reaches it.
+/// How long a send may make no progress before the connection is given up: the server
+/// stopped reading without closing (half its own `wal_sender_timeout`, 60 s by default). The
+/// error is an I/O error, transient: a stream reconnects, as after any lost connection,
+/// instead of hanging in a send where no stop request reaches it.
 pub const SEND_WAIT: Duration = Duration::from_secs(30);
 
-/// Writes all of `buf` to a detached socket, whose send timeout is [`SEND_WAIT`].
-fn blocking_send(s: &mut impl std::io::Write, buf: &[u8]) -> std::io::Result<()> {
+/// Writes all of `buf` to a detached socket, whose send timeout is the connection's wait.
+fn blocking_send(s: &mut impl std::io::Write, buf: &[u8], wait: Duration) -> std::io::Result<()> {
     s.write_all(buf).map_err(|e| match e.kind() {
         // What a blocking send that timed out returns (EAGAIN).
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "the server took nothing sent to it for {} s",
-                SEND_WAIT.as_secs()
-            ),
-        ),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => send_timed_out(wait),
         _ => e,
     })
+}
+
+/// Writes all of `buf` on the runtime, failing when one write makes no progress for `wait`.
+async fn send<W: AsyncWrite + Unpin + ?Sized>(
+    s: &mut W,
+    mut buf: &[u8],
+    wait: Duration,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(wait, s.write(buf)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(send_timed_out(wait)),
+        }
+    }
+    Ok(())
+}
+
+fn send_timed_out(wait: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the server took nothing sent to it for {:.1} s",
+            wait.as_secs_f64()
+        ),
+    )
 }
 
 fn gone() -> PgError {
@@ -127,6 +148,8 @@ pub struct Connection {
     target: Target,
     /// The socket under the transport (TLS included), for socket options.
     fd: std::os::fd::RawFd,
+    /// How long a send may make no progress ([`SEND_WAIT`]; shorter in tests).
+    send_wait: Duration,
 }
 
 pub(crate) fn parse_error_fields(
@@ -227,6 +250,7 @@ impl Connection {
             params: HashMap::new(),
             target: target.clone(),
             fd,
+            send_wait: SEND_WAIT,
         };
         conn.startup(ci, target, replication, application_name)
             .await?;
@@ -399,24 +423,27 @@ impl Connection {
         &mut self.wbuf
     }
 
-    /// Sends everything queued (blocking the thread when [detached](Self::detach), for at
-    /// most [`SEND_WAIT`]; a connection whose send timed out is unusable from then on).
+    /// Sends everything queued (blocking the thread when [detached](Self::detach)). A send that
+    /// makes no progress for [`SEND_WAIT`] fails, and the connection is unusable from then on.
     pub async fn flush(&mut self) -> Result<(), PgError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let blocking = match &mut self.io {
-            Io::Tcp(s) => Ok(s.write_all(&self.wbuf).await?),
-            Io::Unix(s) => Ok(s.write_all(&self.wbuf).await?),
-            Io::Tls(s) => {
-                s.write_all(&self.wbuf).await?;
-                Ok(s.flush().await?)
-            }
-            Io::BlockingTcp(s) => blocking_send(s, &self.wbuf),
-            Io::BlockingUnix(s) => blocking_send(s, &self.wbuf),
+        let wait = self.send_wait;
+        let sent = match &mut self.io {
+            Io::Tcp(s) => send(s, &self.wbuf, wait).await,
+            Io::Unix(s) => send(s, &self.wbuf, wait).await,
+            Io::Tls(s) => match send(s, &self.wbuf, wait).await {
+                Ok(()) => tokio::time::timeout(wait, s.flush())
+                    .await
+                    .unwrap_or_else(|_| Err(send_timed_out(wait))),
+                e => e,
+            },
+            Io::BlockingTcp(s) => blocking_send(s, &self.wbuf, wait),
+            Io::BlockingUnix(s) => blocking_send(s, &self.wbuf, wait),
             Io::Gone => return Err(gone()),
         };
-        if let Err(e) = blocking {
+        if let Err(e) = sent {
             // Part of a message may have gone out: nothing more can be said on it.
             self.io = Io::Gone;
             return Err(e.into());
@@ -431,11 +458,7 @@ impl Connection {
     /// driver no longer hears of its traffic. Only for a thread of its own, never a runtime
     /// worker. Returns false, changing nothing, for TLS, which stays on the runtime.
     pub fn detach(&mut self) -> Result<bool, PgError> {
-        self.detach_with(SEND_WAIT)
-    }
-
-    /// [`detach`](Self::detach), a write blocking for at most `send_wait`.
-    fn detach_with(&mut self, send_wait: Duration) -> Result<bool, PgError> {
+        let send_wait = self.send_wait;
         let io = match std::mem::replace(&mut self.io, Io::Gone) {
             Io::Tcp(s) => {
                 let s = s.into_std()?;
@@ -754,6 +777,7 @@ mod tests {
                 port: 0,
             },
             fd,
+            send_wait: SEND_WAIT,
         }
     }
 
@@ -816,39 +840,60 @@ mod tests {
         .unwrap();
     }
 
-    /// A server that stops reading without closing: the detached connection's send gives
-    /// up after its wait instead of blocking forever, and the connection is unusable after.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_detached_send_the_server_never_reads_times_out() {
+    /// What a send to a server that stops reading without closing must do: give up after
+    /// the wait instead of blocking forever, with a transient error, the connection unusable
+    /// after.
+    fn check_send_times_out(c: &mut Connection, rt: &tokio::runtime::Handle) {
+        let t = std::time::Instant::now();
+        // Far more than both socket buffers hold.
+        c.write_buf().extend_from_slice(&vec![1u8; 64 << 20]);
+        let e = rt.block_on(c.flush()).unwrap_err();
+        assert!(t.elapsed() >= c.send_wait, "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        let PgError::Io(io) = &e else {
+            panic!("not an I/O error: {e}");
+        };
+        assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(e.is_transient());
+        c.write_buf().extend_from_slice(b"x");
+        assert!(
+            rt.block_on(c.flush()).is_err(),
+            "usable after a timed-out send"
+        );
+    }
+
+    fn unread_tcp_pair() -> (Connection, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (_peer, _) = l.accept().unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let s = TcpStream::from_std(s).unwrap();
+        let (peer, _) = l.accept().unwrap();
         let fd = s.as_raw_fd();
         let mut c = plain(Io::Tcp(s), fd);
-        let wait = Duration::from_millis(300);
-        assert!(c.detach_with(wait).unwrap());
+        c.send_wait = Duration::from_millis(300);
+        (c, peer)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_detached_send_the_server_never_reads_times_out() {
+        let (mut c, _peer) = unread_tcp_pair();
+        assert!(c.detach().unwrap());
         let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
-            let t = std::time::Instant::now();
-            // Far more than both socket buffers hold.
-            c.write_buf().extend_from_slice(&vec![1u8; 64 << 20]);
-            let e = rt.block_on(c.flush()).unwrap_err();
-            assert!(t.elapsed() >= wait, "{:?}", t.elapsed());
-            assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
-            let PgError::Io(io) = &e else {
-                panic!("not an I/O error: {e}");
-            };
-            assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{e}");
-            assert!(e.is_transient());
-            c.write_buf().extend_from_slice(b"x");
-            assert!(
-                rt.block_on(c.flush()).is_err(),
-                "usable after a timed-out send"
-            );
+            check_send_times_out(&mut c, &rt);
             assert!(c.next_message_blocking().is_err());
         })
         .join()
         .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_send_on_the_runtime_the_server_never_reads_times_out() {
+        let (mut c, _peer) = unread_tcp_pair();
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || check_send_times_out(&mut c, &rt))
+            .join()
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
