@@ -215,4 +215,31 @@ fn prefetches_the_next_segments() {
         }
         !pre.join(&names[2]).exists() && idle()
     });
+
+    // Recovery moves on while a worker runs (here the test holds its lock, as one would): the
+    // fetch starts no worker, and the running one, once through, goes on from there.
+    let held = archiver::RepoLock::acquire(&pre.join(".lock")).unwrap();
+    fetch(&names[2]);
+    drop(held);
+    assert!(!pre.join(&names[3]).exists(), "a worker started");
+    // The worker that held the lock, started for the first segment: its first round brings
+    // the next three; then, seeing the request for names[2], it clears up to there.
+    archiver_ok(&[
+        "wal-fetch",
+        "--repo",
+        &r,
+        "--prefetch",
+        "3",
+        "--prefetch-worker",
+        pre.to_str().unwrap(),
+        &names[0],
+        "/dev/null",
+    ]);
+    assert!(pre.join(&names[3]).exists());
+    for n in &names[1..3] {
+        assert!(
+            !pre.join(n).exists(),
+            "{n} left behind: the worker stopped at its first round"
+        );
+    }
 }

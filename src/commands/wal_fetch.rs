@@ -63,8 +63,9 @@ fn start_prefetch(args: &WalFetchArgs, seg: SegmentName) {
         return;
     }
     let dir = wal_fetch::prefetch_dir(&args.dest);
+    wal_fetch::note_wanted(&dir, seg);
     if wal_fetch::prefetch_running(&dir) {
-        return;
+        return; // it goes on from `seg` when done
     }
     let Ok(exe) = std::env::current_exe() else {
         return;
@@ -98,12 +99,28 @@ fn start_prefetch(args: &WalFetchArgs, seg: SegmentName) {
     let _ = cmd.spawn();
 }
 
-/// The worker process: one per prefetch directory (under its lock).
+/// The worker process: one per prefetch directory (under its lock). When done it looks at
+/// the segment recovery asked for last ([`wal_fetch::wanted`]), after dropping its lock: if
+/// recovery moved on meanwhile (the fetches found this worker running and started none), it
+/// takes the lock again and goes on from there.
 async fn prefetch_worker(args: &WalFetchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
-    let Some(_lock) = wal_fetch::lock_prefetch_dir(dir)? else {
-        return Ok(()); // another worker is at it
-    };
-    let repo = args.repo.open_for_reading(false).await?;
-    wal_fetch::prefetch(&repo, &args.walfile, dir, args.prefetch).await?;
-    Ok(())
+    let mut repo = None;
+    let mut from = args.walfile.clone();
+    loop {
+        let Some(lock) = wal_fetch::lock_prefetch_dir(dir)? else {
+            return Ok(()); // another worker is at it
+        };
+        let repo = match &repo {
+            Some(r) => r,
+            None => repo.insert(args.repo.open_for_reading(false).await?),
+        };
+        wal_fetch::prefetch(repo, &from, dir, args.prefetch).await?;
+        drop(lock);
+        let seg_size = repo.seg_size();
+        let done = SegmentName::parse(&from, seg_size);
+        match wal_fetch::wanted(dir, seg_size) {
+            Some(w) if done.is_some_and(|d| w.segno > d.segno) => from = w.to_string(),
+            _ => return Ok(()),
+        }
+    }
 }

@@ -206,6 +206,31 @@ async fn source_for(
     Ok(None)
 }
 
+/// The segment recovery asked for last, left in the prefetch directory by every fetch that
+/// starts prefetching: a worker that was already running (so no new one started) goes on
+/// from there once it is done ([`wanted`]). A hint, not a record: never fsync'd.
+const WANTED_NAME: &str = ".wanted";
+
+/// Notes that recovery asked for `seg` (best effort: a lost note costs prefetching, not
+/// correctness). Called before looking for a running worker, which looks at the note after
+/// dropping its lock, so a request is never missed by both.
+pub fn note_wanted(dir: &Path, seg: SegmentName) {
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    // Not `*.tmp`: a worker's cleanup removes those.
+    let tmp = dir.join(".wanted.new");
+    if std::fs::write(&tmp, seg.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(WANTED_NAME));
+    }
+}
+
+/// The segment last noted by [`note_wanted`], if any.
+pub fn wanted(dir: &Path, seg_size: u64) -> Option<SegmentName> {
+    let name = std::fs::read_to_string(dir.join(WANTED_NAME)).ok()?;
+    SegmentName::parse(name.trim(), seg_size)
+}
+
 /// Takes the prefetch directory `dir` for this process (created if missing): `None` when
 /// another worker holds it.
 pub fn lock_prefetch_dir(dir: &Path) -> Result<Option<RepoLock>, FetchError> {
