@@ -215,12 +215,13 @@ const WANTED_NAME: &str = ".wanted";
 /// correctness). Called before looking for a running worker, which looks at the note after
 /// dropping its lock, so a request is never missed by both.
 pub fn note_wanted(dir: &Path, seg: SegmentName) {
-    if std::fs::create_dir_all(dir).is_err() {
+    if create_dir_all_durable(dir).is_err() {
         return;
     }
-    // Not `*.tmp`: a worker's cleanup removes those.
+    // Not `*.tmp`: a worker's cleanup removes those. Private, as everything archiver writes.
     let tmp = dir.join(".wanted.new");
-    if std::fs::write(&tmp, seg.to_string()).is_ok() {
+    let written = create_private(&tmp).and_then(|mut f| f.write_all(seg.to_string().as_bytes()));
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, dir.join(WANTED_NAME));
     }
 }
