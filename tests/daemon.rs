@@ -549,8 +549,21 @@ fn run_alerts_once_per_outage_and_after_failed_backup_retries() {
     );
 
     // A backup that cannot be taken (REPLICATION revoked): 1 + 3 attempts, then one alert.
+    // Due once, a few seconds from now (the schedule's clock is UTC by default): with a
+    // schedule that came round again, its next run's retries could be counted before the
+    // scrape below.
     pg.psql("alter role arch noreplication");
-    std::fs::write(&cfg, body("backup = \"*/5 * * * * *\"")).unwrap();
+    let at = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(4))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    let once = format!(
+        "backup = \"{} {} {} * * *\"",
+        at.second(),
+        at.minute(),
+        at.hour()
+    );
+    std::fs::write(&cfg, body(&once)).unwrap();
     d.signal(libc::SIGHUP);
     d.wait_log("reloaded [schedule]", T);
     wait_until("the backup failure alert", Duration::from_secs(120), || {
