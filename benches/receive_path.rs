@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use archiver::synth::{lay_out, pgbench_like};
 use archiver::Spool;
 use archiver::{decode_copy_data, ReplicationMessage};
-use archiver::{encode_object, ObjectKind};
+use archiver::{encode_contiguous, encode_object, ObjectKind};
 use archiver::{Indexer, PageValidator};
 use archiver::{Lsn, SegmentName};
 
@@ -108,6 +108,38 @@ fn receive_path(c: &mut Criterion) {
                     std::io::Write::write_all(&mut enc, c).unwrap();
                 }
                 n += enc.finish().unwrap().len();
+            }
+            n
+        })
+    });
+    // The whole object encoding (zstd, CRC-32, SHA-256, trailer) as the publisher did it
+    // before (a streaming encoder fed 256 KiB reads) and as it does now for a mapped segment
+    // (zstd reading the segment in place).
+    g.bench_function("object_streaming", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for seg_bytes in wal.chunks(SEG as usize) {
+                let mut out = Vec::with_capacity(SEG as usize / 4);
+                encode_object(seg_bytes, &mut out, ObjectKind::WalSegment, 1).unwrap();
+                n += out.len();
+            }
+            n
+        })
+    });
+    g.bench_function("object_contiguous", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for seg_bytes in wal.chunks(SEG as usize) {
+                let mut out = Vec::with_capacity(SEG as usize / 4);
+                encode_contiguous(
+                    seg_bytes,
+                    &mut out,
+                    ObjectKind::WalSegment,
+                    1,
+                    |_, _| Ok(()),
+                )
+                .unwrap();
+                n += out.len();
             }
             n
         })

@@ -52,7 +52,7 @@ pub use pg::Connection;
 pub use repo::catalog::{BackupRecord, BackupStatus, Tablespace};
 pub use repo::layout::WalObject;
 pub use repo::lock::RepoLock;
-pub use repo::object::{decode_bytes, encode as encode_object, ObjectKind};
+pub use repo::object::{decode_bytes, encode as encode_object, encode_contiguous, ObjectKind};
 pub use repo::Repo;
 #[doc(hidden)]
 pub use restore::events::all_drops;

@@ -499,11 +499,147 @@ fn zero_fill(f: &File, from: u64, to: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A complete spool segment mapped read-only, for compressing it where it lies
+/// (`repo::object::encode_contiguous`) instead of reading it into a buffer first.
+///
+/// Sound because of the spool's invariants: a complete segment's bytes never change while it
+/// has its name, and only the streamer that owns the spool (under the repository lock) retires
+/// it — after publishing it, once this mapping is gone. Pages are made resident with
+/// `MADV_POPULATE_READ` before they are read ([`MappedSegment::populate`]), so a failing disk
+/// shows as an I/O error there, not as a `SIGBUS` when the bytes are touched; and pages well
+/// behind the reader are dropped from the mapping ([`MappedSegment::release_before`]), so what
+/// the mapping adds to the process's memory stays bounded whatever the segment size.
+pub struct MappedSegment {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; nothing else refers to it.
+unsafe impl Send for MappedSegment {}
+
+impl MappedSegment {
+    /// Maps the complete spool segment `path`. `None` where mapping does not apply: an empty
+    /// file, or a kernel without `MADV_POPULATE_READ` (before Linux 5.14) — read it instead.
+    pub fn open(path: &Path) -> std::io::Result<Option<MappedSegment>> {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path)?;
+        let len = f.metadata()?.len() as usize;
+        if len == 0 {
+            return Ok(None);
+        }
+        // SAFETY: a fresh read-only private mapping of an open file; the pointer is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let m = MappedSegment {
+            ptr: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"),
+            len,
+        };
+        match m.populate(0, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Err(e) => Err(e),
+            Ok(()) => Ok(Some(m)),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped readable for as long as `self` lives, and never written
+        // (see the type's comment).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Makes `len` bytes from `offset` resident (reading them from disk where they are not in
+    /// the page cache): an I/O error comes back here.
+    pub fn populate(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        let (start, end) = self.pages(offset, offset.saturating_add(len));
+        self.advise(start, end, libc::MADV_POPULATE_READ)
+    }
+
+    /// Drops the mapping's pages before `offset` (page cache pages stay where they are: read
+    /// again, they are mapped again). Bounds the memory the mapping holds.
+    pub fn release_before(&self, offset: usize) {
+        let (start, end) = self.pages(0, offset);
+        let end = end.min(offset & !(page_size() - 1));
+        // Advisory: a failure leaves pages mapped, nothing else.
+        let _ = self.advise(start, end, libc::MADV_DONTNEED);
+    }
+
+    /// The page-aligned span of the mapping covering `[from, to)`, clamped to it.
+    fn pages(&self, from: usize, to: usize) -> (usize, usize) {
+        let page = page_size();
+        let to = to.min(self.len).div_ceil(page) * page;
+        (from.min(self.len) & !(page - 1), to)
+    }
+
+    fn advise(&self, start: usize, end: usize, advice: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: `[start, end)` lies in the mapping (page-aligned, clamped by `pages`); a
+        // zero length is accepted and checks only that the advice is known.
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                end.saturating_sub(start),
+                advice,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+impl Drop for MappedSegment {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `open` mapped, once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: a plain query.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const SEG: u64 = 16 << 20;
+
+    #[test]
+    fn a_mapped_segment_reads_as_the_file_and_releases_what_it_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000000010000000000000003");
+        let raw: Vec<u8> = (0..(3 << 20) + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &raw).unwrap();
+        let m = MappedSegment::open(&path)
+            .unwrap()
+            .expect("Linux 5.14+ maps");
+        m.populate(0, raw.len()).unwrap();
+        assert!(m.bytes() == raw);
+        // Released pages read back the same (mapped again from the page cache), as do
+        // unaligned and out-of-range requests.
+        m.release_before(2 << 20);
+        m.release_before(raw.len() + 5000);
+        m.populate(raw.len() - 10, 5000).unwrap();
+        assert!(m.bytes() == raw);
+        drop(m);
+        // An empty file is not mapped; a missing one is an error.
+        std::fs::write(&path, b"").unwrap();
+        assert!(MappedSegment::open(&path).unwrap().is_none());
+        assert!(MappedSegment::open(&dir.path().join("none")).is_err());
+    }
 
     #[test]
     fn segment_files_are_prepared_by_allocation_or_zeros_one_kind_at_a_time() {

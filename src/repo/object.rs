@@ -294,6 +294,138 @@ fn encode_sized<R: Read, W: Write>(
     Ok(info)
 }
 
+/// Bytes per step of [`encode_contiguous`]: a multiple of every WAL page size PostgreSQL
+/// allows (`XLOG_BLCKSZ` up to 32 KiB).
+pub const CONTIGUOUS_STEP: usize = 256 * 1024;
+
+/// [`encode`] for input that lies whole in memory and stays unchanged while this runs (a
+/// complete spool segment, mapped): zstd reads it where it lies — its *stable input buffer*
+/// (`ZSTD_c_stableInBuffer` in zstd.h) — instead of copying each chunk into a window of its
+/// own and matching across the seams through its slower external-dictionary path. On
+/// pgbench WAL that is ~15% less CPU than [`encode`] from a `read` loop (docs/benchmarks.md).
+///
+/// The input goes by in steps of [`CONTIGUOUS_STEP`]: `each(offset, step)` sees each step
+/// first (to make a mapping's pages resident, to index the records), then the CRC-32 is
+/// taken while the step is in cache, then zstd compresses it. An error from `each` ends the
+/// encoding with that error. Appends the object (frame and trailer) to `out`; the frame
+/// records the raw size.
+pub fn encode_contiguous(
+    raw: &[u8],
+    out: &mut Vec<u8>,
+    kind: ObjectKind,
+    level: i32,
+    mut each: impl FnMut(usize, &[u8]) -> std::io::Result<()>,
+) -> Result<ObjectInfo, ObjectError> {
+    use zstd::zstd_safe::zstd_sys as z;
+    let cctx = StableInput::new(level, raw.len() as u64)?;
+    let mut hasher = Hasher::default();
+    let mut input = z::ZSTD_inBuffer {
+        src: raw.as_ptr().cast(),
+        size: 0,
+        pos: 0,
+    };
+    // SAFETY (for every call below): `input` points into `raw`, borrowed for this whole
+    // function, and only its `size` grows, as `ZSTD_c_stableInBuffer` requires; zstd keeps
+    // referring to it only until the frame ends, which happens before we return (or the
+    // context is freed on an early return, by `StableInput`'s drop). `output` points into
+    // `out`'s spare capacity, and `set_len` covers exactly the bytes zstd reports written.
+    let mut off = 0;
+    loop {
+        let end = (off + CONTIGUOUS_STEP).min(raw.len());
+        let step = &raw[off..end];
+        each(off, step)?;
+        hasher.update(step);
+        input.size = end;
+        let last = end == raw.len();
+        let op = if last {
+            z::ZSTD_EndDirective::ZSTD_e_end
+        } else {
+            z::ZSTD_EndDirective::ZSTD_e_continue
+        };
+        loop {
+            out.reserve(CONTIGUOUS_STEP);
+            let written = out.len();
+            let mut output = z::ZSTD_outBuffer {
+                dst: unsafe { out.as_mut_ptr().add(written) }.cast(),
+                size: out.capacity() - written,
+                pos: 0,
+            };
+            let left = zstd_result(unsafe {
+                z::ZSTD_compressStream2(cctx.0.as_ptr(), &mut output, &mut input, op)
+            })?;
+            unsafe { out.set_len(written + output.pos) };
+            hasher.update_stored(&out[written..]);
+            let done = if last {
+                left == 0
+            } else {
+                input.pos == input.size
+            };
+            if done {
+                break;
+            }
+        }
+        if last {
+            break;
+        }
+        off = end;
+    }
+    let info = hasher.finish(kind);
+    out.extend_from_slice(&info.trailer());
+    Ok(info)
+}
+
+/// A zstd compression context set up for [`encode_contiguous`], freed on drop.
+struct StableInput(std::ptr::NonNull<zstd::zstd_safe::zstd_sys::ZSTD_CCtx>);
+
+impl StableInput {
+    fn new(level: i32, size: u64) -> Result<Self, ObjectError> {
+        use zstd::zstd_safe::zstd_sys as z;
+        let cctx = std::ptr::NonNull::new(unsafe { z::ZSTD_createCCtx() })
+            .map(StableInput)
+            .ok_or_else(|| std::io::Error::other("zstd: cannot allocate a context"))?;
+        let c = cctx.0.as_ptr();
+        // SAFETY: `c` is a live context; these only set parameters.
+        unsafe {
+            zstd_result(z::ZSTD_CCtx_setParameter(
+                c,
+                z::ZSTD_cParameter::ZSTD_c_compressionLevel,
+                level,
+            ))?;
+            zstd_result(z::ZSTD_CCtx_setParameter(
+                c,
+                z::ZSTD_cParameter::ZSTD_c_checksumFlag,
+                FRAME_CHECKSUM as i32,
+            ))?;
+            // ZSTD_c_stableInBuffer, an alias of this one in zstd.h (1.5.x).
+            zstd_result(z::ZSTD_CCtx_setParameter(
+                c,
+                z::ZSTD_cParameter::ZSTD_c_experimentalParam9,
+                1,
+            ))?;
+            zstd_result(z::ZSTD_CCtx_setPledgedSrcSize(c, size))?;
+        }
+        Ok(cctx)
+    }
+}
+
+impl Drop for StableInput {
+    fn drop(&mut self) {
+        // SAFETY: created by ZSTD_createCCtx, freed once.
+        unsafe { zstd::zstd_safe::zstd_sys::ZSTD_freeCCtx(self.0.as_ptr()) };
+    }
+}
+
+/// A zstd size-or-error code as a result.
+fn zstd_result(code: usize) -> Result<usize, ObjectError> {
+    use zstd::zstd_safe::zstd_sys as z;
+    // SAFETY: plain functions of an integer; the name is a static C string.
+    if unsafe { z::ZSTD_isError(code) } == 0 {
+        return Ok(code);
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(z::ZSTD_getErrorName(code)) };
+    Err(std::io::Error::other(format!("zstd: {}", name.to_string_lossy())).into())
+}
+
 /// Encodes an in-memory buffer into a new `Vec`.
 pub fn encode_bytes(
     raw: &[u8],
@@ -732,6 +864,80 @@ mod tests {
         let (back, info2) = decode_bytes(&old).unwrap();
         assert!(back == raw);
         assert_eq!(info2, info);
+    }
+
+    /// Input that compresses like WAL does, more than one step long, not a whole number of
+    /// steps.
+    fn long_sample() -> Vec<u8> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..3 * CONTIGUOUS_STEP + 12_345)
+            .map(|i| {
+                if i % 64 < 48 {
+                    (i / 640) as u8
+                } else {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn contiguous_encoding_is_an_ordinary_object_and_shows_every_step_in_order() {
+        for raw in [long_sample(), sample(), Vec::new()] {
+            let mut out = b"before".to_vec();
+            let mut seen = Vec::new();
+            let mut next = 0;
+            let info = encode_contiguous(&raw, &mut out, ObjectKind::WalSegment, 1, |off, s| {
+                assert_eq!(off, next, "steps in order, none skipped");
+                assert!(s.len() <= CONTIGUOUS_STEP);
+                next += s.len();
+                seen.extend_from_slice(s);
+                Ok(())
+            })
+            .unwrap();
+            assert!(seen == raw, "the steps cover the input");
+            // Appended to what `out` held; the object reads back like any other, and its
+            // trailer agrees with the streaming encoder's about the raw content.
+            assert_eq!(&out[..6], b"before");
+            let obj = &out[6..];
+            let (back, read) = decode_bytes(obj).unwrap();
+            assert!(back == raw);
+            assert_eq!(read, info);
+            let (_, streamed) = encode_bytes(&raw, ObjectKind::WalSegment, 1).unwrap();
+            assert_eq!(
+                (info.raw_size, info.crc32),
+                (streamed.raw_size, streamed.crc32)
+            );
+            assert!(!has_frame_checksum(obj));
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(obj).unwrap(),
+                Some(raw.len() as u64),
+                "the frame records the raw size"
+            );
+            if !raw.is_empty() {
+                assert!(obj.len() < raw.len() / 2, "{} of {}", obj.len(), raw.len());
+            }
+        }
+    }
+
+    #[test]
+    fn contiguous_encoding_stops_at_the_first_failing_step() {
+        let raw = long_sample();
+        let mut out = Vec::new();
+        let mut calls = 0;
+        let e = encode_contiguous(&raw, &mut out, ObjectKind::WalSegment, 1, |off, _| {
+            calls += 1;
+            if off >= CONTIGUOUS_STEP {
+                return Err(std::io::Error::other("disk on fire"));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+        assert_eq!(calls, 2);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::StreamError;
 use crate::repo::layout::wal_segment_key;
 use crate::repo::object::{self, ObjectKind};
 use crate::repo::Repo;
-use crate::spool::Spool;
+use crate::spool::{MappedSegment, Spool};
 use crate::wal::index::{Indexer, SegmentIndex};
 use crate::wal::page::XLOG_BLCKSZ;
 use crate::wal::SegmentName;
@@ -111,44 +111,12 @@ pub(crate) async fn publish_segment_timed(
     }
     let t = Instant::now();
     let (obj, info, taken, index) = in_background_thread(move || -> Result<_, StreamError> {
-        let mut f = std::fs::File::open(&p)
+        let mapped = MappedSegment::open(&p)
             .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
-        let mut out = Vec::with_capacity(seg_size as usize / 4);
-        let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
-            object::encode(r, out, ObjectKind::WalSegment, level).map_err(|e| {
-                StreamError::io(
-                    format!("compressing {}", p.display()),
-                    std::io::Error::other(e),
-                )
-            })
-        };
-        let (info, index) = match taken {
-            None => (encode(&mut f, &mut out)?, None),
-            Some(ref mut ixr) => {
-                let ix = ixr.begin(&seg);
-                let mut r = IndexingReader {
-                    inner: f,
-                    indexer: ixr,
-                    ix,
-                    seg,
-                    carry: Vec::with_capacity(XLOG_BLCKSZ as usize),
-                    fed: 0,
-                    failed: None,
-                };
-                let info = encode(&mut r, &mut out)?;
-                let rest = std::mem::take(&mut r.carry);
-                r.feed(&rest);
-                let IndexingReader { ix, failed, .. } = r;
-                match failed {
-                    None => {
-                        ixr.finish(&seg);
-                        (info, Some(Ok(ix)))
-                    }
-                    Some(e) => (info, Some(Err(e))),
-                }
-            }
-        };
-        Ok((out, info, taken, index))
+        match mapped {
+            Some(m) => encode_mapped(&m, seg, level, taken),
+            None => encode_read(&p, seg, level, taken, seg_size),
+        }
     })
     .await?;
     add_since(&stages.encode_ns, t);
@@ -185,6 +153,109 @@ pub(crate) async fn publish_segment_timed(
         .map_err(|e| StreamError::io(format!("retiring {}", path.display()), e))?;
     debug!(segment = %seg, stored_bytes = stored, sha256 = %info.sha256_hex(), "segment published");
     Ok(outcome)
+}
+
+/// How far behind the encoder a mapped segment's pages are dropped from the mapping: beyond
+/// the longest window zstd uses for a WAL segment (8 MiB at level 19), so zstd never has to
+/// map a page again, and the mapping holds at most this much (plus a step) at any size.
+const MAPPED_LAG: usize = 8 << 20;
+
+/// What encoding a segment yields: the object, what its trailer records, the indexer back, and
+/// the segment's index (or why its records did not read back).
+type Encoded = (
+    Vec<u8>,
+    object::ObjectInfo,
+    Option<Indexer>,
+    Option<Result<SegmentIndex, crate::wal::record::RecordError>>,
+);
+
+/// Encodes a mapped spool segment in place ([`object::encode_contiguous`]), indexing its pages
+/// on the way when given an indexer.
+fn encode_mapped(
+    m: &MappedSegment,
+    seg: SegmentName,
+    level: i32,
+    mut taken: Option<Indexer>,
+) -> Result<Encoded, StreamError> {
+    let bytes = m.bytes();
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    let mut ix = taken.as_mut().map(|ixr| ixr.begin(&seg));
+    let mut failed = None;
+    let info = object::encode_contiguous(
+        bytes,
+        &mut out,
+        ObjectKind::WalSegment,
+        level,
+        |off, step| {
+            m.populate(off, step.len())?;
+            m.release_before(off.saturating_sub(MAPPED_LAG));
+            if let (Some(ixr), Some(ix), None) = (taken.as_mut(), ix.as_mut(), failed.as_ref()) {
+                if let Err(e) = ixr.feed(ix, &seg, off as u64, step) {
+                    failed = Some(e);
+                }
+            }
+            Ok(())
+        },
+    )
+    .map_err(|e| StreamError::io(format!("compressing {seg}"), std::io::Error::other(e)))?;
+    let index = match (taken.as_mut(), ix, failed) {
+        (Some(ixr), Some(ix), None) => {
+            ixr.finish(&seg);
+            Some(Ok(ix))
+        }
+        (_, _, Some(e)) => Some(Err(e)),
+        _ => None,
+    };
+    Ok((out, info, taken, index))
+}
+
+/// Encodes a spool segment read through a buffer, indexing its pages on the way when given an
+/// indexer: where it cannot be mapped ([`MappedSegment::open`]).
+fn encode_read(
+    p: &std::path::Path,
+    seg: SegmentName,
+    level: i32,
+    mut taken: Option<Indexer>,
+    seg_size: u64,
+) -> Result<Encoded, StreamError> {
+    let mut f = std::fs::File::open(p)
+        .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
+    let mut out = Vec::with_capacity(seg_size as usize / 4);
+    let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
+        object::encode(r, out, ObjectKind::WalSegment, level).map_err(|e| {
+            StreamError::io(
+                format!("compressing {}", p.display()),
+                std::io::Error::other(e),
+            )
+        })
+    };
+    let (info, index) = match taken {
+        None => (encode(&mut f, &mut out)?, None),
+        Some(ref mut ixr) => {
+            let ix = ixr.begin(&seg);
+            let mut r = IndexingReader {
+                inner: f,
+                indexer: ixr,
+                ix,
+                seg,
+                carry: Vec::with_capacity(XLOG_BLCKSZ as usize),
+                fed: 0,
+                failed: None,
+            };
+            let info = encode(&mut r, &mut out)?;
+            let rest = std::mem::take(&mut r.carry);
+            r.feed(&rest);
+            let IndexingReader { ix, failed, .. } = r;
+            match failed {
+                None => {
+                    ixr.finish(&seg);
+                    (info, Some(Ok(ix)))
+                }
+                Some(e) => (info, Some(Err(e))),
+            }
+        }
+    };
+    Ok((out, info, taken, index))
 }
 
 /// How much lower than the rest of the process the compression thread runs (`nice`): it
@@ -324,6 +395,64 @@ mod tests {
     fn own_nice() -> libc::c_int {
         // SAFETY: getpriority on this thread's own id.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn mapped_and_read_segments_encode_and_index_alike() {
+        use crate::wal::synth::{lay_out, pgbench_like};
+        use crate::wal::Lsn;
+        const SEG: u64 = 1 << 20;
+        let start = Lsn(4 * SEG);
+        let seg = SegmentName::containing(1, start, SEG);
+        let (wal, _) = lay_out(
+            start,
+            SEG as usize,
+            1,
+            7,
+            SEG,
+            0xD110,
+            pgbench_like(1000, 800_000_000_000_000),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(seg.to_string());
+        let both = |raw: &[u8]| {
+            std::fs::write(&path, raw).unwrap();
+            let m = MappedSegment::open(&path)
+                .unwrap()
+                .expect("Linux 5.14+ maps");
+            let mapped = encode_mapped(&m, seg, 1, Some(Indexer::new(SEG, 15))).unwrap();
+            let read = encode_read(&path, seg, 1, Some(Indexer::new(SEG, 15)), SEG).unwrap();
+            for (obj, info) in [(&mapped.0, &mapped.1), (&read.0, &read.1)] {
+                let (back, got) = object::decode_bytes(obj).unwrap();
+                assert!(back == raw);
+                assert_eq!(&got, info);
+            }
+            assert_eq!(
+                (mapped.1.raw_size, mapped.1.crc32),
+                (read.1.raw_size, read.1.crc32)
+            );
+            assert!(
+                mapped.2.is_some() && read.2.is_some(),
+                "the indexer comes back"
+            );
+            (mapped.3.unwrap(), read.3.unwrap())
+        };
+        let (mapped, read) = both(&wal);
+        let ix = mapped.unwrap();
+        assert!(!ix.xacts.is_empty(), "{ix:?}");
+        assert_eq!(read.unwrap(), ix);
+
+        // Without an indexer, no index.
+        let m = MappedSegment::open(&path).unwrap().unwrap();
+        assert!(encode_mapped(&m, seg, 1, None).unwrap().3.is_none());
+        drop(m);
+
+        // A damaged record: archived all the same, without an index, saying why, either way.
+        let mut bad = wal.clone();
+        bad[SEG as usize / 2 + 100] ^= 0x40;
+        let (mapped, read) = both(&bad);
+        let (m, r) = (mapped.unwrap_err(), read.unwrap_err());
+        assert_eq!(m.to_string(), r.to_string());
     }
 
     #[tokio::test]
