@@ -374,6 +374,21 @@ pub fn encode_contiguous(
     Ok(info)
 }
 
+/// How far back zstd `level` refers in inputs of more than 256 KiB: its window, from zstd's
+/// own table of default parameters (`ZSTD_defaultCParameters` in lib/compress/clevels.h;
+/// negative levels use level 1's). A reader of mapped input may drop pages further behind
+/// than this without zstd touching them again.
+pub fn zstd_window(level: i32) -> usize {
+    let log = match level {
+        ..=1 => 19,
+        2 => 20,
+        3..=8 => 21,
+        9..=16 => 22,
+        _ => 23,
+    };
+    1 << log
+}
+
 /// A zstd compression context set up for [`encode_contiguous`], freed on drop.
 struct StableInput(std::ptr::NonNull<zstd::zstd_safe::zstd_sys::ZSTD_CCtx>);
 
@@ -920,6 +935,27 @@ mod tests {
             if !raw.is_empty() {
                 assert!(obj.len() < raw.len() / 2, "{} of {}", obj.len(), raw.len());
             }
+        }
+    }
+
+    #[test]
+    fn zstd_window_is_the_window_zstd_writes_in_the_frame() {
+        // Zeros compress fast at any level; 4.5 MiB is more than every window tried, so zstd
+        // does not shrink it to the input.
+        let raw = vec![0u8; 9 << 19];
+        for level in [-3, 1, 2, 3, 8, 9] {
+            let mut out = Vec::new();
+            encode_contiguous(&raw, &mut out, ObjectKind::Other, level, |_, _| Ok(())).unwrap();
+            // Frame header: magic (4), descriptor (bit 5: single segment, no window byte),
+            // then the window descriptor (exponent, mantissa).
+            assert_eq!(out[4] & 0x20, 0, "level {level}: a window descriptor");
+            let (exp, mantissa) = ((out[5] >> 3) as u32, (out[5] & 7) as usize);
+            let base = 1usize << (10 + exp);
+            assert_eq!(
+                base + base / 8 * mantissa,
+                zstd_window(level),
+                "level {level}"
+            );
         }
     }
 

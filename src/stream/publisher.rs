@@ -155,11 +155,6 @@ pub(crate) async fn publish_segment_timed(
     Ok(outcome)
 }
 
-/// How far behind the encoder a mapped segment's pages are dropped from the mapping: beyond
-/// the longest window zstd uses for a WAL segment (8 MiB at level 19), so zstd never has to
-/// map a page again, and the mapping holds at most this much (plus a step) at any size.
-const MAPPED_LAG: usize = 8 << 20;
-
 /// What encoding a segment yields: the object, what its trailer records, the indexer back, and
 /// the segment's index (or why its records did not read back).
 type Encoded = (
@@ -181,6 +176,10 @@ fn encode_mapped(
     let mut out = Vec::with_capacity(bytes.len() / 4);
     let mut ix = taken.as_mut().map(|ixr| ixr.begin(&seg));
     let mut failed = None;
+    // Pages further behind than zstd's window are dropped from the mapping as the encoder
+    // moves on: zstd does not read them again, and the mapping holds at most this much (plus
+    // a step) whatever the segment size.
+    let lag = object::zstd_window(level) + object::CONTIGUOUS_STEP;
     let info = object::encode_contiguous(
         bytes,
         &mut out,
@@ -188,7 +187,7 @@ fn encode_mapped(
         level,
         |off, step| {
             m.populate(off, step.len())?;
-            m.release_before(off.saturating_sub(MAPPED_LAG));
+            m.release_before(off.saturating_sub(lag));
             if let (Some(ixr), Some(ix), None) = (taken.as_mut(), ix.as_mut(), failed.as_ref()) {
                 if let Err(e) = ixr.feed(ix, &seg, off as u64, step) {
                     failed = Some(e);
