@@ -410,9 +410,12 @@ impl Connection {
         &self.target
     }
 
-    /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): over TCP the kernel reports
-    /// the socket readable, and wakes the runtime, only once this many bytes are queued (or
-    /// at once, when they already are). `1` is the default. Unix-domain sockets ignore it.
+    /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`). On the runtime, over TCP,
+    /// the kernel reports the socket readable, and wakes the runtime, only once this many
+    /// bytes are queued (or at once, when they already are); Unix-domain sockets ignore it
+    /// there. On a [detached](Self::detach) connection, TCP or Unix-domain, a blocking read
+    /// returns once this many bytes have come, or after [`BLOCKING_WAIT`] with what came
+    /// meanwhile. `1` is the default.
     pub fn set_recv_low_water(&self, bytes: usize) -> Result<(), PgError> {
         // `fd` is the open socket `io` owns for as long as `self` lives.
         Ok(set_rcvlowat(self.fd, bytes)?)
@@ -860,6 +863,71 @@ mod tests {
             rt.block_on(c.flush()).is_err(),
             "usable after a timed-out send"
         );
+    }
+
+    /// With a low-water mark, a detached connection gets a message sent in pieces in a few
+    /// reads once enough has come, and a small one all the same after [`BLOCKING_WAIT`].
+    fn check_batched(mut c: Connection, mut peer: impl Read + Write + Send + 'static) {
+        assert!(c.detach().unwrap());
+        c.set_recv_low_water(64 * 1024).unwrap();
+        std::thread::spawn(move || {
+            // A small message alone: held back only until the wait is over.
+            peer.write_all(&copy_data(b"tiny")).unwrap();
+            let t = std::time::Instant::now();
+            let m = loop {
+                if let Some(m) = c.next_message_blocking().unwrap() {
+                    break m;
+                }
+            };
+            assert!(t.elapsed() < BLOCKING_WAIT * 3, "{:?}", t.elapsed());
+            let Backend::Msg(Message::CopyData(body)) = m else {
+                panic!("not CopyData");
+            };
+            assert_eq!(body.data(), b"tiny");
+            // 100 KiB in 20 pieces, 5 ms apart: one read once 64 KiB are there, not one per
+            // piece.
+            let msg = copy_data(&[7; 100 * 1024]);
+            let writer = std::thread::spawn(move || {
+                for piece in msg.chunks(msg.len() / 20 + 1) {
+                    peer.write_all(piece).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                peer
+            });
+            let mut reads = 0;
+            let m = loop {
+                if let Some(m) = c.try_next_message().unwrap() {
+                    break m;
+                }
+                if c.read_blocking().unwrap().is_some_and(|n| n > 0) {
+                    reads += 1;
+                }
+            };
+            assert!(reads <= 6, "{reads} reads for 20 pieces");
+            let Backend::Msg(Message::CopyData(body)) = m else {
+                panic!("not CopyData");
+            };
+            assert_eq!(body.data().len(), 100 * 1024);
+            drop(writer.join().unwrap());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_detached_connection_reads_in_batches() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let s = TcpStream::from_std(s).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let fd = s.as_raw_fd();
+        check_batched(plain(Io::Tcp(s), fd), peer);
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let a = UnixStream::from_std(a).unwrap();
+        let fd = a.as_raw_fd();
+        check_batched(plain(Io::Unix(a), fd), b);
     }
 
     fn unread_tcp_pair() -> (Connection, std::net::TcpStream) {

@@ -34,6 +34,13 @@ const COALESCE_BELOW: u64 = 128 * 1024;
 /// write position the server sees; the flush position waits on the fsync interval anyway).
 const COALESCE_MAX_PAUSE: Duration = Duration::from_millis(5);
 
+/// What a blocking read of an asynchronous stream waits for (`SO_RCVLOWAT`), unless
+/// [`BLOCKING_WAIT`](crate::pg::conn::BLOCKING_WAIT) passes first: one wake-up per 256 KiB of
+/// WAL rather than one per message. As a runtime task that reads every 5 ms at most
+/// ([`coalesce_pause`]), such a stream cost 14-20% more CPU per GB of WAL, its wake-ups
+/// (context switches, `epoll_wait`) a third of it (docs/benchmarks.md).
+const ASYNC_BATCH: usize = 256 * 1024;
+
 /// How long a stream leaves its socket alone after a batch of `batch` WAL bytes, so the next
 /// read takes several of the walsender's messages at once.
 ///
@@ -151,8 +158,14 @@ impl<'a> Session<'a> {
     ) -> Result<(), StreamError> {
         self.archive_history(start.tli).await?;
         self.start_streaming(start.lsn).await?;
-        if self.cfg.synchronous && super::on_own_thread() && self.conn.detach()? {
-            info!("synchronous stream: on a thread of its own, blocking on its socket");
+        if super::on_own_thread() && self.conn.detach()? {
+            if self.cfg.synchronous {
+                info!("synchronous stream: on a thread of its own, blocking on its socket");
+            } else {
+                // Nothing waits on each message here: wake per batch, not per packet.
+                self.conn.set_recv_low_water(ASYNC_BATCH)?;
+                info!("stream: on a thread of its own, reading its socket in batches");
+            }
             return self.run_blocking(shutdown).await;
         }
         // One shutdown future and one timer for the whole loop: made anew per batch they
