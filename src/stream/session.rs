@@ -220,8 +220,9 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The loop of a synchronous stream on a thread of its own, over a
-    /// [detached](Connection::detach) connection: read (blocking), write, fsync, reply.
+    /// The loop of a stream on a thread of its own, over a [detached](Connection::detach)
+    /// connection: read (blocking), write, fsync (at once when synchronous, else on the
+    /// interval), reply. An asynchronous stream's reads wait for [`ASYNC_BATCH`] bytes.
     ///
     /// Every commit of a synchronous standby waits on this loop's reply, and in the async
     /// loop each round trip also went through the runtime: an `epoll_wait` in the I/O
