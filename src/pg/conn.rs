@@ -916,13 +916,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_detached_connection_reads_in_batches() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let s = TcpStream::from_std(s).unwrap();
-        let (peer, _) = l.accept().unwrap();
-        let fd = s.as_raw_fd();
-        check_batched(plain(Io::Tcp(s), fd), peer);
+        let (c, peer) = tcp_pair();
+        check_batched(c, peer);
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let a = UnixStream::from_std(a).unwrap();
@@ -930,7 +925,8 @@ mod tests {
         check_batched(plain(Io::Unix(a), fd), b);
     }
 
-    fn unread_tcp_pair() -> (Connection, std::net::TcpStream) {
+    /// A connection on the runtime over TCP and its peer; its sends give up after 300 ms.
+    fn tcp_pair() -> (Connection, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         s.set_nonblocking(true).unwrap();
@@ -944,7 +940,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_detached_send_the_server_never_reads_times_out() {
-        let (mut c, _peer) = unread_tcp_pair();
+        let (mut c, _peer) = tcp_pair();
         assert!(c.detach().unwrap());
         let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
@@ -957,7 +953,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_send_on_the_runtime_the_server_never_reads_times_out() {
-        let (mut c, _peer) = unread_tcp_pair();
+        let (mut c, _peer) = tcp_pair();
         let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || check_send_times_out(&mut c, &rt))
             .join()
