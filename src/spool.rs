@@ -512,6 +512,8 @@ fn zero_fill(f: &File, from: u64, to: u64) -> std::io::Result<()> {
 pub struct MappedSegment {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// Pages before this offset were dropped already ([`MappedSegment::release_before`]).
+    released: std::cell::Cell<usize>,
 }
 
 // SAFETY: the mapping is read-only and owned by this value; nothing else refers to it.
@@ -544,6 +546,7 @@ impl MappedSegment {
         let m = MappedSegment {
             ptr: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"),
             len,
+            released: std::cell::Cell::new(0),
         };
         match m.populate(0, 0) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
@@ -566,12 +569,18 @@ impl MappedSegment {
     }
 
     /// Drops the mapping's pages before `offset` (page cache pages stay where they are: read
-    /// again, they are mapped again). Bounds the memory the mapping holds.
+    /// again, they are mapped again). Bounds the memory the mapping holds. Each page is
+    /// dropped once, however often this is called.
     pub fn release_before(&self, offset: usize) {
-        let (start, end) = self.pages(0, offset);
-        let end = end.min(offset & !(page_size() - 1));
-        // Advisory: a failure leaves pages mapped, nothing else.
-        let _ = self.advise(start, end, libc::MADV_DONTNEED);
+        let (start, end) = (
+            self.released.get(),
+            offset.min(self.len) & !(page_size() - 1),
+        );
+        if end > start {
+            // Advisory: a failure leaves pages mapped, nothing else.
+            let _ = self.advise(start, end, libc::MADV_DONTNEED);
+            self.released.set(end);
+        }
     }
 
     /// The page-aligned span of the mapping covering `[from, to)`, clamped to it.
@@ -631,6 +640,8 @@ mod tests {
         // Released pages read back the same (mapped again from the page cache), as do
         // unaligned and out-of-range requests.
         m.release_before(2 << 20);
+        m.release_before(1 << 20);
+        assert_eq!(m.released.get(), 2 << 20, "dropped once, never moved back");
         m.release_before(raw.len() + 5000);
         m.populate(raw.len() - 10, 5000).unwrap();
         assert!(m.bytes() == raw);
