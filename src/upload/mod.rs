@@ -275,17 +275,89 @@ impl<'a> Upload<'a> {
                     }
                     _ => Bytes::new(),
                 };
-                match trailer {
-                    Some(t) if theirs[..] == t[..] => Ok(0),
-                    None if tier.storage.get(key).await? == hot.get(key).await? => Ok(0),
-                    _ => Err(UploadError::Conflict {
-                        tier: tier.name.clone(),
-                        key: key.to_string(),
-                    }),
+                let same = match trailer {
+                    Some(t) if theirs[..] == t[..] => true,
+                    Some(t) => {
+                        same_content_encoded_differently(tier, hot, key, &t, &theirs).await?
+                    }
+                    None => tier.storage.get(key).await? == hot.get(key).await?,
+                };
+                if same {
+                    return Ok(0);
                 }
+                Err(UploadError::Conflict {
+                    tier: tier.name.clone(),
+                    key: key.to_string(),
+                })
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The largest raw content [`same_content_encoded_differently`] compares (in memory): a WAL
+/// segment of up to 64 MiB. Larger objects are never written twice under one key.
+const SAME_CONTENT_MAX: u64 = 64 << 20;
+
+/// Whether the tier's object under `key` (trailer `theirs`) holds the same raw content as the
+/// hot one (trailer `ours`) though its stored bytes differ: the same segment compressed
+/// with other parameters, published again after a crash between the hot write and the spool's
+/// retire, by a build or configuration that compresses differently. Kind, raw size and CRC-32
+/// must agree; then both are decoded (each verified) and compared byte for byte. Their copy
+/// is kept either way.
+async fn same_content_encoded_differently(
+    tier: &RemoteTier,
+    hot: &dyn Storage,
+    key: &str,
+    ours: &[u8],
+    theirs: &[u8],
+) -> Result<bool, UploadError> {
+    let (Ok(o), Ok(t)) = (
+        object::ObjectInfo::parse_trailer(ours),
+        object::ObjectInfo::parse_trailer(theirs),
+    ) else {
+        return Ok(false);
+    };
+    if (o.kind, o.raw_size, o.crc32) != (t.kind, t.raw_size, t.crc32)
+        || o.raw_size > SAME_CONTENT_MAX
+    {
+        return Ok(false);
+    }
+    let (ours, theirs) = (hot.get(key).await?, tier.storage.get(key).await?);
+    let k = key.to_string();
+    let same = tokio::task::spawn_blocking(move || {
+        let (raw, _) = object::decode_bytes(&ours).map_err(|e| UploadError::HotCorrupt {
+            key: k,
+            reason: e.to_string(),
+        })?;
+        let mut cmp = SameBytes { want: &raw, at: 0 };
+        Ok::<_, UploadError>(object::decode(&theirs, &mut cmp).is_ok() && cmp.at == raw.len())
+    })
+    .await
+    .expect("comparison task panicked")?;
+    if same {
+        info!(tier = %tier.name, %key, "the remote tier already holds this content, compressed differently; kept its copy");
+    }
+    Ok(same)
+}
+
+/// A writer that fails at the first byte differing from `want` (or beyond its end).
+struct SameBytes<'a> {
+    want: &'a [u8],
+    at: usize,
+}
+
+impl std::io::Write for SameBytes<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.want.get(self.at..self.at + b.len()) != Some(b) {
+            return Err(std::io::Error::other("content differs"));
+        }
+        self.at += b.len();
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -909,6 +981,82 @@ mod tests {
         assert!(!is_immutable(&layout::partial_segment_key(
             &SegmentName::new(1, 2, 16 << 20)
         )));
+    }
+
+    /// Two different 8-byte suffixes that give `prefix` the same CRC-32 (a birthday search
+    /// over scattered 64-bit values — ~80,000 tries on average, deterministic; suffixes that
+    /// differ in 32 bits or fewer never collide, a CRC-32 detects every such burst).
+    fn crc_twins(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut seen = std::collections::HashMap::new();
+        for n in 1u64..1 << 24 {
+            let i = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ n;
+            let mut h = crc32fast::Hasher::new();
+            h.update(prefix);
+            h.update(&i.to_le_bytes());
+            if let Some(j) = seen.insert(h.finalize(), i) {
+                let raw = |n: u64| [prefix, &n.to_le_bytes()[..]].concat();
+                return (raw(j), raw(i));
+            }
+        }
+        panic!("no CRC-32 collision found")
+    }
+
+    #[tokio::test]
+    async fn a_remote_copy_of_the_same_content_compressed_otherwise_is_kept_without_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let hot = FsStorage::new(dir.path().join("hot"));
+        let tier = RemoteTier {
+            name: "r".into(),
+            url: "s3://b".into(),
+            storage: Arc::new(FsStorage::new(dir.path().join("remote"))),
+        };
+        let raw: Vec<u8> = (0..300_000u32)
+            .map(|i| ((i % 251) ^ (i / 4093)) as u8)
+            .collect();
+        let (fast, _) = object::encode_bytes(&raw, ObjectKind::WalSegment, 1).unwrap();
+        let (small, _) = object::encode_bytes(&raw, ObjectKind::WalSegment, 9).unwrap();
+        assert_ne!(fast, small);
+        let key = seg_key(3);
+        tier.storage
+            .put(&key, Bytes::from(small.clone()))
+            .await
+            .unwrap();
+        hot.put(&key, Bytes::from(fast)).await.unwrap();
+        assert_eq!(upload_object(&hot, &tier, &key, None).await.unwrap(), 0);
+        assert_eq!(tier.storage.get(&key).await.unwrap(), Bytes::from(small));
+        // Same kind, size and CRC-32, other content: still a conflict.
+        let (a, b) = crc_twins(&raw[..1000]);
+        assert_ne!(a, b);
+        assert_eq!(crc32fast::hash(&a), crc32fast::hash(&b));
+        let key = seg_key(4);
+        let (theirs, _) = object::encode_bytes(&a, ObjectKind::WalSegment, 1).unwrap();
+        let (ours, _) = object::encode_bytes(&b, ObjectKind::WalSegment, 1).unwrap();
+        tier.storage
+            .put(&key, Bytes::from(theirs.clone()))
+            .await
+            .unwrap();
+        hot.put(&key, Bytes::from(ours)).await.unwrap();
+        assert!(matches!(
+            upload_object(&hot, &tier, &key, None).await,
+            Err(UploadError::Conflict { .. })
+        ));
+        // The same content of another kind: a conflict.
+        let key = seg_key(5);
+        let (other_kind, _) = object::encode_bytes(&raw, ObjectKind::Other, 9).unwrap();
+        tier.storage
+            .put(&key, Bytes::from(other_kind))
+            .await
+            .unwrap();
+        let (ours, _) = object::encode_bytes(&raw, ObjectKind::WalSegment, 1).unwrap();
+        hot.put(&key, Bytes::from(ours)).await.unwrap();
+        assert!(matches!(
+            upload_object(&hot, &tier, &key, None).await,
+            Err(UploadError::Conflict { .. })
+        ));
+        assert_eq!(
+            tier.storage.get(&seg_key(4)).await.unwrap(),
+            Bytes::from(theirs)
+        );
     }
 
     #[tokio::test]
