@@ -2,7 +2,8 @@
 # A/B of archiver builds (or settings) as an asynchronous WAL stream: each round runs every
 # build once, in rotated order, next to the same pgbench load, and prints TPS, the WAL the
 # server wrote, the stream's CPU seconds (from /proc/PID/stat, until 3 s after pgbench ends,
-# so the last segments' compression counts) per GB of that WAL, and its peak RSS.
+# so the last segments' compression counts) per GB of that WAL, its peak RSS, and the bytes its
+# repository holds afterwards (the stored WAL and its index).
 # A "build" is NAME=COMMAND: an archiver binary, or a wrapper that sets an environment.
 # Usage: [ROUNDS=3] [SECS=15] [SCALE=50] [UNIX=1] [MODE_ARGS=--synchronous] \
 #        scripts/bench-ab.sh old=/path/to/archiver new=target/release/archiver
@@ -42,8 +43,9 @@ for r in $(seq 1 "$ROUNDS"); do
         wait "$PID" || true
         PID=""
         "${PSQL[@]}" -c "select pg_drop_replication_slot('ab')" >/dev/null
-        python3 -c "import sys; r, name, tps, l0, l1, c0, c1, hwm = sys.argv[1:]; gb = (int(l1) - int(l0)) / 1e9; cpu = (int(c1) - int(c0)) / 100
-print(f'round {r} {name:12} tps {float(tps):8.1f}  wal_mb {gb * 1000:6.0f}  cpu_s {cpu:5.2f}  cpu_s_per_gb {cpu / gb:6.3f}  peak_rss_mb {int(hwm) / 1024:5.1f}')" \
-            "$r" "$name" "$tps" "$l0" "$l1" "$c0" "$c1" "$hwm"
+        stored=$(du -sb --exclude=spool "$W/ab-repo" | cut -f1)
+        python3 -c "import sys; r, name, tps, l0, l1, c0, c1, hwm, stored = sys.argv[1:]; gb = (int(l1) - int(l0)) / 1e9; cpu = (int(c1) - int(c0)) / 100
+print(f'round {r} {name:12} tps {float(tps):8.1f}  wal_mb {gb * 1000:6.0f}  cpu_s {cpu:5.2f}  cpu_s_per_gb {cpu / gb:6.3f}  peak_rss_mb {int(hwm) / 1024:5.1f}  stored_mb {int(stored) / 1e6:6.1f}')" \
+            "$r" "$name" "$tps" "$l0" "$l1" "$c0" "$c1" "$hwm" "$stored"
     done
 done
