@@ -222,13 +222,28 @@ fn auth_methods_and_tls_modes() {
     };
     for (name, mode) in [("tls_prefer", ""), ("tls_require", "sslmode=require")] {
         let ci = format!("host=127.0.0.1 port={p} user=tls_user password=tls-pw {mode}");
-        streams_ok_then(&dir, name, &ci, &[], &|| {
+        let log = streams_ok_then(&dir, name, &ci, &[], &|| {
             assert_eq!(
                 ssl_in_use(name),
                 "t",
                 "{name}: the walsender connection must use TLS"
-            )
+            );
+            // WAL flows through the session taken off the runtime (read in batches).
+            pg.psql(&format!(
+                "create table {name}(x int); insert into {name} select generate_series(1, 50000)"
+            ));
+            let seg = current_walfile(&pg);
+            pg.psql("select pg_switch_wal()");
+            wait_archived(
+                &dir.join(&format!("repo-{name}")),
+                &seg,
+                std::time::Duration::from_secs(60),
+            );
         });
+        assert!(
+            log.contains("on a thread of its own, reading its socket in batches"),
+            "{name}: a TLS stream is detached too\n{log}"
+        );
     }
     // Over the Unix socket libpq never uses TLS; neither do we (even with sslmode=require).
     streams_ok(

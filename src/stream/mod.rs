@@ -469,8 +469,8 @@ pub(crate) fn on_own_thread() -> bool {
 ///   per batch instead of one per message, ~15-20% less CPU per GB of WAL than as a runtime
 ///   task (docs/benchmarks.md).
 ///
-/// Over TLS the connection stays on the runtime (it cannot be detached), and the same thread
-/// runs the runtime's loop.
+/// TLS or not: a TLS session is detached with its socket
+/// ([`Connection::detach`](crate::pg::Connection::detach)).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_where_cheapest(
     conn: Connection,
