@@ -535,7 +535,7 @@ impl Connection {
     }
 
     /// One `recv` on a detached socket, straight into the buffer's spare capacity (over TLS:
-    /// what the session decrypts, from at most one `recv`).
+    /// the plaintext of the session's next record, the socket read as that needs).
     fn read_blocking(&mut self) -> Result<Option<usize>, PgError> {
         use bytes::BufMut;
         if let Io::BlockingTls(s) = &mut self.io {

@@ -983,6 +983,18 @@ mod tests {
         )));
     }
 
+    /// A hot tier and a remote one, on disk in a new temporary directory.
+    fn hot_and_remote() -> (tempfile::TempDir, FsStorage, RemoteTier) {
+        let dir = tempfile::tempdir().unwrap();
+        let hot = FsStorage::new(dir.path().join("hot"));
+        let tier = RemoteTier {
+            name: "r".into(),
+            url: "s3://b".into(),
+            storage: Arc::new(FsStorage::new(dir.path().join("remote"))),
+        };
+        (dir, hot, tier)
+    }
+
     /// Two different 8-byte suffixes that give `prefix` the same CRC-32 (a birthday search
     /// over scattered 64-bit values — ~80,000 tries on average, deterministic; suffixes that
     /// differ in 32 bits or fewer never collide, a CRC-32 detects every such burst).
@@ -1003,13 +1015,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_remote_copy_of_the_same_content_compressed_otherwise_is_kept_without_conflict() {
-        let dir = tempfile::tempdir().unwrap();
-        let hot = FsStorage::new(dir.path().join("hot"));
-        let tier = RemoteTier {
-            name: "r".into(),
-            url: "s3://b".into(),
-            storage: Arc::new(FsStorage::new(dir.path().join("remote"))),
-        };
+        let (_dir, hot, tier) = hot_and_remote();
         let raw: Vec<u8> = (0..300_000u32)
             .map(|i| ((i % 251) ^ (i / 4093)) as u8)
             .collect();
@@ -1061,13 +1067,7 @@ mod tests {
 
     #[tokio::test]
     async fn uploads_verify_the_hot_copy_and_never_replace() {
-        let dir = tempfile::tempdir().unwrap();
-        let hot = FsStorage::new(dir.path().join("hot"));
-        let tier = RemoteTier {
-            name: "r".into(),
-            url: "s3://b".into(),
-            storage: Arc::new(FsStorage::new(dir.path().join("remote"))),
-        };
+        let (_dir, hot, tier) = hot_and_remote();
         let (obj, _) =
             object::encode_bytes(&vec![5u8; 100_000], ObjectKind::WalSegment, 1).unwrap();
         let key = seg_key(7);
