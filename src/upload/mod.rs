@@ -296,7 +296,9 @@ impl<'a> Upload<'a> {
 }
 
 /// The largest raw content [`same_content_encoded_differently`] compares (in memory): a WAL
-/// segment of up to 64 MiB. Larger objects are never written twice under one key.
+/// segment of up to 64 MiB. A larger segment (`wal_segment_size` of 128 MiB or more)
+/// republished with other compression is still reported as a conflict; nothing else is
+/// written twice under one key.
 const SAME_CONTENT_MAX: u64 = 64 << 20;
 
 /// Whether the tier's object under `key` (trailer `theirs`) holds the same raw content as the
