@@ -6,11 +6,10 @@
 //! Reported positions never go backwards.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::watch;
-use tokio::time::Instant as TokioInstant;
 use tracing::{debug, info, warn};
 
 use super::assembler::Assembler;
@@ -27,37 +26,12 @@ use crate::spool::{FlushRecord, Spool};
 use crate::wal::timeline::parse_history;
 use crate::wal::{Lsn, TimeLineId};
 
-/// A batch at least this large (the walsender's `MAX_SEND_SIZE`) means the server has more
-/// to send: read on without pausing.
-const COALESCE_BELOW: u64 = 128 * 1024;
-/// The longest pause between reads of an asynchronous stream (it adds at most this to the
-/// write position the server sees; the flush position waits on the fsync interval anyway).
-const COALESCE_MAX_PAUSE: Duration = Duration::from_millis(5);
-
 /// What a blocking read of an asynchronous stream waits for (`SO_RCVLOWAT`), unless
 /// [`BLOCKING_WAIT`](crate::pg::conn::BLOCKING_WAIT) passes first: one wake-up per 256 KiB of
-/// WAL rather than one per message. As a runtime task that reads every 5 ms at most
-/// ([`coalesce_pause`]), such a stream cost 14-20% more CPU per GB of WAL, its wake-ups
-/// (context switches, `epoll_wait`) a third of it (docs/benchmarks.md).
+/// WAL rather than one per message. As a runtime task that read every 5 ms at most, such a
+/// stream cost 14-20% more CPU per GB of WAL, its wake-ups (context switches, `epoll_wait`)
+/// a third of it (docs/benchmarks.md).
 const ASYNC_BATCH: usize = 256 * 1024;
-
-/// How long a stream leaves its socket alone after a batch of `batch` WAL bytes, so the next
-/// read takes several of the walsender's messages at once.
-///
-/// Without `--synchronous` nothing waits on our reply but the fsync interval, and each
-/// wake-up (a context switch, an `epoll_wait`, a `recv`, the runtime's bookkeeping) costs
-/// about as much CPU as the WAL it brings when the server flushes a commit at a time: the
-/// profile of an asynchronous stream next to pgbench showed a third of archiver's CPU in
-/// the scheduler's context switch. Pausing after a small batch bounds the wake-ups to one
-/// per pause; after a large one (the server is sending as fast as it can) the loop reads
-/// on at once. A synchronous stream never pauses: every commit waits on its reply.
-fn coalesce_pause(synchronous: bool, fsync_interval: Duration, batch: u64) -> Option<Duration> {
-    if synchronous || batch >= COALESCE_BELOW {
-        return None;
-    }
-    let pause = (fsync_interval / 20).min(COALESCE_MAX_PAUSE);
-    (!pause.is_zero()).then_some(pause)
-}
 
 pub struct Session<'a> {
     conn: Connection,
@@ -158,66 +132,22 @@ impl<'a> Session<'a> {
     ) -> Result<(), StreamError> {
         self.archive_history(start.tli).await?;
         self.start_streaming(start.lsn).await?;
-        if super::on_own_thread() && self.conn.detach()? {
-            if self.cfg.synchronous {
-                info!("synchronous stream: on a thread of its own, blocking on its socket");
-            } else {
-                // Nothing waits on each message here: wake per batch, not per packet.
-                self.conn.set_recv_low_water(ASYNC_BATCH)?;
-                info!("stream: on a thread of its own, reading its socket in batches");
-            }
-            return self.run_blocking(shutdown).await;
+        if !super::on_own_thread() {
+            return Err(StreamError::Invariant(
+                "a stream runs only on a thread of its own (run_where_cheapest)".into(),
+            ));
         }
-        // One shutdown future and one timer for the whole loop: made anew per batch they
-        // registered and dropped a watch waiter and a timer-wheel entry (a lock each way) per
-        // commit of a synchronous standby.
-        let mut stop = std::pin::pin!(shutdown_requested(shutdown));
-        let mut timer = std::pin::pin!(tokio::time::sleep_until(TokioInstant::from_std(
-            self.next_deadline()
-        )));
-        loop {
-            // The timer only moves earlier, or is re-armed once it fired: one that fires before
-            // a deadline that moved later (a status update went out meanwhile) finds nothing
-            // due and is re-armed.
-            let deadline = TokioInstant::from_std(self.next_deadline());
-            if timer.is_elapsed() || deadline < timer.deadline() {
-                timer.as_mut().reset(deadline);
-            }
-            let msg = tokio::select! {
-                biased;
-                _ = &mut stop => return self.stop().await,
-                m = self.conn.next_message() => m?,
-                _ = &mut timer => {
-                    self.on_timer().await?;
-                    continue;
-                }
-            };
-            let before = self.bytes_received;
-            self.handle(msg).await?;
-            while let Some(m) = self.conn.try_next_message()? {
-                self.handle(m).await?;
-            }
-            add(&self.publisher.stages.batches, 1);
-            self.after_batch().await?;
-            let batch = self.bytes_received - before;
-            if let Some(pause) =
-                coalesce_pause(self.cfg.synchronous, self.cfg.fsync_interval, batch)
-            {
-                // Without the low-water mark every message arriving during the pause would
-                // still wake the runtime's I/O driver (the socket is registered edge-triggered).
-                self.conn.set_recv_low_water(COALESCE_BELOW as usize)?;
-                let stopping = tokio::select! {
-                    biased;
-                    _ = &mut stop => true,
-                    _ = tokio::time::sleep(pause) => false,
-                };
-                // Back to 1: the kernel re-checks the queue at once and reports what waits.
-                self.conn.set_recv_low_water(1)?;
-                if stopping {
-                    return self.stop().await;
-                }
-            }
+        if !self.conn.detach()? {
+            return Err(PgError::Closed.into());
         }
+        if self.cfg.synchronous {
+            info!("synchronous stream: on a thread of its own, blocking on its socket");
+        } else {
+            // Nothing waits on each message here: wake per batch, not per packet.
+            self.conn.set_recv_low_water(ASYNC_BATCH)?;
+            info!("stream: on a thread of its own, reading its socket in batches");
+        }
+        self.run_blocking(shutdown).await
     }
 
     /// The loop of a stream on a thread of its own, over a [detached](Connection::detach)
@@ -508,33 +438,5 @@ impl<'a> Session<'a> {
         info!(flushed = %self.flushed, "stopped; final status sent");
         self.conn.close().await;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_asynchronous_stream_pauses_after_small_batches_only() {
-        let ms = Duration::from_millis;
-        let cases = [
-            // (synchronous, fsync interval, batch bytes, pause)
-            (true, ms(1000), 100, None),
-            (true, ms(1000), 1 << 20, None),
-            (false, ms(1000), 100, Some(ms(5))),
-            (false, ms(1000), COALESCE_BELOW - 1, Some(ms(5))),
-            (false, ms(1000), COALESCE_BELOW, None),
-            (false, ms(40), 100, Some(ms(2))),
-            (false, ms(10), 8192, Some(Duration::from_micros(500))),
-            (false, Duration::ZERO, 100, None),
-        ];
-        for (sync, interval, batch, want) in cases {
-            assert_eq!(
-                coalesce_pause(sync, interval, batch),
-                want,
-                "synchronous={sync} fsync_interval={interval:?} batch={batch}"
-            );
-        }
     }
 }
