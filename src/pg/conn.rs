@@ -418,7 +418,7 @@ impl Connection {
     /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`). On the runtime, over TCP,
     /// the kernel reports the socket readable, and wakes the runtime, only once this many
     /// bytes are queued (or at once, when they already are); Unix-domain sockets ignore it
-    /// there. On a [detached](Self::detach) connection, TCP or Unix-domain, a blocking read
+    /// there. On a [detached](Self::detach) connection, plain or TLS, a blocking read
     /// returns once this many bytes have come, or after [`BLOCKING_WAIT`] with what came
     /// meanwhile. `1` is the default.
     pub fn set_recv_low_water(&self, bytes: usize) -> Result<(), PgError> {
@@ -466,7 +466,8 @@ impl Connection {
     /// [`next_message_blocking`](Self::next_message_blocking)), and the runtime's I/O
     /// driver no longer hears of its traffic. Only for a thread of its own, never a runtime
     /// worker. A TLS session moves over whole (rustls keeps whatever it has buffered, sent or
-    /// received), onto a socket read in large pieces ([`BatchedSocket`]). Returns true.
+    /// received), onto a socket read in large pieces ([`BatchedSocket`]). Returns false only
+    /// for a connection already lost.
     pub fn detach(&mut self) -> Result<bool, PgError> {
         let send_wait = self.send_wait;
         let io = match std::mem::replace(&mut self.io, Io::Gone) {
@@ -508,17 +509,10 @@ impl Connection {
         Ok(true)
     }
 
-    /// At least 64 KiB free at the end of the read buffer (growing it by 256 KiB at a time).
-    fn make_room(&mut self) {
-        if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
-            self.rbuf.reserve(256 * 1024);
-        }
-    }
-
     /// Reads once into the buffer; for a detached connection `Ok(None)` when nothing came
     /// within [`BLOCKING_WAIT`].
     async fn read_more(&mut self) -> Result<Option<usize>, PgError> {
-        self.make_room();
+        make_room(&mut self.rbuf);
         let n = match &mut self.io {
             Io::Tcp(s) => s.read_buf(&mut self.rbuf).await?,
             Io::Unix(s) => s.read_buf(&mut self.rbuf).await?,
@@ -545,7 +539,7 @@ impl Connection {
             return Err(gone());
         }
         // Never an empty spare slice: a `recv` of 0 bytes would read as the server closing.
-        self.make_room();
+        make_room(&mut self.rbuf);
         let spare = self.rbuf.chunk_mut();
         // SAFETY: `fd` is the open socket `io` owns; the kernel writes at most `spare.len()`
         // bytes into the buffer's spare capacity, and only the `n` it reports are then
@@ -742,16 +736,22 @@ impl Connection {
     }
 }
 
+/// At least 64 KiB free at the end of a read buffer (growing it by 256 KiB at a time).
+fn make_room(rbuf: &mut BytesMut) {
+    if rbuf.capacity() - rbuf.len() < 64 * 1024 {
+        rbuf.reserve(256 * 1024);
+    }
+}
+
 /// Reads what a detached TLS session yields into `rbuf`: `Ok(None)` when nothing came within
 /// [`BLOCKING_WAIT`].
 fn read_tls_blocking(s: &mut BlockingTls, rbuf: &mut BytesMut) -> Result<Option<usize>, PgError> {
     use std::io::Read;
-    if rbuf.capacity() - rbuf.len() < 64 * 1024 {
-        rbuf.reserve(256 * 1024);
-    }
+    make_room(rbuf);
+    // rustls reads into initialised memory: zero what this read may take, not all the spare
+    // capacity (a TLS record holds at most 16 KiB; more is read on the next call).
     let start = rbuf.len();
-    let room = rbuf.capacity() - start;
-    rbuf.resize(start + room, 0);
+    rbuf.resize(start + 64 * 1024, 0);
     let r = s.read(&mut rbuf[start..]);
     rbuf.truncate(start + *r.as_ref().unwrap_or(&0));
     match r {
