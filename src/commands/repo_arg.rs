@@ -38,6 +38,10 @@ pub struct RepoArg {
     /// With --repo s3://… --s3-sse aws:kms: the KMS key.
     #[arg(long, value_name = "KEY")]
     pub s3_sse_kms_key_id: Option<String>,
+    /// With --repo s3://…: sign upload bodies too (SigV4 payload hash), for buckets whose
+    /// policy demands it. Default: bodies go out with their CRC-32 in a signed header.
+    #[arg(long)]
+    pub s3_sign_payload: bool,
 }
 
 impl RepoArg {
@@ -58,6 +62,7 @@ impl RepoArg {
                     storage_class: self.s3_storage_class.clone(),
                     sse: self.s3_sse.clone(),
                     sse_kms_key_id: self.s3_sse_kms_key_id.clone(),
+                    sign_payload: self.s3_sign_payload.then_some(true),
                     ..S3Options::default()
                 }),
                 key_file: self.encryption_key_file.clone(),

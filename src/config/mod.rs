@@ -523,6 +523,7 @@ name = "dr"
 url = "s3://b2"
 object_lock_mode = "COMPLIANCE"
 object_lock_days = 30
+sign_payload = true
 "#,
         )
         .unwrap();
@@ -532,6 +533,8 @@ object_lock_days = 30
         assert_eq!(c.remotes.len(), 2);
         assert_eq!(c.remotes[0].s3.sse.as_deref(), Some("aws:kms"));
         assert_eq!(c.remotes[1].s3.object_lock_days, Some(30));
+        assert_eq!(c.remotes[0].s3.sign_payload, None);
+        assert_eq!(c.remotes[1].s3.sign_payload, Some(true));
 
         let m = Config::parse("[hot]\npath = \"x\"\n").unwrap();
         assert_eq!(m.upload.partial_upload_interval, Duration::from_secs(10));

@@ -933,6 +933,82 @@ impl Streaming {
     }
 }
 
+/// A TCP proxy in front of the S3 server that passes everything through and keeps every byte
+/// clients sent (request heads and bodies, in arrival order per connection). Stops with the
+/// test.
+pub struct RecordingProxy {
+    pub endpoint: String,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+impl RecordingProxy {
+    pub fn start(upstream: &str) -> RecordingProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let up = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = connections.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let (Ok(client), Ok(server)) = (client, TcpStream::connect(&up)) else {
+                    continue;
+                };
+                let rec = Recorded::default();
+                all.lock().unwrap().push(rec.clone());
+                let pipe = |mut from: TcpStream, mut to: TcpStream, rec: Option<Recorded>| {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if let Some(r) = &rec {
+                                r.lock().unwrap().extend_from_slice(&buf[..n]);
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    })
+                };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Some(rec),
+                );
+                pipe(server, client, None);
+            }
+        });
+        RecordingProxy {
+            endpoint,
+            connections,
+        }
+    }
+
+    /// The value of header `name` (lower case, as hyper sends it) in every request with
+    /// `method` that clients sent so far ("" where a request has none).
+    pub fn header_of(&self, method: &str, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for conn in self.connections.lock().unwrap().iter() {
+            let sent = conn.lock().unwrap();
+            let text = String::from_utf8_lossy(&sent);
+            for head in text.split(&format!("{method} /")).skip(1) {
+                let head = head.split("\r\n\r\n").next().unwrap_or("");
+                let want = format!("\r\n{name}: ");
+                out.push(
+                    head.split(&want)
+                        .nth(1)
+                        .map(|v| v.split("\r\n").next().unwrap_or("").to_string())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        out
+    }
+}
+
 /// A TCP proxy in front of the S3 server that misbehaves: every third connection answers its
 /// first request with 503 SlowDown or 500 InternalError, is dropped at once, or is cut after
 /// some bytes (in turn); every third is delayed; every proxied connection also lives at most a
