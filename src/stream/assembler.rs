@@ -189,10 +189,13 @@ impl Assembler {
         };
         let path = self.spool.partial_path(&cur.seg);
         let archived = if cur.written > 0 {
-            let raw = self
-                .spool
-                .read_prefix(&path, cur.written)
-                .map_err(io("reading the partial segment"))?;
+            let raw = match cur.in_memory() {
+                Some(b) => b.to_vec(),
+                None => self
+                    .spool
+                    .read_prefix(&path, cur.written)
+                    .map_err(io("reading the partial segment"))?,
+            };
             repo.put_raw(
                 &partial_segment_key(&cur.seg),
                 Bytes::from(raw),

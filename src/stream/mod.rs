@@ -508,7 +508,7 @@ pub async fn run(
     cfg: StreamConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
-    let spool = spool.recycling(true);
+    let spool = spool.recycling(true).resident(true);
     recover_spool(&repo, &spool, cfg.compress_level, cfg.index).await?;
     // Names for the relation files the index will see removed (best effort, in the
     // background: a replication-only user cannot read them, and says so).

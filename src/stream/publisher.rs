@@ -110,7 +110,11 @@ pub(crate) async fn publish_segment_timed(
         repo.prime_indexer(ix, &seg).await;
     }
     let t = Instant::now();
+    let resident = spool.take_resident(&seg);
     let (obj, info, taken, index) = in_background_thread(move || -> Result<_, StreamError> {
+        if let Some(r) = resident {
+            return encode_contiguous(r.bytes(), seg, level, taken, |_, _| Ok(()));
+        }
         let mapped = MappedSegment::open(&p)
             .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
         match mapped {
@@ -164,30 +168,45 @@ type Encoded = (
     Option<Result<SegmentIndex, crate::wal::record::RecordError>>,
 );
 
-/// Encodes a mapped spool segment in place ([`object::encode_contiguous`]), indexing its pages
-/// on the way when given an indexer.
+/// Encodes a mapped spool segment in place ([`encode_contiguous`]), its pages faulted in ahead
+/// of the encoder and dropped behind it.
 fn encode_mapped(
     m: &MappedSegment,
     seg: SegmentName,
     level: i32,
-    mut taken: Option<Indexer>,
+    taken: Option<Indexer>,
 ) -> Result<Encoded, StreamError> {
-    let bytes = m.bytes();
-    let mut out = Vec::with_capacity(bytes.len() / 4);
-    let mut ix = taken.as_mut().map(|ixr| ixr.begin(&seg));
-    let mut failed = None;
     // Pages further behind than zstd's window are dropped from the mapping as the encoder
     // moves on: zstd does not read them again, and the mapping holds at most this much (plus
     // a step) whatever the segment size.
     let lag = object::zstd_window(level) + object::CONTIGUOUS_STEP;
+    encode_contiguous(m.bytes(), seg, level, taken, |off, step| {
+        m.populate(off, step.len())?;
+        m.release_before(off.saturating_sub(lag));
+        Ok(())
+    })
+}
+
+/// Encodes a segment's bytes in place ([`object::encode_contiguous`]), indexing its pages on
+/// the way when given an indexer; `prepare` runs before each step is read (a mapping faults
+/// it in).
+fn encode_contiguous(
+    bytes: &[u8],
+    seg: SegmentName,
+    level: i32,
+    mut taken: Option<Indexer>,
+    mut prepare: impl FnMut(usize, &[u8]) -> std::io::Result<()>,
+) -> Result<Encoded, StreamError> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    let mut ix = taken.as_mut().map(|ixr| ixr.begin(&seg));
+    let mut failed = None;
     let info = object::encode_contiguous(
         bytes,
         &mut out,
         ObjectKind::WalSegment,
         level,
         |off, step| {
-            m.populate(off, step.len())?;
-            m.release_before(off.saturating_sub(lag));
+            prepare(off, step)?;
             if let (Some(ixr), Some(ix), None) = (taken.as_mut(), ix.as_mut(), failed.as_ref()) {
                 if let Err(e) = ixr.feed(ix, &seg, off as u64, step) {
                     failed = Some(e);
