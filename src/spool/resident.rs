@@ -98,24 +98,30 @@ impl std::fmt::Debug for Resident {
 }
 
 impl Resident {
-    fn take_free(&self, len: usize) -> Option<AlignedBuf> {
+    fn take_free(&self, len: usize) -> Option<Lease> {
         let mut p = self.0.lock().expect("pool lock");
-        if let Some(b) = p.free.pop() {
-            if b.len == len {
-                return Some(b);
+        let buf = match p.free.pop() {
+            Some(b) if b.len == len => b,
+            popped => {
+                if popped.is_some() {
+                    p.allocated -= 1;
+                }
+                if p.allocated >= MAX_BUFFERS {
+                    return None;
+                }
+                let b = AlignedBuf::new(len)?;
+                p.allocated += 1;
+                b
             }
-            p.allocated -= 1;
-        }
-        if p.allocated >= MAX_BUFFERS {
-            return None;
-        }
-        let b = AlignedBuf::new(len)?;
-        p.allocated += 1;
-        Some(b)
+        };
+        Some(self.lease(buf))
     }
 
-    fn give_back(&self, buf: AlignedBuf) {
-        self.0.lock().expect("pool lock").free.push(buf);
+    fn lease(&self, buf: AlignedBuf) -> Lease {
+        Lease {
+            buf: Some(buf),
+            pool: self.clone(),
+        }
     }
 
     fn completed(&self, seg: SegmentName, buf: AlignedBuf) {
@@ -130,10 +136,7 @@ impl Resident {
         let mut p = self.0.lock().expect("pool lock");
         if p.done.as_ref().is_some_and(|(s, _)| s == seg) {
             let (_, buf) = p.done.take().expect("checked above");
-            return Some(ResidentSegment {
-                buf: Some(buf),
-                pool: self.clone(),
-            });
+            return Some(ResidentSegment(self.lease(buf)));
         }
         None
     }
@@ -144,33 +147,54 @@ impl Resident {
     }
 }
 
-/// A complete segment in memory, as its spool file holds it; the buffer goes back to the pool
-/// when this is dropped.
-pub struct ResidentSegment {
+/// A buffer out of the pool: back in its free list when dropped, unless handed on whole
+/// ([`Lease::into_inner`]).
+struct Lease {
     buf: Option<AlignedBuf>,
     pool: Resident,
 }
 
-impl ResidentSegment {
-    pub fn bytes(&self) -> &[u8] {
+impl Lease {
+    fn bytes(&self) -> &[u8] {
         self.buf.as_ref().expect("present until drop").as_slice()
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.buf
+            .as_mut()
+            .expect("present until drop")
+            .as_mut_slice()
+    }
+
+    fn into_inner(mut self) -> (AlignedBuf, Resident) {
+        let buf = self.buf.take().expect("present until drop");
+        (buf, self.pool.clone())
     }
 }
 
-impl Drop for ResidentSegment {
+impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            self.pool.give_back(b);
+            self.pool.0.lock().expect("pool lock").free.push(b);
         }
+    }
+}
+
+/// A complete segment in memory, as its spool file holds it; the buffer goes back to the pool
+/// when this is dropped.
+pub struct ResidentSegment(Lease);
+
+impl ResidentSegment {
+    pub fn bytes(&self) -> &[u8] {
+        self.0.bytes()
     }
 }
 
 /// The segment being received, held in a buffer and written to its file at each sync.
 pub(crate) struct DirectWriter {
-    buf: Option<AlignedBuf>,
+    buf: Lease,
     /// The file opened with `O_DIRECT`; `None` once the filesystem refused a direct write.
     direct: Option<File>,
-    pool: Resident,
 }
 
 impl std::fmt::Debug for DirectWriter {
@@ -194,24 +218,13 @@ impl DirectWriter {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok();
-        Some(DirectWriter {
-            buf: Some(buf),
-            direct,
-            pool: pool.clone(),
-        })
-    }
-
-    fn buf(&mut self) -> &mut [u8] {
-        self.buf
-            .as_mut()
-            .expect("present until drop")
-            .as_mut_slice()
+        Some(DirectWriter { buf, direct })
     }
 
     /// Places `data` at `offset` of the segment (not yet in the file).
     pub(crate) fn write(&mut self, offset: u64, data: &[u8]) {
         let o = offset as usize;
-        self.buf()[o..o + data.len()].copy_from_slice(data);
+        self.buf.bytes_mut()[o..o + data.len()].copy_from_slice(data);
     }
 
     /// Writes bytes `[synced, written)` of the segment to `file` (the blocks that hold them,
@@ -224,8 +237,8 @@ impl DirectWriter {
     ) -> std::io::Result<()> {
         let (from, to) = (synced as usize / BLOCK * BLOCK, written as usize);
         let end = to.div_ceil(BLOCK) * BLOCK;
-        self.buf()[to..end].fill(0);
-        let bytes = &self.buf.as_ref().expect("present until drop").as_slice()[from..end];
+        self.buf.bytes_mut()[to..end].fill(0);
+        let bytes = &self.buf.bytes()[from..end];
         if let Some(d) = &self.direct {
             match d.write_all_at(bytes, from as u64) {
                 Ok(()) => return Ok(()),
@@ -240,14 +253,13 @@ impl DirectWriter {
 
     /// The first `len` bytes of the segment.
     pub(crate) fn prefix(&self, len: u64) -> &[u8] {
-        &self.buf.as_ref().expect("present until drop").as_slice()[..len as usize]
+        &self.buf.bytes()[..len as usize]
     }
 
     /// Hands the complete segment's buffer to the publisher ([`Resident::take_done`]).
-    pub(crate) fn completed(mut self, seg: SegmentName) {
-        if let Some(b) = self.buf.take() {
-            self.pool.completed(seg, b);
-        }
+    pub(crate) fn completed(self, seg: SegmentName) {
+        let (buf, pool) = self.buf.into_inner();
+        pool.completed(seg, buf);
     }
 
     #[cfg(test)]
@@ -259,13 +271,5 @@ impl DirectWriter {
     #[cfg(test)]
     pub(crate) fn refuse_direct(&mut self) {
         self.direct = None;
-    }
-}
-
-impl Drop for DirectWriter {
-    fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool.give_back(b);
-        }
     }
 }

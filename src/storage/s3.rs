@@ -312,13 +312,7 @@ impl S3Storage {
     /// Connects to `s3://bucket/prefix` with the standard AWS configuration chain, overridden
     /// by `opts` (endpoint, region, addressing) and writing objects as `opts` says.
     pub async fn with_options(url: &str, opts: S3Options) -> Result<Self, StorageError> {
-        let (bucket, prefix) =
-            parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
-        opts.validate().map_err(|message| StorageError::Remote {
-            key: url.to_string(),
-            message,
-            transient: false,
-        })?;
+        Self::check(url, &opts)?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(r) = &opts.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
@@ -347,30 +341,12 @@ impl S3Storage {
                     .operation_attempt_timeout(std::time::Duration::from_secs(300))
                     .build(),
             );
-        Ok(S3Storage {
-            client: Client::from_conf(conf.build()),
-            bucket,
-            prefix,
-            parts: std::sync::Arc::new(tokio::sync::Semaphore::new(
-                opts.part_concurrency.unwrap_or(PARTS_IN_FLIGHT),
-            )),
-            opts,
-            retry: RetryPolicy::default(),
-        })
+        Self::assemble(Client::from_conf(conf.build()), url, opts)
     }
 
     /// With an explicitly configured client (tests, tools).
     pub fn with_client(client: Client, url: &str) -> Result<Self, StorageError> {
-        let (bucket, prefix) =
-            parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
-        Ok(S3Storage {
-            client,
-            bucket,
-            prefix,
-            opts: S3Options::default(),
-            retry: RetryPolicy::default(),
-            parts: std::sync::Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
-        })
+        Self::with_client_options(client, url, S3Options::default())
     }
 
     /// [`S3Storage::with_client`]'s storage with `opts` in place of the defaults (the client's
@@ -380,16 +356,33 @@ impl S3Storage {
         url: &str,
         opts: S3Options,
     ) -> Result<Self, StorageError> {
+        Self::check(url, &opts)?;
+        Self::assemble(client, url, opts)
+    }
+
+    /// Refuses a malformed URL or options S3 would reject later (nothing is contacted).
+    fn check(url: &str, opts: &S3Options) -> Result<(), StorageError> {
+        parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
         opts.validate().map_err(|message| StorageError::Remote {
             key: url.to_string(),
             message,
             transient: false,
-        })?;
-        let parts = opts.part_concurrency.unwrap_or(PARTS_IN_FLIGHT);
+        })
+    }
+
+    /// The storage over `client`, for a URL and options already [`S3Storage::check`]ed.
+    fn assemble(client: Client, url: &str, opts: S3Options) -> Result<Self, StorageError> {
+        let (bucket, prefix) =
+            parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
         Ok(S3Storage {
+            client,
+            bucket,
+            prefix,
+            parts: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                opts.part_concurrency.unwrap_or(PARTS_IN_FLIGHT),
+            )),
             opts,
-            parts: std::sync::Arc::new(tokio::sync::Semaphore::new(parts)),
-            ..Self::with_client(client, url)?
+            retry: RetryPolicy::default(),
         })
     }
 
