@@ -206,12 +206,10 @@ impl std::fmt::Debug for DirectWriter {
 }
 
 impl DirectWriter {
-    /// A writer for the segment file `path`, if a buffer is free. The file is opened again with
+    /// A writer for the segment file `path`, if a buffer is free (a pool exists only for
+    /// segments up to [`MAX_SEGMENT`]: `Spool::resident`). The file is opened again with
     /// `O_DIRECT` where the filesystem allows it.
     pub(crate) fn open(path: &Path, pool: &Resident, seg_size: u64) -> Option<DirectWriter> {
-        if seg_size > MAX_SEGMENT {
-            return None;
-        }
         let buf = pool.take_free(seg_size as usize)?;
         let direct = std::fs::OpenOptions::new()
             .write(true)

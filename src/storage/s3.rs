@@ -312,7 +312,7 @@ impl S3Storage {
     /// Connects to `s3://bucket/prefix` with the standard AWS configuration chain, overridden
     /// by `opts` (endpoint, region, addressing) and writing objects as `opts` says.
     pub async fn with_options(url: &str, opts: S3Options) -> Result<Self, StorageError> {
-        Self::check(url, &opts)?;
+        let (bucket, prefix) = Self::check(url, &opts)?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(r) = &opts.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
@@ -341,7 +341,12 @@ impl S3Storage {
                     .operation_attempt_timeout(std::time::Duration::from_secs(300))
                     .build(),
             );
-        Self::assemble(Client::from_conf(conf.build()), url, opts)
+        Ok(Self::assemble(
+            Client::from_conf(conf.build()),
+            bucket,
+            prefix,
+            opts,
+        ))
     }
 
     /// With an explicitly configured client (tests, tools).
@@ -356,25 +361,25 @@ impl S3Storage {
         url: &str,
         opts: S3Options,
     ) -> Result<Self, StorageError> {
-        Self::check(url, &opts)?;
-        Self::assemble(client, url, opts)
+        let (bucket, prefix) = Self::check(url, &opts)?;
+        Ok(Self::assemble(client, bucket, prefix, opts))
     }
 
-    /// Refuses a malformed URL or options S3 would reject later (nothing is contacted).
-    fn check(url: &str, opts: &S3Options) -> Result<(), StorageError> {
-        parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
+    /// Refuses a malformed URL or options S3 would reject later (nothing is contacted);
+    /// returns the URL's bucket and prefix.
+    fn check(url: &str, opts: &S3Options) -> Result<(String, String), StorageError> {
+        let parsed = parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
         opts.validate().map_err(|message| StorageError::Remote {
             key: url.to_string(),
             message,
             transient: false,
-        })
+        })?;
+        Ok(parsed)
     }
 
-    /// The storage over `client`, for a URL and options already [`S3Storage::check`]ed.
-    fn assemble(client: Client, url: &str, opts: S3Options) -> Result<Self, StorageError> {
-        let (bucket, prefix) =
-            parse_url(url).ok_or_else(|| StorageError::InvalidKey(url.into()))?;
-        Ok(S3Storage {
+    /// The storage over `client`, for a bucket, prefix and options [`S3Storage::check`] passed.
+    fn assemble(client: Client, bucket: String, prefix: String, opts: S3Options) -> Self {
+        S3Storage {
             client,
             bucket,
             prefix,
@@ -383,7 +388,7 @@ impl S3Storage {
             )),
             opts,
             retry: RetryPolicy::default(),
-        })
+        }
     }
 
     /// The bucket's name.
