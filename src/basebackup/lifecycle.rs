@@ -527,6 +527,19 @@ async fn take(
 /// How long a running streamer gets to archive the backup's WAL before the backup fetches it.
 const STREAMER_GRACE: Duration = Duration::from_secs(30);
 
+/// How soon the backup looks again for WAL the streamer has yet to archive. The streamer
+/// usually publishes the stop segment (which the server's switch at the backup's end completes)
+/// tens of milliseconds after the backup ends, so the first looks come quickly; the interval
+/// then grows by half each time up to [`WAL_POLL_MAX`], which bounds the requests a slow streamer
+/// costs (an `exists` is a HEAD request on S3).
+const WAL_POLL_FIRST: Duration = Duration::from_millis(10);
+const WAL_POLL_MAX: Duration = Duration::from_millis(200);
+
+/// The wait after `poll`: half again, at most [`WAL_POLL_MAX`].
+fn next_poll(poll: Duration) -> Duration {
+    (poll * 3 / 2).min(WAL_POLL_MAX)
+}
+
 /// The backup is usable only with the WAL from its start to its stop. If `archiver stream` runs
 /// into the repository, wait for it to archive that WAL (for [`STREAMER_GRACE`]); otherwise, or
 /// then, fetch it over `conn`.
@@ -546,6 +559,7 @@ async fn wait_for_wal(
     let mut next = first;
     let mut fetched_once = false;
     let waiting_since = Instant::now();
+    let mut poll = WAL_POLL_FIRST;
     loop {
         while next.segno <= last.segno
             && repo
@@ -602,12 +616,36 @@ async fn wait_for_wal(
                 args.wal_timeout
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(poll).await;
+        poll = next_poll(poll);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn wal_polls_start_fast_and_settle_at_the_bound() {
+        let mut p = super::WAL_POLL_FIRST;
+        let mut waited = Duration::ZERO;
+        let mut polls = Vec::new();
+        for _ in 0..12 {
+            waited += p;
+            polls.push(waited);
+            p = super::next_poll(p);
+        }
+        // The stop segment, published some 30 ms after the backup ended, is seen by 50 ms.
+        assert!(
+            polls
+                .iter()
+                .any(|w| *w >= Duration::from_millis(30) && *w <= Duration::from_millis(50)),
+            "{polls:?}"
+        );
+        // Never more than the bound between two looks, and the bound is reached.
+        assert_eq!(p, super::WAL_POLL_MAX);
+        assert!(polls.windows(2).all(|w| w[1] - w[0] <= super::WAL_POLL_MAX));
+    }
     #[test]
     fn label_times() {
         let l = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIME: 2026-11-22 22:40:00 UTC\nLABEL: x\n";
