@@ -11,11 +11,11 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use super::stages::{add, add_since, Stages};
 use super::StreamError;
@@ -103,26 +103,36 @@ pub(crate) async fn publish_segment_timed(
     stages: &Stages,
 ) -> Result<Published, StreamError> {
     let path = spool.complete_path(&seg);
-    let seg_size = repo.seg_size();
-    let p = path.clone();
     let mut taken = indexer.take();
     if let Some(ix) = taken.as_mut().filter(|ix| !ix.continues(&seg)) {
         repo.prime_indexer(ix, &seg).await;
     }
     let t = Instant::now();
     let resident = spool.take_resident(&seg);
-    let (obj, info, taken, index) = in_background_thread(move || -> Result<_, StreamError> {
-        if let Some(r) = resident {
-            return encode_contiguous(r.bytes(), seg, level, taken, |_, _| Ok(()));
-        }
-        let mapped = MappedSegment::open(&p)
-            .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
-        match mapped {
-            Some(m) => encode_mapped(&m, seg, level, taken),
-            None => encode_read(&p, seg, level, taken, seg_size),
-        }
-    })
-    .await?;
+    let class = CompressClass::now();
+    // What the indexer was before this segment: the retry's, if the first try is starved.
+    let before = (class == CompressClass::Idle)
+        .then(|| taken.clone())
+        .flatten();
+    let seg_size = repo.seg_size();
+    let job = |resident, indexer| EncodeJob {
+        resident,
+        path: path.clone(),
+        seg,
+        level,
+        indexer,
+        seg_size,
+    };
+    let mut encoded = encode_in_background(class, IDLE_BOUND, job(resident, taken)).await?;
+    if encoded.is_none() {
+        CompressClass::suspend_idle();
+        info!(segment = %seg, bound = ?IDLE_BOUND, suspended_for = ?IDLE_SUSPENSION,
+            "compression at idle priority was starved of CPU; compressing at nice +10 for a while");
+        encoded = encode_in_background(CompressClass::Nice, IDLE_BOUND, job(None, before)).await?;
+    }
+    let (obj, info, taken, index) = encoded.ok_or_else(|| {
+        StreamError::Invariant("compression at nice +10 has no bound to give up at".into())
+    })?;
     add_since(&stages.encode_ns, t);
     *indexer = taken;
     if info.raw_size != seg_size {
@@ -175,12 +185,14 @@ fn encode_mapped(
     seg: SegmentName,
     level: i32,
     taken: Option<Indexer>,
+    bound: &Bound,
 ) -> Result<Encoded, StreamError> {
     // Pages further behind than zstd's window are dropped from the mapping as the encoder
     // moves on: zstd does not read them again, and the mapping holds at most this much (plus
     // a step) whatever the segment size.
     let lag = object::zstd_window(level) + object::CONTIGUOUS_STEP;
     encode_contiguous(m.bytes(), seg, level, taken, |off, step| {
+        bound.check()?;
         m.populate(off, step.len())?;
         m.release_before(off.saturating_sub(lag));
         Ok(())
@@ -235,9 +247,11 @@ fn encode_read(
     level: i32,
     mut taken: Option<Indexer>,
     seg_size: u64,
+    bound: &Bound,
 ) -> Result<Encoded, StreamError> {
-    let mut f = std::fs::File::open(p)
+    let file = std::fs::File::open(p)
         .map_err(|e| StreamError::io(format!("reading {}", p.display()), e))?;
+    let mut f = Bounded { inner: file, bound };
     let mut out = Vec::with_capacity(seg_size as usize / 4);
     let encode = |r: &mut dyn Read, out: &mut Vec<u8>| {
         object::encode(r, out, ObjectKind::WalSegment, level).map_err(|e| {
@@ -276,14 +290,170 @@ fn encode_read(
     Ok((out, info, taken, index))
 }
 
-/// How much lower than the rest of the process the compression thread runs (`nice`): it
-/// is deferrable work (a bounded queue of complete segments, already durable in the spool),
-/// while the receive loop — and, next to it, PostgreSQL's backends waiting for a synchronous
-/// standby's acknowledgement — must not wait behind a 16 MB compression burst.
+/// How much lower than the rest of the process the compression thread runs (`nice`) when it
+/// does not run at idle priority ([`CompressClass`]): a fair share of a busy machine, below the
+/// receive loop's.
 const COMPRESS_NICE: libc::c_int = 10;
 
-/// Runs `f` on a new thread of lower priority ([`COMPRESS_NICE`]; one per segment: ~50 µs
-/// against tens of milliseconds of compression) and awaits its result.
+/// How long a compression at idle priority may take before it gives up to run again at
+/// [`COMPRESS_NICE`]: it takes tens of milliseconds when the machine has CPU to spare.
+const IDLE_BOUND: Duration = Duration::from_secs(1);
+
+/// How long compression stays at [`COMPRESS_NICE`] after a compression at idle priority was
+/// starved (a machine whose CPUs are full).
+const IDLE_SUSPENSION: Duration = Duration::from_secs(60);
+
+/// Until when idle priority is not used (process-wide: a starved CPU is the machine's state).
+static IDLE_SUSPENDED_UNTIL: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// The priority a segment's compression runs at. Compression is deferrable work (a bounded
+/// queue of complete segments, already durable in the spool), while the receive loop — and,
+/// next to it, PostgreSQL's backends waiting for a synchronous standby's acknowledgement — must
+/// not wait behind a 16 MB compression burst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CompressClass {
+    /// `SCHED_IDLE` (sched(7)): the thread runs on CPU time nothing else wants and gives way at
+    /// once to any other thread that wakes, where a nice thread keeps its slice. Bounded by
+    /// [`IDLE_BOUND`]: a starved compression gives up and runs again as [`CompressClass::Nice`]
+    /// (an unprivileged thread cannot leave `SCHED_IDLE`), and idle priority is suspended for
+    /// [`IDLE_SUSPENSION`].
+    Idle,
+    /// `nice` + [`COMPRESS_NICE`], without a bound.
+    Nice,
+}
+
+impl CompressClass {
+    /// Idle, unless a starved compression suspended it lately.
+    fn now() -> CompressClass {
+        match *IDLE_SUSPENDED_UNTIL.lock().unwrap() {
+            Some(until) if Instant::now() < until => CompressClass::Nice,
+            _ => CompressClass::Idle,
+        }
+    }
+
+    fn suspend_idle() {
+        *IDLE_SUSPENDED_UNTIL.lock().unwrap() = Some(Instant::now() + IDLE_SUSPENSION);
+    }
+
+    /// Sets the calling thread's priority; returns the bound it must keep to: `idle_bound` from
+    /// now at idle priority, none at nice or if idle priority could not be set (e.g. under a
+    /// seccomp filter: the nice value holds all the same).
+    fn enter(self, idle_bound: Duration) -> Bound {
+        // SAFETY: setpriority and sched_setscheduler on this thread's own id (Linux: both are
+        // per thread); failure (not permitted) leaves the priority as it was.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let prio = libc::getpriority(libc::PRIO_PROCESS, tid);
+            libc::setpriority(libc::PRIO_PROCESS, tid, prio.saturating_add(COMPRESS_NICE));
+            if self == CompressClass::Idle {
+                let param = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 {
+                    return Bound::until(Instant::now() + idle_bound);
+                }
+            }
+        }
+        Bound::none()
+    }
+}
+
+/// When a compression gives up ([`CompressClass::Idle`]), checked before each step it reads.
+struct Bound {
+    deadline: Option<Instant>,
+    passed: std::cell::Cell<bool>,
+}
+
+impl Bound {
+    fn none() -> Bound {
+        Bound {
+            deadline: None,
+            passed: std::cell::Cell::new(false),
+        }
+    }
+
+    fn until(deadline: Instant) -> Bound {
+        Bound {
+            deadline: Some(deadline),
+            passed: std::cell::Cell::new(false),
+        }
+    }
+
+    /// An error (remembered: [`Bound::passed`]) once the deadline is past.
+    fn check(&self) -> std::io::Result<()> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.passed.set(true);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "compression starved of CPU at idle priority",
+            ));
+        }
+        Ok(())
+    }
+
+    fn passed(&self) -> bool {
+        self.passed.get()
+    }
+}
+
+/// A reader that fails once its [`Bound`] is past.
+struct Bounded<'a, R> {
+    inner: R,
+    bound: &'a Bound,
+}
+
+impl<R: Read> Read for Bounded<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.bound.check()?;
+        self.inner.read(buf)
+    }
+}
+
+/// A complete segment to encode: from its resident buffer if there is one, else its spool file.
+struct EncodeJob {
+    resident: Option<crate::spool::ResidentSegment>,
+    path: std::path::PathBuf,
+    seg: SegmentName,
+    level: i32,
+    indexer: Option<Indexer>,
+    seg_size: u64,
+}
+
+/// Encodes `job` on a new thread at `class`'s priority (one thread per segment: ~50 µs against
+/// tens of milliseconds of compression). `None`: the compression was starved at idle priority
+/// and gave up after `idle_bound` ([`IDLE_BOUND`]); the indexer it took is spent.
+async fn encode_in_background(
+    class: CompressClass,
+    idle_bound: Duration,
+    job: EncodeJob,
+) -> Result<Option<Encoded>, StreamError> {
+    in_background_thread(move || -> Result<_, StreamError> {
+        let bound = class.enter(idle_bound);
+        let EncodeJob {
+            resident,
+            path,
+            seg,
+            level,
+            indexer,
+            seg_size,
+        } = job;
+        let encoded = if let Some(r) = resident {
+            encode_contiguous(r.bytes(), seg, level, indexer, |_, _| bound.check())
+        } else {
+            let mapped = MappedSegment::open(&path)
+                .map_err(|e| StreamError::io(format!("reading {}", path.display()), e))?;
+            match mapped {
+                Some(m) => encode_mapped(&m, seg, level, indexer, &bound),
+                None => encode_read(&path, seg, level, indexer, seg_size, &bound),
+            }
+        };
+        match encoded {
+            Err(_) if bound.passed() => Ok(None),
+            e => e.map(Some),
+        }
+    })
+    .await
+}
+
+/// Runs `f` on a new thread and awaits its result.
 async fn in_background_thread<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StreamError> + Send + 'static,
 ) -> Result<T, StreamError> {
@@ -291,13 +461,6 @@ async fn in_background_thread<T: Send + 'static>(
     std::thread::Builder::new()
         .name("archiver-compress".into())
         .spawn(move || {
-            // SAFETY: setpriority on this thread's own id (Linux: the nice value is per thread);
-            // failure (not permitted) leaves the priority as it was.
-            unsafe {
-                let tid = libc::gettid() as libc::id_t;
-                let prio = libc::getpriority(libc::PRIO_PROCESS, tid);
-                libc::setpriority(libc::PRIO_PROCESS, tid, prio.saturating_add(COMPRESS_NICE));
-            }
             let _ = tx.send(f());
         })
         .map_err(|e| StreamError::io("starting the compression thread", e))?;
@@ -415,22 +578,28 @@ mod tests {
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
     }
 
-    #[test]
-    fn mapped_and_read_segments_encode_and_index_alike() {
+    /// A 1 MiB segment of pgbench-like WAL at segment number `segno`.
+    fn synthetic_segment(segno: u64) -> (SegmentName, Vec<u8>) {
         use crate::wal::synth::{lay_out, pgbench_like};
         use crate::wal::Lsn;
-        const SEG: u64 = 1 << 20;
-        let start = Lsn(4 * SEG);
-        let seg = SegmentName::containing(1, start, SEG);
+        let start = Lsn(segno * SYNTH_SEG);
         let (wal, _) = lay_out(
             start,
-            SEG as usize,
+            SYNTH_SEG as usize,
             1,
             7,
-            SEG,
+            SYNTH_SEG,
             0xD110,
             pgbench_like(1000, 800_000_000_000_000),
         );
+        (SegmentName::containing(1, start, SYNTH_SEG), wal)
+    }
+    const SYNTH_SEG: u64 = 1 << 20;
+
+    #[test]
+    fn mapped_and_read_segments_encode_and_index_alike() {
+        const SEG: u64 = SYNTH_SEG;
+        let (seg, wal) = synthetic_segment(4);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(seg.to_string());
         let both = |raw: &[u8]| {
@@ -438,8 +607,17 @@ mod tests {
             let m = MappedSegment::open(&path)
                 .unwrap()
                 .expect("Linux 5.14+ maps");
-            let mapped = encode_mapped(&m, seg, 1, Some(Indexer::new(SEG, 15))).unwrap();
-            let read = encode_read(&path, seg, 1, Some(Indexer::new(SEG, 15)), SEG).unwrap();
+            let mapped =
+                encode_mapped(&m, seg, 1, Some(Indexer::new(SEG, 15)), &Bound::none()).unwrap();
+            let read = encode_read(
+                &path,
+                seg,
+                1,
+                Some(Indexer::new(SEG, 15)),
+                SEG,
+                &Bound::none(),
+            )
+            .unwrap();
             for (obj, info) in [(&mapped.0, &mapped.1), (&read.0, &read.1)] {
                 let (back, got) = object::decode_bytes(obj).unwrap();
                 assert!(back == raw);
@@ -462,7 +640,10 @@ mod tests {
 
         // Without an indexer, no index.
         let m = MappedSegment::open(&path).unwrap().unwrap();
-        assert!(encode_mapped(&m, seg, 1, None).unwrap().3.is_none());
+        assert!(encode_mapped(&m, seg, 1, None, &Bound::none())
+            .unwrap()
+            .3
+            .is_none());
         drop(m);
 
         // A damaged record: archived all the same, without an index, saying why, either way.
@@ -473,17 +654,107 @@ mod tests {
         assert_eq!(m.to_string(), r.to_string());
     }
 
+    fn own_policy() -> libc::c_int {
+        // SAFETY: sched_getscheduler of the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
     #[tokio::test]
-    async fn compression_runs_at_lower_priority_and_returns_its_result() {
+    async fn compression_runs_below_the_receive_loop_and_returns_its_result() {
         let base = own_nice();
-        let nice = in_background_thread(|| Ok(own_nice())).await.unwrap();
+        let base_policy = own_policy();
+        // Nice: COMPRESS_NICE lower, the normal policy, no bound.
+        let (nice, policy, bounded) = in_background_thread(|| {
+            let b = CompressClass::Nice.enter(IDLE_BOUND);
+            Ok((own_nice(), own_policy(), b.deadline.is_some()))
+        })
+        .await
+        .unwrap();
         assert_eq!(nice, (base + COMPRESS_NICE).min(19));
+        assert_eq!((policy, bounded), (libc::SCHED_OTHER, false));
+        // Idle: SCHED_IDLE (nice as well, should it ever leave it), and bounded.
+        let (nice, policy, bounded) = in_background_thread(|| {
+            let b = CompressClass::Idle.enter(IDLE_BOUND);
+            Ok((own_nice(), own_policy(), b.deadline.is_some()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(nice, (base + COMPRESS_NICE).min(19));
+        assert_eq!((policy, bounded), (libc::SCHED_IDLE, true));
         // The caller's own priority is untouched.
-        assert_eq!(own_nice(), base);
+        assert_eq!((own_nice(), own_policy()), (base, base_policy));
         // Errors come back as they are.
         let e = in_background_thread::<()>(|| Err(StreamError::Invariant("x".into())))
             .await
             .unwrap_err();
         assert!(e.to_string().contains('x'), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_starved_compression_gives_up_and_the_retry_encodes_the_same() {
+        const SEG: u64 = SYNTH_SEG;
+        let (seg, wal) = synthetic_segment(6);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(seg.to_string());
+        std::fs::write(&path, &wal).unwrap();
+        let job = || EncodeJob {
+            resident: None,
+            path: path.clone(),
+            seg,
+            level: 1,
+            indexer: Some(Indexer::new(SEG, 15)),
+            seg_size: SEG,
+        };
+        // Past its bound before the first step: gives up, whichever way it reads.
+        let gave_up = encode_in_background(CompressClass::Idle, Duration::ZERO, job()).await;
+        assert!(gave_up.unwrap().is_none());
+        let past = Bound::until(Instant::now());
+        let e = encode_read(&path, seg, 1, Some(Indexer::new(SEG, 15)), SEG, &past);
+        assert!(e.is_err() && past.passed());
+        let past = Bound::until(Instant::now());
+        let e = encode_contiguous(&wal, seg, 1, None, |_, _| past.check());
+        assert!(e.is_err() && past.passed());
+        // An error that is not the bound's is an error, not a give-up.
+        let missing = EncodeJob {
+            path: dir.path().join("gone"),
+            ..job()
+        };
+        let e = encode_in_background(CompressClass::Idle, Duration::from_secs(60), missing).await;
+        assert!(e.is_err());
+
+        // The retry at nice, and an idle one within its bound, make what an unbounded
+        // encoding makes: the same object, the same index.
+        let m = MappedSegment::open(&path).unwrap().unwrap();
+        let (obj, info, _, index) =
+            encode_mapped(&m, seg, 1, Some(Indexer::new(SEG, 15)), &Bound::none()).unwrap();
+        let index = index.unwrap().unwrap();
+        assert!(!index.xacts.is_empty());
+        for (class, bound) in [
+            (CompressClass::Nice, Duration::ZERO),
+            (CompressClass::Idle, Duration::from_secs(60)),
+        ] {
+            let (o, i, ix, idx) = encode_in_background(class, bound, job())
+                .await
+                .unwrap()
+                .expect("not starved");
+            assert!(o == obj, "{class:?}");
+            assert_eq!(i, info);
+            assert!(ix.is_some(), "the indexer comes back");
+            assert_eq!(idx.unwrap().unwrap(), index);
+        }
+    }
+
+    #[test]
+    fn a_starved_compression_suspends_idle_priority_for_a_while() {
+        *IDLE_SUSPENDED_UNTIL.lock().unwrap() = None;
+        assert_eq!(CompressClass::now(), CompressClass::Idle);
+        CompressClass::suspend_idle();
+        assert_eq!(CompressClass::now(), CompressClass::Nice);
+        let until = IDLE_SUSPENDED_UNTIL.lock().unwrap().unwrap();
+        assert!(until > Instant::now() + IDLE_SUSPENSION - Duration::from_secs(5));
+        // Once it is over, idle again.
+        *IDLE_SUSPENDED_UNTIL.lock().unwrap() = Some(Instant::now());
+        assert_eq!(CompressClass::now(), CompressClass::Idle);
+        *IDLE_SUSPENDED_UNTIL.lock().unwrap() = None;
     }
 }

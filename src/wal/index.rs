@@ -387,7 +387,7 @@ impl SegmentIndex {
 /// Indexes the segments of a timeline fed in order, carrying records that cross segment
 /// boundaries. Fed a segment that does not follow the last one, it starts afresh: the record
 /// that began in the unseen segment is skipped unless [`Indexer::prime`] fed that segment.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Indexer {
     reader: RecordReader,
     seg_size: u64,

@@ -174,7 +174,7 @@ pub fn check_crc(rec: &[u8], at: Lsn) -> Result<(), RecordError> {
 }
 
 /// Reassembles records from segments fed in order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RecordReader {
     seg_size: u64,
     major: u32,
