@@ -123,12 +123,13 @@ pub(crate) async fn publish_segment_timed(
         indexer,
         seg_size,
     };
-    let mut encoded = encode_in_background(class, IDLE_BOUND, job(resident, taken)).await?;
+    let mut encoded = encode_in_background(class, IdleRule::REAL, job(resident, taken)).await?;
     if encoded.is_none() {
         CompressClass::suspend_idle();
-        info!(segment = %seg, bound = ?IDLE_BOUND, suspended_for = ?IDLE_SUSPENSION,
+        info!(segment = %seg, suspended_for = ?IDLE_SUSPENSION,
             "compression at idle priority was starved of CPU; compressing at nice +10 for a while");
-        encoded = encode_in_background(CompressClass::Nice, IDLE_BOUND, job(None, before)).await?;
+        encoded =
+            encode_in_background(CompressClass::Nice, IdleRule::REAL, job(None, before)).await?;
     }
     let (obj, info, taken, index) = encoded.ok_or_else(|| {
         StreamError::Invariant("compression at nice +10 has no bound to give up at".into())
@@ -295,9 +296,34 @@ fn encode_read(
 /// receive loop's.
 const COMPRESS_NICE: libc::c_int = 10;
 
-/// How long a compression at idle priority may take before it gives up to run again at
-/// [`COMPRESS_NICE`]: it takes tens of milliseconds when the machine has CPU to spare.
-const IDLE_BOUND: Duration = Duration::from_secs(1);
+/// When a compression at idle priority counts as starved: its thread got under a quarter of a
+/// CPU over a whole [`IdleRule::window`] of wall time. Compressing a 16 MB segment takes tens
+/// of milliseconds of CPU, so on a machine with CPU to spare a window never closes starved,
+/// whatever the segment size; on one whose CPUs are all busy, one does within about a second.
+#[derive(Clone, Copy)]
+struct IdleRule {
+    window: Duration,
+    /// The calling thread's CPU time so far.
+    cpu: fn() -> Duration,
+}
+
+impl IdleRule {
+    const REAL: IdleRule = IdleRule {
+        window: Duration::from_secs(1),
+        cpu: thread_cpu,
+    };
+}
+
+/// `CLOCK_THREAD_CPUTIME_ID`: the CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; it cannot fail for this clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 /// How long compression stays at [`COMPRESS_NICE`] after a compression at idle priority was
 /// starved (a machine whose CPUs are full).
@@ -313,9 +339,9 @@ static IDLE_SUSPENDED_UNTIL: std::sync::Mutex<Option<Instant>> = std::sync::Mute
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CompressClass {
     /// `SCHED_IDLE` (sched(7)): the thread runs on CPU time nothing else wants and gives way at
-    /// once to any other thread that wakes, where a nice thread keeps its slice. Bounded by
-    /// [`IDLE_BOUND`]: a starved compression gives up and runs again as [`CompressClass::Nice`]
-    /// (an unprivileged thread cannot leave `SCHED_IDLE`), and idle priority is suspended for
+    /// once to any other thread that wakes, where a nice thread keeps its slice. A starved
+    /// compression ([`IdleRule`]) gives up and runs again as [`CompressClass::Nice`] (an
+    /// unprivileged thread cannot leave `SCHED_IDLE`), and idle priority is suspended for
     /// [`IDLE_SUSPENSION`].
     Idle,
     /// `nice` + [`COMPRESS_NICE`], without a bound.
@@ -335,10 +361,10 @@ impl CompressClass {
         *IDLE_SUSPENDED_UNTIL.lock().unwrap() = Some(Instant::now() + IDLE_SUSPENSION);
     }
 
-    /// Sets the calling thread's priority; returns the bound it must keep to: `idle_bound` from
-    /// now at idle priority, none at nice or if idle priority could not be set (e.g. under a
-    /// seccomp filter: the nice value holds all the same).
-    fn enter(self, idle_bound: Duration) -> Bound {
+    /// Sets the calling thread's priority; returns the bound it must keep to: `idle` at idle
+    /// priority, none at nice or if idle priority could not be set (e.g. under a seccomp
+    /// filter: the nice value holds all the same).
+    fn enter(self, idle: IdleRule) -> Bound {
         // SAFETY: setpriority and sched_setscheduler on this thread's own id (Linux: both are
         // per thread); failure (not permitted) leaves the priority as it was.
         unsafe {
@@ -348,7 +374,7 @@ impl CompressClass {
             if self == CompressClass::Idle {
                 let param = libc::sched_param { sched_priority: 0 };
                 if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 {
-                    return Bound::until(Instant::now() + idle_bound);
+                    return Bound::by(idle);
                 }
             }
         }
@@ -356,36 +382,53 @@ impl CompressClass {
     }
 }
 
-/// When a compression gives up ([`CompressClass::Idle`]), checked before each step it reads.
+/// Whether a compression at idle priority gives up ([`IdleRule`]), checked before each step it
+/// reads.
 struct Bound {
-    deadline: Option<Instant>,
+    rule: Option<IdleRule>,
+    /// Where the current window began: wall time and the thread's CPU time.
+    since: std::cell::Cell<(Instant, Duration)>,
     passed: std::cell::Cell<bool>,
 }
 
 impl Bound {
     fn none() -> Bound {
         Bound {
-            deadline: None,
+            rule: None,
+            since: std::cell::Cell::new((Instant::now(), Duration::ZERO)),
             passed: std::cell::Cell::new(false),
         }
     }
 
-    fn until(deadline: Instant) -> Bound {
+    /// Kept by the calling thread from now on.
+    fn by(rule: IdleRule) -> Bound {
         Bound {
-            deadline: Some(deadline),
+            rule: Some(rule),
+            since: std::cell::Cell::new((Instant::now(), (rule.cpu)())),
             passed: std::cell::Cell::new(false),
         }
     }
 
-    /// An error (remembered: [`Bound::passed`]) once the deadline is past.
+    /// An error (remembered: [`Bound::passed`]) once a whole window has gone by with the
+    /// thread starved.
     fn check(&self) -> std::io::Result<()> {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        let Some(rule) = self.rule else {
+            return Ok(());
+        };
+        let (t0, c0) = self.since.get();
+        let wall = t0.elapsed();
+        if wall < rule.window {
+            return Ok(());
+        }
+        let cpu = (rule.cpu)();
+        if cpu.saturating_sub(c0) * 4 <= wall {
             self.passed.set(true);
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "compression starved of CPU at idle priority",
             ));
         }
+        self.since.set((Instant::now(), cpu));
         Ok(())
     }
 
@@ -394,7 +437,7 @@ impl Bound {
     }
 }
 
-/// A reader that fails once its [`Bound`] is past.
+/// A reader that fails once its [`Bound`] gives up.
 struct Bounded<'a, R> {
     inner: R,
     bound: &'a Bound,
@@ -419,14 +462,14 @@ struct EncodeJob {
 
 /// Encodes `job` on a new thread at `class`'s priority (one thread per segment: ~50 µs against
 /// tens of milliseconds of compression). `None`: the compression was starved at idle priority
-/// and gave up after `idle_bound` ([`IDLE_BOUND`]); the indexer it took is spent.
+/// and gave up (`idle`: [`IdleRule::REAL`]); the indexer it took is spent.
 async fn encode_in_background(
     class: CompressClass,
-    idle_bound: Duration,
+    idle: IdleRule,
     job: EncodeJob,
 ) -> Result<Option<Encoded>, StreamError> {
     in_background_thread(move || -> Result<_, StreamError> {
-        let bound = class.enter(idle_bound);
+        let bound = class.enter(idle);
         let EncodeJob {
             resident,
             path,
@@ -665,8 +708,8 @@ mod tests {
         let base_policy = own_policy();
         // Nice: COMPRESS_NICE lower, the normal policy, no bound.
         let (nice, policy, bounded) = in_background_thread(|| {
-            let b = CompressClass::Nice.enter(IDLE_BOUND);
-            Ok((own_nice(), own_policy(), b.deadline.is_some()))
+            let b = CompressClass::Nice.enter(IdleRule::REAL);
+            Ok((own_nice(), own_policy(), b.rule.is_some()))
         })
         .await
         .unwrap();
@@ -674,8 +717,8 @@ mod tests {
         assert_eq!((policy, bounded), (libc::SCHED_OTHER, false));
         // Idle: SCHED_IDLE (nice as well, should it ever leave it), and bounded.
         let (nice, policy, bounded) = in_background_thread(|| {
-            let b = CompressClass::Idle.enter(IDLE_BOUND);
-            Ok((own_nice(), own_policy(), b.deadline.is_some()))
+            let b = CompressClass::Idle.enter(IdleRule::REAL);
+            Ok((own_nice(), own_policy(), b.rule.is_some()))
         })
         .await
         .unwrap();
@@ -688,6 +731,60 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains('x'), "{e}");
+    }
+
+    fn no_cpu() -> Duration {
+        Duration::ZERO
+    }
+
+    /// A second of CPU more at each call.
+    fn a_second_more() -> Duration {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SECS: AtomicU64 = AtomicU64::new(0);
+        Duration::from_secs(SECS.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A thread that never gets the CPU, judged at once.
+    const STARVED: IdleRule = IdleRule {
+        window: Duration::ZERO,
+        cpu: no_cpu,
+    };
+    /// A window that never closes.
+    const NEVER: IdleRule = IdleRule {
+        window: Duration::from_secs(3600),
+        cpu: thread_cpu,
+    };
+
+    #[test]
+    fn a_bound_gives_up_only_on_a_window_starved_of_cpu() {
+        let b = Bound::by(STARVED);
+        assert!(b.check().is_err() && b.passed());
+        // CPU keeping pace with the wall clock: never, however often it is judged.
+        let fed = Bound::by(IdleRule {
+            window: Duration::ZERO,
+            cpu: a_second_more,
+        });
+        for _ in 0..5 {
+            fed.check().unwrap();
+        }
+        assert!(!fed.passed());
+        // A window still open, or no rule: not judged.
+        let open = Bound::by(IdleRule {
+            window: Duration::from_secs(3600),
+            cpu: no_cpu,
+        });
+        let none = Bound::none();
+        for b in [&open, &none] {
+            b.check().unwrap();
+            assert!(!b.passed());
+        }
+        // The real rule: a thread's own CPU time, which grows as it works.
+        let t0 = (IdleRule::REAL.cpu)();
+        let mut x = 0u64;
+        while (IdleRule::REAL.cpu)() == t0 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!((IdleRule::REAL.cpu)() > t0);
     }
 
     #[tokio::test]
@@ -705,35 +802,32 @@ mod tests {
             indexer: Some(Indexer::new(SEG, 15)),
             seg_size: SEG,
         };
-        // Past its bound before the first step: gives up, whichever way it reads.
-        let gave_up = encode_in_background(CompressClass::Idle, Duration::ZERO, job()).await;
+        // Starved from the first step: gives up, whichever way it reads.
+        let gave_up = encode_in_background(CompressClass::Idle, STARVED, job()).await;
         assert!(gave_up.unwrap().is_none());
-        let past = Bound::until(Instant::now());
-        let e = encode_read(&path, seg, 1, Some(Indexer::new(SEG, 15)), SEG, &past);
-        assert!(e.is_err() && past.passed());
-        let past = Bound::until(Instant::now());
-        let e = encode_contiguous(&wal, seg, 1, None, |_, _| past.check());
-        assert!(e.is_err() && past.passed());
+        let starved = Bound::by(STARVED);
+        let e = encode_read(&path, seg, 1, Some(Indexer::new(SEG, 15)), SEG, &starved);
+        assert!(e.is_err() && starved.passed());
+        let starved = Bound::by(STARVED);
+        let e = encode_contiguous(&wal, seg, 1, None, |_, _| starved.check());
+        assert!(e.is_err() && starved.passed());
         // An error that is not the bound's is an error, not a give-up.
         let missing = EncodeJob {
             path: dir.path().join("gone"),
             ..job()
         };
-        let e = encode_in_background(CompressClass::Idle, Duration::from_secs(60), missing).await;
+        let e = encode_in_background(CompressClass::Idle, NEVER, missing).await;
         assert!(e.is_err());
 
-        // The retry at nice, and an idle one within its bound, make what an unbounded
-        // encoding makes: the same object, the same index.
+        // The retry at nice, and an idle one not starved, make what an unbounded encoding
+        // makes: the same object, the same index.
         let m = MappedSegment::open(&path).unwrap().unwrap();
         let (obj, info, _, index) =
             encode_mapped(&m, seg, 1, Some(Indexer::new(SEG, 15)), &Bound::none()).unwrap();
         let index = index.unwrap().unwrap();
         assert!(!index.xacts.is_empty());
-        for (class, bound) in [
-            (CompressClass::Nice, Duration::ZERO),
-            (CompressClass::Idle, Duration::from_secs(60)),
-        ] {
-            let (o, i, ix, idx) = encode_in_background(class, bound, job())
+        for (class, rule) in [(CompressClass::Nice, STARVED), (CompressClass::Idle, NEVER)] {
+            let (o, i, ix, idx) = encode_in_background(class, rule, job())
                 .await
                 .unwrap()
                 .expect("not starved");
