@@ -565,11 +565,13 @@ def summarize():
     if stages:
         md += ["", "archiver stream's own stage totals (its `stage totals` log line at stop):", "",
                "| run | WAL MB | batches | write ms | fsyncs | fsync ms | encode ms (compress+hash+index) | "
-               "put ms | stored MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "put ms | stored MB | slowest write / fsync / queue wait ms |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, e in stages.items():
             md.append(f"| {name} | {e.get('wal_bytes', 0) / 1e6:.0f} | {e.get('batches')} | {e.get('write_ms')} | "
                       f"{e.get('fsyncs')} | {e.get('fsync_ms')} | {e.get('encode_ms')} | {e.get('put_ms')} | "
-                      f"{e.get('stored_bytes', 0) / 1e6:.1f} |")
+                      f"{e.get('stored_bytes', 0) / 1e6:.1f} | {e.get('slowest_write_ms')} / "
+                      f"{e.get('slowest_fsync_ms')} / {e.get('slowest_queue_ms')} |")
     backups = {k: v for k, v in work_stages.items() if v and "backup" in k}
     if backups:
         md += ["", "archiver backup's own stage totals (`backup stage totals`; time in the receive loop, ms):", "",

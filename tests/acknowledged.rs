@@ -140,6 +140,10 @@ fn synchronous_standby_loses_no_acknowledged_commit() {
     assert!(field("fsyncs") >= 6, "{totals}");
     assert!(field("status_updates") >= field("fsyncs"), "{totals}");
     assert!(field("batches") >= field("fsyncs"), "{totals}");
+    // The longest single step is part of its stage's total.
+    assert!(field("slowest_fsync_ms") <= field("fsync_ms"), "{totals}");
+    assert!(field("slowest_write_ms") <= field("write_ms"), "{totals}");
+    assert!(field("slowest_queue_ms") <= field("queue_ms"), "{totals}");
     assert!(
         field("wal_bytes") > 0 && field("messages") >= field("batches"),
         "{totals}"

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::assembler::Assembler;
 use super::publisher::Publisher;
-use super::stages::{add, add_since};
+use super::stages::{add, add_step, SlowSteps};
 use super::{StartPoint, StreamConfig, StreamError};
 use crate::pg::conn::Backend;
 use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome, StreamEvent};
@@ -58,6 +58,7 @@ pub struct Session<'a> {
     bytes_received: u64,
     /// Slots archiver created that nobody streams from (named in every progress line).
     pub(crate) abandoned_slots: String,
+    slow_steps: SlowSteps,
 }
 
 /// Resolves once shutdown is requested; never, if the sender is gone without requesting it.
@@ -117,6 +118,7 @@ impl<'a> Session<'a> {
             reply_due: false,
             bytes_received: 0,
             abandoned_slots: String::new(),
+            slow_steps: SlowSteps::default(),
         }
     }
 
@@ -303,8 +305,10 @@ impl<'a> Session<'a> {
         let (t, dirty) = (Instant::now(), self.wal.dirty());
         let synced = self.wal.sync()?;
         if dirty {
-            add_since(&self.publisher.stages.fsync_ns, t);
-            add(&self.publisher.stages.fsyncs, 1);
+            let st = &self.publisher.stages;
+            add_step(&st.fsync_ns, &st.slowest_fsync_ns, t.elapsed());
+            add(&st.fsyncs, 1);
+            self.note_step("fsync", t);
         }
         if let Some((seg, synced)) = synced {
             if self.flush_record.is_none() {
@@ -321,6 +325,23 @@ impl<'a> Session<'a> {
         self.flushed = self.flushed.max(self.wal.received());
         self.last_sync = Instant::now();
         Ok(())
+    }
+
+    /// Logs a step of the receive loop that began at `t` if it was slow ([`SlowSteps`]).
+    fn note_step(&mut self, step: &'static str, t: Instant) {
+        let now = Instant::now();
+        let took = now - t;
+        if let Some(unlogged) = self.slow_steps.note(now, took) {
+            warn!(
+                step,
+                took_ms = took.as_millis() as u64,
+                slow_steps_not_logged = unlogged,
+                synchronous = self.cfg.synchronous,
+                "a step of the WAL receive loop was slow (write: the spool's disk; fsync: its \
+                 flush; queue: compression falling behind); a synchronous standby's commits \
+                 wait through it"
+            );
+        }
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), StreamError> {
@@ -388,15 +409,21 @@ impl<'a> Session<'a> {
     async fn on_wal(&mut self, start: Lsn, data: Bytes) -> Result<(), StreamError> {
         let t = Instant::now();
         let done = self.wal.write(start, &data).await?;
-        add_since(&self.publisher.stages.write_ns, t);
-        add(&self.publisher.stages.messages, 1);
-        add(&self.publisher.stages.bytes, data.len() as u64);
+        let st = &self.publisher.stages;
+        add_step(&st.write_ns, &st.slowest_write_ns, t.elapsed());
+        add(&st.messages, 1);
+        add(&st.bytes, data.len() as u64);
+        self.note_step("write", t);
         for seg in done {
             self.flushed = self.flushed.max(seg.end_lsn());
             self.last_sync = Instant::now();
             self.reply_due = true;
             debug!(segment = %seg, "segment complete");
+            let t = Instant::now();
             self.publisher.submit(seg).await?;
+            let st = &self.publisher.stages;
+            add_step(&st.queue_ns, &st.slowest_queue_ns, t.elapsed());
+            self.note_step("queue", t);
         }
         self.bytes_received += data.len() as u64;
         self.progress_bytes += data.len() as u64;
