@@ -327,8 +327,14 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Logs a step of the receive loop that began at `t` if it was slow ([`SlowSteps`]).
+    /// Logs a step of the receive loop that began at `t` if it was slow ([`SlowSteps`]): any
+    /// step when synchronous (the server's commits wait through it), otherwise only a wait for
+    /// the publisher (an asynchronous stream's fsyncs cover a second of WAL or a whole segment,
+    /// and may take that long on a busy disk without holding anything up).
     fn note_step(&mut self, step: &'static str, t: Instant) {
+        if !self.cfg.synchronous && step != "queue" {
+            return;
+        }
         let now = Instant::now();
         let took = now - t;
         if let Some(unlogged) = self.slow_steps.note(now, took) {
