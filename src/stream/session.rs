@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::assembler::Assembler;
 use super::publisher::Publisher;
-use super::stages::{add, add_step, SlowSteps};
+use super::stages::{add, add_step, SlowSteps, SLOW_STEP};
 use super::{StartPoint, StreamConfig, StreamError};
 use crate::pg::conn::Backend;
 use crate::pg::replication::{self, ReplicationMessage, ServerInfo, StartOutcome, StreamEvent};
@@ -59,6 +59,27 @@ pub struct Session<'a> {
     /// Slots archiver created that nobody streams from (named in every progress line).
     pub(crate) abandoned_slots: String,
     slow_steps: SlowSteps,
+}
+
+/// A step of the receive loop whose time is accounted ([`Session::end_step`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// One message's pages into the spool (a segment's end included).
+    Write,
+    /// One fsync of the segment being received.
+    Fsync,
+    /// Waiting for room in the publisher's queue.
+    Queue,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Write => "write",
+            Step::Fsync => "fsync",
+            Step::Queue => "queue",
+        }
+    }
 }
 
 /// Resolves once shutdown is requested; never, if the sender is gone without requesting it.
@@ -305,10 +326,8 @@ impl<'a> Session<'a> {
         let (t, dirty) = (Instant::now(), self.wal.dirty());
         let synced = self.wal.sync()?;
         if dirty {
-            let st = &self.publisher.stages;
-            add_step(&st.fsync_ns, &st.slowest_fsync_ns, t.elapsed());
-            add(&st.fsyncs, 1);
-            self.note_step("fsync", t);
+            add(&self.publisher.stages.fsyncs, 1);
+            self.end_step(Step::Fsync, t);
         }
         if let Some((seg, synced)) = synced {
             if self.flush_record.is_none() {
@@ -327,19 +346,26 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Logs a step of the receive loop that began at `t` if it was slow ([`SlowSteps`]): any
-    /// step when synchronous (the server's commits wait through it), otherwise only a wait for
-    /// the publisher (an asynchronous stream's fsyncs cover a second of WAL or a whole segment,
-    /// and may take that long on a busy disk without holding anything up).
-    fn note_step(&mut self, step: &'static str, t: Instant) {
-        if !self.cfg.synchronous && step != "queue" {
+    /// Accounts a step of the receive loop that began at `t` (its stage's total and longest
+    /// step) and logs it if it was slow ([`SlowSteps`]): any step when synchronous (the
+    /// server's commits wait through it), otherwise only a wait for the publisher (an
+    /// asynchronous stream's fsyncs cover a second of WAL or a whole segment, and may take that
+    /// long on a busy disk without holding anything up).
+    fn end_step(&mut self, step: Step, t: Instant) {
+        let took = t.elapsed();
+        let st = &self.publisher.stages;
+        let (total, slowest) = match step {
+            Step::Write => (&st.write_ns, &st.slowest_write_ns),
+            Step::Fsync => (&st.fsync_ns, &st.slowest_fsync_ns),
+            Step::Queue => (&st.queue_ns, &st.slowest_queue_ns),
+        };
+        add_step(total, slowest, took);
+        if took < SLOW_STEP || (!self.cfg.synchronous && step != Step::Queue) {
             return;
         }
-        let now = Instant::now();
-        let took = now - t;
-        if let Some(unlogged) = self.slow_steps.note(now, took) {
+        if let Some(unlogged) = self.slow_steps.note(Instant::now(), took) {
             warn!(
-                step,
+                step = step.name(),
                 took_ms = took.as_millis() as u64,
                 slow_steps_not_logged = unlogged,
                 synchronous = self.cfg.synchronous,
@@ -415,11 +441,9 @@ impl<'a> Session<'a> {
     async fn on_wal(&mut self, start: Lsn, data: Bytes) -> Result<(), StreamError> {
         let t = Instant::now();
         let done = self.wal.write(start, &data).await?;
-        let st = &self.publisher.stages;
-        add_step(&st.write_ns, &st.slowest_write_ns, t.elapsed());
-        add(&st.messages, 1);
-        add(&st.bytes, data.len() as u64);
-        self.note_step("write", t);
+        self.end_step(Step::Write, t);
+        add(&self.publisher.stages.messages, 1);
+        add(&self.publisher.stages.bytes, data.len() as u64);
         for seg in done {
             self.flushed = self.flushed.max(seg.end_lsn());
             self.last_sync = Instant::now();
@@ -427,9 +451,7 @@ impl<'a> Session<'a> {
             debug!(segment = %seg, "segment complete");
             let t = Instant::now();
             self.publisher.submit(seg).await?;
-            let st = &self.publisher.stages;
-            add_step(&st.queue_ns, &st.slowest_queue_ns, t.elapsed());
-            self.note_step("queue", t);
+            self.end_step(Step::Queue, t);
         }
         self.bytes_received += data.len() as u64;
         self.progress_bytes += data.len() as u64;
