@@ -273,6 +273,27 @@ def proc_hwm(pid):
     return None
 
 
+class LagSampler:
+    """Flush lag from pg_stat_replication over one psql session that stays open for the run: a
+    new psql process and server backend five times a second would cost the 2-core machine CPU
+    that pgbench and the tool under test compete for."""
+
+    def __init__(self):
+        self.p = subprocess.Popen(["psql", "-X", "-qAt", "-h", "127.0.0.1", "-p", PORT, "-U", "postgres",
+                                   "-d", "postgres"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  bufsize=1)
+
+    def sample(self):
+        self.p.stdin.write("select coalesce(extract(epoch from flush_lag) * 1000, 0) from pg_stat_replication;\n")
+        self.p.stdin.flush()
+        v = self.p.stdout.readline().strip()
+        return float(v) if v else None
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
 def stream_run(mode, tool, r):
     """One pgbench run with `tool` attached in `mode` (async, sync, standby)."""
     sync_name = {"archiver": "archiver", "pg_receivewal": "pg_receivewal"}.get(tool, "") if mode == "standby" else ""
@@ -311,12 +332,15 @@ def stream_run(mode, tool, r):
                               "-j", "2", "-T", str(STREAM_SECS), "postgres"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lags = []
+    sampler = LagSampler() if p else None
     while bench.poll() is None:
         time.sleep(0.2)
-        if p:
-            v = psql("select coalesce(extract(epoch from flush_lag) * 1000, 0) from pg_stat_replication")
-            if v:
-                lags.append(float(v))
+        if sampler:
+            v = sampler.sample()
+            if v is not None:
+                lags.append(v)
+    if sampler:
+        sampler.close()
     out = bench.stdout.read()
     m = re.search(r"^tps = ([0-9.]+)", out, re.M)
     if not m:
@@ -533,6 +557,15 @@ def summarize():
         row(off, "ms from local copy to offsite", "archiver backup --config", peer_off, "after_local_ms")
         row(off, "peak RSS MB", "archiver backup --config", peer_off, "rss_mb", note="bound: 128 MB")
 
+    # The machine drifts from round to round (pgbench alone has ranged 2400-2900 TPS in one
+    # run), so the two tools' runs in the same round are also compared pair by pair.
+    paired_tps = {}
+    for work in ("streaming, async", "streaming, --synchronous", "streaming, synchronous standby (RPO 0)"):
+        a, b = results.get(work, {}).get("archiver", []), results.get(work, {}).get("pg_receivewal", [])
+        pairs = [round(x["tps"] / y["tps"], 3) for x, y in zip(a, b) if y.get("tps")]
+        if pairs:
+            paired_tps[work] = pairs
+
     env = {"scale": SCALE, "rounds": ROUNDS, "sync_rounds": SYNC_ROUNDS, "stream_secs": STREAM_SECS,
            "load_secs": LOAD_SECS, "cores": os.cpu_count(), "git": os.environ.get("GIT_REV"),
            "postgres": psql("show server_version"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -540,7 +573,7 @@ def summarize():
            "elapsed_s": round(time.time() - started)}
     os.makedirs(OUT, exist_ok=True)
     json.dump({"env": env, "rows": rows, "runs": results, "lag": lag_all, "stages": stages,
-               "work_stages": work_stages},
+               "work_stages": work_stages, "paired_tps": paired_tps},
               open(os.path.join(OUT, "summary.json"), "w"), indent=1)
 
     def fmt(v):
@@ -557,7 +590,10 @@ def summarize():
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
         md.append(f"| {r['work']} | {r['metric']} | {r['archiver']} | {fmt(r['archiver_value'])} | {r['peer']} | "
                   f"{fmt(r['peer_value'])} | {fmt(r['ratio'])} | {tgt} | {met} |")
-    md += ["", "Flush lag over all rounds' samples (every 0.2 s):", "",
+    md += ["", "pgbench TPS, archiver ÷ pg_receivewal in the same round:", ""]
+    for work, pairs in paired_tps.items():
+        md.append(f"- {work}: {', '.join(f'{x:.3f}' for x in pairs)}; median **{statistics.median(pairs):.3f}**")
+    md += ["", "Flush lag over all rounds' samples (every 0.2 s, over one open psql session):", "",
            "| work | tool | p50 ms | p99 ms | max ms | samples |", "|---|---|---:|---:|---:|---:|"]
     for x in lag_all:
         md.append(f"| {x['work']} | {x['tool']} | {x['lag_ms_p50']:.2f} | {x['lag_ms_p99']:.2f} | "
