@@ -426,6 +426,13 @@ impl Connection {
         Ok(set_rcvlowat(self.fd, bytes)?)
     }
 
+    /// Bytes read from the socket and not yet taken as messages: the start of a message whose
+    /// rest is still to come (or, over TLS, part of it: rustls and [`BatchedSocket`] may hold
+    /// more).
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
     /// Queues raw frontend bytes (built with `postgres_protocol::message::frontend`).
     pub fn write_buf(&mut self) -> &mut BytesMut {
         &mut self.wbuf

@@ -33,6 +33,20 @@ use crate::wal::{Lsn, TimeLineId};
 /// a third of it (docs/benchmarks.md).
 const ASYNC_BATCH: usize = 256 * 1024;
 
+/// The low-water mark for an asynchronous stream's next read: [`ASYNC_BATCH`], but never more
+/// than the bytes still missing from the segment being received (`to_end`, less what the
+/// connection holds of a message already, `buffered`). A segment's last piece is often smaller
+/// than a batch — always after a WAL switch, when the server sends the zeroed rest of the
+/// segment and then nothing — and waiting for a full batch left it in the socket until
+/// [`BLOCKING_WAIT`](crate::pg::conn::BLOCKING_WAIT) passed: 100 ms of every backup's wait
+/// for its stop segment (docs/benchmarks.md). Message headers make the bytes on the wire a
+/// little more than the WAL they carry, so this wakes at the latest when the segment is
+/// complete, possibly once before.
+fn low_water(to_end: u64, buffered: usize) -> usize {
+    let missing = to_end.saturating_sub(buffered as u64);
+    usize::try_from(missing).map_or(ASYNC_BATCH, |m| m.clamp(1, ASYNC_BATCH))
+}
+
 pub struct Session<'a> {
     conn: Connection,
     repo: &'a Repo,
@@ -59,6 +73,8 @@ pub struct Session<'a> {
     /// Slots archiver created that nobody streams from (named in every progress line).
     pub(crate) abandoned_slots: String,
     slow_steps: SlowSteps,
+    /// The socket's low-water mark as last set (an asynchronous stream; [`low_water`]).
+    low_water: usize,
 }
 
 /// A step of the receive loop whose time is accounted ([`Session::end_step`]).
@@ -140,6 +156,7 @@ impl<'a> Session<'a> {
             bytes_received: 0,
             abandoned_slots: String::new(),
             slow_steps: SlowSteps::default(),
+            low_water: 1,
         }
     }
 
@@ -167,7 +184,7 @@ impl<'a> Session<'a> {
             info!("synchronous stream: on a thread of its own, blocking on its socket");
         } else {
             // Nothing waits on each message here: wake per batch, not per packet.
-            self.conn.set_recv_low_water(ASYNC_BATCH)?;
+            self.set_low_water()?;
             info!("stream: on a thread of its own, reading its socket in batches");
         }
         self.run_blocking(shutdown).await
@@ -199,6 +216,9 @@ impl<'a> Session<'a> {
                 }
                 add(&self.publisher.stages.batches, 1);
                 self.after_batch().await?;
+                if !self.cfg.synchronous {
+                    self.set_low_water()?;
+                }
             }
             if Instant::now() >= self.next_deadline() {
                 self.on_timer().await?;
@@ -306,6 +326,18 @@ impl<'a> Session<'a> {
         }
         self.last_progress = Instant::now();
         self.progress_bytes = 0;
+    }
+
+    /// Sets the socket's low-water mark for the next read of an asynchronous stream, when it
+    /// changes ([`low_water`]): a batch, or what the segment being received still misses.
+    fn set_low_water(&mut self) -> Result<(), StreamError> {
+        let to_end = self.seg_size - self.wal.received().segment_offset(self.seg_size);
+        let want = low_water(to_end, self.conn.buffered());
+        if want != self.low_water {
+            self.conn.set_recv_low_water(want)?;
+            self.low_water = want;
+        }
+        Ok(())
     }
 
     async fn after_batch(&mut self) -> Result<(), StreamError> {
@@ -493,5 +525,34 @@ impl<'a> Session<'a> {
         info!(flushed = %self.flushed, "stopped; final status sent");
         self.conn.close().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_water_is_a_batch_or_what_the_segment_still_misses() {
+        const SEG: u64 = 16 << 20;
+        // (bytes to the segment's end, bytes of a message already buffered, low-water mark)
+        let cases = [
+            (SEG, 0, ASYNC_BATCH),
+            (SEG, 100_000, ASYNC_BATCH),
+            (ASYNC_BATCH as u64 + 1, 0, ASYNC_BATCH),
+            (ASYNC_BATCH as u64, 0, ASYNC_BATCH),
+            (ASYNC_BATCH as u64 - 1, 0, ASYNC_BATCH - 1),
+            // The zeroed rest of a switched segment: its last 100 KiB, 30 KiB of it buffered.
+            (100 * 1024, 30 * 1024, 70 * 1024),
+            (8192, 0, 8192),
+            // Already buffered all it misses (a message's header still to come): never 0,
+            // which would make a read return at once, empty-handed.
+            (8192, 8192, 1),
+            (8192, 9000, 1),
+            (1, 0, 1),
+        ];
+        for (to_end, buffered, want) in cases {
+            assert_eq!(low_water(to_end, buffered), want, "{to_end} {buffered}");
+        }
     }
 }
