@@ -60,10 +60,14 @@ def chown_pg(path):
         shutil.chown(path, AS_USER)
 
 
+def psql_cmd(port=PORT, host="127.0.0.1"):
+    return ["psql", "-X", "-qAt", "-v", "ON_ERROR_STOP=1", "-h", host, "-p", str(port), "-U", "postgres",
+            "-d", "postgres"]
+
+
 def psql(sql, port=PORT, host="127.0.0.1"):
-    return subprocess.run(
-        ["psql", "-X", "-qAt", "-h", host, "-p", str(port), "-U", "postgres", "-d", "postgres", "-c", sql],
-        capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(psql_cmd(port, host) + ["-c", sql], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def lsn(s):
@@ -279,15 +283,20 @@ class LagSampler:
     that pgbench and the tool under test compete for."""
 
     def __init__(self):
-        self.p = subprocess.Popen(["psql", "-X", "-qAt", "-h", "127.0.0.1", "-p", PORT, "-U", "postgres",
-                                   "-d", "postgres"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  bufsize=1)
+        self.p = subprocess.Popen(psql_cmd(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def sample(self):
-        self.p.stdin.write("select coalesce(extract(epoch from flush_lag) * 1000, 0) from pg_stat_replication;\n")
+        """The lag in ms (0 while the server has none to report), None with no client attached.
+        The query returns one row whatever pg_stat_replication holds: a read waiting for a row
+        that never comes would hang the run."""
+        self.p.stdin.write("select coalesce(max(extract(epoch from flush_lag) * 1000), 0), count(*) "
+                           "from pg_stat_replication;\n")
         self.p.stdin.flush()
-        v = self.p.stdout.readline().strip()
-        return float(v) if v else None
+        line = self.p.stdout.readline()
+        if not line:
+            raise SystemExit("the lag sampler's psql exited")
+        lag, clients = line.strip().split("|")
+        return float(lag) if int(clients) else None
 
     def close(self):
         self.p.stdin.close()

@@ -216,9 +216,7 @@ impl<'a> Session<'a> {
                 }
                 add(&self.publisher.stages.batches, 1);
                 self.after_batch().await?;
-                if !self.cfg.synchronous {
-                    self.set_low_water()?;
-                }
+                self.set_low_water()?;
             }
             if Instant::now() >= self.next_deadline() {
                 self.on_timer().await?;
@@ -329,8 +327,12 @@ impl<'a> Session<'a> {
     }
 
     /// Sets the socket's low-water mark for the next read of an asynchronous stream, when it
-    /// changes ([`low_water`]): a batch, or what the segment being received still misses.
+    /// changes ([`low_water`]): a batch, or what the segment being received still misses. A
+    /// synchronous stream keeps the default, 1: every commit waits on its reply.
     fn set_low_water(&mut self) -> Result<(), StreamError> {
+        if self.cfg.synchronous {
+            return Ok(());
+        }
         let to_end = self.seg_size - self.wal.received().segment_offset(self.seg_size);
         let want = low_water(to_end, self.conn.buffered());
         if want != self.low_water {
